@@ -1,0 +1,54 @@
+"""Top-1 / top-5 accuracy of anything that maps a batch of preprocessed images to logits."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import data
+from .errors import ReqError
+
+
+def make_transform(data_cfg: dict):
+    """The model's eval preprocessing (timm's transform from its data config)."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data_cfg.items() if k in keys},
+                            is_training=False)
+
+
+def load_batch(source: data.ImageSource, indices, transform) -> tuple[torch.Tensor, np.ndarray]:
+    ds = data.TransformedImages(source.subset(indices), transform)
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(xs), np.array(ys)
+
+
+def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], source: data.ImageSource, transform,
+             limit: int | None = None, batch_size: int = 100, num_classes: int | None = None,
+             progress: bool = True) -> dict:
+    """Run `predict` over (a fixed random subset of) the images; returns top1/top5 in percent and the image count."""
+    if num_classes is not None and len(source.classes) > num_classes:
+        raise ReqError(f"the data has {len(source.classes)} classes but the model predicts {num_classes}")
+    indices = data.sample_indices(len(source), limit)
+    top1 = top5 = 0
+    preds = []
+    t0 = time.time()
+    with tqdm(total=len(indices), desc="evaluating", unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, len(indices), batch_size):
+            x, y = load_batch(source, indices[i:i + batch_size], transform)
+            with torch.no_grad():
+                logits = predict(x)
+            k = min(5, logits.shape[-1])
+            top = logits.topk(k, dim=-1).indices.numpy()
+            top1 += int((top[:, 0] == y).sum())
+            top5 += int((top == y[:, None]).any(1).sum())
+            preds.append(top[:, 0])
+            bar.update(len(y))
+    n = len(indices)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": n,
+            "seconds": round(time.time() - t0, 3), "predictions": np.concatenate(preds).tolist()}
