@@ -72,7 +72,7 @@ def evaluate(model, images, labels, mean, std, bs=500) -> float:
     for i in range(0, len(images), bs):
         logits = model(to_tensor(images[i:i + bs], mean, std))
         correct += (logits.argmax(-1).numpy() == labels[i:i + bs]).sum()
-    return 100.0 * correct / len(images)
+    return float(100.0 * correct / len(images))
 
 
 def main() -> None:

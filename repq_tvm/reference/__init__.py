@@ -1,0 +1,1 @@
+"""Integer reference semantics (NumPy): the oracle for the compiled integer kernels."""
