@@ -1,0 +1,84 @@
+"""The compiled artifact: a folder with the TVM library and a manifest that makes it self-describing.
+
+    DIR/model.so        the Relax VM executable (exported library)
+    DIR/manifest.json   model, bits, target preset, input shape, preprocessing, class names, TVM
+                        version, and the SHA-256 of every other file
+
+Loading checks the manifest's format, every file hash (a tampered or truncated file is refused) and
+that this machine can run the target the library was built for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+
+from ..errors import ReqError
+
+FORMAT = "repq-tvm-artifact"
+VERSION = 1
+LIBRARY = "model.so"
+MANIFEST = "manifest.json"
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write(out_dir: str, executable, fields: dict, fcompile=None) -> str:
+    """Export `executable` into out_dir with a manifest holding `fields` plus hashes; returns the manifest path."""
+    import tvm
+
+    os.makedirs(out_dir, exist_ok=True)
+    lib_path = os.path.join(out_dir, LIBRARY)
+    executable.export_library(lib_path, fcompile=fcompile) if fcompile else executable.export_library(lib_path)
+    manifest = {"format": FORMAT, "version": VERSION, **fields, "tvm_version": tvm.__version__,
+                "library": LIBRARY, "files": {LIBRARY: sha256(lib_path)}}
+    path = os.path.join(out_dir, MANIFEST)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return path
+
+
+def read_manifest(art_dir: str) -> dict:
+    """The manifest, with every listed file's hash verified."""
+    path = os.path.join(art_dir, MANIFEST)
+    if not os.path.isdir(art_dir) or not os.path.isfile(path):
+        raise ReqError(f"{art_dir} is not a repq-tvm artifact (no {MANIFEST})")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReqError(f"{path} is corrupt: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ReqError(f"{path} is not a repq-tvm artifact manifest")
+    if manifest.get("version") != VERSION:
+        raise ReqError(f"{art_dir} has artifact version {manifest.get('version')}; this repq-tvm reads {VERSION}")
+    for name, digest in manifest.get("files", {}).items():
+        fpath = os.path.join(art_dir, name)
+        if not os.path.isfile(fpath):
+            raise ReqError(f"artifact file missing: {fpath}")
+        if sha256(fpath) != digest:
+            raise ReqError(f"artifact file {fpath} does not match its SHA-256 in the manifest (modified or corrupt)")
+    return manifest
+
+
+def check_runnable_here(manifest: dict) -> None:
+    """Refuse libraries built for another architecture or for CPU features this machine lacks."""
+    from .. import targets
+
+    preset = manifest["target"]
+    triple = preset["tvm_target"].get("mtriple", "")
+    machine = platform.machine()
+    if triple and not triple.startswith(machine):
+        hint = f" (run it on a {triple.split('-')[0]} device, or under {preset['runner']})" if preset.get("runner") else ""
+        raise ReqError(f"artifact was built for {preset['name']} ({triple}); this machine is {machine}{hint}")
+    host = targets.host_name()
+    if preset["int8_dot"] == "vnni" and host != preset["name"]:
+        raise ReqError(f"artifact was built for {preset['name']} (needs AVX-512 VNNI); this machine is {host}")
