@@ -12,6 +12,17 @@ from torch import nn
 from .quantizers import Quantizer
 
 
+def _adopt(cls, layer: nn.Module, attrs: tuple[str, ...], input_quantizer: Quantizer, weight_quantizer: Quantizer):
+    """An instance of `cls` sharing `layer`'s parameters and configuration (no copy, same state-dict names)."""
+    q = cls.__new__(cls)
+    nn.Module.__init__(q)
+    for attr in attrs:
+        setattr(q, attr, getattr(layer, attr))
+    q.weight, q.bias = layer.weight, layer.bias
+    q.input_quantizer, q.weight_quantizer = input_quantizer, weight_quantizer
+    return q
+
+
 class QuantLinear(nn.Linear):
     """y = Q_a(x) · Q_w(W)ᵀ + b, weights per output channel."""
 
@@ -20,12 +31,7 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def wrap(cls, linear: nn.Linear, input_quantizer: Quantizer, weight_quantizer: Quantizer) -> "QuantLinear":
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.in_features, q.out_features = linear.in_features, linear.out_features
-        q.weight, q.bias = linear.weight, linear.bias
-        q.input_quantizer, q.weight_quantizer = input_quantizer, weight_quantizer
-        return q
+        return _adopt(cls, linear, ("in_features", "out_features"), input_quantizer, weight_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
@@ -39,14 +45,9 @@ class QuantConv2d(nn.Conv2d):
 
     @classmethod
     def wrap(cls, conv: nn.Conv2d, input_quantizer: Quantizer, weight_quantizer: Quantizer) -> "QuantConv2d":
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice"):
-            setattr(q, attr, getattr(conv, attr))
-        q.weight, q.bias = conv.weight, conv.bias
-        q.input_quantizer, q.weight_quantizer = input_quantizer, weight_quantizer
-        return q
+        attrs = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice")
+        return _adopt(cls, conv, attrs, input_quantizer, weight_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)

@@ -1,0 +1,52 @@
+"""Run a compiled artifact: load it (verified), preprocess images from the manifest, return logits.
+
+Needs TVM's runtime, NumPy and the preprocessing transform, never the PyTorch model or its weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ReqError
+from . import artifact
+
+
+class Runner:
+    """A loaded artifact. `__call__` takes preprocessed float32 [B, 3, H, W] with the compiled batch size."""
+
+    def __init__(self, art_dir: str, check_target: bool = True):
+        import tvm
+        from tvm import relax
+
+        self.manifest = artifact.read_manifest(art_dir)
+        if check_target:
+            artifact.check_runnable_here(self.manifest)
+        lib = tvm.runtime.load_module(f"{art_dir}/{self.manifest['library']}")
+        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self._main = self.vm["main"]  # one lookup: each costs milliseconds
+        self.input_shape = tuple(self.manifest["input_shape"])
+        self._tensor = tvm.runtime.tensor
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if tuple(x.shape) != self.input_shape:
+            raise ReqError(f"input shape {tuple(x.shape)} does not match the artifact's {self.input_shape}")
+        return self._main(self._tensor(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits for any number of images: split into compiled-size batches, the last one padded."""
+        b = self.input_shape[0]
+        if tuple(x.shape[1:]) != self.input_shape[1:]:
+            raise ReqError(f"image shape {tuple(x.shape[1:])} does not match the artifact's {self.input_shape[1:]}")
+        outs = []
+        for i in range(0, len(x), b):
+            chunk = x[i:i + b]
+            pad = b - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self(chunk)[: b - pad])
+        return np.concatenate(outs)
+
+    def transform(self):
+        from ..evaluate import make_transform
+
+        return make_transform(self.manifest["preprocessing"])
