@@ -1,8 +1,8 @@
-"""qdense kernel: exact int32 accumulators, float epilogue, VNNI codegen, aarch64 cross-build.
+"""qdense kernels: bit-exact int32 accumulators for every variant, fused epilogue, variant choice, codegen.
 
-The VNNI kernel can only run on a CPU with AVX512-VNNI.  Elsewhere the same tensorized schedule
-is run with a plain-loop body of the same intrinsic description ("ref"), so tiling, padding and
-the fused epilogue are still checked bit for bit; VNNI itself is then checked by its assembly.
+The AVX2 variants run here (AMD Zen 3: AVX2, no AVX-512) and are checked bit for bit, including the
+extreme codes at the edge of their exactness bound.  VNNI cannot run here: its tensorized schedule
+is run with the plain-loop twin of the intrinsic ("ref") and the instruction checked in the asm.
 """
 
 import re
@@ -10,77 +10,207 @@ import re
 import numpy as np
 import pytest
 
-from repq_tvm.kernels import vnni as V
+from repq_tvm.kernels import packing as P
+from repq_tvm.kernels import qdense as Q
+from repq_tvm.kernels.intrinsics_x86 import register_intrinsics
 
 SHAPES = [
     (65, 384, 128),
     (197, 384, 384),
-    (7, 200, 130),  # N % 16 and K % 4 both need padding, M smaller than a tile
-    (33, 1000, 190),  # 1000 classes: N pads to 1008
+    (7, 200, 130),  # M below a tile; N = 25 ymm blocks (odd), K not a multiple of 4
+    (33, 1000, 190),  # 1000 classes: N pads to 1008; K pads to 192
 ]
-SCHEDULES = ["vnni", "ref", "fallback"]
+# (variant, bits_a, bits_w, ref): each at the edge of its exactness bound (see `_operands`)
+KERNELS = [
+    ("avx2_u8s8", 6, 6, False),  # depth 4 where K allows: 8 products of 63*63 = 31752 in int16
+    ("avx2_u8s8", 8, 6, False),  # depth 1: 2*255*63 = 32130
+    ("avx2_u8s8", 6, 8, False),  # depth 2: 4*63*128 = 32256
+    ("avx2_i16", 8, 8, False),
+    ("fallback", 8, 8, False),
+    ("vnni", 8, 8, True),
+]
+IDS = [f"{v}-a{a}w{w}{'-ref' if r else ''}" for v, a, w, r in KERNELS]
+HOST_AVX2 = "avx2" in Q._host_flags()
 
 
-def _target(schedule):
-    if schedule == "vnni":
-        if not V.host_has_vnni():
-            pytest.skip("this CPU has no AVX512-VNNI (the kernel would die of SIGILL)")
-        return V.X86_VNNI_TARGET
-    return V.host_target()
+def _target(variant, ref):
+    if variant.startswith("avx2") and not HOST_AVX2:
+        pytest.skip("this CPU has no AVX2")
+    return Q.host_target(1)
 
 
-def _operands(M, N, K, seed=0):
+def _operands(M, N, K, variant, bits_a, bits_w, seed=0):
+    """Random codes with extreme rows: a = max code; w = -max / +max (8-bit: -128 / 127;
+    int16 path: the +-255 an 8-bit asymmetric weight minus its zero point can reach)."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(0, 256, (M, K), dtype=np.uint8)
-    w = rng.integers(-128, 128, (N, K), dtype=np.int8)
-    w[0, :] = -128  # extremes: vpdpbusd must not saturate (pmaddubsw would)
-    a[0, :] = 255
+    a_max, w_max = P.code_bounds(bits_a, bits_w)
+    w_lo, w_hi = (-255, 255) if variant == "avx2_i16" else (-w_max, min(w_max, 127))
+    a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
+    w = rng.integers(w_lo, w_hi + 1, (N, K)).astype(np.int16 if variant == "avx2_i16" else np.int8)
+    a[0, :] = a_max
+    w[0, :], w[1, :] = w_lo, w_hi
+    if variant == "avx2_i16":
+        w[2, :], w[3, :] = -128, 127
     return a, w
 
 
-def test_pack_weight_roundtrip_and_zero_padding():
-    _, w = _operands(3, 20, 7)
-    packed = V.pack_weight(w)
-    assert packed.shape == (2, 2, 16, 4) and packed.dtype == np.int8
-    assert np.array_equal(V.unpack_weight(packed, 20, 7), w)
-    full = V.unpack_weight(packed)
-    assert full.shape == (32, 8) and not full[20:].any() and not full[:, 7:].any()
-    assert packed[1, 0, 2, 3] == w[18, 3]
+def _build(M, N, K, variant, bits_a, bits_w, ref, **kw):
+    return Q.build_qdense(
+        M, N, K, _target(variant, ref), variant=variant, bits_a=bits_a, bits_w=bits_w, ref=ref, **kw
+    )
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+# --- layouts and exactness bounds ---------------------------------------------------------------
+@pytest.mark.parametrize("lanes,kpack,dtype", [(16, 4, np.int8), (8, 4, np.int8), (8, 2, np.int16)])
+def test_pack_weight_roundtrip_and_zero_padding(lanes, kpack, dtype):
+    w = np.random.default_rng(0).integers(-128, 128, (20, 7)).astype(dtype)
+    packed = P.pack_weight(w, lanes, kpack, dtype)
+    n_p, k_p = P.ceil_to(20, lanes), P.ceil_to(7, kpack)
+    assert packed.shape == (n_p // lanes, k_p // kpack, lanes, kpack) and packed.dtype == dtype
+    assert np.array_equal(P.unpack_weight(packed, 20, 7), w)
+    full = P.unpack_weight(packed)
+    assert full.shape == (n_p, k_p) and not full[20:].any() and not full[:, 7:].any()
+    assert packed[18 // lanes, 3 // kpack, 18 % lanes, 3 % kpack] == w[18, 3]
+
+
+def test_pack_weight_refuses_values_that_would_wrap():
+    with pytest.raises(ValueError, match="do not fit int8"):
+        P.pack_weight(np.array([[200]], np.int16), 8, 4, np.int8)
+
+
+def test_center_activation_keeps_padding_zero():
+    a = np.array([[0, 255, 7]], np.uint8)
+    assert np.array_equal(P.center_activation(a, 100, kpack=2), [[-100, 155, -93, 0]])
+
+
+@pytest.mark.parametrize(
+    "bits_a,bits_w,depth,exact",
+    [(4, 4, 4, True), (6, 6, 4, True), (6, 6, 8, False), (8, 6, 1, True), (8, 6, 2, False),
+     (6, 8, 2, True), (8, 7, 1, False), (8, 8, 1, False)],
+)
+def test_u8s8_bound(bits_a, bits_w, depth, exact):
+    assert P.u8s8_is_exact(bits_a, bits_w, depth) is exact
+
+
+def test_choose_variant_by_target_and_bits():
+    assert Q.choose_variant(Q.X86_AVX2_TARGET, 6, 6).name == "avx2_u8s8"
+    assert Q.choose_variant(Q.X86_AVX2_TARGET, 8, 6).name == "avx2_u8s8"
+    assert Q.choose_variant(Q.X86_AVX2_TARGET, 8, 8).name == "avx2_i16"
+    assert Q.choose_variant(Q.X86_VNNI_TARGET, 8, 8).name == "vnni"
+    assert Q.choose_variant(Q.AARCH64_TARGET, 4, 4).name == "fallback"
+    assert Q.VARIANTS["avx2_u8s8"].max_depth(6, 6, 384) == 4
+    assert Q.VARIANTS["avx2_u8s8"].max_depth(6, 6, 136) == 2  # 34 k tiles
+    assert Q.VARIANTS["avx2_u8s8"].max_depth(8, 6, 384) == 1
+
+
+def test_saturating_u8s8_is_refused():
+    with pytest.raises(ValueError, match="not exact"):
+        Q.build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=8, bits_w=8)
+    with pytest.raises(ValueError, match="not exact"):
+        Q.build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=8, bits_w=6, depth=2)
+    with pytest.raises(ValueError, match="no depth-8"):
+        Q.build_qdense(16, 16, 32, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=4, bits_w=4, depth=8)
+    with pytest.raises(ValueError, match="lacks avx2"):
+        Q.build_qdense(16, 16, 16, Q.AARCH64_TARGET, variant="avx2_i16")
+
+
+def test_u8s8_bound_is_real_and_checked_at_call():
+    """Codes past the bound really saturate (so the refusal matters), and __call__ rejects them."""
+    M, N, K = 4, 8, 16
+    kernel = _build(M, N, K, "avx2_u8s8", 6, 6, False, depth=1)
+    a = np.full((M, K), 255, np.uint8)
+    w = np.full((N, K), -128, np.int8)
+    args = kernel._args(kernel.prepare_activation(a), kernel.pack_weight(w))
+    kernel.function()(*args)
+    assert (args[-1].numpy() == 16 // 2 * -32768).all()  # each pair sum clamps to -32768
+    assert not (args[-1].numpy() == P.reference(a, w)).any()
+    with pytest.raises(ValueError, match="exceeds bits_a"):
+        kernel(kernel.prepare_activation(a), kernel.pack_weight(w))
+
+
+# --- bit exactness -----------------------------------------------------------------------------
+@pytest.mark.parametrize("variant,bits_a,bits_w,ref", KERNELS, ids=IDS)
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_accumulator_is_exact(M, N, K, schedule):
-    a, w = _operands(M, N, K)
-    kernel = V.build_qdense(M, N, K, _target(schedule), schedule=schedule)
-    out = kernel(V.pad_activation(a), V.pack_weight(w))
+def test_accumulator_is_exact(M, N, K, variant, bits_a, bits_w, ref):
+    a, w = _operands(M, N, K, variant, bits_a, bits_w)
+    kernel = _build(M, N, K, variant, bits_a, bits_w, ref)
+    out = kernel(kernel.prepare_activation(a), kernel.pack_weight(w))
     assert out.dtype == np.int32 and out.shape == (M, N)
-    np.testing.assert_array_equal(out.astype(np.int64), V.reference(a, w))
+    np.testing.assert_array_equal(out.astype(np.int64), P.reference(a, w))
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_u8s8_every_depth_is_exact(depth):
+    a, w = _operands(37, 128, 256, "avx2_u8s8", 6, 6, seed=3)
+    kernel = _build(37, 128, 256, "avx2_u8s8", 6, 6, False, depth=depth)
+    assert kernel.tiles[2] == depth
+    out = kernel(kernel.prepare_activation(a), kernel.pack_weight(w))
+    np.testing.assert_array_equal(out.astype(np.int64), P.reference(a, w))
+
+
+def test_int16_centered_activations_need_no_zero_point_correction():
+    M, N, K, a_zp = 9, 24, 40, 131
+    a, w = _operands(M, N, K, "avx2_i16", 8, 8, seed=4)
+    kernel = _build(M, N, K, "avx2_i16", 8, 8, False)
+    out = kernel(kernel.prepare_activation(a, a_zp), kernel.pack_weight(w))
+    np.testing.assert_array_equal(out, (a.astype(np.int64) - a_zp) @ w.astype(np.int64).T)
+
+
+EPILOGUE = [0, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "variant,bits_a,bits_w,ref", [KERNELS[i] for i in EPILOGUE], ids=[IDS[i] for i in EPILOGUE]
+)
 @pytest.mark.parametrize("M,N,K", [(197, 384, 384), (7, 200, 130)])
-def test_fused_epilogue_matches_numpy(M, N, K, schedule):
-    a, w = _operands(M, N, K, seed=1)
+def test_fused_epilogue_matches_numpy(M, N, K, variant, bits_a, bits_w, ref):
+    a, w = _operands(M, N, K, variant, bits_a, bits_w, seed=1)
     rng = np.random.default_rng(2)
-    a_scale, a_zp = 0.0213, 117
+    a_scale, a_zp = 0.0213, min(117, P.code_bounds(bits_a, bits_w)[0] // 2)
     w_scale = rng.uniform(1e-3, 2e-2, N).astype(np.float32)
     bias = rng.normal(0, 1, N).astype(np.float32)
-    kernel = V.build_qdense(M, N, K, _target(schedule), epilogue=True, schedule=schedule)
-    params = V.epilogue_params(w, w_scale, a_scale, a_zp, bias)
-    out = kernel(V.pad_activation(a), V.pack_weight(w), *params)
+    kernel = _build(M, N, K, variant, bits_a, bits_w, ref, epilogue=True)
+    params = kernel.epilogue_params(w, w_scale, a_scale, a_zp, bias)
+    out = kernel(kernel.prepare_activation(a, a_zp), kernel.pack_weight(w), *params)
     # float64 reference on the dequantized operands: (a - zp) * a_scale @ (w * w_scale).T + bias
     acc = (a.astype(np.float64) - a_zp) @ w.astype(np.float64).T
-    ref = acc * (a_scale * w_scale.astype(np.float64)) + bias
+    ref_out = acc * (a_scale * w_scale.astype(np.float64)) + bias
     assert out.dtype == np.float32 and out.shape == (M, N)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5 * np.abs(ref_out).max())
+
+
+# --- code generation ---------------------------------------------------------------------------
+def _inner_loop(asm: str, instruction: str) -> str:
+    """Body of the innermost asm loop that contains ``instruction``."""
+    loops = re.findall(r"\n(\.LBB\w+):\n((?:(?!\.LBB).*\n)*?)\s+j\w+\s+\1\n", asm)
+    return next(body for _, body in loops if instruction in body)
+
+
+@pytest.mark.parametrize(
+    "variant,bits,must,must_not",
+    [
+        ("avx2_u8s8", (6, 6), ("vpmaddubsw", "vpaddw", "vpmaddwd"), ("zmm", "vpdpbusd")),
+        ("avx2_u8s8", (8, 6), ("vpmaddubsw", "vpmaddwd"), ("zmm", "vpaddw")),
+        ("avx2_i16", (8, 8), ("vpmaddwd",), ("zmm", "vpmaddubsw")),
+    ],
+)
+def test_avx2_assembly(variant, bits, must, must_not):
+    kernel = Q.build_qdense(197, 384, 384, Q.X86_AVX2_TARGET, bits_a=bits[0], bits_w=bits[1])
+    assert kernel.variant.name == variant
+    loop = _inner_loop(kernel.asm(), must[0])
+    for instr in must:
+        assert instr in loop, instr
+    for instr in must_not:
+        assert instr not in loop, instr
+    assert "rsp" not in loop, "accumulators spilled to the stack: the default tile is too big"
 
 
 def test_vnni_assembly_uses_vpdpbusd():
     for epilogue in (False, True):
-        asm = V.build_qdense(197, 384, 384, V.X86_VNNI_TARGET, epilogue=epilogue).asm()
+        kernel = Q.build_qdense(197, 384, 384, Q.X86_VNNI_TARGET, epilogue=epilogue)
+        assert kernel.schedule == "vnni"
+        asm = kernel.asm()
         assert "vpdpbusd" in asm and "zmm" in asm
-    assert V.build_qdense(197, 384, 384, V.X86_VNNI_TARGET).schedule == "vnni"
 
 
 def test_vnni_activation_is_the_unsigned_operand():
@@ -88,14 +218,14 @@ def test_vnni_activation_is_the_unsigned_operand():
 
     Without VNNI hardware this is what catches swapped operands (which would compute garbage).
     """
-    asm = V.build_qdense(197, 384, 384, V.X86_VNNI_TARGET).asm()
+    asm = Q.build_qdense(197, 384, 384, Q.X86_VNNI_TARGET).asm()
     broadcast = set(re.findall(r"vpbroadcastd\s+\S.*,\s*(%zmm\d+)\s*$", asm, re.M))
     src2 = re.findall(r"vpdpbusd\s+\S.*,\s*(%zmm\d+),\s*%zmm\d+\s*$", asm, re.M)
     assert broadcast and src2 and set(src2) <= broadcast
 
 
 def test_aarch64_fallback_compiles_to_an_object(tmp_path):
-    kernel = V.build_qdense(197, 384, 384, V.AARCH64_TARGET, epilogue=True)
+    kernel = Q.build_qdense(197, 384, 384, Q.AARCH64_TARGET, bits_a=6, bits_w=6, epilogue=True)
     assert kernel.schedule == "fallback"
     path = tmp_path / "qdense.o"
     kernel.executable.mod.write_to_file(str(path))
@@ -106,15 +236,31 @@ def test_aarch64_fallback_compiles_to_an_object(tmp_path):
 
 
 def test_unsupported_cpu_refuses_instead_of_crashing():
-    if V.host_has_vnni():
+    if Q.host_has_vnni():
         pytest.skip("this CPU runs VNNI")
-    kernel = V.build_qdense(16, 16, 4, V.X86_VNNI_TARGET)
+    kernel = Q.build_qdense(16, 16, 4, Q.X86_VNNI_TARGET)
     with pytest.raises(RuntimeError, match="AVX-512"):
         kernel.function()
 
 
 def test_intrinsic_registration_is_idempotent():
-    V.register_intrinsics()
-    V.register_intrinsics()
-    assert V.TensorIntrin.get(V.VNNI_INTRIN) is not None
-    assert V.TensorIntrin.get(V.REF_INTRIN) is not None
+    register_intrinsics()
+    register_intrinsics()
+    from tvm.s_tir import TensorIntrin
+
+    from repq_tvm.kernels import intrinsics_x86 as I
+
+    for name in (I.vnni_intrin(), I.i16_intrin(), *map(I.u8s8_intrin, I.U8S8_DEPTHS)):
+        assert TensorIntrin.get(name) is not None and TensorIntrin.get(I.ref_name(name)) is not None
+
+
+def test_old_vnni_module_still_works():
+    from repq_tvm.kernels import vnni as V
+
+    a, w = _operands(7, 40, 12, "fallback", 8, 8)
+    for schedule in ("ref", "fallback"):
+        kernel = V.build_qdense(7, 40, 12, V.host_target(1), schedule=schedule)
+        assert kernel.schedule == schedule
+        out = kernel(V.pad_activation(a), V.pack_weight(w))
+        np.testing.assert_array_equal(out, V.reference(a, w))
+    assert V.build_qdense(7, 40, 12, V.X86_VNNI_TARGET).schedule == "vnni"

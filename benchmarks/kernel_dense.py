@@ -1,0 +1,92 @@
+"""TVM integer dense (AVX2 u8 x s8 and int16 variants, or VNNI) vs torch fp32 ``x @ w.T`` on ViT shapes.
+
+Why: the int8 path only pays off if it beats the float matmul it replaces.  Everything is timed in
+one process, interleaved round by round (the machine is shared: a fixed order would hand one
+kernel the quiet moments), with the same thread count for TVM and torch.  Every TVM result is
+checked bit for bit first.
+
+    TVM_NUM_THREADS=1 python benchmarks/kernel_dense.py            # all shapes, 1 thread
+    python benchmarks/kernel_dense.py --threads 2 --shapes 197x384x384
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+# ViT linear layers: (tokens, out features, in features)
+SHAPES = [
+    (197, 384, 384), (197, 1152, 384), (197, 1536, 384), (197, 384, 1536),  # DeiT-S, 224 px
+    (65, 384, 128), (65, 128, 128), (65, 512, 128), (65, 128, 512),  # dim 128, 65 tokens
+    (785, 384, 128), (785, 128, 128), (785, 512, 128), (785, 128, 512),  # dim 128, 28x28 + cls
+    (3136, 384, 128), (3136, 128, 128), (3136, 512, 128), (3136, 128, 512),  # dim 128, 56x56
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("TVM_NUM_THREADS", os.cpu_count())))
+    ap.add_argument("--bits", default="6,6", help="bits_a,bits_w of the u8 x s8 kernel (default 6,6)")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds; the median is reported")
+    ap.add_argument("--shapes", nargs="*", help="MxNxK, default: the ViT list")
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
+
+    import numpy as np
+    import torch
+
+    from repq_tvm.kernels import qdense as Q
+
+    torch.set_num_threads(args.threads)
+    bits_a, bits_w = map(int, args.bits.split(","))
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    target = Q.host_target(args.threads)
+    if Q.host_has_vnni():
+        kernels = [("vnni", Q.X86_VNNI_TARGET | {"num-cores": args.threads}, 8, 8)]
+    else:
+        kernels = [("avx2_u8s8", target, bits_a, bits_w), ("avx2_i16", target, 8, 8)]
+    rng = np.random.default_rng(0)
+
+    def timed(fn, number):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - t0) / number
+
+    names = [f"{v}(a{ba}w{bw})" for v, _, ba, bw in kernels]
+    print(f"threads={args.threads} (TVM and torch {torch.__version__}), cpu={target['mcpu']}, "
+          f"median of {args.rounds} interleaved rounds, ms per call")
+    head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
+    head += "".join(f"{'torch/' + n.split('(')[0]:>18s}" for n in names) + f"{'GMAC/s':>8s}"
+    print(head)
+    for M, N, K in shapes:
+        runs = []
+        for variant, tgt, ba, bw in kernels:
+            kern = Q.build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw)
+            a_max, w_max = 2**ba - 1, (127 if bw >= 8 else 2**bw - 1)
+            a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
+            w = rng.integers(-w_max, w_max + 1, (N, K)).astype(np.dtype(kern.variant.w_dtype))
+            a_zp = 0 if variant != "avx2_i16" else a_max // 2
+            call = kern._args(kern.prepare_activation(a, a_zp), kern.pack_weight(w))
+            fn = kern.function()
+            fn(*call)
+            exact = (a.astype(np.float64) - a_zp) @ w.astype(np.float64).T  # exact below 2**53
+            assert np.array_equal(call[-1].numpy(), exact), f"{variant} {M}x{N}x{K} not exact"
+            runs.append(lambda fn=fn, call=call: fn(*call))
+        x, wt = torch.randn(M, K), torch.randn(N, K)
+        runs.append(lambda: x @ wt.T)
+        number = max(1, int(3e6 / (M * N * K) * 10))  # ~0.3-3 ms per measurement
+        times = [[] for _ in runs]
+        for _ in range(args.rounds):
+            for i, fn in enumerate(runs):
+                times[i].append(timed(fn, number))
+        med = [float(np.median(t)) * 1e3 for t in times]
+        row = f"{f'{M}x{N}x{K}':>16s}" + "".join(f"{t:20.3f}" for t in med[:-1]) + f"{med[-1]:12.3f}"
+        row += "".join(f"{med[-1] / t:17.2f}x" for t in med[:-1])
+        print(row + f"{M * N * K / med[0] / 1e6:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""Quantized dense ``out[m, n] = sum_k a[m, k] * w[n, k]`` (int32), optionally with a fused float epilogue.
+
+Why hand-scheduled: untuned TVM has no int8 dense rule for CPUs (~20 ms for 197x384x384).  Each
+variant is a register-blocked tile (int32 accumulators stay in vector registers over the whole k
+loop, parallel over tiles) whose inner ``[lanes, kpack]`` step is one tensor intrinsic
+(`intrinsics_x86`).  Variants, picked by `choose_variant` from the target and the code bit widths:
+
+==========  =============  ==============================  ===========================================
+variant     a x w          weight layout                   target / exactness
+==========  =============  ==============================  ===========================================
+vnni        u8 x s8        [N/16, K/4, 16, 4] int8         AVX512-VNNI; always exact
+avx2_u8s8   u8 x s8        [N/8, K/4, 8, 4] int8           AVX2; exact iff 2*depth*max(a)*max|w| <= 32767
+avx2_i16    s16 x s16      [N/8, K/2, 8, 2] int16          AVX2; exact for 8-bit codes; a is a - a_zp
+fallback    u8 x s8        [N/16, K/4, 16, 4] int8         any CPU (aarch64 here), plain vector loops
+==========  =============  ==============================  ===========================================
+
+Activations are ``[M, Kp]`` (K padded to kpack with zeros), the output ``[M, N]`` int32, or float32
+with the epilogue ``(acc - zp_wsum[n]) * scale[n] + bias[n]`` (`packing.epilogue_params`).
+``depth`` (u8 x s8 only) sums that many vpmaddubsw results in int16 before widening: ~20% faster
+at depth 4 than 1 on Zen 3, exact only under the tighter bound (4/6-bit codes allow 4).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.s_tir import Schedule
+from tvm.target import codegen
+
+from . import packing
+from .intrinsics_x86 import (
+    U8S8_DEPTHS, i16_intrin, ref_name, register_intrinsics, u8s8_intrin, vnni_intrin,
+)
+from .packing import ceil_to
+
+X86_VNNI_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+X86_AVX2_TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 2}
+AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel flavour: operand types, packing and the intrinsic of its inner step."""
+
+    name: str
+    lanes: int  # int32 outputs per instruction
+    kpack: int  # consecutive k per output lane per instruction
+    a_dtype: str
+    w_dtype: str
+    feature: str | None  # LLVM feature the target needs; None: plain loops, any CPU
+
+    @property
+    def tensorized(self) -> bool:
+        return self.feature is not None
+
+    def intrin(self, depth: int = 1) -> str:
+        """Tensor intrinsic of one inner step (``depth`` weight tiles; > 1 only for u8 x s8)."""
+        if self.name == "avx2_u8s8":
+            return u8s8_intrin(depth)
+        if depth != 1:
+            raise ValueError(f"{self.name} has no depth-{depth} intrinsic")
+        return {"vnni": vnni_intrin(), "avx2_i16": i16_intrin()}[self.name]
+
+    def exact(self, bits_a: int, bits_w: int, depth: int = 1) -> bool:
+        """True if this variant computes ``a @ w.T`` exactly for codes of these bit widths."""
+        packing.code_bounds(bits_a, bits_w)  # validates
+        return packing.u8s8_is_exact(bits_a, bits_w, depth) if self.name == "avx2_u8s8" else True
+
+    def max_depth(self, bits_a: int, bits_w: int, K: int) -> int:
+        """Deepest exact int16 pre-accumulation dividing the Kp/kpack weight tiles (1 if none)."""
+        if self.name != "avx2_u8s8":
+            return 1
+        tiles = ceil_to(K, self.kpack) // self.kpack
+        ok = [d for d in U8S8_DEPTHS if tiles % d == 0 and self.exact(bits_a, bits_w, d)]
+        return max(ok, default=1)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("vnni", 16, 4, "uint8", "int8", "avx512vnni"),
+        Variant("avx2_u8s8", 8, 4, "uint8", "int8", "avx2"),
+        Variant("avx2_i16", 8, 2, "int16", "int16", "avx2"),
+        Variant("fallback", 16, 4, "uint8", "int8", None),
+    )
+}
+
+
+# --- targets ---------------------------------------------------------------------------------
+def as_target(target) -> tvm.target.Target:
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def target_has(target, feature: str) -> bool:
+    """True if ``target`` (dict or Target) is an LLVM target with the LLVM ``feature`` (e.g. "avx2")."""
+    t = as_target(target)
+    return t.kind.name == "llvm" and bool(codegen.target_has_features(feature, t))
+
+
+def target_has_vnni(target) -> bool:
+    return target_has(target, "avx512vnni")
+
+
+def _host_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def host_has_vnni() -> bool:
+    """True if this machine can run AVX512-VNNI code (checked from /proc/cpuinfo, then LLVM)."""
+    flags = _host_flags()
+    if flags:
+        return "avx512_vnni" in flags
+    host = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+    return platform.machine() in ("x86_64", "AMD64") and target_has_vnni(host)
+
+
+def host_target(num_cores: int = 2) -> dict:
+    """The LLVM target for this machine's CPU."""
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": num_cores}
+
+
+def choose_variant(target, bits_a: int = 8, bits_w: int = 8) -> Variant:
+    """The fastest variant ``target`` can run that is exact for these code widths.
+
+    VNNI if the target has it; on AVX2 the u8 x s8 path when vpmaddubsw cannot saturate (~1.5x
+    faster than int16 on Zen 3: half the instructions per MAC), else int16; anything else gets the
+    plain fallback.
+    """
+    for name in ("vnni", "avx2_u8s8", "avx2_i16"):
+        v = VARIANTS[name]
+        if target_has(target, v.feature) and v.exact(bits_a, bits_w):
+            return v
+    return VARIANTS["fallback"]
+
+
+# --- compute ---------------------------------------------------------------------------------
+def qdense(
+    M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1
+) -> list[te.Tensor]:
+    """TE compute ``[A, W, (zp_wsum, scale, bias,) out]`` in ``variant``'s layouts.
+
+    ``m_tile > 1`` computes the accumulator on ``ceil(M/m_tile)*m_tile`` rows (tensorize cannot take
+    the tail predicate a ragged M split makes); the extra rows are discarded.
+    """
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    L, P = v.lanes, v.kpack
+    n_p, k_p, m_p = ceil_to(N, L), ceil_to(K, P), ceil_to(M, m_tile)
+    A = te.placeholder((M, k_p), v.a_dtype, name="A")
+    W = te.placeholder((n_p // L, k_p // P, L, P), v.w_dtype, name="W")
+    # Rows past M read row M-1 again (clamped index) and are never stored: no padded copy of A.
+    row = (lambda m: te.min(m, M - 1)) if m_p != M else (lambda m: m)
+    k = te.reduce_axis((0, k_p), name="k")
+    acc = te.compute(
+        (m_p, n_p),
+        lambda m, n: te.sum(
+            A[row(m), k].astype("int32") * W[n // L, k // P, n % L, k % P].astype("int32"), axis=k
+        ),
+        name="acc",
+    )
+    if not epilogue:
+        return [A, W, te.compute((M, N), lambda m, n: acc[m, n], name="out")]
+    zp_wsum = te.placeholder((N,), "int32", name="zp_wsum")
+    scale = te.placeholder((N,), "float32", name="scale")
+    bias = te.placeholder((N,), "float32", name="bias")
+    out = te.compute(
+        (M, N),
+        lambda m, n: (acc[m, n] - zp_wsum[n]).astype("float32") * scale[n] + bias[n],
+        name="out",
+    )
+    return [A, W, zp_wsum, scale, bias, out]
+
+
+# --- schedules -------------------------------------------------------------------------------
+def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 1) -> tuple[int, int]:
+    """(rows, lane blocks) per register tile; the block count must divide Np/lanes.
+
+    Measured on Zen 3 (AVX2, 1 thread, ViT shapes; tiles within ~10% of each other, spills are
+    what hurts): u8 x s8 depth 4 -> 6 x 1 blocks (~110 GMAC/s), depth 2 -> 3 x 2, depth 1 -> 4 x 2
+    (~90); int16 -> 6 x 2 (~70).  Bigger tiles make LLVM spill accumulators (16 ymm hold rows x
+    blocks accumulators, depth x blocks weight vectors, the broadcast and the ones vector).  VNNI:
+    <= 15 zmm accumulators (>= 10 hide vpdpbusd latency).  Fallback: 6 rows x 16 lanes (12 ymm on
+    AVX2, 24 q on NEON).  The int32 tile must stay under 1 KB: TVM stack-allocates (so LLVM keeps
+    in registers) only buffers below that, anything bigger is a workspace alloc+free per tile.
+    Rows: the size in [max/2, max] that wastes fewest padded rows (ragged M is computed, not stored).
+    """
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    n_blocks = ceil_to(N, v.lanes) // v.lanes
+    options = {
+        "vnni": ((3, 5), (2, 7), (4, 3), (1, 15)),
+        "avx2_u8s8": {1: ((2, 4), (1, 8)), 2: ((2, 3), (1, 8)), 4: ((1, 6),)}[depth],
+        "avx2_i16": ((2, 6), (1, 8)),
+        "fallback": ((1, 6),),
+    }[v.name]
+    nbi, mi = next(((b, m) for b, m in options if n_blocks % b == 0), (1, options[-1][1]))
+    if M <= mi:
+        return M, nbi
+    return min(range(mi, (mi - 1) // 2, -1), key=lambda t: ceil_to(M, t) - M), nbi
+
+
+def _tile(sch: Schedule, v: Variant, mi: int, nbi: int, depth: int = 1):
+    """Split acc into (tiles | k outer, row, block, k tiles, lane, kpack); parallel tiles; fuse `out` in.
+
+    The int32 accumulators of a tile live across the whole k loop (registers after LLVM's SROA);
+    ``depth`` weight tiles form one intrinsic step, tensorized at the returned ``kd`` loop.
+    """
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
+    m, n, k = sch.get_loops(acc)
+    mo, m_i = sch.split(m, [None, mi])
+    nb, lane = sch.split(n, [None, v.lanes])
+    nbo, nb_i = sch.split(nb, [None, nbi])
+    tiles = [mo, nbo]  # row tiles outer: a tile's activation rows stay in L1 across all columns
+    if depth == 1:  # no unit loop: the depth-1 intrinsics have none (tensorize is structural)
+        (kb, kp), kd = sch.split(k, [None, v.kpack]), lane
+        sch.reorder(*tiles, kb, m_i, nb_i, lane, kp)
+    else:
+        kb, kd, kp = sch.split(k, [None, depth, v.kpack])
+        sch.reorder(*tiles, kb, m_i, nb_i, kd, lane, kp)
+    sch.reverse_compute_at(out, tiles[-1], preserve_unit_loops=True)  # so out's last loop is its own
+    sch.parallel(sch.fuse(*tiles))
+    sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, v.lanes])[1])
+    return acc, (kb, m_i, nb_i, kd, lane, kp)
+
+
+def schedule_tensorized(
+    func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, depth: int = 1, ref: bool = False,
+) -> Schedule:
+    """Register-tiled schedule whose inner step is ``v.intrin(depth)`` (or its plain-loop twin)."""
+    register_intrinsics()
+    sch = Schedule(func)
+    acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth)
+    init = sch.decompose_reduction(acc, kb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    intrin = v.intrin(depth)
+    sch.tensorize(kd, ref_name(intrin) if ref else intrin)
+    sch.unroll(m_i)
+    sch.unroll(nb_i)
+    return sch
+
+
+def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int) -> Schedule:
+    """Any-CPU schedule: same tiling, plain loops, the lanes of a block vectorized."""
+    sch = Schedule(func)
+    acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi)
+    sch.reorder(kp, m_i, nb_i, lane)
+    for loop in (kp, m_i, nb_i):
+        sch.unroll(loop)
+    sch.vectorize(lane)  # before decompose_reduction: vectorize wants a whole reduction block
+    init = sch.decompose_reduction(acc, kb)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch
+
+
+# --- build -----------------------------------------------------------------------------------
+class QDense:
+    """A compiled qdense kernel: prepare operands, call it with NumPy arrays, or read its assembly.
+
+    ``variant`` is the `Variant`, ``tiles`` the schedule's (rows, lane blocks, depth).
+    """
+
+    def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable):
+        self.M, self.N, self.K, self.epilogue = M, N, K, epilogue
+        self.variant, self.bits_a, self.bits_w, self.ref, self.tiles = variant, *bits, ref, tiles
+        self.Kp = ceil_to(K, variant.kpack)
+        self.target, self.executable = target, executable
+        self._fn = None
+
+    @property
+    def schedule(self) -> str:
+        """"ref" for plain-loop intrinsic bodies, else the variant name."""
+        return "ref" if self.ref else self.variant.name
+
+    # operand preparation in this kernel's layouts
+    def pack_weight(self, w: np.ndarray) -> np.ndarray:
+        v = self.variant
+        return packing.pack_weight(w, v.lanes, v.kpack, np.dtype(v.w_dtype))
+
+    def prepare_activation(self, a: np.ndarray, a_zp: int = 0) -> np.ndarray:
+        """uint8 codes ``[M, K]`` -> this kernel's A: padded u8, or centered int16 (``a - a_zp``)."""
+        if self.variant.a_dtype == "int16":
+            return packing.center_activation(a, a_zp, self.variant.kpack)
+        return packing.pad_activation(a, self.variant.kpack)
+
+    def epilogue_params(self, w, w_scale, a_scale: float, a_zp: int, bias=None):
+        """`packing.epilogue_params`, with no zero-point term when A is already centered."""
+        zp = 0 if self.variant.a_dtype == "int16" else a_zp
+        return packing.epilogue_params(w, w_scale, a_scale, zp, bias)
+
+    # running
+    def _check_runnable(self) -> None:
+        """Refuse to run code this CPU cannot execute (it would die of SIGILL, not raise)."""
+        t = as_target(self.target)
+        triple = str(t.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+        if not triple.startswith(platform.machine()):
+            raise RuntimeError(f"kernel built for {triple}; cannot run on {platform.machine()}")
+        flags = _host_flags()
+        if flags and "avx512f" not in flags and codegen.target_has_features("avx512f", t):
+            raise RuntimeError("kernel uses AVX-512 but this CPU has none: build for host_target()")
+        if flags and "avx2" not in flags and codegen.target_has_features("avx2", t):
+            raise RuntimeError("kernel uses AVX2 but this CPU has none: build for host_target()")
+
+    def function(self):
+        """The runtime function ``main(A, W, [zp_wsum, scale, bias,] out)``."""
+        if self._fn is None:
+            self._check_runnable()
+            self._fn = self.executable.jit()["main"]
+        return self._fn
+
+    def _check_codes(self, a, w_packed) -> None:
+        """Refuse NumPy operands outside the bit widths the variant was chosen for (cheap, exact)."""
+        if self.variant.name != "avx2_u8s8" or not isinstance(a, np.ndarray):
+            return
+        a_max, w_max = packing.code_bounds(self.bits_a, self.bits_w)
+        if a.size and int(a.max()) > a_max:
+            raise ValueError(f"activation code {int(a.max())} exceeds bits_a={self.bits_a}")
+        if isinstance(w_packed, np.ndarray) and w_packed.size:
+            if int(np.abs(w_packed.astype(np.int16)).max()) > w_max:
+                raise ValueError(f"|weight| exceeds {w_max} (bits_w={self.bits_w})")
+
+    def _args(self, a, w_packed, *epi):
+        if len(epi) != (3 if self.epilogue else 0):
+            raise TypeError("epilogue kernels take (a, w_packed, zp_wsum, scale, bias)")
+        dtype = np.float32 if self.epilogue else np.int32
+        arrays = [a, w_packed, *epi, np.empty((self.M, self.N), dtype)]
+        return [
+            x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x))
+            for x in arrays
+        ]
+
+    def __call__(self, a, w_packed, *epi) -> np.ndarray:
+        """``a`` from `prepare_activation`, ``w_packed`` from `pack_weight`, epilogue vectors if built with them."""
+        self._check_codes(a, w_packed)
+        args = self._args(a, w_packed, *epi)
+        self.function()(*args)
+        return args[-1].numpy()
+
+    def time(self, a, w_packed, *epi, runs: int = 50, number: int = 10) -> np.ndarray:
+        """Seconds per call for ``runs`` repeats of ``number`` calls each (time_evaluator)."""
+        self.function()
+        timer = self.executable.jit().time_evaluator("main", tvm.cpu(), number=number, repeat=runs)
+        return np.asarray(timer(*self._args(a, w_packed, *epi)).results)
+
+    def asm(self) -> str:
+        """Generated assembly (``inspect_source("asm")`` on the LLVM module)."""
+        return self.executable.mod.inspect_source("asm")
+
+
+def build_qdense(
+    M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
+    variant: str = "auto", epilogue: bool = False, ref: bool = False,
+    tiles: tuple[int, int] | None = None, depth: int | None = None,
+) -> QDense:
+    """Compile qdense for ``target``.
+
+    ``variant`` "auto" = `choose_variant(target, bits_a, bits_w)`; an explicit variant must be
+    exact for the bit widths (a saturating u8 x s8 kernel is refused, not built) and supported by
+    the target.  ``ref`` swaps the intrinsic for its plain-loop twin (runs on any CPU; for tests).
+    ``tiles`` = (rows, lane blocks) and ``depth`` (int16 pre-accumulation of u8 x s8) default to
+    `default_tiles` and `Variant.max_depth`.
+    """
+    if variant == "auto":
+        v = choose_variant(target, bits_a, bits_w)
+    elif variant in VARIANTS:
+        v = VARIANTS[variant]
+    else:
+        raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
+    depth = v.max_depth(bits_a, bits_w, K) if depth is None else depth
+    if depth not in (U8S8_DEPTHS if v.name == "avx2_u8s8" else (1,)):
+        raise ValueError(f"{v.name} has no depth-{depth} intrinsic")
+    if not v.exact(bits_a, bits_w, depth):
+        a_max, w_max = packing.code_bounds(bits_a, bits_w)
+        raise ValueError(
+            f"{v.name} (depth {depth}) is not exact for {bits_a}-bit activations x {bits_w}-bit "
+            f"weights: 2*{depth}*{a_max}*{w_max} > {packing.INT16_PAIR_MAX} saturates int16; use avx2_i16"
+        )
+    if (ceil_to(K, v.kpack) // v.kpack) % depth:
+        raise ValueError(f"depth {depth} must divide the {ceil_to(K, v.kpack) // v.kpack} k tiles")
+    if v.feature and not ref and not target_has(target, v.feature):
+        raise ValueError(f"target {as_target(target)} lacks {v.feature} needed by {v.name}")
+    mi, nbi = tiles or default_tiles(M, N, v, depth)
+    n_tiles = ceil_to(N, v.lanes) // v.lanes
+    if n_tiles % nbi:
+        raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
+    func = te.create_prim_func(qdense(M, N, K, v, epilogue=epilogue, m_tile=mi if v.tensorized else 1))
+    if v.tensorized:
+        sch = schedule_tensorized(func, v, mi, nbi, depth, ref)
+    else:
+        sch = schedule_fallback(func, v, mi, nbi)
+    exe = tvm.compile(sch.mod, target=as_target(target))
+    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, (mi, nbi, depth), exe)
