@@ -352,12 +352,12 @@ class QDense:
         return self.executable.mod.inspect_source("asm")
 
 
-def build_qdense(
+def schedule_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None,
-) -> QDense:
-    """Compile qdense for ``target``.
+) -> tuple[Schedule, Variant, tuple[int, int, int]]:
+    """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
     ``variant`` "auto" = `choose_variant(target, bits_a, bits_w)`; an explicit variant must be
     exact for the bit widths (a saturating u8 x s8 kernel is refused, not built) and supported by
@@ -393,5 +393,16 @@ def build_qdense(
         sch = schedule_tensorized(func, v, mi, nbi, depth, ref)
     else:
         sch = schedule_fallback(func, v, mi, nbi)
+    return sch, v, (mi, nbi, depth)
+
+
+def build_qdense(
+    M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
+    variant: str = "auto", epilogue: bool = False, ref: bool = False,
+    tiles: tuple[int, int] | None = None, depth: int | None = None,
+) -> QDense:
+    """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments)."""
+    sch, v, tiles = schedule_qdense(M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant,
+                                    epilogue=epilogue, ref=ref, tiles=tiles, depth=depth)
     exe = tvm.compile(sch.mod, target=as_target(target))
-    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, (mi, nbi, depth), exe)
+    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe)

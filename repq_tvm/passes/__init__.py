@@ -1,0 +1,1 @@
+"""Relax passes that lower the canonical fake-quant graph (repq_tvm.frontends) to integer kernels."""
