@@ -41,14 +41,23 @@ def weight_bits(w: np.ndarray) -> int:
 
 
 def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.ndarray, s_a: float, z_a: int,
-                bits_a: int, bias: np.ndarray | None, target) -> relax.Expr:
-    """Emit the scheduled kernel for codes q [M, K] and centred weights w [N, K]; returns float32 [M, N]."""
+                bits_a: int, bias: np.ndarray | None, target, kernels: dict) -> relax.Expr:
+    """Emit the scheduled kernel for codes q [M, K] and centred weights w [N, K]; returns float32 [M, N].
+
+    `kernels` caches one PrimFunc per (shape, bit widths): layers of the same shape share their kernel.
+    """
     from ..kernels import packing
     from ..kernels.qdense import schedule_qdense
 
     m, k = _shape(q)
     n = w.shape[0]
-    sch, v, _ = schedule_qdense(m, n, k, target, bits_a=bits_a, bits_w=weight_bits(w), epilogue=True)
+    key = (m, n, k, bits_a, weight_bits(w))
+    if key not in kernels:
+        sch, v, _ = schedule_qdense(m, n, k, target, bits_a=bits_a, bits_w=key[-1], epilogue=True)
+        name = f"repq_qdense_{v.name}_{m}x{n}x{k}_a{bits_a}w{key[-1]}"
+        func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tir.is_scheduled", True)
+        kernels[key] = (bb.add_func(func, name), v)
+    gv, v = kernels[key]
     if v.w_dtype == "int8" and (w.min() < -128 or w.max() > 127):
         raise NotImplementedError(f"8-bit weights outside int8 after centring need the int16 kernel ({v.name})")
     zp = 0 if v.a_dtype == "int16" else z_a
@@ -60,8 +69,6 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
         a = bb.emit(relax.op.subtract(relax.op.astype(q, "int16"), relax.const(z_a, "int16")))
     if kp != k:  # zero columns meet zero weight rows: they add nothing
         a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, kp - k]))
-    func = sch.mod["main"].with_attr("global_symbol", "repq_qdense").with_attr("tir.is_scheduled", True)
-    gv = bb.add_func(func, "repq_qdense")
     return bb.emit(relax.call_tir(gv, [a, relax.const(packed), relax.const(zp_wsum), relax.const(scale),
                                        relax.const(bias)], relax.TensorType((m, n), "float32")))
 
@@ -80,7 +87,7 @@ class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, target):
         super().__init__(mod)
         self.target, self.rewritten = target, 0
-        self.bias_of, self.add_source, self.fused = {}, {}, set()
+        self.bias_of, self.add_source, self.fused, self.kernels = {}, {}, set(), {}
 
     def _bound(self, expr):
         while isinstance(expr, relax.Var):
@@ -151,7 +158,7 @@ class _Rewriter(PyExprMutator):
         m = int(np.prod(in_shape[:-1]))
         bb = self.builder_
         a2 = bb.emit(relax.op.reshape(q, [m, k]))
-        out = qdense_call(bb, a2, w, s_w, s_a, z_a, _clip_bits(self._bound(q)), bias, self.target)
+        out = qdense_call(bb, a2, w, s_w, s_a, z_a, _clip_bits(self._bound(q)), bias, self.target, self.kernels)
         self.rewritten += 1
         return relax.op.reshape(out, [*in_shape[:-1], n])
 
