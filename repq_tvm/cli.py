@@ -72,20 +72,113 @@ def load_for_eval(model_arg: str, checkpoint: str | None):
     return models.load_model(model_arg, checkpoint)
 
 
+def _artifact_predictor(art_dir: str):
+    import torch
+
+    from .deploy.runtime import Runner
+
+    runner = Runner(art_dir)
+    arch = {"name": runner.manifest["model"], "data": runner.manifest["preprocessing"]}
+    return (lambda x: torch.from_numpy(runner.predict(x.numpy()))), arch, None
+
+
 def cmd_evaluate(args) -> dict:
     from . import data
     from .evaluate import accuracy, make_transform
 
-    model, arch = load_for_eval(args.model, args.checkpoint)
+    if args.artifact:
+        predict, arch, num_classes = _artifact_predictor(args.artifact)
+    elif args.model:
+        predict, arch = load_for_eval(args.model, args.checkpoint)
+        num_classes = _num_classes(predict)
+    else:
+        raise ReqError("give --model MODEL|CALIBRATED_FILE or --artifact DIR")
     source = data.open_images(_default_data(args, arch, "eval"))
-    result = accuracy(model, source, make_transform(arch["data"]), limit=args.limit,
-                      num_classes=_num_classes(model), progress=not args.quiet)
+    result = accuracy(predict, source, make_transform(arch["data"]), limit=args.limit,
+                      num_classes=num_classes, progress=not args.quiet)
     result.pop("predictions")
     result.update(model=arch["name"], data=source.path)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{arch['name']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images)")
+    return result
+
+
+def cmd_compile(args) -> dict:
+    from . import calibrated, targets
+    from .deploy import artifact
+    from .passes.pipeline import compile_model
+
+    preset = targets.load(args.target)
+    cm = calibrated.load(args.calibrated)
+    shape = [args.batch, *cm.preprocessing["input_size"]]
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    executable, stats = compile_model(cm.model, shape, preset, dump_dir=args.dump_ir, progress=say)
+    fields = {"model": cm.arch["name"], "w_bits": cm.config.w_bits, "a_bits": cm.config.a_bits,
+              "method": cm.info.get("method"), "target": preset, "input_shape": shape,
+              "preprocessing": cm.preprocessing, "classes": _class_names(cm.arch), "compile": stats}
+    artifact.write(args.output, executable, fields)
+    result = {"output": args.output, "target": preset["name"], **stats}
+    print(json.dumps(result) if args.json else f"wrote {args.output} for {preset['name']} "
+          f"({stats['integer_linears']} integer linear kernels, {stats['compile_seconds']} s)")
+    return result
+
+
+def _class_names(arch: dict) -> list[str] | None:
+    from . import data, models
+
+    if arch.get("name") in models.FIXTURES:
+        return data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA)).classes
+    return None
+
+
+def cmd_run(args) -> dict:
+    import numpy as np
+
+    from .deploy.runtime import Runner
+    from .errors import ReqError as _E
+
+    runner = Runner(args.artifact)
+    transform = runner.transform()
+    names = runner.manifest.get("classes")
+    results = {}
+    for path in args.images:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            img = Image.open(path).convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise _E(f"cannot read image {path}: {exc}") from None
+        logits = runner.predict(transform(img).numpy()[None])[0]
+        prob = np.exp(logits - logits.max())
+        prob /= prob.sum()
+        top = np.argsort(-logits)[:5]
+        results[path] = [{"class": int(c), "name": names[c] if names else None, "prob": float(prob[c])} for c in top]
+        if not args.json:
+            print(path + ": " + ", ".join(f"{r['name'] or r['class']} {r['prob']:.3f}" for r in results[path]))
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
+def cmd_profile(args) -> dict:
+    from .deploy import profile
+    from .deploy.runtime import Runner
+
+    runner = Runner(args.artifact)
+    result = {"artifact": args.artifact, "target": runner.manifest["target"]["name"],
+              **profile.latency(runner, repeat=args.repeat),
+              "kernels": profile.kernel_breakdown(runner, repeat=max(1, args.repeat // 5))}
+    if args.plot:
+        profile.plot_breakdown(result["kernels"], args.plot, f"{runner.manifest['model']} on {result['target']}")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"latency over {result['runs']} warm runs (batch {result['batch']}): median {result['median_ms']:.2f} ms, "
+              f"p90 {result['p90_ms']:.2f} ms, min {result['min_ms']:.2f} ms")
+        for row in result["kernels"][:15]:
+            print(f"  {row['ms_per_run']:8.3f} ms  x{row['calls_per_run']:<3d} {row['kernel']}")
     return result
 
 
@@ -136,13 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("evaluate", help="top-1/top-5 of an FP32 model or a calibrated .repq file")
-    e.add_argument("--model", required=True, help="model name (FP32) or a calibrated .repq file")
+    e.add_argument("--model", help="model name (FP32) or a calibrated .repq file")
+    e.add_argument("--artifact", help="a compiled artifact folder (from repq-tvm compile)")
     e.add_argument("--checkpoint")
     e.add_argument("--data", help="evaluation images (fixtures default to the shipped held-out pack)")
     e.add_argument("--limit", type=int, help="evaluate a fixed random subset of N images")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("compile", help="compile a calibrated .repq file to an integer artifact folder")
+    c.add_argument("calibrated", help="the .repq file from repq-tvm calibrate")
+    c.add_argument("--target", default="host", help="host or a preset in targets/ (x86_64-avx2, ...)")
+    c.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    c.add_argument("--batch", type=int, default=1, help="compiled batch size")
+    c.add_argument("--dump-ir", help="write the IR after every compiler phase into this folder")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="classify images with a compiled artifact (top-5)")
+    r.add_argument("artifact")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    f = sub.add_parser("profile", help="latency of a compiled artifact, with a per-kernel breakdown")
+    f.add_argument("artifact")
+    f.add_argument("--repeat", type=int, default=50)
+    f.add_argument("--json", action="store_true")
+    f.add_argument("--plot", help="write a PNG bar chart of the slowest kernels")
+    f.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("demo", help="the default job: quantize the bundled ViT fixture and report accuracy")
     d.add_argument("--out-dir", default="out")
