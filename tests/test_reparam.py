@@ -111,3 +111,11 @@ def test_quantized_model_tracks_fp_at_8_bits(images):
         out = q(images)
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_calibration_with_progress_bar_gives_the_same_model(images):
+    """The progress hooks must observe the calibration, not change it."""
+    quiet = calibrate(small_model("vit_cifar10"), images, method_config("repq-vit", 4, 4), progress=False)
+    shown = calibrate(small_model("vit_cifar10"), images, method_config("repq-vit", 4, 4), progress=True)
+    with torch.no_grad():
+        assert torch.equal(quiet(images), shown(images))

@@ -19,7 +19,10 @@ def _calibrating_pass(model: nn.Module, images: torch.Tensor, desc: str, progres
     """One forward pass with calibration on, ticking a progress bar as each quantizer is set."""
     pending = [q for q in quantizers(model).values() if not q.ready]
     bar = tqdm(total=len(pending), desc=desc, unit="quantizer", disable=not progress, leave=False)
-    hooks = [q.register_forward_hook(lambda *_: bar.update(1)) for q in pending]
+    def tick(*_):  # a forward hook's non-None return value would replace the quantizer's output
+        bar.update(1)
+
+    hooks = [q.register_forward_hook(tick) for q in pending]
     set_quant_state(model, enabled=True, calibrating=True)
     try:
         with torch.no_grad():
