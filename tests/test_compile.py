@@ -1,0 +1,117 @@
+"""repq-tvm compile → artifact → run / evaluate / profile, on the trained ViT fixture, and the artifact's checks."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repq_tvm import calibrated, data, models
+from repq_tvm.cli import main
+from repq_tvm.deploy.runtime import Runner
+from repq_tvm.errors import ReqError
+from repq_tvm.evaluate import load_batch, make_transform
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    cal, art = str(root / "vit_w4a4.repq"), str(root / "art")
+    assert main(["calibrate", "--model", "vit_cifar10", "-o", cal, "--quiet"]) == 0
+    assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
+    return cal, art
+
+
+def test_artifact_agrees_with_calibrated_model(built):
+    cal, art = built
+    cm, runner = calibrated.load(cal), Runner(art)
+    source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
+    x, y = load_batch(source, np.arange(len(source)), make_transform(cm.preprocessing))
+    with torch.no_grad():
+        ref = cm.model(x).numpy()
+    out = runner.predict(x.numpy())
+    agree = (out.argmax(1) == ref.argmax(1)).mean()
+    assert agree >= 0.99, agree
+    # Most images match to float rounding. Float ops (LayerNorm, softmax, GELU) summing in another order can
+    # move a value across a rounding midpoint of the next quantizer: one code step, a visible logit change.
+    per_image = np.abs(out - ref).max(1)
+    exact_share = (per_image < 1e-4).mean()
+    print(f"images matching to 1e-4: {exact_share:.3f}, worst {per_image.max():.3f}")
+    assert exact_share >= 0.9, exact_share
+    assert abs((out.argmax(1) == y).mean() - (ref.argmax(1) == y).mean()) <= 0.003  # 0.3 points of top-1
+
+
+def test_manifest_describes_the_artifact(built):
+    manifest = json.load(open(os.path.join(built[1], "manifest.json")))
+    assert manifest["model"] == "vit_cifar10" and manifest["w_bits"] == 4 and manifest["input_shape"] == [1, 3, 32, 32]
+    assert manifest["compile"]["integer_linears"] == 6 * 4 + 1  # qkv, proj, fc1, fc2 per block + head
+    assert set(manifest["files"]) == {"model.so"} and manifest["classes"][0] == "airplane"
+
+
+def test_run_prints_top5(built, tmp_path, capsys):
+    z = np.load(models.fixture_file(models.FIXTURE_EVAL_DATA))
+    img = tmp_path / "img.png"
+    Image.fromarray(z["images"][3]).save(img)
+    capsys.readouterr()
+    assert main(["run", built[1], str(img), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)[str(img)]
+    assert len(res) == 5 and abs(sum(r["prob"] for r in res) - 1) < 0.5 and res[0]["prob"] >= res[-1]["prob"]
+
+
+def test_profile_reports_latency_and_kernels(built, tmp_path, capsys):
+    plot = tmp_path / "k.png"
+    capsys.readouterr()
+    assert main(["profile", built[1], "--repeat", "10", "--json", "--plot", str(plot)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert 0 < res["min_ms"] <= res["median_ms"] <= res["p90_ms"]
+    assert any(k["kernel"].startswith("repq_qdense") for k in res["kernels"])
+    assert plot.stat().st_size > 1000
+
+
+def _copy(art, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(art, dst)
+    return dst
+
+
+def test_tampered_library_is_refused(built, tmp_path, capsys):
+    dst = _copy(built[1], tmp_path)
+    with open(dst / "model.so", "r+b") as f:
+        f.seek(4000)
+        f.write(b"\x90\x90")
+    assert main(["profile", str(dst)]) == 2
+    assert "does not match its SHA-256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,needle", [("aarch64-neon-dotprod", "built for aarch64-neon-dotprod"),
+                                           ("x86_64-avx512-vnni", "needs AVX-512 VNNI")])
+def test_artifact_for_another_target_is_refused(built, tmp_path, preset, needle):
+    from repq_tvm import targets
+
+    if preset == "x86_64-avx512-vnni" and targets.host_name() == preset:
+        pytest.skip("this machine has VNNI")
+    dst = _copy(built[1], tmp_path)
+    manifest = json.load(open(dst / "manifest.json"))
+    manifest["target"] = targets.load(preset)
+    json.dump(manifest, open(dst / "manifest.json", "w"))
+    with pytest.raises(ReqError, match=needle):
+        Runner(str(dst))
+
+
+def test_wrong_input_shape(built):
+    runner = Runner(built[1])
+    with pytest.raises(ReqError, match=r"does not match the artifact's \(3, 32, 32\)"):
+        runner.predict(np.zeros((2, 3, 64, 64), np.float32))
+
+
+def test_not_an_artifact(tmp_path, capsys):
+    assert main(["run", str(tmp_path), "x.png"]) == 2
+    assert "is not a repq-tvm artifact" in capsys.readouterr().err
+
+
+def test_unknown_target(built, tmp_path, capsys):
+    assert main(["compile", built[0], "--target", "riscv64", "-o", str(tmp_path / "a")]) == 2
+    assert "unknown target 'riscv64'" in capsys.readouterr().err
