@@ -16,6 +16,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..relax_util import rewrite_functions
+
 LOG_OPS = {True: "repq.log_sqrt2_fake_quant", False: "repq.log2_fake_quant"}
 
 
@@ -103,11 +105,7 @@ class _LowerLog(PyExprMutator):
 
 def lower_log_quant(mod: tvm.IRModule) -> tvm.IRModule:
     """Replace every named log-quantizer call by plain Relax ops (no Python needed at run time)."""
-    lower = _LowerLog(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            lower.builder_.update_func(gv, lower.visit_expr(func))
-    return lower.builder_.get()
+    return rewrite_functions(_LowerLog(mod), mod)
 
 
 def canonical_ops(mod: tvm.IRModule, func: str = "main") -> collections.Counter:

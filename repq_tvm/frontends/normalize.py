@@ -19,6 +19,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..relax_util import follow, rewrite_functions
+from ..relax_util import is_op as _is_op
 from . import canonical
 
 def _const_value(expr):
@@ -26,10 +28,6 @@ def _const_value(expr):
     if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1:
         return expr.value.numpy().reshape(()).item()
     return None
-
-
-def _is_op(expr, name):
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
 
 
 def _dtype(expr) -> str:
@@ -46,13 +44,7 @@ def _static_shape(expr):
 @mutator
 class _Canonicalize(PyExprMutator):
     def _value(self, expr):
-        """Follow a variable to the expression bound to it (within the current function)."""
-        while isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            if bound is None:
-                break
-            expr = bound
-        return expr
+        return follow(self, expr)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -187,11 +179,7 @@ class _Canonicalize(PyExprMutator):
 
 
 def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
-    rw = _Canonicalize(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rw.builder_.update_func(gv, rw.visit_expr(func))
-    return rw.builder_.get()
+    return rewrite_functions(_Canonicalize(mod), mod)
 
 
 @mutator

@@ -20,13 +20,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-def _is_op(expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
-def _const(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
-
+from ..relax_util import const_array as _const
+from ..relax_util import follow, rewrite_functions
+from ..relax_util import is_op as _is_op
 
 def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
@@ -90,12 +86,7 @@ class _Rewriter(PyExprMutator):
         self.bias_of, self.add_source, self.fused, self.kernels = {}, {}, set(), {}
 
     def _bound(self, expr):
-        while isinstance(expr, relax.Var):
-            value = self.lookup_binding(expr)
-            if value is None:
-                break
-            expr = value
-        return expr
+        return follow(self, expr)
 
     def _match(self, call):
         """The pieces of a quantized linear `matmul`, or None."""
@@ -172,10 +163,9 @@ class LowerQuantizedLinear:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod, self.target)
-        for gv, func in list(mod.functions_items()):
+        for func in mod.functions.values():
             if isinstance(func, relax.Function):
                 rewriter.plan_bias_fusion(func)
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        out = rewrite_functions(rewriter, mod)
         self.rewritten = rewriter.rewritten
-        out = rewriter.builder_.get()
         return relax.transform.DeadCodeElimination()(out)
