@@ -125,6 +125,18 @@ def cmd_compile(args) -> dict:
     return result
 
 
+def cmd_export_onnx(args) -> dict:
+    from . import calibrated
+    from .frontends import export_onnx
+
+    cm = calibrated.load(args.calibrated)
+    shape = [args.batch, *cm.preprocessing["input_size"]]
+    export_onnx(cm.model, shape, args.output)
+    result = {"output": args.output, "input": "x", "input_shape": shape, "output_name": "y"}
+    print(json.dumps(result) if args.json else f"wrote {args.output} (QDQ ONNX, input x {shape})")
+    return result
+
+
 def _class_names(arch: dict) -> list[str] | None:
     from . import data, models
 
@@ -247,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
+
+    x = sub.add_parser("export-onnx", help="write a calibrated .repq file as a QDQ ONNX model")
+    x.add_argument("calibrated")
+    x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    x.add_argument("--batch", type=int, default=1)
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export_onnx)
 
     r = sub.add_parser("run", help="classify images with a compiled artifact (top-5)")
     r.add_argument("artifact")

@@ -115,3 +115,19 @@ def test_not_an_artifact(tmp_path, capsys):
 def test_unknown_target(built, tmp_path, capsys):
     assert main(["compile", built[0], "--target", "riscv64", "-o", str(tmp_path / "a")]) == 2
     assert "unknown target 'riscv64'" in capsys.readouterr().err
+
+
+def test_export_onnx_runs_in_onnxruntime(built, tmp_path):
+    import onnxruntime as ort
+
+    path = str(tmp_path / "m.onnx")
+    assert main(["export-onnx", built[0], "-o", path]) == 0
+    cm = calibrated.load(built[0])
+    source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
+    x, _ = load_batch(source, np.arange(50), make_transform(cm.preprocessing))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = np.concatenate([sess.run(["y"], {"x": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    with torch.no_grad():
+        ref = cm.model(x).numpy()
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98
+    assert (np.abs(out - ref).max(1) < 1e-4).mean() >= 0.9
