@@ -18,7 +18,7 @@ demo: setup
 	$(BIN)/repq-tvm demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 bench: setup
 	$(BIN)/python benchmarks/accuracy_table.py
