@@ -148,20 +148,19 @@ def _class_names(arch: dict) -> list[str] | None:
 def cmd_run(args) -> dict:
     import numpy as np
 
+    from PIL import Image, UnidentifiedImageError
+
     from .deploy.runtime import Runner
-    from .errors import ReqError as _E
 
     runner = Runner(args.artifact)
     transform = runner.transform()
     names = runner.manifest.get("classes")
     results = {}
     for path in args.images:
-        from PIL import Image, UnidentifiedImageError
-
         try:
             img = Image.open(path).convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
-            raise _E(f"cannot read image {path}: {exc}") from None
+            raise ReqError(f"cannot read image {path}: {exc}") from None
         logits = runner.predict(transform(img).numpy()[None])[0]
         prob = np.exp(logits - logits.max())
         prob /= prob.sum()

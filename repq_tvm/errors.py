@@ -1,5 +1,16 @@
 """The one exception type users see: the CLI prints its message as a single line and exits non-zero."""
 
+import json
+
 
 class ReqError(Exception):
     """A problem with the user's input (model, data, file, option), not a bug in repq-tvm."""
+
+
+def read_json(path: str, what: str) -> dict:
+    """A JSON file the user handed us (a manifest, a target preset); unreadable or invalid is a ReqError."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReqError(f"{what} {path} is not valid JSON: {exc}") from None

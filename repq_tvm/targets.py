@@ -3,11 +3,10 @@ toolchain), looked up by name; `host` picks the preset that fits this machine's 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 
-from .errors import ReqError
+from .errors import ReqError, read_json
 
 REQUIRED_KEYS = ("name", "tvm_target", "int8_dot", "cross_compiler", "runner")
 
@@ -53,11 +52,7 @@ def load(name: str) -> dict:
     path = os.path.join(preset_dir(), f"{name}.json")
     if not os.path.isfile(path):
         raise ReqError(f"unknown target '{name}': choose host or one of {', '.join(available())}")
-    try:
-        with open(path) as f:
-            preset = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReqError(f"target preset {path} is not valid JSON: {exc}") from None
+    preset = read_json(path, "target preset")
     missing = [k for k in REQUIRED_KEYS if k not in preset]
     if missing:
         raise ReqError(f"target preset {path} lacks {', '.join(missing)}")

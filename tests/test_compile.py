@@ -131,3 +131,9 @@ def test_export_onnx_runs_in_onnxruntime(built, tmp_path):
         ref = cm.model(x).numpy()
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98
     assert (np.abs(out - ref).max(1) < 1e-4).mean() >= 0.9
+
+
+def test_corrupt_manifest(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{truncated")
+    assert main(["profile", str(tmp_path)]) == 2
+    assert "artifact manifest" in capsys.readouterr().err

@@ -252,15 +252,3 @@ def test_intrinsic_registration_is_idempotent():
 
     for name in (I.vnni_intrin(), I.i16_intrin(), *map(I.u8s8_intrin, I.U8S8_DEPTHS)):
         assert TensorIntrin.get(name) is not None and TensorIntrin.get(I.ref_name(name)) is not None
-
-
-def test_old_vnni_module_still_works():
-    from repq_tvm.kernels import vnni as V
-
-    a, w = _operands(7, 40, 12, "fallback", 8, 8)
-    for schedule in ("ref", "fallback"):
-        kernel = V.build_qdense(7, 40, 12, V.host_target(1), schedule=schedule)
-        assert kernel.schedule == schedule
-        out = kernel(V.pad_activation(a), V.pack_weight(w))
-        np.testing.assert_array_equal(out, V.reference(a, w))
-    assert V.build_qdense(7, 40, 12, V.X86_VNNI_TARGET).schedule == "vnni"

@@ -21,3 +21,10 @@ def test_host_resolves_to_a_preset():
 def test_unknown_target():
     with pytest.raises(ReqError, match="unknown target 'riscv'"):
         targets.load("riscv")
+
+
+def test_corrupt_preset(tmp_path, monkeypatch):
+    (tmp_path / "broken.json").write_text("{not json")
+    monkeypatch.setenv("REPQ_TVM_TARGETS", str(tmp_path))
+    with pytest.raises(ReqError, match="target preset .*broken.json is not valid JSON"):
+        targets.load("broken")

@@ -15,7 +15,7 @@ import json
 import os
 import platform
 
-from ..errors import ReqError
+from ..errors import ReqError, read_json
 
 FORMAT = "repq-tvm-artifact"
 VERSION = 1
@@ -51,11 +51,7 @@ def read_manifest(art_dir: str) -> dict:
     path = os.path.join(art_dir, MANIFEST)
     if not os.path.isdir(art_dir) or not os.path.isfile(path):
         raise ReqError(f"{art_dir} is not a repq-tvm artifact (no {MANIFEST})")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReqError(f"{path} is corrupt: {exc}") from None
+    manifest = read_json(path, "artifact manifest")
     if manifest.get("format") != FORMAT:
         raise ReqError(f"{path} is not a repq-tvm artifact manifest")
     if manifest.get("version") != VERSION:
