@@ -1,25 +1,35 @@
 """The whole compiler, in order. Reading this file tells what happens to a calibrated model.
 
-    1. import        calibrated model → canonical fake-quant Relax (torch.export frontend)
-    2. integer ops   quantized linears → scheduled integer dense kernels (LowerQuantizedLinear)
-    3. log quant     the post-Softmax log√2 quantizer → plain Relax ops (no Python at run time)
-    4. build         TVM's default Relax pipeline (legalize, fuse, lower) + LLVM for the target
+    1. import          calibrated model → canonical fake-quant Relax (torch.export frontend)
+    2. integer passes  each rewrites one quantized pattern into a scheduled integer kernel:
+                         quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
+                         patch_embed       stride = kernel conv     → qdense on patch rows
+    3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time)
+    4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
+                       float kernels (`float_schedules`)
+    5. build           TVM's CPU lowering + LLVM for the target
 
 `dump_dir` writes the IR after every phase (`NN-phase.py`), so a user can see where numbers changed.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
 import tvm
 
 from ..frontends import lower_log_quant
+from .fast_math import legalize_passes
+from .float_schedules import schedule_float_ops, unscheduled
+from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
 
-log = logging.getLogger("repq_tvm.compile")
+# (IR dump name, pass class taking the target, compile-stats key counting its rewrites), in order
+INTEGER_PASSES = (
+    ("integer-linear", LowerQuantizedLinear, "integer_linears"),
+    ("integer-patch-embed", LowerPatchEmbed, "integer_patch_embeds"),
+)
 
 
 def tvm_target(preset: dict, num_cores: int | None = None) -> dict:
@@ -35,6 +45,26 @@ def _dump(dump_dir: str | None, index: int, phase: str, mod: tvm.IRModule) -> No
             f.write(mod.script())
 
 
+def fuse_and_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize (fast GELU / softmax) and fuse, then default schedules for every kernel not yet scheduled."""
+    with target:
+        return tvm.transform.Sequential([*legalize_passes(), schedule_float_ops()])(mod)
+
+
+def lower_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The rest of TVM's CPU pipeline (dataflow lowering, memory planning, VM lowering)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    passes = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="RepqLower")
+    def _lower(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _lower
+
+
 def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None, progress=print):
     """Compile a calibrated (fake-quant) PyTorch model for `preset`; returns (executable, stats)."""
     from ..frontends import export_relax
@@ -42,21 +72,29 @@ def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None,
     target = tvm_target(preset)
     stats = {}
     t0 = time.time()
-    progress("[1/4] importing the calibrated model into Relax")
+    progress("[1/5] importing the calibrated model into Relax")
     mod = export_relax(model, input_shape)
     _dump(dump_dir, 1, "import", mod)
 
-    progress("[2/4] lowering quantized linears to integer kernels")
-    lower = LowerQuantizedLinear(target)
-    mod = lower(mod)
-    stats["integer_linears"] = lower.rewritten
-    _dump(dump_dir, 2, "integer-linear", mod)
+    progress("[2/5] lowering quantized ops to integer kernels")
+    for index, (phase, pass_cls, key) in enumerate(INTEGER_PASSES, start=2):
+        lower = pass_cls(target)
+        mod = lower(mod)
+        stats[key] = lower.rewritten
+        _dump(dump_dir, index, phase, mod)
+    index += 1
 
-    progress("[3/4] lowering the log2 attention quantizer")
+    progress("[3/5] lowering the remaining log quantizers to plain ops")
     mod = lower_log_quant(mod)
-    _dump(dump_dir, 3, "log-quant", mod)
+    _dump(dump_dir, index, "log-quant", mod)
 
-    progress(f"[4/4] building for {preset['name']}")
-    executable = tvm.compile(mod, target=tvm.target.Target(target))
+    progress("[4/5] fusing and scheduling the float ops")
+    tvm_t = tvm.target.Target(target)
+    mod = fuse_and_schedule(mod, tvm_t)
+    stats["unscheduled_kernels"] = unscheduled(mod)
+    _dump(dump_dir, index + 1, "fused-scheduled", mod)
+
+    progress(f"[5/5] building for {preset['name']}")
+    executable = tvm.compile(mod, target=tvm_t, relax_pipeline=lower_pipeline(tvm_t))
     stats["compile_seconds"] = round(time.time() - t0, 1)
     return executable, stats

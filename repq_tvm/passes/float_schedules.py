@@ -1,0 +1,112 @@
+"""Default CPU schedules for the ops that stay in float: LayerNorm, softmax, GELU, quantize, residual adds.
+
+After legalization and fusion these are plain loop nests: one thread, scalar code, which made them
+most of an untuned model's latency. Two rules cover them, applied to every PrimFunc that is not
+already scheduled (the integer kernels are marked `tirx.is_scheduled`):
+
+- `Elementwise`: fused injective chains (GELU → quantize → clip, transposes, dequantize, adds).
+  Every spatial block but the last is inlined; the last is parallel over its outer loops and
+  vectorized on the innermost one.
+- TVM's `dlight.cpu.Reduction` for reduction + injective chains that share leading spatial axes
+  (LayerNorm → quantize, softmax → log quantizer): parallel rows, vectorized elementwise parts.
+
+Anything neither rule takes keeps TVM's default (correct, slow) loops; `unscheduled()` lists them.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import get_extent, try_inline_contiguous_spatial
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target.codegen import llvm_get_vector_width
+
+SCHEDULED = "tirx.is_scheduled"
+
+
+def _lanes(target, bits: int) -> int:
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // bits, 2)
+
+
+class Elementwise(CPUScheduleRule):
+    """Purely spatial PrimFuncs: inline the chain, parallel outer loops, vectorize the inner loop."""
+
+    MIN_PARALLEL = 4096  # below this many elements a thread launch costs more than it saves
+
+    def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(info.is_injective() for info in infos):
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if infos is None:
+            return None
+        for info in infos:
+            self._schedule_block(sch, info.block_rv, target)
+        return sch
+
+    def _schedule_block(self, sch, block, target) -> None:
+        loops = sch.get_loops(block)
+        extents = [get_extent(sch, loop) for loop in loops]
+        if not loops or not all(isinstance(e, int) for e in extents):
+            return
+        stmt = sch.get(block)
+        bits = max(r.source.dtype.bits for r in [*stmt.reads, *stmt.writes])  # float32 math in a u8 chain
+        lanes = _lanes(target, bits)
+        inner = loops[-1]
+        outer = list(loops[:-1])
+        if extents[-1] >= 2 * lanes:
+            rest, vec = sch.split(inner, [None, lanes])
+            sch.vectorize(vec)
+            outer.append(rest)
+        elif extents[-1] >= 2:
+            sch.vectorize(inner)
+        total = 1
+        for e in extents:
+            total *= e
+        if outer and total >= self.MIN_PARALLEL:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _mentions(expr, variables) -> bool:
+    return any(any(e.same_as(v) for v in variables) for e in tirx.analysis.undefined_vars(expr))
+
+
+class RowReduction(dl.cpu.Reduction):
+    """dlight's CPU `Reduction`, only where every reduction runs along the last axis of what it reads.
+
+    That is LayerNorm and softmax (rows reduced independently). A matmul also has a reduction plus
+    an injective epilogue, but parallel rows with a scalar inner product is slower than TVM's default.
+    """
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        for info in normalize_prim_func(sch) or []:
+            if info.is_injective():
+                continue
+            stmt = sch.get(info.block_rv)
+            reduce_vars = {iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
+            for read in stmt.reads:  # reads either along the reduced last axis, or per row (a mean)
+                index = [r.min for r in read.region]
+                uses = [_mentions(i, reduce_vars) for i in index]
+                if any(uses) and not (uses[-1] and sum(uses) == 1):
+                    return None
+        return super().apply(func, target, tunable)
+
+
+def schedule_float_ops() -> tvm.transform.Pass:
+    """The pass applying `Elementwise` then `RowReduction` to unscheduled PrimFuncs."""
+    return dl.ApplyDefaultSchedule(Elementwise(), RowReduction())
+
+
+def unscheduled(mod: tvm.IRModule) -> list[str]:
+    """Names of the PrimFuncs no rule scheduled (they run as plain single-thread loops)."""
+    return sorted(gv.name_hint for gv, f in mod.functions_items()
+                  if isinstance(f, tirx.PrimFunc) and int(f.attrs.get(SCHEDULED, 0) if f.attrs else 0) != 1)
