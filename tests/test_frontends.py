@@ -12,6 +12,7 @@ So: most images must agree to float32 precision (1e-5: no code flipped), and eve
 import collections
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import tvm
@@ -211,3 +212,26 @@ def test_channel_wise_activations_are_refused():
         with as_custom_ops(model):
             pass
     assert all("forward" not in q.__dict__ for q in quantizers(model).values())
+
+
+class _Bessel(torch.nn.Module):
+    def forward(self, x):
+        return torch.special.bessel_j0(x) + x
+
+
+def test_unsupported_torch_op_is_named():
+    with pytest.raises(ReqError, match=r"unsupported op in the graph: \['special_bessel_j0.default'\]"):
+        export_relax(_Bessel(), [1, 3, 8, 8])
+
+
+def test_unsupported_onnx_op_is_named(tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ReqError, match="unsupported op in the graph: .*NoSuchOp"):
+        import_onnx(str(path))

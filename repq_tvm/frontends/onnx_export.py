@@ -28,6 +28,7 @@ from onnxscript import ir
 from onnxscript import opset21 as op
 from tvm.relax.frontend.onnx import from_onnx
 
+from ..errors import ReqError
 from .normalize import normalize
 from .quant_ops import as_custom_ops
 
@@ -107,4 +108,9 @@ def import_onnx(path: str) -> tvm.IRModule:
     """Import an exported file into the canonical Relax form."""
     model = _drop_zero_pads(onnx.load(path))
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    return normalize(from_onnx(model, shape_dict=shapes))
+    try:
+        mod = from_onnx(model, shape_dict=shapes)
+    except tvm.error.OpNotImplemented as e:  # names the ops TVM has no converter for
+        ops = str(e).split("frontend ONNX:", 1)[-1].strip().splitlines()[0]
+        raise ReqError(f"unsupported op in the graph: {ops} (no TVM Relax ONNX converter)") from None
+    return normalize(mod)

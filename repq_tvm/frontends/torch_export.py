@@ -55,7 +55,13 @@ def export_program(model: torch.nn.Module, input_shape) -> torch.export.Exported
 
 def export_relax(model: torch.nn.Module, input_shape) -> tvm.IRModule:
     """Import a calibrated model into the canonical Relax form (weights bound as constants)."""
-    mod = from_exported_program(export_program(model, input_shape), keep_params_as_input=False,
-                                unwrap_unit_return_tuple=True, custom_convert_map=CONVERT_MAP,
-                                run_ep_decomposition=False)
+    program = export_program(model, input_shape)
+    try:
+        mod = from_exported_program(program, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+                                    custom_convert_map=CONVERT_MAP, run_ep_decomposition=False)
+    except AssertionError as e:  # TVM asserts on ops it has no converter for, and lists them
+        if "Unsupported function types" not in str(e):
+            raise
+        ops = str(e).split("Unsupported function types", 1)[1].strip()
+        raise ReqError(f"unsupported op in the graph: {ops} (no TVM Relax converter)") from None
     return normalize(mod)
