@@ -4,6 +4,7 @@
     2. integer passes  each rewrites one quantized pattern into a scheduled integer kernel:
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
                          patch_embed       stride = kernel conv     → qdense on patch rows
+                         quantized_qk      q @ kᵀ (softmax scale)   → int16 batched matmul (vpmaddwd)
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time)
     4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
                        float kernels (`float_schedules`)
@@ -24,11 +25,13 @@ from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
+from .quantized_qk import LowerQuantizedQK
 
 # (IR dump name, pass class taking the target, compile-stats key counting its rewrites), in order
 INTEGER_PASSES = (
     ("integer-linear", LowerQuantizedLinear, "integer_linears"),
     ("integer-patch-embed", LowerPatchEmbed, "integer_patch_embeds"),
+    ("integer-qk", LowerQuantizedQK, "integer_qk"),
 )
 
 

@@ -1,0 +1,182 @@
+"""Lower attention logits ``q @ k^T`` of two layer-wise quantized activations to one integer kernel.
+
+Matches, in the canonical form (see `repq_tvm.frontends`):
+
+    k̂ᵀ = dequantize(clip(quantize(permute_dims(k, [.., -1, -2]), s_k, z_k)), s_k, z_k)   [.., D, N]
+    q̂  = dequantize(q_codes, s_q, z_q)                                                  [.., M, D]
+    y  = matmul(q̂, k̂ᵀ)  [· c]                                   scalar scales/zps, non-constant codes
+
+and emits one call of the scheduled `repq_tvm.kernels.qbmm` kernel: acc = Σ_d (q − z_q)(k − z_k)
+exactly in int32, y = float(acc)·(s_q·s_k·c).  The k side is followed back through its quantize/clip
+to the transpose: they are elementwise with scalar parameters, so quantizing k itself gives the same
+codes in row layout [.., N, D] (without a transpose the kernel reads the [.., D, N] codes as they are).
+A following ``multiply(y, scalar const)`` (the softmax scale) is folded into the kernel's scale when y
+has no other use.  attn @ V (its left operand is a log quantizer, not a dequantize) and linears
+(constant codes) are left alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..relax_util import const_array as _const
+from ..relax_util import follow, rewrite_functions
+from ..relax_util import is_op as _is_op
+
+_ELEMENTWISE = ("relax.clip", "relax.quantize")  # commute with a transpose when their parameters are scalars
+
+
+def _static_shape(expr) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _scalar(expr) -> float | None:
+    value = _const(expr)
+    return None if value is None or value.size != 1 else value.reshape(()).item()
+
+
+def _uses(func: relax.Function) -> dict:
+    """How often each variable is read in `func` (bindings and the function result)."""
+    uses: dict = {}
+
+    def count(e):
+        if isinstance(e, relax.Var):
+            uses[e] = uses.get(e, 0) + 1
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, count)
+    relax.analysis.post_order_visit(func.body.body, count)
+    return uses
+
+
+def qbmm_call(bb: relax.BlockBuilder, a, b, z_a: int, z_b: int, scale: float, target, kernels: dict,
+              b_layout: str = "nd") -> relax.Expr:
+    """Emit the kernel on uint8 codes a [.., M, D] and b [.., N, D] ("nd") or [.., D, N] ("dn").
+
+    Returns the float32 [.., M, N] expression (not yet emitted).  `kernels` caches one PrimFunc per
+    shape and layout: zero points and scale are run-time operands, so same-shape layers share it.
+    """
+    from ..kernels.qbmm import qbmm_primfunc
+
+    a_shape, b_shape = _static_shape(a), _static_shape(b)
+    lead, (m, d) = a_shape[:-2], a_shape[-2:]
+    n = b_shape[-2] if b_layout == "nd" else b_shape[-1]
+    bt = int(np.prod(lead, dtype=np.int64))
+    key = (bt, m, n, d, b_layout)
+    if key not in kernels:
+        func, name = qbmm_primfunc(bt, m, n, d, target, b_layout=b_layout)
+        kernels[key] = bb.add_func(func, name)
+    if len(lead) != 1:
+        a = bb.emit(relax.op.reshape(a, [bt, m, d]))
+        b = bb.emit(relax.op.reshape(b, [bt, *b_shape[-2:]]))
+    params = [relax.const(np.array([z_a, z_b], np.int32)), relax.const(np.array([scale], np.float32))]
+    out = relax.call_tir(kernels[key], [a, b, *params], relax.TensorType((bt, m, n), "float32"))
+    return out if len(lead) == 1 else relax.op.reshape(bb.emit(out), [*lead, m, n])
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, target):
+        super().__init__(mod)
+        self.target, self.rewritten = target, 0
+        self.mult_of, self.mult_source, self.fused, self.kernels = {}, {}, set(), {}
+
+    def _dequant(self, expr):
+        """(codes, scale, zero point) of a layer-wise dequantize of non-constant uint8 codes, else None."""
+        dq = follow(self, expr)
+        if not _is_op(dq, "relax.dequantize") or _const(dq.args[0]) is not None:
+            return None
+        s, z = _scalar(dq.args[1]), _scalar(dq.args[2])
+        codes = dq.args[0]
+        if s is None or z is None or codes.ty.dtype != "uint8" or dq.ty.dtype != "float32":
+            return None
+        return codes, float(s), int(z)
+
+    def _match(self, call):
+        if not _is_op(call, "relax.matmul") or call.ty.dtype != "float32":
+            return None
+        qa, qb = self._dequant(call.args[0]), self._dequant(call.args[1])
+        if qa is None or qb is None:
+            return None
+        sa, sb = _static_shape(qa[0]), _static_shape(qb[0])
+        if sa is None or sb is None or len(sa) < 3 or len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
+            return None
+        return qa, qb
+
+    def _row_codes(self, codes):
+        """k codes [.., N, D] rebuilt below the transpose, or None if there is no transpose to undo."""
+        chain, expr = [], follow(self, codes)
+        while any(_is_op(expr, name) for name in _ELEMENTWISE):
+            if _is_op(expr, "relax.quantize") and any(_scalar(p) is None for p in expr.args[1:]):
+                return None
+            chain.append(expr)
+            expr = follow(self, expr.args[0])
+        if not chain or not _is_op(expr, "relax.permute_dims") or expr.attrs.axes is None:
+            return None
+        rank = len(_static_shape(codes))
+        if [int(a) for a in expr.attrs.axes] != [*range(rank - 2), rank - 1, rank - 2]:
+            return None
+        out = expr.args[0]
+        for op in reversed(chain):
+            out = self.builder_.emit(relax.Call(op.op, [out, *op.args[1:]], op.attrs))
+        return out
+
+    def plan_scale_fusion(self, func: relax.Function) -> None:
+        """Find `multiply(matmul_var, scalar const)` whose matmul has no other use: its factor goes into the kernel."""
+        values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        uses = _uses(func)
+        for var, value in values.items():
+            if not _is_op(value, "relax.multiply") or value.ty.dtype != "float32":
+                continue
+            for x, c in (value.args, value.args[::-1]):
+                factor = _scalar(c)
+                if (isinstance(x, relax.Var) and _is_op(values.get(x), "relax.matmul") and uses.get(x) == 1
+                        and factor is not None and _static_shape(value) == _static_shape(x)):
+                    self.mult_of[x], self.mult_source[var] = float(factor), x
+                    break
+
+    def visit_var_binding_(self, binding):
+        self._current = binding.var
+        super().visit_var_binding_(binding)
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        current = getattr(self, "_current", None)
+        if self.mult_source.get(current) in self.fused and _is_op(call, "relax.multiply"):
+            return next(a for a in call.args if _scalar(a) is None)  # the kernel already scaled it
+        parts = self._match(call)
+        if parts is None:
+            return call
+        (a, s_a, z_a), (b, s_b, z_b) = parts
+        factor = self.mult_of.get(current)
+        if factor is not None:
+            self.fused.add(current)
+        rows = self._row_codes(b)
+        scale = s_a * s_b * (1.0 if factor is None else factor)
+        self.rewritten += 1
+        return qbmm_call(self.builder_, a, b if rows is None else rows, z_a, z_b, scale, self.target,
+                         self.kernels, "dn" if rows is None else "nd")
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerQuantizedQK")
+class LowerQuantizedQK:
+    """Quantized q @ kᵀ (dequantize · dequantize of activations) [· scalar] → integer `repq_qbmm` kernel."""
+
+    def __init__(self, target):
+        self.target, self.rewritten = target, 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _Rewriter(mod, self.target)
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                rewriter.plan_scale_fusion(func)
+        out = rewrite_functions(rewriter, mod)
+        self.rewritten = rewriter.rewritten
+        return relax.transform.DeadCodeElimination()(out)
