@@ -23,6 +23,7 @@ import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 
+from ..relax_util import scheduled_kernel
 from .intrinsics_x86 import i16_intrin, register_intrinsics
 from .packing import ceil_to
 from .qdense import QDense, as_target, target_has
@@ -148,7 +149,7 @@ def qbmm_primfunc(Bt: int, M: int, N: int, D: int, target, *, b_layout: str = "n
     """The scheduled PrimFunc (``main(A, B, zp, scale, out)``, marked scheduled) and a unique name for it."""
     sch, variant = schedule_qbmm(Bt, M, N, D, target, b_layout=b_layout)
     name = f"repq_qbmm_{variant}_{Bt}x{M}x{N}x{D}_{b_layout}"
-    func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tir.is_scheduled", True)
+    func = scheduled_kernel(sch, name)
     return func, name
 
 

@@ -23,6 +23,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ..relax_util import const_array as _const
 from ..relax_util import follow, rewrite_functions
 from ..relax_util import is_op as _is_op
+from ..relax_util import scheduled_kernel
 
 def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
@@ -51,7 +52,7 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
     if key not in kernels:
         sch, v, _ = schedule_qdense(m, n, k, target, bits_a=bits_a, bits_w=key[-1], epilogue=True)
         name = f"repq_qdense_{v.name}_{m}x{n}x{k}_a{bits_a}w{key[-1]}"
-        func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+        func = scheduled_kernel(sch, name)
         kernels[key] = (bb.add_func(func, name), v)
     gv, v = kernels[key]
     if v.w_dtype == "int8" and (w.min() < -128 or w.max() > 127):
