@@ -5,6 +5,7 @@
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
                          patch_embed       stride = kernel conv     → qdense on patch rows
                          quantized_qk      q @ kᵀ (softmax scale)   → int16 batched matmul (vpmaddwd)
+                         log2_attention    log√2 codes, attn @ V    → integer exponents, shift-and-add of V
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time)
     4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
                        float kernels (`float_schedules`)
@@ -23,6 +24,7 @@ import tvm
 from ..frontends import lower_log_quant
 from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
+from .log2_attention import LowerLog2Attention
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
 from .quantized_qk import LowerQuantizedQK
@@ -32,6 +34,7 @@ INTEGER_PASSES = (
     ("integer-linear", LowerQuantizedLinear, "integer_linears"),
     ("integer-patch-embed", LowerPatchEmbed, "integer_patch_embeds"),
     ("integer-qk", LowerQuantizedQK, "integer_qk"),
+    ("log2-attention", LowerLog2Attention, "shift_attention"),
 )
 
 

@@ -1,0 +1,87 @@
+"""TVM log√2 shift attention ``attn @ V`` (integer shifts, `kernels.shift_attention`) vs torch fp32 ``matmul``.
+
+Why: the shift kernel replaces the float matmul of attention's second product; it only pays off if it is not
+much slower.  Shapes (Bt = batch·heads, M = N = tokens, D = head dim): DeiT-S at 224 px and the ViT fixture.
+Timed in one process, interleaved round by round (the machine is shared), same thread count for TVM and
+torch; each TVM result is checked bit for bit against `reference.ops.log2_attn_v` first.
+
+    TVM_NUM_THREADS=1 python benchmarks/kernel_attn_v.py
+    python benchmarks/kernel_attn_v.py --threads 2 --shapes 6x197x197x64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+SHAPES = [(6, 197, 197, 64), (4, 65, 65, 32)]  # DeiT-Small heads (batch 1), ViT fixture heads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("TVM_NUM_THREADS", 1)))
+    ap.add_argument("--bits", type=int, default=4, help="bits of the log codes (default 4)")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds; median and min are reported")
+    ap.add_argument("--shapes", nargs="*", help="BtxMxNxD, default: DeiT-S and the ViT fixture")
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
+
+    import numpy as np
+    import torch
+
+    from repq_tvm import targets
+    from repq_tvm.kernels.shift_attention import build_shift_attention, kernel_codes
+    from repq_tvm.reference import ops
+
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    target = dict(targets.load("host")["tvm_target"], **{"num-cores": args.threads})  # what `compile` uses
+    rng = np.random.default_rng(0)
+
+    def timed(fn, number):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - t0) / number
+
+    print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={target.get('mcpu', target.get('mtriple'))}, {args.bits}-bit codes, "
+          f"{args.rounds} interleaved rounds, ms per call (median / min)")
+    print(f"{'Bt x M x N x D':>18s}{'shift log√2':>18s}{'shift log2':>18s}{'torch fp32':>18s}"
+          f"{'log√2/torch':>13s}{'log2/torch':>12s}")
+    for bt, m, n, d in shapes:
+        f = ops.frac_bits(n)
+        runs = []
+        for sqrt2 in (True, False):
+            kern = build_shift_attention(bt, m, n, d, target, sqrt2=sqrt2, epilogue=False)
+            # codes of a softmax of random logits: realistic spread of shifts and dead entries
+            logits = rng.standard_normal((bt, m, n)).astype(np.float32) * 3
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            codes, dead = ops.log_sqrt2_codes(p, p.max(), args.bits)
+            if not sqrt2:
+                codes //= 2
+            v = rng.integers(0, 2 ** args.bits, (bt, n, d)).astype(np.uint8)
+            z_v = 2 ** (args.bits - 1)
+            call = kern.args(kernel_codes(codes, dead), v, z_v)
+            fn = kern.function()
+            fn(*call)
+            ref = ops.log2_attn_v(codes if sqrt2 else 2 * codes, dead, v, z_v, f)
+            assert np.array_equal(call[-1].numpy(), ref), f"{bt}x{m}x{n}x{d} sqrt2={sqrt2} not exact"
+            runs.append(lambda fn=fn, call=call: fn(*call))
+        a, b = torch.rand(bt, m, n), torch.randn(bt, n, d)
+        runs.append(lambda: torch.matmul(a, b))
+        number = max(1, int(2e7 / (bt * m * n * d)))  # ~1 ms per measurement
+        times = [[] for _ in runs]
+        for _ in range(args.rounds):
+            for i, fn in enumerate(runs):
+                times[i].append(timed(fn, number))
+        med = [float(np.median(t)) * 1e3 for t in times]
+        low = [float(np.min(t)) * 1e3 for t in times]
+        row = f"{f'{bt}x{m}x{n}x{d}':>18s}" + "".join(f"{md:10.3f} /{lo:6.3f}" for md, lo in zip(med, low))
+        row += f"{med[0] / med[2]:12.2f}x{med[1] / med[2]:11.2f}x"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
