@@ -107,10 +107,11 @@ def cmd_evaluate(args) -> dict:
 
 def cmd_compile(args) -> dict:
     from . import calibrated, targets
-    from .deploy import artifact
+    from .deploy import artifact, cross
     from .passes.pipeline import compile_model
 
     preset = targets.load(args.target)
+    fcompile = cross.fcompile_for(preset)  # None for the host; checked before the slow compile
     cm = calibrated.load(args.calibrated)
     shape = [args.batch, *cm.preprocessing["input_size"]]
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -118,7 +119,7 @@ def cmd_compile(args) -> dict:
     fields = {"model": cm.arch["name"], "w_bits": cm.config.w_bits, "a_bits": cm.config.a_bits,
               "method": cm.info.get("method"), "target": preset, "input_shape": shape,
               "preprocessing": cm.preprocessing, "classes": _class_names(cm.arch), "compile": stats}
-    artifact.write(args.output, executable, fields)
+    artifact.write(args.output, executable, fields, fcompile=fcompile)
     result = {"output": args.output, "target": preset["name"], **stats}
     print(json.dumps(result) if args.json else f"wrote {args.output} for {preset['name']} "
           f"({stats['integer_linears']} integer linear kernels, {stats['compile_seconds']} s)")

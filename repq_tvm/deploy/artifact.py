@@ -2,7 +2,8 @@
 
     DIR/model.so        the Relax VM executable (exported library)
     DIR/manifest.json   model, bits, target preset, input shape, preprocessing, class names, TVM
-                        version, and the SHA-256 of every other file
+                        version, how the library was linked (cross-compiled or not), and the SHA-256
+                        of every other file
 
 Loading checks the manifest's format, every file hash (a tampered or truncated file is refused) and
 that this machine can run the target the library was built for.
@@ -16,6 +17,7 @@ import os
 import platform
 
 from ..errors import ReqError, read_json
+from . import cross
 
 FORMAT = "repq-tvm-artifact"
 VERSION = 1
@@ -32,14 +34,20 @@ def sha256(path: str) -> str:
 
 
 def write(out_dir: str, executable, fields: dict, fcompile=None) -> str:
-    """Export `executable` into out_dir with a manifest holding `fields` plus hashes; returns the manifest path."""
+    """Export `executable` into out_dir with a manifest holding `fields` plus hashes; returns the manifest path.
+
+    `fcompile` links the library (None: the host compiler); one from `cross.fcompile_for` is recorded in the
+    manifest's "build" entry as cross-compiled, with the compiler's name and version.
+    """
     import tvm
 
+    if fcompile is None and "target" in fields:
+        fcompile = cross.fcompile_for(fields["target"])  # never link a foreign-architecture library with the host gcc
     os.makedirs(out_dir, exist_ok=True)
     lib_path = os.path.join(out_dir, LIBRARY)
     executable.export_library(lib_path, fcompile=fcompile) if fcompile else executable.export_library(lib_path)
     manifest = {"format": FORMAT, "version": VERSION, **fields, "tvm_version": tvm.__version__,
-                "library": LIBRARY, "files": {LIBRARY: sha256(lib_path)}}
+                "build": cross.build_info(fcompile), "library": LIBRARY, "files": {LIBRARY: sha256(lib_path)}}
     path = os.path.join(out_dir, MANIFEST)
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)

@@ -1,0 +1,116 @@
+"""Run a repq-tvm artifact on the device: the one file to copy next to the artifact folder.
+
+    python3 device_run.py ART_DIR INPUT.npy OUTPUT.npy
+
+INPUT.npy holds preprocessed float32 images [N, 3, H, W] (any N: split into the compiled batch size, the last
+batch zero-padded); OUTPUT.npy gets the float32 logits [N, classes]. One JSON line on stdout reports the
+machine, TVM version and timings. Needs only Python 3, NumPy and the TVM runtime wheel: no repq_tvm, no
+PyTorch. Before loading it checks the manifest's format, the SHA-256 of model.so and that the library was built
+for this machine's architecture. Errors: one line on stderr, exit code 2.
+
+Deliberately independent of the repq_tvm package (it is not installed on devices); the checks mirror
+repq_tvm/deploy/artifact.py (FORMAT, VERSION) and the batching mirrors repq_tvm/deploy/runtime.py.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+
+FORMAT = "repq-tvm-artifact"
+VERSION = 1
+_ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
+
+
+class DeviceError(Exception):
+    pass
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(art_dir, verify=True):
+    path = os.path.join(art_dir, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"{art_dir} is not a repq-tvm artifact ({path}: {exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DeviceError(f"{path} is not a version-{VERSION} repq-tvm artifact manifest")
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            fpath = os.path.join(art_dir, name)
+            if not os.path.isfile(fpath):
+                raise DeviceError(f"artifact file missing: {fpath}")
+            if _sha256(fpath) != digest:
+                raise DeviceError(f"artifact file {fpath} does not match its SHA-256 in the manifest")
+    triple = manifest["target"]["tvm_target"].get("mtriple", "")
+    machine = platform.machine().lower()
+    if triple and _ARCH_ALIASES.get(machine, machine) != triple.split("-")[0]:
+        raise DeviceError(f"artifact was built for {manifest['target']['name']} ({triple}); this machine is {machine}")
+    return manifest
+
+
+def run(art_dir, x, verify=True):
+    """Logits for images x [N, 3, H, W]; returns (logits, info)."""
+    import numpy as np
+
+    t0 = time.time()
+    manifest = read_manifest(art_dir, verify)
+    import tvm
+    from tvm import relax
+
+    shape = tuple(manifest["input_shape"])
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape[1:]:
+        raise DeviceError(f"input shape {tuple(x.shape)} does not match the artifact's [N, {', '.join(map(str, shape[1:]))}]")
+    lib = tvm.runtime.load_module(os.path.join(art_dir, manifest["library"]))
+    main = relax.VirtualMachine(lib, tvm.cpu())["main"]  # one lookup: each costs milliseconds
+    t1 = time.time()
+    b, outs = shape[0], []
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    for i in range(0, len(x), b):
+        chunk = x[i:i + b]
+        pad = b - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+        outs.append(main(tvm.runtime.tensor(chunk)).numpy()[: b - pad])
+    logits = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    info = {"machine": platform.machine(), "tvm_version": tvm.__version__, "images": len(x),
+            "load_seconds": round(t1 - t0, 2), "run_seconds": round(time.time() - t1, 2)}
+    return logits, info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="device_run.py", description="Run a repq-tvm artifact on a .npy image batch.")
+    p.add_argument("artifact", help="artifact folder (model.so + manifest.json)")
+    p.add_argument("input", help=".npy file: preprocessed float32 images [N, 3, H, W]")
+    p.add_argument("output", help=".npy file to write the float32 logits [N, classes] to")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of model.so")
+    args = p.parse_args(argv)
+    try:
+        import numpy as np
+
+        try:
+            x = np.load(args.input, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DeviceError(f"cannot read {args.input}: {exc}") from None
+        logits, info = run(args.artifact, x, verify=not args.no_verify)
+        np.save(args.output, logits.astype(np.float32))
+    except DeviceError as exc:
+        print(f"device_run: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
