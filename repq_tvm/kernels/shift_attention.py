@@ -3,21 +3,25 @@
 Computes exactly `repq_tvm.reference.ops.log2_attn_v` for a batch of heads:
 
     inputs   C  int32 [Bt, M, N]  log codes c ∈ [0, 2^b − 1], or −1 where the entry is dead (underflow, p = 0)
-             V  uint8 [Bt, N, D]  V codes, zero point zp[0] (int32 [1]), layer-wise
-    per n    s = ⌈c/2⌉ (log√2) or c (plain log2); dead also when s > F + 8 (only the sign would be left)
+             V  uint8 [Bt, N, D]  b-bit V codes in [0, 2^b − 1] (b = v_bits), zero point zp[0] ∈ [0, 2^b − 1]
+                                  (int32 [1]), layer-wise
+    per n    s = ⌈c/2⌉ (log√2) or c (plain log2); dead also when s > F + b (only the sign would be left)
     acc      S_p[m, d] = Σ_{n alive, c ≡ p mod 2} ((v − z)·2^F) >> s   (int32; arithmetic shift = floor)
-             acc = S_0 + ((S_1 · SQRT2_FIXED) >> SQRT2_Q)                  (int64, once per output)
+             acc = S_0 + ((S_1 · SQRT2_FIXED + 2^(Q−1)) >> Q)          (int64, once per output; Q = SQRT2_Q)
     out      float32(acc) · scale[0],  scale = s_attn · s_v / 2^F           (or the int32 acc itself)
+
+F = `frac_bits(N, b)` by default: the largest F for which the sums below cannot wrap (`check_frac_bits`).
 
 How it is fast without tuning (inner step per (row m, token n, 8 lanes of d): 2 shifts + 2 adds, no masks):
 
-- Biased V.  u = (v − z + 256)·2^F = Vz + 2^K with K = F + 8 is never negative and below 2^(F+9), and for every
-  shift s ≤ K, (Vz + 2^K) >> s = (Vz >> s) + 2^(K−s) exactly (2^K/2^s is an integer).  So the kernel sums
-  logical shifts of u and subtracts the per-row correction Σ 2^(K−s) (a scalar per (m, parity), not per d).
-  A dead entry, or an entry of the other parity, gets shift K + 1: u >> (K+1) = 0, so it adds nothing.  No
-  select or mask per element, no shift count ≥ 32 (LLVM poison).  Sums are uint32 and never wrap (TVM emits
-  `add nuw`): Σ_n u ≤ N·511·2^F < 2^32 for F = `frac_bits(N)` (`check_frac_bits`); the true S_p fits int32, so
-  the difference taken in int64 in the epilogue is exact.
+- Biased V.  With K = F + b, u = (v − z + 2^b)·2^F = Vz·2^F + 2^K lies in [2^F, (2^(b+1) − 1)·2^F] (never
+  negative, below 2^(K+1)), and for every shift s ≤ K, (Vz·2^F + 2^K) >> s = ((Vz·2^F) >> s) + 2^(K−s) exactly
+  (2^K/2^s is an integer).  So the kernel sums logical shifts of u and subtracts the per-row correction
+  Σ 2^(K−s) (a scalar per (m, parity), not per d).  A dead entry, or an entry of the other parity, gets shift
+  K + 1: u >> (K+1) = 0, so it adds nothing.  No select or mask per element, no shift count ≥ 32 (LLVM
+  poison: K + 1 ≤ 31).  Sums are uint32 and never wrap (TVM emits `add nuw`): Σ_n u ≤ N·(2^(b+1) − 1)·2^F
+  < 2^32 and the correction Σ_n 2^(K−s) ≤ N·2^K is smaller (`check_frac_bits`); the true S_p and acc fit int32
+  (see `frac_bits`), so the difference taken in int64 in the epilogue is exact.
 - Per row tile the shift counts of the tile's rows (both parities) are computed once into a small table; the
   inner loop broadcasts one count per (m, n, parity) to all lanes (LLVM: one vpsrld by an xmm count).
 - Register tile of `rows` rows × 2 parities × `vecs` vectors of `lanes` uint32 accumulators, kept in
@@ -59,23 +63,27 @@ def vector_lanes(target) -> int:
     return 4
 
 
-def check_frac_bits(n: int, f: int) -> None:
-    """Refuse F where the biased uint32 sums could wrap: Σ_n u ≤ N·511·2^F must stay below 2^32."""
-    if not 0 <= f <= 22 or n * 511 * (1 << f) >= 1 << 32:
-        raise ValueError(f"F={f} fractional bits overflow the uint32 sums for {n} tokens (use frac_bits({n}))")
+def check_frac_bits(n: int, f: int, v_bits: int = 8) -> None:
+    """Refuse F where the sums could wrap: Σ_n u ≤ N·(2^(b+1) − 1)·2^F must stay below 2^32 (which keeps the true
+    sums and acc in int32 for F ≥ 1, see `frac_bits`), and the dead shift F + b + 1 below 32."""
+    if not 1 <= v_bits <= 8:
+        raise ValueError(f"V codes of {v_bits} bits")
+    if not 1 <= f <= 30 - v_bits or max(n, 2) * ((2 << v_bits) - 1) * (1 << f) >= 1 << 32:
+        raise ValueError(f"F={f} fractional bits overflow the uint32 sums for {n} tokens of {v_bits}-bit V "
+                         f"(use frac_bits({n}, {v_bits}))")
 
 
 # --- compute -------------------------------------------------------------------------------------
 def shift_attention(Bt: int, M: int, N: int, D: int, *, sqrt2: bool = True, f: int | None = None,
-                    lanes: int = 8, m_tile: int = 1, epilogue: bool = True) -> list[te.Tensor]:
+                    v_bits: int = 8, lanes: int = 8, m_tile: int = 1, epilogue: bool = True) -> list[te.Tensor]:
     """TE compute ``[C, V, zp, scale, out]`` (``[C, V, zp, out]`` int32 acc when ``epilogue`` is False).
 
     Rows are computed up to a multiple of ``m_tile`` (clamped row index, extra rows never stored) and d up
     to a multiple of ``lanes`` (clamped column), so the register tile has no tail predicate.
     """
-    f = frac_bits(N) if f is None else f
-    check_frac_bits(N, f)
-    big = f + 8  # K: Vz + 2^K ≥ 0
+    f = frac_bits(N, v_bits) if f is None else f
+    check_frac_bits(N, f, v_bits)
+    big = f + v_bits  # K: Vz·2^F + 2^K ≥ 2^F
     dead_shift = big + 1  # u >> (K + 1) == 0 for every u
     parities = 2 if sqrt2 else 1
     m_p, d_p = ceil_to(M, m_tile), ceil_to(D, lanes)
@@ -87,7 +95,7 @@ def shift_attention(Bt: int, M: int, N: int, D: int, *, sqrt2: bool = True, f: i
 
     U = te.compute(
         (Bt, N, d_p),
-        lambda b, n, d: ((V[b, n, col(d)].astype("int32") + (256 - zp[0])) << f).astype("uint32"),
+        lambda b, n, d: (V[b, n, col(d)].astype("int32") + ((1 << v_bits) - zp[0])).astype("uint32") << f,
         name="U",
     )
 
@@ -119,7 +127,8 @@ def shift_attention(Bt: int, M: int, N: int, D: int, *, sqrt2: bool = True, f: i
         if not sqrt2:
             return s_even.astype("int32")
         s_odd = acc[b, m, 1, d].astype("int64") - corr[b, m, 1].astype("int64")
-        return (s_even + ((s_odd * tvm.tirx.const(SQRT2_FIXED, "int64")) >> SQRT2_Q)).astype("int32")
+        half = tvm.tirx.const(1 << (SQRT2_Q - 1), "int64")
+        return (s_even + ((s_odd * tvm.tirx.const(SQRT2_FIXED, "int64") + half) >> SQRT2_Q)).astype("int32")
 
     # res: the padded [m_p, d_p] result (no tail predicate in the tile); out keeps the valid part
     if epilogue:
@@ -161,17 +170,17 @@ def row_groups(tiles: int) -> int:
 
 
 def schedule_shift_attention(Bt: int, M: int, N: int, D: int, target=X86_AVX2_TARGET, *, sqrt2: bool = True,
-                             f: int | None = None, epilogue: bool = True,
+                             f: int | None = None, v_bits: int = 8, epilogue: bool = True,
                              tiles: tuple[int, int] | None = None) -> tuple[Schedule, dict]:
-    """The scheduled kernel for ``target`` (not compiled) and its parameters {lanes, rows, vecs, f}."""
+    """The scheduled kernel for ``target`` (not compiled) and its parameters {lanes, rows, vecs, f, v_bits}."""
     lanes = vector_lanes(target)
     rows, vecs = tiles or default_tiles(M, D, lanes, sqrt2)
     n_vec = ceil_to(D, lanes) // lanes
     if n_vec % vecs:
         raise ValueError(f"{vecs} vectors per tile must divide the {n_vec} vectors of D={D}")
-    f = frac_bits(N) if f is None else f
-    func = te.create_prim_func(shift_attention(Bt, M, N, D, sqrt2=sqrt2, f=f, lanes=lanes, m_tile=rows,
-                                               epilogue=epilogue))
+    f = frac_bits(N, v_bits) if f is None else f
+    func = te.create_prim_func(shift_attention(Bt, M, N, D, sqrt2=sqrt2, f=f, v_bits=v_bits, lanes=lanes,
+                                               m_tile=rows, epilogue=epilogue))
     sch = Schedule(func)
 
     # tasks: (Bt, row group), parallel; each computes u of its head, then its row tiles one after another
@@ -203,24 +212,24 @@ def schedule_shift_attention(Bt: int, M: int, N: int, D: int, target=X86_AVX2_TA
     sch.vectorize(al)  # before decompose_reduction: vectorize wants the whole reduction block
     init = sch.decompose_reduction(acc, n)
     sch.vectorize(sch.get_loops(init)[-1])
-    return sch, {"lanes": lanes, "rows": rows, "vecs": vecs, "f": f}
+    return sch, {"lanes": lanes, "rows": rows, "vecs": vecs, "f": f, "v_bits": v_bits}
 
 
 # --- build ---------------------------------------------------------------------------------------
-def kernel_name(Bt: int, M: int, N: int, D: int, sqrt2: bool, f: int, lanes: int) -> str:
-    return f"repq_shift_attn_{'sqrt2' if sqrt2 else 'log2'}_l{lanes}_{Bt}x{M}x{N}x{D}_f{f}"
+def kernel_name(Bt: int, M: int, N: int, D: int, sqrt2: bool, f: int, lanes: int, v_bits: int = 8) -> str:
+    return f"repq_shift_attn_{'sqrt2' if sqrt2 else 'log2'}_l{lanes}_{Bt}x{M}x{N}x{D}_v{v_bits}_f{f}"
 
 
 def shift_attention_primfunc(Bt: int, M: int, N: int, D: int, target, *, sqrt2: bool = True,
-                             f: int | None = None) -> tuple[tvm.tirx.PrimFunc, str]:
+                             f: int | None = None, v_bits: int = 8) -> tuple[tvm.tirx.PrimFunc, str]:
     """The scheduled PrimFunc ``main(C, V, zp, scale, out)`` (marked scheduled) and a unique name for it.
 
-    C int32 [Bt, M, N] codes (−1 dead), V uint8 [Bt, N, D], zp int32 [1] (z_v), scale float32 [1]
+    C int32 [Bt, M, N] codes (−1 dead), V uint8 [Bt, N, D] `v_bits`-bit codes, zp int32 [1] (z_v), scale float32 [1]
     (s_attn·s_v/2^F), out float32 [Bt, M, D].  Zero point and scale are run-time operands: layers of the
     same shape share the kernel.
     """
-    sch, params = schedule_shift_attention(Bt, M, N, D, target, sqrt2=sqrt2, f=f)
-    name = kernel_name(Bt, M, N, D, sqrt2, params["f"], params["lanes"])
+    sch, params = schedule_shift_attention(Bt, M, N, D, target, sqrt2=sqrt2, f=f, v_bits=v_bits)
+    name = kernel_name(Bt, M, N, D, sqrt2, params["f"], params["lanes"], v_bits)
     func = scheduled_kernel(sch, name)
     return func, name
 
@@ -244,8 +253,16 @@ class ShiftAttention:
     def f(self) -> int:
         return self.params["f"]
 
+    @property
+    def v_bits(self) -> int:
+        return self.params["v_bits"]
+
     def args(self, codes, v, z_v: int, scale: float = 1.0) -> list:
-        """Runtime tensors ``[C, V, zp, (scale,) out]`` for NumPy codes (int32, −1 dead) and uint8 V codes."""
+        """Runtime tensors ``[C, V, zp, (scale,) out]`` for NumPy codes (int32, −1 dead) and uint8 V codes
+        (V and z_v must fit `v_bits`: larger ones would make the biased u negative)."""
+        top = (1 << self.v_bits) - 1
+        if not 0 <= z_v <= top or np.asarray(v).max(initial=0) > top:
+            raise ValueError(f"V codes or zero point {z_v} exceed {self.v_bits} bits")
         arrays = [np.ascontiguousarray(codes, np.int32), np.ascontiguousarray(v, np.uint8),
                   np.array([z_v], np.int32)]
         if self.epilogue:
@@ -277,10 +294,11 @@ class ShiftAttention:
 
 
 def build_shift_attention(Bt: int, M: int, N: int, D: int, target=X86_AVX2_TARGET, *, sqrt2: bool = True,
-                          f: int | None = None, epilogue: bool = True,
+                          f: int | None = None, v_bits: int = 8, epilogue: bool = True,
                           tiles: tuple[int, int] | None = None) -> ShiftAttention:
     """Compile `schedule_shift_attention` for ``target`` (same arguments) into a callable `ShiftAttention`."""
-    sch, params = schedule_shift_attention(Bt, M, N, D, target, sqrt2=sqrt2, f=f, epilogue=epilogue, tiles=tiles)
+    sch, params = schedule_shift_attention(Bt, M, N, D, target, sqrt2=sqrt2, f=f, v_bits=v_bits, epilogue=epilogue,
+                                           tiles=tiles)
     exe = tvm.compile(sch.mod, target=as_target(target))
     return ShiftAttention(Bt, M, N, D, sqrt2, epilogue, params, target, exe)
 

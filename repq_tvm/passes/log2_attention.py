@@ -4,13 +4,15 @@ Matches, in the canonical form (see `repq_tvm.frontends`):
 
     â  = call_pure_packed("repq.log_sqrt2_fake_quant" | "repq.log2_fake_quant", p, s (f32 const), b)
     v̂  = dequantize(v_codes, s_v, z_v)                  layer-wise (scalar) s_v / z_v, non-constant uint8 codes
+                                                         (v_codes = clip(quantize(..), 0, 2^b − 1) ⇒ b-bit V)
     y  = matmul(â, v̂)                                    float32, static shapes, rank ≥ 3, same leading dims
 
 and emits
 
     code = round(−m·log2(p / s)), or −1 where it exceeds 2^b − 1 (m = 2 for log√2, 1 for log2), int32,
            from p's exponent and mantissa bits with compile-time thresholds (`code_thresholds`)
-    y    = call_tir(shift kernel, [code, v_codes, z_v, s·s_v/2^F])   leading dims folded into one batch
+    y    = call_tir(shift kernel, [code, v_codes, z_v, s·s_v/2^F])   leading dims folded into one batch,
+           F = frac_bits(N, b): the fewer V bits, the more fractional bits fit the kernel's 32-bit sums
 
 The code computation is one elementwise TE function (TVM fuses it into the softmax loop); −1 marks entries the
 quantizer sends to 0 (underflow, p = 0).  The kernel computes `reference.ops.log2_attn_v` exactly: right
@@ -93,21 +95,36 @@ def log_codes(bb: relax.BlockBuilder, p: relax.Expr, scale: float, bits: int, sq
     return bb.emit_te(compute, p, primfunc_name_hint="log_codes")
 
 
-def shift_attention_call(bb: relax.BlockBuilder, codes: relax.Expr, v: relax.Expr, z_v: int, s_attn: float,
-                         s_v: float, sqrt2: bool, target, kernels: dict) -> relax.Expr:
-    """Emit the kernel on int32 codes [.., M, N] and uint8 V codes [.., N, D]; returns float32 [.., M, D].
+def v_code_bits(codes, z_v: int) -> int:
+    """Bits b such that the V codes and z_v lie in [0, 2^b − 1]: from the canonical clip(q, lo, hi) on the
+    codes (`frontends.canonical.uniform_qdq` emits one when b < 8), else 8 (any uint8)."""
+    hi = 255
+    if _is_op(codes, "relax.clip"):
+        bound = codes.args[2]
+        value = bound.value if hasattr(bound, "value") else bound
+        try:
+            hi = min(255, max(0, int(value)))
+        except (TypeError, ValueError):
+            hi = 255
+    return max(1, int(max(hi, z_v)).bit_length())
 
-    `kernels` caches one PrimFunc per (shape, sqrt2): zero point and scale are run-time operands.
+
+def shift_attention_call(bb: relax.BlockBuilder, codes: relax.Expr, v: relax.Expr, z_v: int, s_attn: float,
+                         s_v: float, sqrt2: bool, target, kernels: dict, v_bits: int = 8) -> relax.Expr:
+    """Emit the kernel on int32 codes [.., M, N] and `v_bits`-bit uint8 V codes [.., N, D]; returns float32
+    [.., M, D].
+
+    `kernels` caches one PrimFunc per (shape, sqrt2, v_bits): zero point and scale are run-time operands.
     """
     from ..kernels.shift_attention import shift_attention_primfunc
 
     c_shape, v_shape = _static_shape(codes), _static_shape(v)
     lead, (m, n), d = c_shape[:-2], c_shape[-2:], v_shape[-1]
     bt = int(np.prod(lead, dtype=np.int64))
-    f = frac_bits(n)
-    key = (bt, m, n, d, sqrt2)
+    f = frac_bits(n, v_bits)
+    key = (bt, m, n, d, sqrt2, v_bits)
     if key not in kernels:
-        func, name = shift_attention_primfunc(bt, m, n, d, target, sqrt2=sqrt2, f=f)
+        func, name = shift_attention_primfunc(bt, m, n, d, target, sqrt2=sqrt2, f=f, v_bits=v_bits)
         kernels[key] = bb.add_func(func, name)
     if len(lead) != 1:
         codes = bb.emit(relax.op.reshape(codes, [bt, m, n]))
@@ -132,14 +149,14 @@ class _Rewriter(PyExprMutator):
         return params
 
     def _dequant(self, expr):
-        """(codes, s_v, z_v) of a layer-wise dequantize of non-constant uint8 codes, else None."""
+        """(codes, s_v, z_v, v_bits) of a layer-wise dequantize of non-constant uint8 codes, else None."""
         dq = follow(self, expr)
         if not _is_op(dq, "relax.dequantize") or _const(dq.args[0]) is not None:
             return None
         s, z, codes = _scalar(dq.args[1]), _scalar(dq.args[2]), dq.args[0]
         if s is None or z is None or codes.ty.dtype != "uint8" or dq.ty.dtype != "float32":
             return None
-        return codes, float(s), int(z)
+        return codes, float(s), int(z), v_code_bits(follow(self, codes), int(z))
 
     def _match(self, call):
         if not _is_op(call, "relax.matmul") or call.ty.dtype != "float32":
@@ -157,10 +174,11 @@ class _Rewriter(PyExprMutator):
         parts = self._match(call)
         if parts is None:
             return call
-        (p, s_attn, bits, sqrt2), (v, s_v, z_v) = parts
+        (p, s_attn, bits, sqrt2), (v, s_v, z_v, v_bits) = parts
         codes = log_codes(self.builder_, p, s_attn, bits, sqrt2)
         self.rewritten += 1
-        return shift_attention_call(self.builder_, codes, v, z_v, s_attn, s_v, sqrt2, self.target, self.kernels)
+        return shift_attention_call(self.builder_, codes, v, z_v, s_attn, s_v, sqrt2, self.target, self.kernels,
+                                    v_bits)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerLog2Attention")

@@ -83,12 +83,13 @@ def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None,
     _dump(dump_dir, 1, "import", mod)
 
     progress("[2/5] lowering quantized ops to integer kernels")
-    for index, (phase, pass_cls, key) in enumerate(INTEGER_PASSES, start=2):
+    index = 2
+    for phase, pass_cls, key in INTEGER_PASSES:
         lower = pass_cls(target)
         mod = lower(mod)
         stats[key] = lower.rewritten
         _dump(dump_dir, index, phase, mod)
-    index += 1
+        index += 1
 
     progress("[3/5] lowering the remaining log quantizers to plain ops")
     mod = lower_log_quant(mod)

@@ -9,10 +9,11 @@ The integer program (issue 3) computes exactly this:
 - q @ kᵀ: int32 Σ_d (q − z_q)·(k − z_k); logits = acc · (s_q·s_k·softmax_scale).
 - post-Softmax log√2 codes: c = clamp(round(−2·log2(p / s)), 0, 2^b − 1), underflow (code > 2^b − 1
   or p = 0) marked as "no contribution".
-- attn @ V as shifts: with Vz = v − z_v and F fractional bits, t_j = (Vz_j · 2^F) >> ⌈c_j/2⌉ (arithmetic
-  shift, i.e. floor), S_even = Σ_{c_j even} t_j, S_odd = Σ_{c_j odd} t_j (int32), then one fixed-point
-  √2 multiply per output: acc = S_even + ((S_odd · SQRT2_Q) >> Q) in int64; out = acc · s_attn·s_v / 2^F.
-  Shifts past F + 8 would leave only the sign bit of t_j: those entries count as underflow too.
+- attn @ V as shifts: with b_v-bit V codes (|Vz| ≤ 2^b_v − 1 for Vz = v − z_v) and F = frac_bits(N, b_v)
+  fractional bits, t_j = (Vz_j · 2^F) >> ⌈c_j/2⌉ (arithmetic shift, i.e. floor), S_even = Σ_{c_j even} t_j,
+  S_odd = Σ_{c_j odd} t_j (int32), then one fixed-point √2 multiply per output, rounded to nearest:
+  acc = S_even + ((S_odd · SQRT2_FIXED + 2^(Q−1)) >> Q) in int64 (int32 range); out = acc · s_attn·s_v / 2^F.
+  Shifts past F + b_v would leave only the sign bit of t_j: those entries count as underflow too.
 """
 
 from __future__ import annotations
@@ -79,18 +80,38 @@ def log_sqrt2_codes(p: np.ndarray, scale, bits: int) -> tuple[np.ndarray, np.nda
     return codes, dead
 
 
-def frac_bits(tokens: int) -> int:
-    """Fractional bits F for the shifted V so that Σ over `tokens` of |Vz|·2^F (|Vz| ≤ 255) fits int32."""
-    return max(0, min(16, 31 - 8 - math.ceil(math.log2(max(tokens, 2)))))
+def frac_bits(tokens: int, v_bits: int = 8) -> int:
+    """The largest F (fractional bits of the shifted V) for which no sum over `tokens` can overflow.
+
+    With |Vz| ≤ 2^b − 1 (b = `v_bits`) the binding limit is the shift kernel's biased uint32 sums,
+    Σ_n (Vz_n + 2^b)·2^F ≤ N·(2^(b+1) − 1)·2^F < 2^32; it implies every int32 quantity of `log2_attn_v`:
+    Σ_n |Vz_n|·2^F ≤ N·(2^b − 1)·2^F < 2^31 − N·2^(F−1) bounds S_even, S_odd and, for F ≥ 1, also the
+    rounded acc (each token adds at most |Vz|·2^F to |acc|, the √2 step at most 1 more).  Also F + b + 1 ≤ 31
+    (the kernel's largest shift count, and 2^(F+b) in uint32).  N < 2 counts as 2.  F = 16 for (65, 8),
+    21 for (65, 4), 15 for (197, 8).
+    """
+    n = max(int(tokens), 2)
+    if not 1 <= v_bits <= 8:
+        raise ValueError(f"V codes of {v_bits} bits")
+    f = min(30 - v_bits, (((1 << 32) - 1) // (n * ((2 << v_bits) - 1))).bit_length() - 1)
+    if f < 1:
+        raise ValueError(f"{tokens} tokens of {v_bits}-bit V leave no fractional bit")
+    return f
 
 
-def log2_attn_v(codes: np.ndarray, dead: np.ndarray, v: np.ndarray, z_v: int, f: int) -> np.ndarray:
-    """Integer attn @ V from log√2 codes [..., M, N] and V codes [..., N, D]; returns acc (int64 array of
-    int32-range values) whose float value is acc · s_attn · s_v / 2^F."""
+def log2_attn_v(codes: np.ndarray, dead: np.ndarray, v: np.ndarray, z_v: int, f: int,
+                v_bits: int = 8) -> np.ndarray:
+    """Integer attn @ V from log√2 codes [..., M, N] and V codes [..., N, D] of `v_bits` bits (v and z_v in
+    [0, 2^v_bits − 1]); returns acc (int64 array of int32-range values) whose float value is
+    acc · s_attn · s_v / 2^F."""
+    top = (1 << v_bits) - 1
+    v = np.asarray(v)
+    assert 0 <= z_v <= top and v.min(initial=0) >= 0 and v.max(initial=0) <= top, f"V codes exceed {v_bits} bits"
     vz = (v.astype(np.int64) - z_v) << f  # [..., N, D]
     shift = (codes.astype(np.int64) + 1) // 2  # ⌈c/2⌉
-    dead = dead | (shift > f + 8)  # |Vz|·2^F < 2^(F+8): larger shifts leave only the sign, so drop them
-    shift = np.minimum(shift, f + 8)
+    # |Vz|·2^F < 2^(F+b_v): larger shifts leave only the sign, so drop them
+    dead = dead | (shift > f + v_bits)
+    shift = np.minimum(shift, f + v_bits)
     odd = (codes % 2 == 1) & ~dead
     even = (codes % 2 == 0) & ~dead
     # t[..., m, n, d] = vz[..., n, d] >> shift[..., m, n]
@@ -98,4 +119,6 @@ def log2_attn_v(codes: np.ndarray, dead: np.ndarray, v: np.ndarray, z_v: int, f:
     s_even = (t * even[..., None]).sum(-2)
     s_odd = (t * odd[..., None]).sum(-2)
     assert max(np.abs(s_even).max(initial=0), np.abs(s_odd).max(initial=0)) < 2 ** 31, "int32 overflow"
-    return s_even + ((s_odd * SQRT2_FIXED) >> SQRT2_Q)
+    acc = s_even + ((s_odd * SQRT2_FIXED + (1 << (SQRT2_Q - 1))) >> SQRT2_Q)
+    assert np.abs(acc).max(initial=0) < 2 ** 31, "int32 overflow"
+    return acc
