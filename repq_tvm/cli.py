@@ -115,7 +115,8 @@ def cmd_compile(args) -> dict:
     cm = calibrated.load(args.calibrated)
     shape = [args.batch, *cm.preprocessing["input_size"]]
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    executable, stats = compile_model(cm.model, shape, preset, dump_dir=args.dump_ir, progress=say)
+    executable, stats = compile_model(cm.model, shape, preset, dump_dir=args.dump_ir, progress=say,
+                                      frontend=args.frontend)
     fields = {"model": cm.arch["name"], "w_bits": cm.config.w_bits, "a_bits": cm.config.a_bits,
               "method": cm.info.get("method"), "target": preset, "input_shape": shape,
               "preprocessing": cm.preprocessing, "classes": _class_names(cm.arch), "compile": stats}
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="artifact folder to write")
     c.add_argument("--batch", type=int, default=1, help="compiled batch size")
     c.add_argument("--dump-ir", help="write the IR after every compiler phase into this folder")
+    c.add_argument("--frontend", choices=("torch", "onnx"), default="torch",
+                   help="import through torch.export (default) or through an exported QDQ ONNX file")
     c.add_argument("--json", action="store_true")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)

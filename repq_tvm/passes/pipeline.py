@@ -1,6 +1,6 @@
 """The whole compiler, in order. Reading this file tells what happens to a calibrated model.
 
-    1. import          calibrated model → canonical fake-quant Relax (torch.export frontend)
+    1. import          calibrated model → canonical fake-quant Relax (torch.export or ONNX frontend)
     2. integer passes  each rewrites one quantized pattern into a scheduled integer kernel:
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
                          patch_embed       stride = kernel conv     → qdense on patch rows
@@ -71,15 +71,30 @@ def lower_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _lower
 
 
-def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None, progress=print):
-    """Compile a calibrated (fake-quant) PyTorch model for `preset`; returns (executable, stats)."""
-    from ..frontends import export_relax
+def import_model(model, input_shape, frontend: str = "torch") -> tvm.IRModule:
+    """The calibrated model in canonical Relax, through torch.export or through an exported QDQ ONNX file."""
+    from .. import frontends
 
+    if frontend == "torch":
+        return frontends.export_relax(model, input_shape)
+    if frontend == "onnx":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            frontends.export_onnx(model, input_shape, path)
+            return frontends.import_onnx(path)
+    raise ValueError(f"frontend must be 'torch' or 'onnx', got {frontend!r}")
+
+
+def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None, progress=print,
+                  frontend: str = "torch"):
+    """Compile a calibrated (fake-quant) PyTorch model for `preset`; returns (executable, stats)."""
     target = tvm_target(preset)
-    stats = {}
+    stats = {"frontend": frontend}
     t0 = time.time()
-    progress("[1/5] importing the calibrated model into Relax")
-    mod = export_relax(model, input_shape)
+    progress(f"[1/5] importing the calibrated model into Relax ({frontend} frontend)")
+    mod = import_model(model, input_shape, frontend)
     _dump(dump_dir, 1, "import", mod)
 
     progress("[2/5] lowering quantized ops to integer kernels")
