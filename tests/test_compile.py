@@ -157,3 +157,27 @@ def test_vnni_artifact_really_uses_vpdpbusd(built, tmp_path):
     asm = subprocess.run(["objdump", "-d", str(art / "model.so")], capture_output=True, text=True, check=True).stdout
     assert asm.count("vpdpbusd") >= 25  # at least one per integer linear kernel shape, unrolled in practice
     assert json.load(open(art / "manifest.json"))["target"]["int8_dot"] == "vnni"
+
+
+@pytest.mark.parametrize("fixture,bits", [("vit_cifar10", 8), ("vit_cifar10", 6), ("swin_cifar10", 8),
+                                          ("swin_cifar10", 4)])
+def test_other_fixtures_and_bit_widths_agree(fixture, bits, tmp_path):
+    """Every integer pass on both fixtures at the other bit widths: same predictions as the calibrated model."""
+    cal, art = str(tmp_path / "m.repq"), str(tmp_path / "art")
+    assert main(["calibrate", "--model", fixture, "--w-bits", str(bits), "--a-bits", str(bits), "-o", cal,
+                 "--quiet"]) == 0
+    assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
+    stats = json.load(open(os.path.join(art, "manifest.json")))["compile"]
+    assert stats["unscheduled_kernels"] == [] or all("mean" in k for k in stats["unscheduled_kernels"])
+    assert stats["integer_qk"] == stats["shift_attention"] == {"vit_cifar10": 6, "swin_cifar10": 6}[fixture]
+    cm, runner = calibrated.load(cal), Runner(art)
+    source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
+    x, _ = load_batch(source, np.arange(300), make_transform(cm.preprocessing))
+    with torch.no_grad():
+        ref = cm.model(x).numpy()
+    out = runner.predict(x.numpy())
+    per_image = np.abs(out - ref).max(1)
+    print(f"{fixture} W{bits}/A{bits}: agreement {(out.argmax(1) == ref.argmax(1)).mean():.3f}, "
+          f"images matching to 1e-4 {(per_image < 1e-4).mean():.3f}")
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert (per_image < 1e-4).mean() >= 0.85
