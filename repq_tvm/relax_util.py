@@ -38,3 +38,60 @@ def rewrite_functions(mutator, mod: tvm.IRModule) -> tvm.IRModule:
 def scheduled_kernel(sch, name: str):
     """The PrimFunc of a hand-made schedule, named `name` and marked scheduled so no default rule redoes it."""
     return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+
+
+def static_shape(expr) -> list[int] | None:
+    """The shape of a tensor expression as ints, or None when it is not fully static."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def scalar_const(expr) -> float | int | None:
+    """The value of a one-element tensor constant, else None."""
+    value = const_array(expr)
+    return None if value is None or value.size != 1 else value.reshape(()).item()
+
+
+def var_uses(func: relax.Function) -> dict:
+    """How often each variable is read in `func` (its bindings and its result)."""
+    uses: dict = {}
+
+    def count(e):
+        if isinstance(e, relax.Var):
+            uses[e] = uses.get(e, 0) + 1
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, count)
+    relax.analysis.post_order_visit(func.body.body, count)
+    return uses
+
+
+def activation_dequant(mutator, expr) -> tuple[relax.Expr, float, int] | None:
+    """(codes, scale, zero point) if `expr` is a layer-wise float32 dequantize of non-constant uint8 codes."""
+    dq = follow(mutator, expr)
+    if not is_op(dq, "relax.dequantize") or const_array(dq.args[0]) is not None:
+        return None
+    s, z, codes = scalar_const(dq.args[1]), scalar_const(dq.args[2]), dq.args[0]
+    if s is None or z is None or codes.ty.dtype != "uint8" or dq.ty.dtype != "float32":
+        return None
+    return codes, float(s), int(z)
+
+
+def batched_matmul_shapes(a, b) -> tuple[list[int], list[int]] | None:
+    """Static shapes of a [.., M, K] and b [.., K, N] with equal leading dims (rank ≥ 3), else None."""
+    sa, sb = static_shape(a), static_shape(b)
+    if sa is None or sb is None or len(sa) < 3 or len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
+        return None
+    return sa, sb
+
+
+def run_rewriter(rewriter, mod: tvm.IRModule, plan=None) -> tvm.IRModule:
+    """`plan(func)` on every Relax function (whole-function analysis first), rewrite, drop dead code."""
+    if plan is not None:
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                plan(func)
+    return relax.transform.DeadCodeElimination()(rewrite_functions(rewriter, mod))

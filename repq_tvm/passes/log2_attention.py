@@ -31,21 +31,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..frontends.canonical import log_call_params
 from ..reference.ops import frac_bits
-from ..relax_util import const_array as _const
-from ..relax_util import follow, rewrite_functions
+from ..relax_util import activation_dequant, batched_matmul_shapes, follow, run_rewriter
 from ..relax_util import is_op as _is_op
-
-
-def _static_shape(expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    return [int(d) for d in shape]
-
-
-def _scalar(expr) -> float | None:
-    value = _const(expr)
-    return None if value is None or value.size != 1 else value.reshape(()).item()
+from ..relax_util import static_shape as _static_shape
 
 
 def code_thresholds(scale: float, sqrt2: bool) -> tuple[int, list[int]]:
@@ -150,13 +138,11 @@ class _Rewriter(PyExprMutator):
 
     def _dequant(self, expr):
         """(codes, s_v, z_v, v_bits) of a layer-wise dequantize of non-constant uint8 codes, else None."""
-        dq = follow(self, expr)
-        if not _is_op(dq, "relax.dequantize") or _const(dq.args[0]) is not None:
+        parts = activation_dequant(self, expr)
+        if parts is None:
             return None
-        s, z, codes = _scalar(dq.args[1]), _scalar(dq.args[2]), dq.args[0]
-        if s is None or z is None or codes.ty.dtype != "uint8" or dq.ty.dtype != "float32":
-            return None
-        return codes, float(s), int(z), v_code_bits(follow(self, codes), int(z))
+        codes, s, z = parts
+        return codes, s, z, v_code_bits(follow(self, codes), z)
 
     def _match(self, call):
         if not _is_op(call, "relax.matmul") or call.ty.dtype != "float32":
@@ -164,8 +150,7 @@ class _Rewriter(PyExprMutator):
         lq, dq = self._log_quant(call.args[0]), self._dequant(call.args[1])
         if lq is None or dq is None:
             return None
-        sa, sv = _static_shape(lq[0]), _static_shape(dq[0])
-        if sa is None or sv is None or len(sa) < 3 or len(sa) != len(sv) or sa[:-2] != sv[:-2] or sa[-1] != sv[-2]:
+        if batched_matmul_shapes(lq[0], dq[0]) is None:
             return None
         return lq, dq
 
@@ -190,6 +175,6 @@ class LowerLog2Attention:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod, self.target)
-        out = rewrite_functions(rewriter, mod)
+        out = run_rewriter(rewriter, mod)
         self.rewritten = rewriter.rewritten
-        return relax.transform.DeadCodeElimination()(out)
+        return out

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import const_array, follow, is_op, rewrite_functions
+from ..relax_util import const_array, follow, is_op, run_rewriter, var_uses
 from .quantized_linear import _clip_bits, _shape, qdense_call
 
 
@@ -43,12 +43,8 @@ class _Rewriter(PyExprMutator):
 
     def plan_bias_fusion(self, func: relax.Function) -> None:
         """`add(conv_var, const[1, N, 1, 1])` where the conv has no other use: the kernel adds the bias."""
-        values, uses = {}, {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                values[b.var] = b.value
-                relax.analysis.post_order_visit(
-                    b.value, lambda e: uses.__setitem__(e, uses.get(e, 0) + 1) if isinstance(e, relax.Var) else None)
+        values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        uses = var_uses(func)
         for var, value in values.items():
             if is_op(value, "relax.add") and isinstance(value.args[0], relax.Var):
                 conv, bias = values.get(value.args[0]), const_array(value.args[1])
@@ -106,9 +102,6 @@ class LowerPatchEmbed:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod, self.target)
-        for func in mod.functions.values():
-            if isinstance(func, relax.Function):
-                rewriter.plan_bias_fusion(func)
-        out = rewrite_functions(rewriter, mod)
+        out = run_rewriter(rewriter, mod, rewriter.plan_bias_fusion)
         self.rewritten = rewriter.rewritten
-        return relax.transform.DeadCodeElimination()(out)
+        return out

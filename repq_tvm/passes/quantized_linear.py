@@ -21,7 +21,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..relax_util import const_array as _const
-from ..relax_util import follow, rewrite_functions
+from ..relax_util import follow, run_rewriter, var_uses
 from ..relax_util import is_op as _is_op
 from ..relax_util import scheduled_kernel
 
@@ -109,12 +109,8 @@ class _Rewriter(PyExprMutator):
 
     def plan_bias_fusion(self, func: relax.Function) -> None:
         """Find `add(matmul_var, const_bias)` whose matmul has no other use: its bias goes into the kernel."""
-        values, uses = {}, {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                values[b.var] = b.value
-                relax.analysis.post_order_visit(
-                    b.value, lambda e: uses.__setitem__(e, uses.get(e, 0) + 1) if isinstance(e, relax.Var) else None)
+        values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        uses = var_uses(func)
         self.bias_of, self.add_source = {}, {}
         for var, value in values.items():
             if _is_op(value, "relax.add") and isinstance(value.args[0], relax.Var):
@@ -164,9 +160,6 @@ class LowerQuantizedLinear:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod, self.target)
-        for func in mod.functions.values():
-            if isinstance(func, relax.Function):
-                rewriter.plan_bias_fusion(func)
-        out = rewrite_functions(rewriter, mod)
+        out = run_rewriter(rewriter, mod, rewriter.plan_bias_fusion)
         self.rewritten = rewriter.rewritten
-        return relax.transform.DeadCodeElimination()(out)
+        return out

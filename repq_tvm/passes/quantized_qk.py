@@ -22,38 +22,12 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import const_array as _const
-from ..relax_util import follow, rewrite_functions
+from ..relax_util import activation_dequant, batched_matmul_shapes, follow, run_rewriter, var_uses
 from ..relax_util import is_op as _is_op
+from ..relax_util import scalar_const as _scalar
+from ..relax_util import static_shape as _static_shape
 
 _ELEMENTWISE = ("relax.clip", "relax.quantize")  # commute with a transpose when their parameters are scalars
-
-
-def _static_shape(expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    return [int(d) for d in shape]
-
-
-def _scalar(expr) -> float | None:
-    value = _const(expr)
-    return None if value is None or value.size != 1 else value.reshape(()).item()
-
-
-def _uses(func: relax.Function) -> dict:
-    """How often each variable is read in `func` (bindings and the function result)."""
-    uses: dict = {}
-
-    def count(e):
-        if isinstance(e, relax.Var):
-            uses[e] = uses.get(e, 0) + 1
-
-    for block in func.body.blocks:
-        for b in block.bindings:
-            relax.analysis.post_order_visit(b.value, count)
-    relax.analysis.post_order_visit(func.body.body, count)
-    return uses
 
 
 def qbmm_call(bb: relax.BlockBuilder, a, b, z_a: int, z_b: int, scale: float, target, kernels: dict,
@@ -88,25 +62,11 @@ class _Rewriter(PyExprMutator):
         self.target, self.rewritten = target, 0
         self.mult_of, self.mult_source, self.fused, self.kernels = {}, {}, set(), {}
 
-    def _dequant(self, expr):
-        """(codes, scale, zero point) of a layer-wise dequantize of non-constant uint8 codes, else None."""
-        dq = follow(self, expr)
-        if not _is_op(dq, "relax.dequantize") or _const(dq.args[0]) is not None:
-            return None
-        s, z = _scalar(dq.args[1]), _scalar(dq.args[2])
-        codes = dq.args[0]
-        if s is None or z is None or codes.ty.dtype != "uint8" or dq.ty.dtype != "float32":
-            return None
-        return codes, float(s), int(z)
-
     def _match(self, call):
         if not _is_op(call, "relax.matmul") or call.ty.dtype != "float32":
             return None
-        qa, qb = self._dequant(call.args[0]), self._dequant(call.args[1])
-        if qa is None or qb is None:
-            return None
-        sa, sb = _static_shape(qa[0]), _static_shape(qb[0])
-        if sa is None or sb is None or len(sa) < 3 or len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
+        qa, qb = activation_dequant(self, call.args[0]), activation_dequant(self, call.args[1])
+        if qa is None or qb is None or batched_matmul_shapes(qa[0], qb[0]) is None:
             return None
         return qa, qb
 
@@ -131,7 +91,7 @@ class _Rewriter(PyExprMutator):
     def plan_scale_fusion(self, func: relax.Function) -> None:
         """Find `multiply(matmul_var, scalar const)` whose matmul has no other use: its factor goes into the kernel."""
         values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-        uses = _uses(func)
+        uses = var_uses(func)
         for var, value in values.items():
             if not _is_op(value, "relax.multiply") or value.ty.dtype != "float32":
                 continue
@@ -174,9 +134,6 @@ class LowerQuantizedQK:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod, self.target)
-        for func in mod.functions.values():
-            if isinstance(func, relax.Function):
-                rewriter.plan_scale_fusion(func)
-        out = rewrite_functions(rewriter, mod)
+        out = run_rewriter(rewriter, mod, rewriter.plan_scale_fusion)
         self.rewritten = rewriter.rewritten
-        return relax.transform.DeadCodeElimination()(out)
+        return out
