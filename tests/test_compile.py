@@ -48,7 +48,8 @@ def test_artifact_agrees_with_calibrated_model(route, request):
     # move a value across a rounding midpoint of the next quantizer: one code step, a visible logit change.
     per_image = np.abs(out - ref).max(1)
     exact_share = (per_image < 1e-4).mean()
-    print(f"images matching to 1e-4: {exact_share:.3f}, worst {per_image.max():.3f}")
+    print(f"{route}: top-1 agreement {agree:.3f}, images matching to 1e-4: {exact_share:.3f}, "
+          f"worst {per_image.max():.3f}")
     assert exact_share >= 0.9, exact_share
     assert abs((out.argmax(1) == y).mean() - (ref.argmax(1) == y).mean()) <= 0.003  # 0.3 points of top-1
 
