@@ -88,10 +88,25 @@ def batched_matmul_shapes(a, b) -> tuple[list[int], list[int]] | None:
     return sa, sb
 
 
-def run_rewriter(rewriter, mod: tvm.IRModule, plan=None) -> tvm.IRModule:
-    """`plan(func)` on every Relax function (whole-function analysis first), rewrite, drop dead code."""
-    if plan is not None:
-        for func in mod.functions.values():
-            if isinstance(func, relax.Function):
-                plan(func)
-    return relax.transform.DeadCodeElimination()(rewrite_functions(rewriter, mod))
+def rewrite_pass(name: str, rewriter_cls, doc: str, plan: str | None = None):
+    """A module pass class `name(target)` running `rewriter_cls(mod, target)` over every Relax function.
+
+    `plan` names a rewriter method called on each function first (whole-function analysis, e.g. which bias
+    adds a kernel can absorb). Dead code is dropped afterwards; `.rewritten` counts the rewrites.
+    """
+
+    def __init__(self, target):
+        self.target, self.rewritten = target, 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = rewriter_cls(mod, self.target)
+        if plan is not None:
+            for func in mod.functions.values():
+                if isinstance(func, relax.Function):
+                    getattr(rewriter, plan)(func)
+        out = relax.transform.DeadCodeElimination()(rewrite_functions(rewriter, mod))
+        self.rewritten = rewriter.rewritten
+        return out
+
+    cls = type(name, (), {"__doc__": doc, "__init__": __init__, "transform_module": transform_module})
+    return tvm.transform.module_pass(cls, opt_level=0, name=name)

@@ -31,7 +31,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..frontends.canonical import log_call_params
 from ..reference.ops import frac_bits
-from ..relax_util import activation_dequant, batched_matmul_shapes, follow, run_rewriter
+from ..relax_util import activation_dequant, batched_matmul_shapes, follow, rewrite_pass
 from ..relax_util import is_op as _is_op
 from ..relax_util import static_shape as _static_shape
 
@@ -166,15 +166,6 @@ class _Rewriter(PyExprMutator):
                                     v_bits)
 
 
-@tvm.transform.module_pass(opt_level=0, name="LowerLog2Attention")
-class LowerLog2Attention:
-    """matmul(log-quantized attention, dequantized V) → log codes + integer shift kernel `repq_shift_attn`."""
-
-    def __init__(self, target):
-        self.target, self.rewritten = target, 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.target)
-        out = run_rewriter(rewriter, mod)
-        self.rewritten = rewriter.rewritten
-        return out
+LowerLog2Attention = rewrite_pass(
+    "LowerLog2Attention", _Rewriter,
+    "matmul(log-quantized attention, dequantized V) → log codes + integer shift kernel `repq_shift_attn`.")

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import const_array, follow, is_op, run_rewriter, var_uses
+from ..relax_util import const_array, follow, is_op, rewrite_pass, var_uses
 from .quantized_linear import _clip_bits, _shape, qdense_call
 
 
@@ -93,15 +93,7 @@ class _Rewriter(PyExprMutator):
         return op.permute_dims(op.reshape(out, [b, hp, wp, n]), [0, 3, 1, 2])
 
 
-@tvm.transform.module_pass(opt_level=0, name="LowerPatchEmbed")
-class LowerPatchEmbed:
-    """Quantized non-overlapping conv (patch embedding) → integer `repq_qdense` kernel on patch rows."""
-
-    def __init__(self, target):
-        self.target, self.rewritten = target, 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.target)
-        out = run_rewriter(rewriter, mod, rewriter.plan_bias_fusion)
-        self.rewritten = rewriter.rewritten
-        return out
+LowerPatchEmbed = rewrite_pass(
+    "LowerPatchEmbed", _Rewriter,
+    "Quantized non-overlapping conv (patch embedding) → integer `repq_qdense` kernel on patch rows.",
+    plan="plan_bias_fusion")

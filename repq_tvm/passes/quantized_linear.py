@@ -21,7 +21,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..relax_util import const_array as _const
-from ..relax_util import follow, run_rewriter, var_uses
+from ..relax_util import follow, rewrite_pass, var_uses
 from ..relax_util import is_op as _is_op
 from ..relax_util import scheduled_kernel
 
@@ -151,15 +151,7 @@ class _Rewriter(PyExprMutator):
         return relax.op.reshape(out, [*in_shape[:-1], n])
 
 
-@tvm.transform.module_pass(opt_level=0, name="LowerQuantizedLinear")
-class LowerQuantizedLinear:
-    """Quantized linear (dequantize · dequantized-weightᵀ + bias) → integer `repq_qdense` kernel."""
-
-    def __init__(self, target):
-        self.target, self.rewritten = target, 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.target)
-        out = run_rewriter(rewriter, mod, rewriter.plan_bias_fusion)
-        self.rewritten = rewriter.rewritten
-        return out
+LowerQuantizedLinear = rewrite_pass(
+    "LowerQuantizedLinear", _Rewriter,
+    "Quantized linear (dequantize · dequantized-weightᵀ + bias) → integer `repq_qdense` kernel.",
+    plan="plan_bias_fusion")

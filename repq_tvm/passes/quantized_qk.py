@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import activation_dequant, batched_matmul_shapes, follow, run_rewriter, var_uses
+from ..relax_util import activation_dequant, batched_matmul_shapes, follow, rewrite_pass, var_uses
 from ..relax_util import is_op as _is_op
 from ..relax_util import scalar_const as _scalar
 from ..relax_util import static_shape as _static_shape
@@ -125,15 +125,7 @@ class _Rewriter(PyExprMutator):
                          self.kernels, "dn" if rows is None else "nd")
 
 
-@tvm.transform.module_pass(opt_level=0, name="LowerQuantizedQK")
-class LowerQuantizedQK:
-    """Quantized q @ kᵀ (dequantize · dequantize of activations) [· scalar] → integer `repq_qbmm` kernel."""
-
-    def __init__(self, target):
-        self.target, self.rewritten = target, 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod, self.target)
-        out = run_rewriter(rewriter, mod, rewriter.plan_scale_fusion)
-        self.rewritten = rewriter.rewritten
-        return out
+LowerQuantizedQK = rewrite_pass(
+    "LowerQuantizedQK", _Rewriter,
+    "Quantized q @ kᵀ (dequantize · dequantize of activations) [· scalar] → integer `repq_qbmm` kernel.",
+    plan="plan_scale_fusion")
