@@ -40,6 +40,18 @@ def scheduled_kernel(sch, name: str):
     return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
 
 
+def code_bits(codes) -> int:
+    """Bit width b of uint8 codes from the canonical `clip(q, 0, 2^b − 1)` that produced them (8 without one)."""
+    if not is_op(codes, "relax.clip"):
+        return 8
+    bound = codes.args[2]
+    try:
+        hi = int(bound.value if hasattr(bound, "value") else bound)
+    except (TypeError, ValueError):
+        return 8
+    return max(1, min(255, max(0, hi)).bit_length())
+
+
 def static_shape(expr) -> list[int] | None:
     """The shape of a tensor expression as ints, or None when it is not fully static."""
     shape = getattr(expr.ty, "shape", None)

@@ -31,7 +31,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..frontends.canonical import log_call_params
 from ..reference.ops import frac_bits
-from ..relax_util import activation_dequant, batched_matmul_shapes, follow, rewrite_pass
+from ..relax_util import activation_dequant, batched_matmul_shapes, code_bits, follow, rewrite_pass
 from ..relax_util import is_op as _is_op
 from ..relax_util import static_shape as _static_shape
 
@@ -86,15 +86,7 @@ def log_codes(bb: relax.BlockBuilder, p: relax.Expr, scale: float, bits: int, sq
 def v_code_bits(codes, z_v: int) -> int:
     """Bits b such that the V codes and z_v lie in [0, 2^b − 1]: from the canonical clip(q, lo, hi) on the
     codes (`frontends.canonical.uniform_qdq` emits one when b < 8), else 8 (any uint8)."""
-    hi = 255
-    if _is_op(codes, "relax.clip"):
-        bound = codes.args[2]
-        value = bound.value if hasattr(bound, "value") else bound
-        try:
-            hi = min(255, max(0, int(value)))
-        except (TypeError, ValueError):
-            hi = 255
-    return max(1, int(max(hi, z_v)).bit_length())
+    return max(code_bits(codes), int(z_v).bit_length())
 
 
 def shift_attention_call(bb: relax.BlockBuilder, codes: relax.Expr, v: relax.Expr, z_v: int, s_attn: float,

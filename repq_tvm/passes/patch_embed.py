@@ -19,8 +19,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import const_array, follow, is_op, rewrite_pass, var_uses
-from .quantized_linear import _clip_bits, _shape, qdense_call
+from ..relax_util import code_bits, const_array, follow, is_op, rewrite_pass, var_uses
+from .quantized_linear import _shape, qdense_call
 
 
 def _patch_size(conv) -> int | None:
@@ -87,7 +87,7 @@ class _Rewriter(PyExprMutator):
         patches = op.permute_dims(patches, [0, 2, 4, 1, 3, 5])
         rows = bb.emit(op.reshape(patches, [b * hp * wp, c * p * p]))
         weight = w_codes.reshape(n, -1).astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
-        out = qdense_call(bb, rows, weight, s_w, s_a, z_a, _clip_bits(follow(self, q)), bias, self.target,
+        out = qdense_call(bb, rows, weight, s_w, s_a, z_a, code_bits(follow(self, q)), bias, self.target,
                           self.kernels)
         self.rewritten += 1
         return op.permute_dims(op.reshape(out, [b, hp, wp, n]), [0, 3, 1, 2])

@@ -20,6 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..relax_util import code_bits
 from ..relax_util import const_array as _const
 from ..relax_util import follow, rewrite_pass, var_uses
 from ..relax_util import is_op as _is_op
@@ -68,15 +69,6 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
         a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, kp - k]))
     return bb.emit(relax.call_tir(gv, [a, relax.const(packed), relax.const(zp_wsum), relax.const(scale),
                                        relax.const(bias)], relax.TensorType((m, n), "float32")))
-
-
-def _clip_bits(q_expr) -> int:
-    """Bit width carried by the canonical clip (8 when there is none)."""
-    if _is_op(q_expr, "relax.clip"):
-        hi = q_expr.args[2]
-        value = int(hi.value) if hasattr(hi, "value") else int(hi)
-        return int(round(np.log2(value + 1)))
-    return 8
 
 
 @mutator
@@ -146,7 +138,7 @@ class _Rewriter(PyExprMutator):
         m = int(np.prod(in_shape[:-1]))
         bb = self.builder_
         a2 = bb.emit(relax.op.reshape(q, [m, k]))
-        out = qdense_call(bb, a2, w, s_w, s_a, z_a, _clip_bits(self._bound(q)), bias, self.target, self.kernels)
+        out = qdense_call(bb, a2, w, s_w, s_a, z_a, code_bits(self._bound(q)), bias, self.target, self.kernels)
         self.rewritten += 1
         return relax.op.reshape(out, [*in_shape[:-1], n])
 
