@@ -34,9 +34,7 @@ def test_w8a8_within_one_point_of_fp32(name, tmp_path, capsys, fp_top1):
     assert abs(q["top1"] - fp["top1"]) <= 1.0, (q["top1"], fp["top1"])
 
 
-# Only the ViT fixture: the small Swin fixture loses almost nothing to any 4-bit quantizer (see the README's
-# accuracy table), so RepQ-ViT's margin over the baseline there is within the noise of 1,000 images.
-@pytest.mark.parametrize("name", ["vit_cifar10"])
+@pytest.mark.parametrize("name", ["vit_cifar10", "swin_cifar10"])
 def test_repq_beats_plain_ptq_at_w4a4(name, tmp_path, capsys):
     top1 = {}
     for method in ("repq-vit", "ptq-baseline"):
