@@ -1,5 +1,7 @@
 """Scale reparameterization is exact: in FP, and in the quantized codes of the post-LayerNorm activations."""
 
+import copy
+
 import pytest
 import torch
 
@@ -75,9 +77,9 @@ def _pair_inputs_and_linears(model, images):
     out = {}
     for _, lin in norm_pairs(model):
         m = model.get_submodule(lin)
-        q = m.input_quantizer
+        q = copy.deepcopy(m.input_quantizer)
         bias = torch.zeros(m.out_features) if m.bias is None else m.bias.detach().clone()  # Swin's reduction has none
-        out[lin] = (inputs[lin], m.weight.detach().clone(), bias, q.scale.clone(), q.zero_point.clone())
+        out[lin] = (inputs[lin], m.weight.detach().clone(), bias, q)
     return out
 
 
@@ -90,10 +92,11 @@ def test_layerwise_quantized_output_equals_channelwise(name, images):
     before = _pair_inputs_and_linears(model, images)
     reparameterize(model, integer_zero_point=True)
     after = _pair_inputs_and_linears(model, images)
-    top = 2 ** 4 - 1
-    for lin, (x, w, b, s, z) in before.items():
-        x_t, w_t, b_t, s_t, z_t = after[lin]
-        assert s_t.dim() == 0 and z_t == torch.round(z_t) and s.numel() == x.shape[-1]
+    for lin, (x, w, b, q) in before.items():
+        x_t, w_t, b_t, q_t = after[lin]
+        assert q.channel_wise and not q_t.channel_wise and q_t.scale.dim() == 0
+        s, z, s_t, z_t, top = q.scale, q.zero_point, q_t.scale, q_t.zero_point, 2 ** q.bits - 1
+        assert z_t == torch.round(z_t)
         u, u_t = x / s + z, x_t / s_t + z_t  # unrounded codes
         assert (u - u_t).abs().max() < 1e-3, (lin, (u - u_t).abs().max())
         codes = torch.clamp(torch.round(u), 0, top)
