@@ -49,7 +49,6 @@ def paired_margin(correct_a: np.ndarray, correct_b: np.ndarray, rounds: int = 10
 def run(fixtures, bits_list, methods) -> dict:
     calib_src = data.open_images(models.fixture_file(models.FIXTURE_CALIB_DATA))
     eval_src = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
-    labels = eval_src.labels()[data.sample_indices(len(eval_src), None)]  # the order accuracy() evaluates in
     results = {"eval_images": len(eval_src), "calib_images": 32, "fixtures": {}, "repq_minus_baseline": {}}
     for name in fixtures:
         fp, arch = models.load_model(name)
@@ -66,7 +65,7 @@ def run(fixtures, bits_list, methods) -> dict:
                 calibrate(model, calib, method_config(method, bits, bits))
                 res = accuracy(model, eval_src, transform)
                 row[f"{method} W{bits}/A{bits}"] = res["top1"]
-                correct[method] = np.array(res["predictions"]) == labels
+                correct[method] = np.array(res["correct"])
                 print(f"{name} {method} W{bits}/A{bits} top-1 {res['top1']:.2f} ({time.time() - t0:.0f} s)", flush=True)
             if {"repq-vit", "ptq-baseline"} <= set(correct):
                 margins[f"W{bits}/A{bits}"] = paired_margin(correct["repq-vit"], correct["ptq-baseline"])

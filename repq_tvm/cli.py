@@ -96,7 +96,7 @@ def cmd_evaluate(args) -> dict:
     source = data.open_images(_default_data(args, arch, "eval"))
     result = accuracy(predict, source, make_transform(arch["data"]), limit=args.limit,
                       num_classes=num_classes, progress=not args.quiet)
-    result.pop("predictions")
+    result.pop("correct")
     result.update(model=arch["name"], data=source.path)
     if args.json:
         print(json.dumps(result))

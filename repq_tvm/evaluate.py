@@ -31,12 +31,13 @@ def load_batch(source: data.ImageSource, indices, transform) -> tuple[torch.Tens
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], source: data.ImageSource, transform,
              limit: int | None = None, batch_size: int = 100, num_classes: int | None = None,
              progress: bool = True) -> dict:
-    """Run `predict` over (a fixed random subset of) the images; returns top1/top5 in percent and the image count."""
+    """Run `predict` over (a fixed random subset of) the images; returns top1/top5 in percent, the image count and
+    per-image top-1 correctness (`correct`, same image order for every model, for paired comparisons)."""
     if num_classes is not None and len(source.classes) > num_classes:
         raise ReqError(f"the data has {len(source.classes)} classes but the model predicts {num_classes}")
     indices = data.sample_indices(len(source), limit)
-    top1 = top5 = 0
-    preds = []
+    top5 = 0
+    correct = []
     t0 = time.time()
     with tqdm(total=len(indices), desc="evaluating", unit="img", disable=not progress, leave=False) as bar:
         for i in range(0, len(indices), batch_size):
@@ -45,10 +46,9 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], source: data.Image
                 logits = predict(x)
             k = min(5, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices.numpy()
-            top1 += int((top[:, 0] == y).sum())
             top5 += int((top == y[:, None]).any(1).sum())
-            preds.append(top[:, 0])
+            correct.append(top[:, 0] == y)
             bar.update(len(y))
-    n = len(indices)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": n,
-            "seconds": round(time.time() - t0, 3), "predictions": np.concatenate(preds).tolist()}
+    n, hits = len(indices), np.concatenate(correct)
+    return {"top1": 100.0 * int(hits.sum()) / n, "top5": 100.0 * top5 / n, "images": n,
+            "seconds": round(time.time() - t0, 3), "correct": hits.tolist()}
