@@ -114,8 +114,10 @@ def load_state_dict(path: str) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt files raise many different types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ReqError(f"cannot read checkpoint {path}: {first}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kind = "safetensors" if path.endswith(".safetensors") else "PyTorch"
+        raise ReqError(f"cannot read checkpoint {path}: not a valid {kind} checkpoint "
+                       f"({type(exc).__name__}: {first[:120]})") from None
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
