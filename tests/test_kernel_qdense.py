@@ -1,8 +1,10 @@
 """qdense kernels: bit-exact int32 accumulators for every variant, fused epilogue, variant choice, codegen.
 
-The AVX2 variants run here (AMD Zen 3: AVX2, no AVX-512) and are checked bit for bit, including the
-extreme codes at the edge of their exactness bound.  VNNI cannot run here: its tensorized schedule
-is run with the plain-loop twin of the intrinsic ("ref") and the instruction checked in the asm.
+Every variant is checked on every x86 host: the ones the CPU can run (AVX2 everywhere, VNNI on
+AVX-512 VNNI CPUs) run for real, bit for bit, with the extreme codes at the edge of their exactness
+bound.  VNNI also runs everywhere as its portable stand-in ("ref"): the same tensorized schedule,
+packing, 8-bit weight compensation and epilogue, with the plain-loop twin of the intrinsic (u8 x s8,
+4-wide sums into int32) compiled for the host; its instruction and operand order are checked in the asm.
 """
 
 import re
@@ -10,6 +12,8 @@ import re
 import numpy as np
 import pytest
 
+from repq_tvm import targets
+from repq_tvm import targets
 from repq_tvm.kernels import packing as P
 from repq_tvm.kernels import qdense as Q
 from repq_tvm.kernels.intrinsics_x86 import register_intrinsics
@@ -20,41 +24,54 @@ SHAPES = [
     (7, 200, 130),  # M below a tile; N = 25 ymm blocks (odd), K not a multiple of 4
     (33, 1000, 190),  # 1000 classes: N pads to 1008; K pads to 192
 ]
-# (variant, bits_a, bits_w, ref): each at the edge of its exactness bound (see `_operands`)
+# (variant, bits_a, bits_w, ref): each at the edge of its exactness bound (see `_operands`); 8-bit
+# weights on int8 variants are centred 8-bit codes (+-255), offset into int8 and compensated in-kernel
 KERNELS = [
     ("avx2_u8s8", 6, 6, False),  # depth 4 where K allows: 8 products of 63*63 = 31752 in int16
     ("avx2_u8s8", 8, 6, False),  # depth 1: 2*255*63 = 32130
-    ("avx2_u8s8", 6, 8, False),  # depth 2: 4*63*128 = 32256
+    ("avx2_u8s8", 6, 8, False),  # depth 2: 4*63*128 = 32256, compensated
     ("avx2_i16", 8, 8, False),
-    ("fallback", 8, 8, False),
-    ("vnni", 8, 8, True),
+    ("fallback", 8, 8, False),  # compensated
+    ("fallback", 4, 4, False),
+    ("vnni", 8, 8, True),  # the portable stand-in, any CPU, compensated
+    ("vnni", 8, 8, False),  # the real instruction, VNNI CPUs only
+    ("vnni", 4, 4, False),
 ]
 IDS = [f"{v}-a{a}w{w}{'-ref' if r else ''}" for v, a, w, r in KERNELS]
-HOST_AVX2 = "avx2" in Q._host_flags()
+HOST_FLAGS = targets.host_flags()
 
 
 def _target(variant, ref):
-    if variant.startswith("avx2") and not HOST_AVX2:
-        pytest.skip("this CPU has no AVX2")
+    """The host's target; skip (naming the missing CPU feature) what this CPU cannot execute."""
+    if variant.startswith("avx2") and "avx2" not in HOST_FLAGS:
+        pytest.skip("this CPU lacks avx2")
+    if variant == "vnni" and not ref and "avx512_vnni" not in HOST_FLAGS:
+        pytest.skip("this CPU lacks avx512_vnni: VNNI is checked through its stand-in (ref) and its asm")
     return Q.host_target(1)
 
 
 def _operands(M, N, K, variant, bits_a, bits_w, seed=0):
-    """Random codes with extreme rows: a = max code; w = -max / +max (8-bit: -128 / 127;
-    int16 path: the +-255 an 8-bit asymmetric weight minus its zero point can reach)."""
+    """Random codes with extreme rows: a = max code; centred weights w = -max / +max.
+
+    8-bit weights are codes minus a per-channel zero point, +-255 at the extremes (rows 0, 1), the
+    range the int16 variant and the compensated int8 variants must take; below 8 bits |w| <= 2^b - 1.
+    """
     rng = np.random.default_rng(seed)
     a_max, w_max = P.code_bounds(bits_a, bits_w)
-    w_lo, w_hi = (-255, 255) if variant == "avx2_i16" else (-w_max, min(w_max, 127))
     a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
-    w = rng.integers(w_lo, w_hi + 1, (N, K)).astype(np.int16 if variant == "avx2_i16" else np.int8)
     a[0, :] = a_max
-    w[0, :], w[1, :] = w_lo, w_hi
-    if variant == "avx2_i16":
+    if bits_w < 8:
+        w = rng.integers(-w_max, w_max + 1, (N, K))
+        w[0, :], w[1, :] = -w_max, w_max
+    else:
+        w = rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))
+        w[0, :], w[1, :] = -255, 255
         w[2, :], w[3, :] = -128, 127
-    return a, w
+    return a, w.astype(np.int16)
 
 
 def _build(M, N, K, variant, bits_a, bits_w, ref, **kw):
+    """`build_qdense` for the host; 8-bit weights on int8 variants get the compensation by default."""
     return Q.build_qdense(
         M, N, K, _target(variant, ref), variant=variant, bits_a=bits_a, bits_w=bits_w, ref=ref, **kw
     )
@@ -128,13 +145,29 @@ def test_u8s8_bound_is_real_and_checked_at_call():
         kernel(kernel.prepare_activation(a), kernel.pack_weight(w))
 
 
+def test_weight_offset_moves_8bit_rows_into_int8():
+    w = np.array([[-255, -200, 0], [255, 130, 200], [-128, 0, 127], [-100, 100, 155]])
+    d = P.weight_offset(w)
+    assert d.tolist() == [-127, 128, 0, 28]
+    shifted = w - d[:, None]
+    assert shifted.min() >= -128 and shifted.max() <= 127
+    assert P.needs_offset(w) and not P.needs_offset(np.array([[-128, 127]]))
+    with pytest.raises(ValueError, match="spans 256 > 255"):
+        P.weight_offset(np.array([[-128, 128]]))
+
+
+def test_compensation_needs_an_int8_variant():
+    with pytest.raises(ValueError, match="no compensation"):
+        Q.build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_i16", compensate=True)
+
+
 # --- bit exactness -----------------------------------------------------------------------------
 @pytest.mark.parametrize("variant,bits_a,bits_w,ref", KERNELS, ids=IDS)
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_accumulator_is_exact(M, N, K, variant, bits_a, bits_w, ref):
     a, w = _operands(M, N, K, variant, bits_a, bits_w)
     kernel = _build(M, N, K, variant, bits_a, bits_w, ref)
-    out = kernel(kernel.prepare_activation(a), kernel.pack_weight(w))
+    out = kernel(kernel.prepare_activation(a), *kernel.weight_args(w))
     assert out.dtype == np.int32 and out.shape == (M, N)
     np.testing.assert_array_equal(out.astype(np.int64), P.reference(a, w))
 
@@ -144,7 +177,7 @@ def test_u8s8_every_depth_is_exact(depth):
     a, w = _operands(37, 128, 256, "avx2_u8s8", 6, 6, seed=3)
     kernel = _build(37, 128, 256, "avx2_u8s8", 6, 6, False, depth=depth)
     assert kernel.tiles[2] == depth
-    out = kernel(kernel.prepare_activation(a), kernel.pack_weight(w))
+    out = kernel(kernel.prepare_activation(a), *kernel.weight_args(w))
     np.testing.assert_array_equal(out.astype(np.int64), P.reference(a, w))
 
 
@@ -152,11 +185,11 @@ def test_int16_centered_activations_need_no_zero_point_correction():
     M, N, K, a_zp = 9, 24, 40, 131
     a, w = _operands(M, N, K, "avx2_i16", 8, 8, seed=4)
     kernel = _build(M, N, K, "avx2_i16", 8, 8, False)
-    out = kernel(kernel.prepare_activation(a, a_zp), kernel.pack_weight(w))
+    out = kernel(kernel.prepare_activation(a, a_zp), *kernel.weight_args(w))
     np.testing.assert_array_equal(out, (a.astype(np.int64) - a_zp) @ w.astype(np.int64).T)
 
 
-EPILOGUE = [0, 2, 3, 4, 5]
+EPILOGUE = [0, 2, 3, 4, 6, 7]
 
 
 @pytest.mark.parametrize(
@@ -171,7 +204,7 @@ def test_fused_epilogue_matches_numpy(M, N, K, variant, bits_a, bits_w, ref):
     bias = rng.normal(0, 1, N).astype(np.float32)
     kernel = _build(M, N, K, variant, bits_a, bits_w, ref, epilogue=True)
     params = kernel.epilogue_params(w, w_scale, a_scale, a_zp, bias)
-    out = kernel(kernel.prepare_activation(a, a_zp), kernel.pack_weight(w), *params)
+    out = kernel(kernel.prepare_activation(a, a_zp), *kernel.weight_args(w), *params)
     # float64 reference on the dequantized operands: (a - zp) * a_scale @ (w * w_scale).T + bias
     acc = (a.astype(np.float64) - a_zp) @ w.astype(np.float64).T
     ref_out = acc * (a_scale * w_scale.astype(np.float64)) + bias
@@ -205,12 +238,16 @@ def test_avx2_assembly(variant, bits, must, must_not):
     assert "rsp" not in loop, "accumulators spilled to the stack: the default tile is too big"
 
 
-def test_vnni_assembly_uses_vpdpbusd():
-    for epilogue in (False, True):
-        kernel = Q.build_qdense(197, 384, 384, Q.X86_VNNI_TARGET, epilogue=epilogue)
-        assert kernel.schedule == "vnni"
-        asm = kernel.asm()
-        assert "vpdpbusd" in asm and "zmm" in asm
+@pytest.mark.parametrize("bits_w,compensate", [(4, False), (8, True)])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_vnni_assembly_uses_vpdpbusd(bits_w, compensate, epilogue):
+    """W4 and W8 (compensated) both keep vpdpbusd on zmm, with the accumulators in registers."""
+    kernel = Q.build_qdense(197, 384, 384, Q.X86_VNNI_TARGET, bits_w=bits_w, epilogue=epilogue)
+    assert kernel.schedule == "vnni" and kernel.compensate is compensate
+    loop = _inner_loop(kernel.asm(), "vpdpbusd")
+    per_step = kernel.tiles[0] * kernel.tiles[1]  # one per accumulator (LLVM may unroll k)
+    assert "zmm" in loop and loop.count("vpdpbusd") % per_step == 0
+    assert "rsp" not in loop, "accumulators spilled to the stack"
 
 
 def test_vnni_activation_is_the_unsigned_operand():
@@ -236,7 +273,7 @@ def test_aarch64_fallback_compiles_to_an_object(tmp_path):
 
 
 def test_unsupported_cpu_refuses_instead_of_crashing():
-    if Q.host_has_vnni():
+    if targets.runnable_reason(Q.X86_VNNI_TARGET) is None:
         pytest.skip("this CPU runs VNNI")
     kernel = Q.build_qdense(16, 16, 4, Q.X86_VNNI_TARGET)
     with pytest.raises(RuntimeError, match="AVX-512"):

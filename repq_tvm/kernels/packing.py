@@ -21,7 +21,7 @@ def code_bounds(bits_a: int, bits_w: int) -> tuple[int, int]:
     """(max activation code, max |weight|) of the project's codes (`repq_tvm.reference.ops`).
 
     Activations are unsigned ``[0, 2^b - 1]``; weights are ``w - z_w`` (``|.| <= 2^b - 1``) below
-    8 bits and ``w - 128`` (``[-128, 127]``) at 8 bits.
+    8 bits and ``w - z_w - d`` (``[-128, 127]``, `weight_offset`) at 8 bits.
     """
     for bits in (bits_a, bits_w):
         if not 1 <= int(bits) <= 8:
@@ -37,6 +37,32 @@ def u8s8_is_exact(bits_a: int, bits_w: int, depth: int = 1) -> bool:
     """
     a_max, w_max = code_bounds(bits_a, bits_w)
     return 2 * depth * a_max * w_max <= INT16_PAIR_MAX
+
+
+def weight_offset(w: np.ndarray) -> np.ndarray:
+    """Per-row offset d[n] that makes the centred weights ``w - d`` fit int8, zero where they already do.
+
+    Why: an 8-bit asymmetric weight minus its zero point spans up to +-255, outside the s8 operand of
+    vpdpbusd / vpmaddubsw / sdot.  A row's codes span at most 255, so some integer d moves it into
+    [-128, 127]; the kernel then adds back ``d[n] * sum_k a[m, k]`` in its epilogue (oneDNN's
+    compensation), which is exact: ``sum_k a*(w8 + d) = sum_k a*w8 + d*sum_k a``.
+    """
+    w = np.asarray(w).astype(np.int64)
+    if w.ndim != 2:
+        raise ValueError(f"weight_offset wants a 2-D array, got shape {w.shape}")
+    if not w.size:
+        return np.zeros(w.shape[0], np.int32)
+    hi, lo = w.max(axis=1), w.min(axis=1)
+    if (hi - lo > 255).any():
+        raise ValueError(f"a weight row spans {int((hi - lo).max())} > 255: no int8 offset exists")
+    d = np.where(hi > 127, hi - 127, np.where(lo < -128, lo + 128, 0))
+    return d.astype(np.int32)
+
+
+def needs_offset(w: np.ndarray) -> bool:
+    """True if the centred weights do not fit int8 (8-bit codes), so an int8 kernel needs compensation."""
+    w = np.asarray(w)
+    return bool(w.size) and (int(w.min()) < -128 or int(w.max()) > 127)
 
 
 def pack_weight(w: np.ndarray, lanes: int = 16, kpack: int = 4, dtype=np.int8) -> np.ndarray:
@@ -107,6 +133,11 @@ def epilogue_params(w, w_scale, a_scale: float, a_zp: int, bias=None):
     scale = float(a_scale) * np.broadcast_to(np.asarray(w_scale, np.float64), (n,))
     b = np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(n)
     return zp_wsum.astype(np.int32), scale.astype(np.float32), np.ascontiguousarray(b)
+
+
+def row_sums(a: np.ndarray) -> np.ndarray:
+    """int32 ``sum_k a[m, k]`` (what the compensated kernels compute in-kernel)."""
+    return np.asarray(a).astype(np.int64).sum(axis=1).astype(np.int32)
 
 
 def reference(a: np.ndarray, w: np.ndarray) -> np.ndarray:

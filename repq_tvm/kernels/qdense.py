@@ -22,24 +22,24 @@ at depth 4 than 1 on Zen 3, exact only under the tighter bound (4/6-bit codes al
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
-from tvm.target import codegen
 
+from ..targets import as_target, check_runnable, target_has, tvm_target
 from . import packing
 from .intrinsics_x86 import (
     U8S8_DEPTHS, i16_intrin, ref_name, register_intrinsics, u8s8_intrin, vnni_intrin,
 )
 from .packing import ceil_to
 
-X86_VNNI_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
-X86_AVX2_TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 2}
-AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+# The kernel tests' and benchmarks' canonical targets: the presets in targets/ (`repq_tvm.targets`)
+X86_VNNI_TARGET = tvm_target("x86_64-avx512-vnni")
+X86_AVX2_TARGET = tvm_target("x86_64-avx2")
+AARCH64_TARGET = tvm_target("aarch64-neon-dotprod")
 
 
 @dataclass(frozen=True)
@@ -91,40 +91,10 @@ VARIANTS = {
 
 
 # --- targets ---------------------------------------------------------------------------------
-def as_target(target) -> tvm.target.Target:
-    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-
-
-def target_has(target, feature: str) -> bool:
-    """True if ``target`` (dict or Target) is an LLVM target with the LLVM ``feature`` (e.g. "avx2")."""
-    t = as_target(target)
-    return t.kind.name == "llvm" and bool(codegen.target_has_features(feature, t))
-
-
-def target_has_vnni(target) -> bool:
-    return target_has(target, "avx512vnni")
-
-
-def _host_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def host_has_vnni() -> bool:
-    """True if this machine can run AVX512-VNNI code (checked from /proc/cpuinfo, then LLVM)."""
-    flags = _host_flags()
-    if flags:
-        return "avx512_vnni" in flags
-    host = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
-    return platform.machine() in ("x86_64", "AMD64") and target_has_vnni(host)
-
-
-def host_target(num_cores: int = 2) -> dict:
-    """The LLVM target for this machine's CPU."""
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": num_cores}
+# Targets (a tvm.target.Target, a preset dict or name, a TVM target dict) are handled by `repq_tvm.targets`.
+def host_target(num_cores: int | None = None) -> tvm.target.Target:
+    """The `host` preset's Target (what `repq-tvm compile --target host` builds for)."""
+    return tvm_target("host", num_cores)
 
 
 def choose_variant(target, bits_a: int = 8, bits_w: int = 8) -> Variant:
@@ -143,12 +113,15 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8) -> Variant:
 
 # --- compute ---------------------------------------------------------------------------------
 def qdense(
-    M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1
+    M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1,
+    compensate: bool = False,
 ) -> list[te.Tensor]:
-    """TE compute ``[A, W, (zp_wsum, scale, bias,) out]`` in ``variant``'s layouts.
+    """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) out]`` in ``variant``'s layouts.
 
     ``m_tile > 1`` computes the accumulator on ``ceil(M/m_tile)*m_tile`` rows (tensorize cannot take
-    the tail predicate a ragged M split makes); the extra rows are discarded.
+    the tail predicate a ragged M split makes); the extra rows are discarded.  ``compensate`` adds
+    ``comp[n] * asum[m]`` (``asum`` = the row sums of A, computed in the kernel) to the accumulator:
+    the weights were offset by ``comp`` to fit int8 (`packing.weight_offset`).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     L, P = v.lanes, v.kpack
@@ -165,17 +138,24 @@ def qdense(
         ),
         name="acc",
     )
+    inputs, total = [A, W], (lambda m, n: acc[m, n])
+    if compensate:
+        comp = te.placeholder((N,), "int32", name="comp")
+        ks = te.reduce_axis((0, k_p), name="ks")
+        asum = te.compute((m_p,), lambda m: te.sum(A[row(m), ks].astype("int32"), axis=ks), name="asum")
+        inputs.append(comp)
+        total = lambda m, n: acc[m, n] + comp[n] * asum[m]  # noqa: E731
     if not epilogue:
-        return [A, W, te.compute((M, N), lambda m, n: acc[m, n], name="out")]
+        return [*inputs, te.compute((M, N), lambda m, n: total(m, n), name="out")]
     zp_wsum = te.placeholder((N,), "int32", name="zp_wsum")
     scale = te.placeholder((N,), "float32", name="scale")
     bias = te.placeholder((N,), "float32", name="bias")
     out = te.compute(
         (M, N),
-        lambda m, n: (acc[m, n] - zp_wsum[n]).astype("float32") * scale[n] + bias[n],
+        lambda m, n: (total(m, n) - zp_wsum[n]).astype("float32") * scale[n] + bias[n],
         name="out",
     )
-    return [A, W, zp_wsum, scale, bias, out]
+    return [*inputs, zp_wsum, scale, bias, out]
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -205,37 +185,46 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     return min(range(mi, (mi - 1) // 2, -1), key=lambda t: ceil_to(M, t) - M), nbi
 
 
-def _tile(sch: Schedule, v: Variant, mi: int, nbi: int, depth: int = 1):
-    """Split acc into (tiles | k outer, row, block, k tiles, lane, kpack); parallel tiles; fuse `out` in.
+def _tile(sch: Schedule, v: Variant, mi: int, nbi: int, depth: int = 1, compensate: bool = False):
+    """Tile `out` into (rows x lane blocks) tiles, compute acc (and the row sums) per tile, parallel tiles.
 
-    The int32 accumulators of a tile live across the whole k loop (registers after LLVM's SROA);
-    ``depth`` weight tiles form one intrinsic step, tensorized at the returned ``kd`` loop.
+    Driven from `out` (acc and asum `compute_at` its tile loops) because the compensated epilogue has
+    two producers, which `reverse_compute_at` cannot take.  Tiles run in parallel; with compensation
+    only row tiles do, so each computes its row sums once for all its column tiles (recomputing them
+    per tile cost 25% at 197x384x384 on Zen 4, once per row tile ~0%).  Inside a tile acc is split into (k outer,
+    row, block, k tiles, lane, kpack): its int32 accumulators live across the whole k loop (registers
+    after LLVM's SROA); ``depth`` weight tiles form one intrinsic step, tensorized at the returned
+    ``kd`` loop.  Ragged M and N tiles are computed whole on padded acc rows/columns, stored masked.
     """
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    m, n, k = sch.get_loops(acc)
-    mo, m_i = sch.split(m, [None, mi])
-    nb, lane = sch.split(n, [None, v.lanes])
-    nbo, nb_i = sch.split(nb, [None, nbi])
-    tiles = [mo, nbo]  # row tiles outer: a tile's activation rows stay in L1 across all columns
+    m, n = sch.get_loops(out)
+    mo, mo_i = sch.split(m, [None, mi])
+    nbo, no_i = sch.split(n, [None, nbi * v.lanes])
+    sch.reorder(mo, nbo, mo_i, no_i)  # row tiles outer: a tile's activation rows stay in L1
+    sch.compute_at(acc, nbo, preserve_unit_loops=True)
+    if compensate:  # the row sums once per row tile, for all its column tiles
+        sch.compute_at(sch.get_sblock("asum"), mo, preserve_unit_loops=True)
+    m_i, n_t, k = sch.get_loops(acc)[-3:]
+    nb_i, lane = sch.split(n_t, [nbi, v.lanes])
     if depth == 1:  # no unit loop: the depth-1 intrinsics have none (tensorize is structural)
         (kb, kp), kd = sch.split(k, [None, v.kpack]), lane
-        sch.reorder(*tiles, kb, m_i, nb_i, lane, kp)
+        sch.reorder(kb, m_i, nb_i, lane, kp)
     else:
         kb, kd, kp = sch.split(k, [None, depth, v.kpack])
-        sch.reorder(*tiles, kb, m_i, nb_i, kd, lane, kp)
-    sch.reverse_compute_at(out, tiles[-1], preserve_unit_loops=True)  # so out's last loop is its own
-    sch.parallel(sch.fuse(*tiles))
-    sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, v.lanes])[1])
+        sch.reorder(kb, m_i, nb_i, kd, lane, kp)
+    sch.parallel(mo if compensate else sch.fuse(mo, nbo))
+    sch.vectorize(sch.split(no_i, [None, v.lanes])[1])
     return acc, (kb, m_i, nb_i, kd, lane, kp)
 
 
 def schedule_tensorized(
     func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, depth: int = 1, ref: bool = False,
+    compensate: bool = False,
 ) -> Schedule:
     """Register-tiled schedule whose inner step is ``v.intrin(depth)`` (or its plain-loop twin)."""
     register_intrinsics()
     sch = Schedule(func)
-    acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth)
+    acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate)
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
     intrin = v.intrin(depth)
@@ -245,10 +234,10 @@ def schedule_tensorized(
     return sch
 
 
-def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int) -> Schedule:
+def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, compensate: bool = False) -> Schedule:
     """Any-CPU schedule: same tiling, plain loops, the lanes of a block vectorized."""
     sch = Schedule(func)
-    acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi)
+    acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi, compensate=compensate)
     sch.reorder(kp, m_i, nb_i, lane)
     for loop in (kp, m_i, nb_i):
         sch.unroll(loop)
@@ -265,8 +254,9 @@ class QDense:
     ``variant`` is the `Variant`, ``tiles`` the schedule's (rows, lane blocks, depth).
     """
 
-    def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable):
-        self.M, self.N, self.K, self.epilogue = M, N, K, epilogue
+    def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable,
+                 compensate: bool = False):
+        self.M, self.N, self.K, self.epilogue, self.compensate = M, N, K, epilogue, compensate
         self.variant, self.bits_a, self.bits_w, self.ref, self.tiles = variant, *bits, ref, tiles
         self.Kp = ceil_to(K, variant.kpack)
         self.target, self.executable = target, executable
@@ -279,8 +269,16 @@ class QDense:
 
     # operand preparation in this kernel's layouts
     def pack_weight(self, w: np.ndarray) -> np.ndarray:
+        """Centred weights ``[N, K]`` -> packed (offset into int8 first when compensated)."""
         v = self.variant
+        if self.compensate:
+            w = np.asarray(w).astype(np.int32) - packing.weight_offset(w)[:, None]
         return packing.pack_weight(w, v.lanes, v.kpack, np.dtype(v.w_dtype))
+
+    def weight_args(self, w: np.ndarray) -> list[np.ndarray]:
+        """The kernel's weight operands for centred weights: ``[packed]`` or ``[packed, comp]``."""
+        packed = self.pack_weight(w)
+        return [packed, packing.weight_offset(w)] if self.compensate else [packed]
 
     def prepare_activation(self, a: np.ndarray, a_zp: int = 0) -> np.ndarray:
         """uint8 codes ``[M, K]`` -> this kernel's A: padded u8, or centered int16 (``a - a_zp``)."""
@@ -295,16 +293,8 @@ class QDense:
 
     # running
     def _check_runnable(self) -> None:
-        """Refuse to run code this CPU cannot execute (it would die of SIGILL, not raise)."""
-        t = as_target(self.target)
-        triple = str(t.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
-        if not triple.startswith(platform.machine()):
-            raise RuntimeError(f"kernel built for {triple}; cannot run on {platform.machine()}")
-        flags = _host_flags()
-        if flags and "avx512f" not in flags and codegen.target_has_features("avx512f", t):
-            raise RuntimeError("kernel uses AVX-512 but this CPU has none: build for host_target()")
-        if flags and "avx2" not in flags and codegen.target_has_features("avx2", t):
-            raise RuntimeError("kernel uses AVX2 but this CPU has none: build for host_target()")
+        """Refuse to run code this CPU cannot execute (it would die of SIGILL, not raise): `targets.NotRunnable`."""
+        check_runnable(self.target, "kernel")
 
     def function(self):
         """The runtime function ``main(A, W, [zp_wsum, scale, bias,] out)``."""
@@ -324,28 +314,29 @@ class QDense:
             if int(np.abs(w_packed.astype(np.int16)).max()) > w_max:
                 raise ValueError(f"|weight| exceeds {w_max} (bits_w={self.bits_w})")
 
-    def _args(self, a, w_packed, *epi):
-        if len(epi) != (3 if self.epilogue else 0):
-            raise TypeError("epilogue kernels take (a, w_packed, zp_wsum, scale, bias)")
+    def _args(self, a, *rest):
+        """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias)."""
+        if len(rest) != 1 + self.compensate + 3 * self.epilogue:
+            raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias])")
         dtype = np.float32 if self.epilogue else np.int32
-        arrays = [a, w_packed, *epi, np.empty((self.M, self.N), dtype)]
+        arrays = [a, *rest, np.empty((self.M, self.N), dtype)]
         return [
             x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x))
             for x in arrays
         ]
 
-    def __call__(self, a, w_packed, *epi) -> np.ndarray:
-        """``a`` from `prepare_activation`, ``w_packed`` from `pack_weight`, epilogue vectors if built with them."""
-        self._check_codes(a, w_packed)
-        args = self._args(a, w_packed, *epi)
+    def __call__(self, a, *rest) -> np.ndarray:
+        """``a`` from `prepare_activation`, then `weight_args`, then the epilogue vectors if built with them."""
+        self._check_codes(a, rest[0] if rest else None)
+        args = self._args(a, *rest)
         self.function()(*args)
         return args[-1].numpy()
 
-    def time(self, a, w_packed, *epi, runs: int = 50, number: int = 10) -> np.ndarray:
+    def time(self, a, *rest, runs: int = 50, number: int = 10) -> np.ndarray:
         """Seconds per call for ``runs`` repeats of ``number`` calls each (time_evaluator)."""
         self.function()
         timer = self.executable.jit().time_evaluator("main", tvm.cpu(), number=number, repeat=runs)
-        return np.asarray(timer(*self._args(a, w_packed, *epi)).results)
+        return np.asarray(timer(*self._args(a, *rest)).results)
 
     def asm(self) -> str:
         """Generated assembly (``inspect_source("asm")`` on the LLVM module)."""
@@ -355,15 +346,17 @@ class QDense:
 def schedule_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
-    tiles: tuple[int, int] | None = None, depth: int | None = None,
-) -> tuple[Schedule, Variant, tuple[int, int, int]]:
+    tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
+) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
     ``variant`` "auto" = `choose_variant(target, bits_a, bits_w)`; an explicit variant must be
     exact for the bit widths (a saturating u8 x s8 kernel is refused, not built) and supported by
     the target.  ``ref`` swaps the intrinsic for its plain-loop twin (runs on any CPU; for tests).
     ``tiles`` = (rows, lane blocks) and ``depth`` (int16 pre-accumulation of u8 x s8) default to
-    `default_tiles` and `Variant.max_depth`.
+    `default_tiles` and `Variant.max_depth`.  ``compensate`` (default: 8-bit weights on an int8
+    variant) adds the in-kernel row-sum correction for weights offset into int8
+    (`packing.weight_offset`); returns it as the last element.
     """
     if variant == "auto":
         v = choose_variant(target, bits_a, bits_w)
@@ -371,6 +364,10 @@ def schedule_qdense(
         v = VARIANTS[variant]
     else:
         raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
+    if compensate is None:
+        compensate = bits_w >= 8 and v.w_dtype == "int8"
+    if compensate and v.w_dtype != "int8":
+        raise ValueError(f"{v.name} takes {v.w_dtype} weights: 8-bit centred weights fit, no compensation")
     depth = v.max_depth(bits_a, bits_w, K) if depth is None else depth
     if depth not in (U8S8_DEPTHS if v.name == "avx2_u8s8" else (1,)):
         raise ValueError(f"{v.name} has no depth-{depth} intrinsic")
@@ -388,21 +385,23 @@ def schedule_qdense(
     n_tiles = ceil_to(N, v.lanes) // v.lanes
     if n_tiles % nbi:
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
-    func = te.create_prim_func(qdense(M, N, K, v, epilogue=epilogue, m_tile=mi if v.tensorized else 1))
+    func = te.create_prim_func(qdense(M, N, K, v, epilogue=epilogue, m_tile=mi if v.tensorized else 1,
+                                      compensate=compensate))
     if v.tensorized:
-        sch = schedule_tensorized(func, v, mi, nbi, depth, ref)
+        sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)
     else:
-        sch = schedule_fallback(func, v, mi, nbi)
-    return sch, v, (mi, nbi, depth)
+        sch = schedule_fallback(func, v, mi, nbi, compensate)
+    return sch, v, (mi, nbi, depth), compensate
 
 
 def build_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
-    tiles: tuple[int, int] | None = None, depth: int | None = None,
+    tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments)."""
-    sch, v, tiles = schedule_qdense(M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant,
-                                    epilogue=epilogue, ref=ref, tiles=tiles, depth=depth)
+    sch, v, tiles, compensate = schedule_qdense(
+        M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
+        tiles=tiles, depth=depth, compensate=compensate)
     exe = tvm.compile(sch.mod, target=as_target(target))
-    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe)
+    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate)

@@ -10,7 +10,9 @@ and emits one call of the target's scheduled `repq_tvm.kernels.qdense` kernel, c
 acc = Σ_k (q − z_a)(W − z_w) exactly in int32 and y = float(acc)·(s_a·s_w[n]) + bias[n] in its
 epilogue. Weights are centred (W − z_w), packed for the target's dot instruction and folded with the
 zero-point correction and scales at compile time; the variant (VNNI, AVX2 u8·s8 or int16, plain
-vector loops) is the fastest one that is exact for these bit widths.
+vector loops) is the fastest one that is exact for these bit widths. 8-bit weights centred on their
+zero point span ±255: int8 kernels get them offset into int8 per channel, and add back
+offset[n]·Σ_k q[m, k] in the kernel (`packing.weight_offset`), so W8 runs on vpdpbusd at full speed.
 """
 
 from __future__ import annotations
@@ -45,29 +47,32 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
     `kernels` caches one PrimFunc per (shape, bit widths): layers of the same shape share their kernel.
     """
     from ..kernels import packing
-    from ..kernels.qdense import schedule_qdense
+    from ..kernels.qdense import choose_variant, schedule_qdense
 
     m, k = _shape(q)
     n = w.shape[0]
-    key = (m, n, k, bits_a, weight_bits(w))
+    bits_w = weight_bits(w)
+    v = choose_variant(target, bits_a, bits_w)
+    compensate = v.w_dtype == "int8" and packing.needs_offset(w)  # 8-bit codes: w - z_w beyond int8
+    key = (m, n, k, bits_a, bits_w, compensate)
     if key not in kernels:
-        sch, v, _ = schedule_qdense(m, n, k, target, bits_a=bits_a, bits_w=key[-1], epilogue=True)
-        name = f"repq_qdense_{v.name}_{m}x{n}x{k}_a{bits_a}w{key[-1]}"
-        func = scheduled_kernel(sch, name)
-        kernels[key] = (bb.add_func(func, name), v)
+        sch, v, _, _ = schedule_qdense(m, n, k, target, bits_a=bits_a, bits_w=bits_w, epilogue=True,
+                                       compensate=compensate)
+        name = f"repq_qdense_{v.name}_{m}x{n}x{k}_a{bits_a}w{bits_w}{'c' if compensate else ''}"
+        kernels[key] = (bb.add_func(scheduled_kernel(sch, name), name), v)
     gv, v = kernels[key]
-    if v.w_dtype == "int8" and (w.min() < -128 or w.max() > 127):
-        raise NotImplementedError(f"8-bit weights outside int8 after centring need the int16 kernel ({v.name})")
     zp = 0 if v.a_dtype == "int16" else z_a
     zp_wsum, scale, bias = packing.epilogue_params(w, s_w.reshape(-1), s_a, zp, bias)
-    packed = packing.pack_weight(w, v.lanes, v.kpack, np.dtype(v.w_dtype))
+    offset = packing.weight_offset(w) if compensate else np.zeros(n, np.int32)
+    packed = packing.pack_weight(w - offset[:, None], v.lanes, v.kpack, np.dtype(v.w_dtype))
+    weights = [relax.const(packed), *([relax.const(offset)] if compensate else [])]
     kp = packing.ceil_to(k, v.kpack)
     a = q
     if v.a_dtype == "int16":
         a = bb.emit(relax.op.subtract(relax.op.astype(q, "int16"), relax.const(z_a, "int16")))
-    if kp != k:  # zero columns meet zero weight rows: they add nothing
+    if kp != k:  # zero columns meet zero weight rows: they add nothing (and nothing to the row sums)
         a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, kp - k]))
-    return bb.emit(relax.call_tir(gv, [a, relax.const(packed), relax.const(zp_wsum), relax.const(scale),
+    return bb.emit(relax.call_tir(gv, [a, *weights, relax.const(zp_wsum), relax.const(scale),
                                        relax.const(bias)], relax.TensorType((m, n), "float32")))
 
 
