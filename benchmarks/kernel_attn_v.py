@@ -36,7 +36,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
-    target = dict(targets.load("host")["tvm_target"], **{"num-cores": args.threads})  # what `compile` uses
+    target = targets.tvm_target("host", args.threads)  # what `compile` uses
     rng = np.random.default_rng(0)
 
     def timed(fn, number):
@@ -45,7 +45,7 @@ def main() -> None:
             fn()
         return (time.perf_counter() - t0) / number
 
-    print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={target.get('mcpu', target.get('mtriple'))}, {args.bits}-bit codes, "
+    print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, {args.bits}-bit codes, "
           f"{args.rounds} interleaved rounds, ms per call (median / min)")
     print(f"{'Bt x M x N x D':>18s}{'shift log√2':>18s}{'shift log2':>18s}{'torch fp32':>18s}"
           f"{'log√2/torch':>13s}{'log2/torch':>12s}")

@@ -36,14 +36,16 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from repq_tvm import targets
     from repq_tvm.kernels import qdense as Q
 
     torch.set_num_threads(args.threads)
     bits_a, bits_w = map(int, args.bits.split(","))
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     target = Q.host_target(args.threads)
-    if Q.host_has_vnni():
-        kernels = [("vnni", Q.X86_VNNI_TARGET | {"num-cores": args.threads}, 8, 8)]
+    vnni = targets.tvm_target("x86_64-avx512-vnni", args.threads)
+    if targets.runnable_reason(vnni) is None:
+        kernels = [("vnni", vnni, 8, 8)]
     else:
         kernels = [("avx2_u8s8", target, bits_a, bits_w), ("avx2_i16", target, 8, 8)]
     rng = np.random.default_rng(0)
@@ -56,7 +58,7 @@ def main() -> None:
         return (time.perf_counter() - t0) / number
 
     names = [f"{v}(a{ba}w{bw})" for v, _, ba, bw in kernels]
-    print(f"threads={args.threads} (TVM and torch {torch.__version__}), cpu={target['mcpu']}, "
+    print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, "
           f"median of {args.rounds} interleaved rounds, ms per call")
     head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
     head += "".join(f"{'torch/' + n.split('(')[0]:>18s}" for n in names) + f"{'GMAC/s':>8s}"

@@ -28,6 +28,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from repq_tvm import targets
     from repq_tvm.kernels.qbmm import QBmm
     from repq_tvm.kernels.qdense import host_target
     from repq_tvm.reference import ops
@@ -43,7 +44,7 @@ def main() -> None:
             fn()
         return (time.perf_counter() - t0) / number
 
-    print(f"threads={args.threads}, cpu={target['mcpu']}, k layout {args.layout}, "
+    print(f"threads={args.threads}, target={targets.target_label(target)}, k layout {args.layout}, "
           f"median of {args.rounds} interleaved rounds")
     print(f"{'Bt x M x N x D':>18s}{'tvm int (ms)':>14s}{'torch fp32 (ms)':>17s}{'torch/tvm':>11s}{'GMAC/s':>8s}")
     for Bt, M, N, D in shapes:

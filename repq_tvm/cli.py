@@ -196,6 +196,28 @@ def cmd_profile(args) -> dict:
     return result
 
 
+def cmd_targets(args) -> dict:
+    """The target presets: description, whether this machine can run each (why not), and what `host` picks."""
+    from . import targets
+
+    result = targets.survey(args.presets)
+    if args.json:
+        print(json.dumps(result))
+        return result
+    rows = result["presets"]
+    width = max([len("PRESET"), *(len(r["name"]) for r in rows)])
+    print(f"{'PRESET':<{width}}  {'RUNS HERE':<9}  DESCRIPTION")
+    for r in rows:
+        runs = ("yes, host" if r["host"] else "yes") if r["runs_here"] else "no"
+        print(f"{r['name']:<{width}}  {runs:<9}  {r['description']}")
+        if r["reason"]:
+            print(f"{'':<{width}}  {'':<9}  why not: {r['reason']}")
+    host = f"--target host = {result['host']}" if result["host"] else f"--target host: {result['host_error']}"
+    features = ", ".join(result["cpu_features"]) or "none of the checked features"
+    print(f"\n{host} (this machine: {result['machine']}, {features}); presets from {result['preset_dir']}")
+    return result
+
+
 def cmd_demo(args) -> dict:
     """The built-in default job: calibrate the bundled ViT fixture at W4/A4 and W8/A8, compare with FP32,
     then compile the W4/A4 model to an integer artifact for this CPU, evaluate it and time it."""
@@ -264,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a calibrated .repq file to an integer artifact folder")
     c.add_argument("calibrated", help="the .repq file from repq-tvm calibrate")
-    c.add_argument("--target", default="host", help="host or a preset in targets/ (x86_64-avx2, ...)")
+    c.add_argument("--target", default="host",
+                   help="host (the preset this CPU runs best), a preset name (x86_64-avx2, x86_64-avx512-vnni, "
+                        "aarch64-neon-dotprod; `repq-tvm targets` lists them) or the path of your own preset .json")
     c.add_argument("-o", "--output", required=True, help="artifact folder to write")
     c.add_argument("--batch", type=int, default=1, help="compiled batch size")
     c.add_argument("--dump-ir", help="write the IR after every compiler phase into this folder")
@@ -293,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true")
     f.add_argument("--plot", help="write a PNG bar chart of the slowest kernels")
     f.set_defaults(func=cmd_profile)
+
+    t = sub.add_parser("targets", help="list the target presets, whether this CPU can run each, and what host picks")
+    t.add_argument("presets", nargs="*", help="preset names or preset .json files to check (default: all presets)")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(func=cmd_targets)
 
     d = sub.add_parser("demo", help="the default job: quantize the bundled ViT fixture and report accuracy")
     d.add_argument("--out-dir", default="out")

@@ -97,7 +97,7 @@ def test_tampered_library_is_refused(built, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset,needle", [("aarch64-neon-dotprod", "built for aarch64-neon-dotprod"),
-                                           ("x86_64-avx512-vnni", "needs AVX-512 VNNI")])
+                                           ("x86_64-avx512-vnni", "needs .*AVX-512 VNNI")])
 def test_artifact_for_another_target_is_refused(built, tmp_path, preset, needle):
     from repq_tvm import targets
 

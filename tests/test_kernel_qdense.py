@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from repq_tvm import targets
-from repq_tvm import targets
 from repq_tvm.kernels import packing as P
 from repq_tvm.kernels import qdense as Q
 from repq_tvm.kernels.intrinsics_x86 import register_intrinsics

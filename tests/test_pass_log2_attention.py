@@ -9,12 +9,13 @@ from tvm import relax
 
 from repq_tvm.frontends import canonical
 from repq_tvm.kernels.shift_attention import (
-    AARCH64_TARGET, build_shift_attention, check_frac_bits, kernel_codes, schedule_shift_attention, shift_attention,
+    AARCH64_TARGET, X86_AVX2_TARGET, build_shift_attention, check_frac_bits, kernel_codes, schedule_shift_attention,
+    shift_attention,
 )
 from repq_tvm.passes.log2_attention import LowerLog2Attention
 from repq_tvm.reference import ops
 
-TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
+TARGET = X86_AVX2_TARGET  # the x86_64-avx2 preset
 
 
 def random_codes(rng, shape, bits, f, sqrt2, v_bits):

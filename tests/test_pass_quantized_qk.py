@@ -11,7 +11,7 @@ from repq_tvm.kernels.qdense import AARCH64_TARGET, X86_AVX2_TARGET
 from repq_tvm.passes.quantized_qk import LowerQuantizedQK
 from repq_tvm.reference import ops
 
-TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
+TARGET = X86_AVX2_TARGET  # the x86_64-avx2 preset
 GENERIC_X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}  # no AVX2: the plain-loop fallback
 
 

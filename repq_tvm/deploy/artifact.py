@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 
 from ..errors import ReqError, read_json
 from . import cross
@@ -74,15 +73,14 @@ def read_manifest(art_dir: str) -> dict:
 
 
 def check_runnable_here(manifest: dict) -> None:
-    """Refuse libraries built for another architecture or for CPU features this machine lacks."""
+    """Refuse libraries built for another architecture or for CPU features this machine lacks
+    (`targets.runnable_reason`: the preset's triple and the features its tvm_target enables)."""
     from .. import targets
 
     preset = manifest["target"]
-    triple = preset["tvm_target"].get("mtriple", "")
-    machine = platform.machine()
-    if triple and not triple.startswith(machine):
-        hint = f" (run it on a {triple.split('-')[0]} device, or under {preset['runner']})" if preset.get("runner") else ""
-        raise ReqError(f"artifact was built for {preset['name']} ({triple}); this machine is {machine}{hint}")
-    host = targets.host_name()
-    if preset["int8_dot"] == "vnni" and host != preset["name"]:
-        raise ReqError(f"artifact was built for {preset['name']} (needs AVX-512 VNNI); this machine is {host}")
+    reason = targets.runnable_reason(preset)
+    if reason:
+        arch = targets.target_arch(preset)
+        hint = (f" (run it on an {arch} device, or under {preset['runner']})"
+                if preset.get("runner") and arch != targets.host_arch() else "")
+        raise ReqError(f"artifact was built for {preset['name']} and cannot run here: {reason}{hint}")

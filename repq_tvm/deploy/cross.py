@@ -7,29 +7,18 @@ host's own compiler fits) and fails early, before the slow compile, when the cro
 
 from __future__ import annotations
 
-import platform
 import re
 import shutil
 import subprocess
 
 from ..errors import ReqError
-
-_ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
-
-
-def _arch(name: str) -> str:
-    name = name.lower()
-    return _ARCH_ALIASES.get(name, name)
-
-
-def host_arch() -> str:
-    return _arch(platform.machine())
+from ..targets import arch_of, host_arch
 
 
 def target_arch(preset: dict) -> str | None:
     """The architecture of the preset's LLVM triple (None: no triple, i.e. the host's)."""
     triple = preset["tvm_target"].get("mtriple", "")
-    return _arch(triple.split("-")[0]) if triple else None
+    return arch_of(triple) if triple else None
 
 
 def needs_cross(preset: dict) -> bool:

@@ -24,9 +24,9 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from ..relax_util import scheduled_kernel
+from ..targets import as_target, check_runnable, target_has
 from .intrinsics_x86 import i16_intrin, register_intrinsics
 from .packing import ceil_to
-from .qdense import QDense, as_target, target_has
 
 LANES, KPACK = 8, 2  # the int16 intrinsic: 8 int32 outputs x 2 consecutive d
 DEFAULT_TILES = {"avx2_i16": (6, 2), "fallback": (6, 2)}  # (rows, 8-lane blocks) per register tile
@@ -171,7 +171,7 @@ class QBmm:
     def function(self):
         """The runtime function ``main(A, B, zp, scale, out)``; refuses code this CPU cannot run."""
         if self._fn is None:
-            QDense._check_runnable(self)  # only reads self.target
+            check_runnable(self.target, "kernel")
             self._fn = self.executable.jit()["main"]
         return self._fn
 

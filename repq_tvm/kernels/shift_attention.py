@@ -35,19 +35,18 @@ aarch64 (NEON, 4 lanes) uses the same schedule; LLVM lowers the variable shifts 
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
-from tvm.target import codegen
 
 from ..relax_util import scheduled_kernel
 from ..reference.ops import SQRT2_FIXED, SQRT2_Q, frac_bits
+from ..targets import as_target, check_runnable, target_has
 from .packing import ceil_to
-from .qdense import AARCH64_TARGET, X86_AVX2_TARGET, _host_flags, as_target, target_has
+from .qdense import AARCH64_TARGET, X86_AVX2_TARGET
 
 __all__ = ["shift_attention", "schedule_shift_attention", "shift_attention_primfunc", "build_shift_attention",
            "ShiftAttention", "kernel_codes", "default_tiles", "row_groups", "vector_lanes", "check_frac_bits",
@@ -273,14 +272,7 @@ class ShiftAttention:
     def function(self):
         """The runtime function (refused when this machine cannot run the target's code)."""
         if self._fn is None:
-            t = as_target(self.target)
-            triple = str(t.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
-            if not triple.startswith(platform.machine()):
-                raise RuntimeError(f"kernel built for {triple}; cannot run on {platform.machine()}")
-            flags = _host_flags()
-            for feature, flag in (("avx512f", "avx512f"), ("avx2", "avx2")):
-                if flags and flag not in flags and codegen.target_has_features(feature, t):
-                    raise RuntimeError(f"kernel uses {feature} but this CPU has none")
+            check_runnable(self.target, "kernel")
             self._fn = self.executable.jit()["main"]
         return self._fn
 

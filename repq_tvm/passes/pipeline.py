@@ -21,6 +21,7 @@ import time
 
 import tvm
 
+from .. import targets
 from ..frontends import lower_log_quant
 from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
@@ -36,12 +37,6 @@ INTEGER_PASSES = (
     ("integer-qk", LowerQuantizedQK, "integer_qk"),
     ("log2-attention", LowerLog2Attention, "shift_attention"),
 )
-
-
-def tvm_target(preset: dict, num_cores: int | None = None) -> dict:
-    target = dict(preset["tvm_target"])
-    target["num-cores"] = num_cores or os.cpu_count() or 1
-    return target
 
 
 def _dump(dump_dir: str | None, index: int, phase: str, mod: tvm.IRModule) -> None:
@@ -89,8 +84,12 @@ def import_model(model, input_shape, frontend: str = "torch") -> tvm.IRModule:
 
 def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None, progress=print,
                   frontend: str = "torch"):
-    """Compile a calibrated (fake-quant) PyTorch model for `preset`; returns (executable, stats)."""
-    target = tvm_target(preset)
+    """Compile a calibrated (fake-quant) PyTorch model for `preset`; returns (executable, stats).
+
+    One `tvm.target.Target` (`targets.tvm_target`) is built here and handed to every integer pass, the float
+    schedules and the final build.
+    """
+    target = targets.tvm_target(preset)
     stats = {"frontend": frontend}
     t0 = time.time()
     progress(f"[1/5] importing the calibrated model into Relax ({frontend} frontend)")
@@ -111,12 +110,11 @@ def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None,
     _dump(dump_dir, index, "log-quant", mod)
 
     progress("[4/5] fusing and scheduling the float ops")
-    tvm_t = tvm.target.Target(target)
-    mod = fuse_and_schedule(mod, tvm_t)
+    mod = fuse_and_schedule(mod, target)
     stats["unscheduled_kernels"] = unscheduled(mod)
     _dump(dump_dir, index + 1, "fused-scheduled", mod)
 
     progress(f"[5/5] building for {preset['name']}")
-    executable = tvm.compile(mod, target=tvm_t, relax_pipeline=lower_pipeline(tvm_t))
+    executable = tvm.compile(mod, target=target, relax_pipeline=lower_pipeline(target))
     stats["compile_seconds"] = round(time.time() - t0, 1)
     return executable, stats
