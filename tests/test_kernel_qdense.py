@@ -260,9 +260,14 @@ def test_vnni_activation_is_the_unsigned_operand():
     assert broadcast and src2 and set(src2) <= broadcast
 
 
-def test_aarch64_fallback_compiles_to_an_object(tmp_path):
-    kernel = Q.build_qdense(197, 384, 384, Q.AARCH64_TARGET, bits_a=6, bits_w=6, epilogue=True)
-    assert kernel.schedule == "fallback"
+@pytest.mark.parametrize("bits_w", [6, 8])
+def test_aarch64_fallback_compiles_to_an_object(tmp_path, bits_w):
+    """Any host cross-builds the aarch64 kernel (W8: compensated): NEON widening multiply-adds, an
+    aarch64 ELF object, and a refusal to run it here."""
+    kernel = Q.build_qdense(197, 384, 384, Q.AARCH64_TARGET, bits_a=6, bits_w=bits_w, epilogue=True)
+    assert kernel.schedule == "fallback" and kernel.compensate is (bits_w == 8)
+    asm = kernel.asm()
+    assert "smlal" in asm and "smlal2" in asm, "the NEON widening multiply-accumulate is missing"
     path = tmp_path / "qdense.o"
     kernel.executable.mod.write_to_file(str(path))
     header = path.read_bytes()[:20]

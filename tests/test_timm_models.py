@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -65,9 +67,16 @@ def test_compile_and_run_at_224(name, bits, folder, tmp_path, capsys):
     assert main(["calibrate", "--model", name, "--data", str(folder), "--calib-size", "4", "--w-bits", str(bits),
                  "--a-bits", str(bits), "-o", cal, "--quiet"]) == 0
     assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
-    stats = json.load(open(os.path.join(art, "manifest.json")))["compile"]
+    manifest = json.load(open(os.path.join(art, "manifest.json")))
+    stats = manifest["compile"]
     assert stats["unscheduled_kernels"] == [] or all("mean" in k for k in stats["unscheduled_kernels"])
     assert stats["integer_qk"] == stats["shift_attention"] > 0 and stats["integer_patch_embeds"] == 1
+    # the linears use the host preset's int8 dot instruction (W8 on VNNI: vpdpbusd, compensated)
+    asm = subprocess.run(["objdump", "-d", os.path.join(art, "model.so")], capture_output=True, text=True,
+                         check=True).stdout
+    variant, needle = {"vnni": ("_vnni_", "vpdpbusd"), "avx2": ("_avx2_", "vpmaddwd")}[manifest["target"]["int8_dot"]]
+    kernels = set(re.findall(r"<(repq_qdense_\w+?)(?:_compute_)?>:", asm))
+    assert len(kernels) >= 4 and all(variant in k for k in kernels) and needle in asm, kernels
     cm = calibrated.load(cal)
     source = data.open_images(str(folder))
     x, _ = load_batch(source, np.arange(len(source)), make_transform(cm.preprocessing))
