@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
+from .atomic import atomic_file
 from .errors import ReqError
 
 FORMAT = "repq-tvm-calibrated"
@@ -48,8 +49,8 @@ def save(path: str, cm: CalibratedModel) -> None:
         "quantizers": json.dumps({n: q.describe() for n, q in quantizers(cm.model).items()}),
         "info": json.dumps(cm.info),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata=meta)
+    with atomic_file(path) as tmp:  # an interrupted save keeps the previous file
+        save_file(tensors, tmp, metadata=meta)
 
 
 def _read(path: str) -> tuple[dict, dict]:

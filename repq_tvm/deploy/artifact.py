@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 
+from ..atomic import atomic_dir
 from ..errors import ReqError, read_json
 from . import cross
 
@@ -42,15 +43,14 @@ def write(out_dir: str, executable, fields: dict, fcompile=None) -> str:
 
     if fcompile is None and "target" in fields:
         fcompile = cross.fcompile_for(fields["target"])  # never link a foreign-architecture library with the host gcc
-    os.makedirs(out_dir, exist_ok=True)
-    lib_path = os.path.join(out_dir, LIBRARY)
-    executable.export_library(lib_path, fcompile=fcompile) if fcompile else executable.export_library(lib_path)
-    manifest = {"format": FORMAT, "version": VERSION, **fields, "tvm_version": tvm.__version__,
-                "build": cross.build_info(fcompile), "library": LIBRARY, "files": {LIBRARY: sha256(lib_path)}}
-    path = os.path.join(out_dir, MANIFEST)
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
-    return path
+    with atomic_dir(out_dir) as tmp:  # an interrupted write keeps the previous artifact whole
+        lib_path = os.path.join(tmp, LIBRARY)
+        executable.export_library(lib_path, fcompile=fcompile) if fcompile else executable.export_library(lib_path)
+        manifest = {"format": FORMAT, "version": VERSION, **fields, "tvm_version": tvm.__version__,
+                    "build": cross.build_info(fcompile), "library": LIBRARY, "files": {LIBRARY: sha256(lib_path)}}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+    return os.path.join(out_dir, MANIFEST)
 
 
 def read_manifest(art_dir: str) -> dict:

@@ -28,6 +28,7 @@ from onnxscript import ir
 from onnxscript import opset21 as op
 from tvm.relax.frontend.onnx import from_onnx
 
+from ..atomic import atomic_file
 from ..errors import ReqError
 from .normalize import normalize
 from .quant_ops import as_custom_ops
@@ -100,7 +101,8 @@ def export_onnx(model: torch.nn.Module, input_shape, path: str) -> str:
                                  custom_translation_table=TRANSLATIONS, input_names=["x"], output_names=["y"],
                                  external_data=False, verbose=False, optimize=False)
     _cleanup(prog.model)
-    prog.save(path, external_data=False)
+    with atomic_file(path) as tmp:  # an interrupted export keeps the previous file
+        prog.save(tmp, external_data=False)
     return path
 
 
