@@ -5,10 +5,27 @@ Needs TVM's runtime, NumPy and the preprocessing transform, never the PyTorch mo
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import ReqError
 from . import artifact
+
+
+# TVM 0.27 never frees a loaded library: each `tvm.runtime.load_module` keeps its constants (~the
+# library's size) for the life of the process, even for the same file. Loading an artifact again
+# therefore reuses its module, keyed by the verified library hash: repeated loads cost nothing.
+_MODULES: dict[tuple[str, str], object] = {}
+
+
+def _load_library(path: str, digest: str):
+    import tvm
+
+    key = (os.path.realpath(path), digest)
+    if key not in _MODULES:
+        _MODULES[key] = tvm.runtime.load_module(path)
+    return _MODULES[key]
 
 
 class Runner:
@@ -21,7 +38,8 @@ class Runner:
         self.manifest = artifact.read_manifest(art_dir)
         if check_target:
             artifact.check_runnable_here(self.manifest)
-        lib = tvm.runtime.load_module(f"{art_dir}/{self.manifest['library']}")
+        library = self.manifest["library"]
+        lib = _load_library(os.path.join(art_dir, library), self.manifest["files"][library])
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self._main = self.vm["main"]  # one lookup: each costs milliseconds
         self.input_shape = tuple(self.manifest["input_shape"])
