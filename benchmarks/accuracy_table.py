@@ -17,13 +17,11 @@ import os
 import re
 import time
 
-import numpy as np
 import torch
 
-from repq_tvm import data, models
-from repq_tvm.evaluate import accuracy, load_batch, make_transform
-from repq_tvm.quant.calibrate import calibrate
-from repq_tvm.quant.config import METHODS, method_config
+from repq_tvm import api, data, models
+from repq_tvm.evaluate import paired_margin
+from repq_tvm.quant.config import METHODS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -36,36 +34,23 @@ LABELS = {
 }
 
 
-def paired_margin(correct_a: np.ndarray, correct_b: np.ndarray, rounds: int = 10000, seed: int = 0) -> dict:
-    """Top-1 of a minus top-1 of b in points, with a 95% bootstrap interval resampling images (both methods
-    see the same images, so the per-image difference is resampled, which is much tighter than two separate errors)."""
-    diff = correct_a.astype(np.float64) - correct_b.astype(np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(diff), size=(rounds, len(diff)))
-    boot = 100.0 * diff[idx].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"points": round(float(100.0 * diff.mean()), 2), "ci95": [round(float(lo), 2), round(float(hi), 2)]}
-
-
 def run(fixtures, bits_list, methods) -> dict:
-    calib_src = data.open_images(models.fixture_file(models.FIXTURE_CALIB_DATA))
-    eval_src = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
-    results = {"eval_images": len(eval_src), "calib_images": 32, "fixtures": {}, "repq_minus_baseline": {}}
+    """Every fixture x bit width x method, calibrated and evaluated exactly as `repq-tvm calibrate` /
+    `repq-tvm evaluate` do (the library API under them), so the table and the CLI give the same numbers."""
+    eval_images = len(data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA)))
+    results = {"eval_images": eval_images, "calib_images": 32, "fixtures": {}, "repq_minus_baseline": {}}
     for name in fixtures:
-        fp, arch = models.load_model(name)
-        transform = make_transform(arch["data"])
-        calib, _ = load_batch(calib_src, data.sample_indices(len(calib_src), 32, 0), transform)
-        row = {"fp32": accuracy(fp, eval_src, transform)["top1"]}
+        row = {"fp32": api.evaluate(name)["top1"]}
         print(f"{name} FP32 top-1 {row['fp32']:.2f}", flush=True)
         margins = {}
         for bits in bits_list:
             correct = {}
             for method in methods:
                 t0 = time.time()
-                model, _ = models.load_model(name)
-                calibrate(model, calib, method_config(method, bits, bits))
-                res = accuracy(model, eval_src, transform)
+                cm = api.calibrate(name, w_bits=bits, a_bits=bits, method=method, calib_size=32, seed=0)
+                res = api.evaluate(cm)
                 row[f"{method} W{bits}/A{bits}"] = res["top1"]
-                correct[method] = np.array(res["correct"])
+                correct[method] = res["correct"]
                 print(f"{name} {method} W{bits}/A{bits} top-1 {res['top1']:.2f} ({time.time() - t0:.0f} s)", flush=True)
             if {"repq-vit", "ptq-baseline"} <= set(correct):
                 margins[f"W{bits}/A{bits}"] = paired_margin(correct["repq-vit"], correct["ptq-baseline"])

@@ -1,5 +1,6 @@
-"""`repq-tvm` command line: calibrate, evaluate, demo.
+"""`repq-tvm` command line: calibrate, evaluate, compile, run, profile, demo.
 
+Each command parses its arguments, calls the library API (`repq_tvm.api`) and prints the result.
 Every user-facing failure is a ReqError: one line on stderr, exit code 2.
 """
 
@@ -10,142 +11,51 @@ import json
 import os
 import sys
 
+from . import api
 from .errors import ReqError
 
-CALIBRATED_SUFFIX = ".repq"
+CALIBRATED_SUFFIX = api.CALIBRATED_SUFFIX
 DEFAULT_MODEL = "vit_cifar10"
 
 
-def _is_calibrated_file(model: str) -> bool:
-    return model.endswith(CALIBRATED_SUFFIX) or os.path.isfile(model)
-
-
-def _default_data(args, arch: dict, kind: str) -> str:
-    """Fixtures bring their own calibration and evaluation images; other models need --data."""
-    from . import models
-
-    if args.data:
-        return args.data
-    if arch.get("name") in models.FIXTURES:
-        return models.fixture_file(models.FIXTURE_CALIB_DATA if kind == "calib" else models.FIXTURE_EVAL_DATA)
-    raise ReqError("--data is required for this model (an image folder, a tar of one, or a .npz image pack)")
-
-
-def _num_classes(model) -> int | None:
-    return getattr(model, "num_classes", None)
-
-
 def cmd_calibrate(args) -> dict:
-    import torch
-
-    from . import calibrated, data, models
-    from .evaluate import load_batch, make_transform
-    from .quant.calibrate import calibrate
-    from .quant.config import method_config
-
-    cfg = method_config(args.method, args.w_bits, args.a_bits)
-    model, arch = models.load_model(args.model, args.checkpoint)
-    source = data.open_images(_default_data(args, arch, "calib"))
-    if len(source) < args.calib_size:
-        raise ReqError(f"need {args.calib_size} calibration images, {source.path} has {len(source)}")
-    images, _ = load_batch(source, data.sample_indices(len(source), args.calib_size, args.seed),
-                           make_transform(arch["data"]))
-    torch.manual_seed(args.seed)
-    calibrate(model, images, cfg, progress=not args.quiet)
-    info = {"method": args.method, "calib_data": os.path.basename(source.path), "calib_size": args.calib_size,
-            "seed": args.seed}
-    calibrated.save(args.output, calibrated.CalibratedModel(model, arch, cfg, info))
-    result = {"output": args.output, "model": arch["name"], "method": args.method, "w_bits": cfg.w_bits,
-              "a_bits": cfg.a_bits, "calib_size": args.calib_size}
-    print(json.dumps(result) if args.json else f"wrote {args.output} ({arch['name']}, {args.method} "
-          f"W{cfg.w_bits}/A{cfg.a_bits}, {args.calib_size} calibration images)")
+    result = api.calibrate_to_file(args.model, args.output, w_bits=args.w_bits, a_bits=args.a_bits,
+                                   method=args.method, checkpoint=args.checkpoint, data=args.data,
+                                   calib_size=args.calib_size, seed=args.seed, progress=not args.quiet)
+    print(json.dumps(result) if args.json else f"wrote {args.output} ({result['model']}, {args.method} "
+          f"W{result['w_bits']}/A{result['a_bits']}, {args.calib_size} calibration images)")
     return result
-
-
-def load_for_eval(model_arg: str, checkpoint: str | None):
-    """A calibrated file or a model name (FP32) → (model, arch)."""
-    from . import calibrated, models
-
-    if _is_calibrated_file(model_arg) and checkpoint is None and model_arg not in models.FIXTURES:
-        cm = calibrated.load(model_arg)
-        return cm.model, cm.arch
-    return models.load_model(model_arg, checkpoint)
-
-
-def _artifact_predictor(art_dir: str):
-    import torch
-
-    from .deploy.runtime import Runner
-
-    runner = Runner(art_dir)
-    arch = {"name": runner.manifest["model"], "data": runner.manifest["preprocessing"]}
-    return (lambda x: torch.from_numpy(runner.predict(x.numpy()))), arch, None
 
 
 def cmd_evaluate(args) -> dict:
-    from . import data
-    from .evaluate import accuracy, make_transform
-
-    if args.artifact:
-        predict, arch, num_classes = _artifact_predictor(args.artifact)
-    elif args.model:
-        predict, arch = load_for_eval(args.model, args.checkpoint)
-        num_classes = _num_classes(predict)
-    else:
-        raise ReqError("give --model MODEL|CALIBRATED_FILE or --artifact DIR")
-    source = data.open_images(_default_data(args, arch, "eval"))
-    result = accuracy(predict, source, make_transform(arch["data"]), limit=args.limit,
-                      num_classes=num_classes, progress=not args.quiet)
+    result = api.evaluate(args.model, artifact=args.artifact, checkpoint=args.checkpoint, data=args.data,
+                          limit=args.limit, progress=not args.quiet)
     result.pop("correct")
-    result.update(model=arch["name"], data=source.path)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{arch['name']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images)")
+        print(f"{result['model']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+              f"({result['images']} images)")
     return result
 
 
-def cmd_compile(args) -> dict:
-    from . import calibrated, targets
-    from .deploy import artifact, cross
-    from .passes.pipeline import compile_model
+def _stderr_progress(quiet: bool):
+    return None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    preset = targets.load(args.target)
-    fcompile = cross.fcompile_for(preset)  # None for the host; checked before the slow compile
-    cm = calibrated.load(args.calibrated)
-    shape = [args.batch, *cm.preprocessing["input_size"]]
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    executable, stats = compile_model(cm.model, shape, preset, dump_dir=args.dump_ir, progress=say,
-                                      frontend=args.frontend)
-    fields = {"model": cm.arch["name"], "w_bits": cm.config.w_bits, "a_bits": cm.config.a_bits,
-              "method": cm.info.get("method"), "target": preset, "input_shape": shape,
-              "preprocessing": cm.preprocessing, "classes": _class_names(cm.arch), "compile": stats}
-    artifact.write(args.output, executable, fields, fcompile=fcompile)
-    result = {"output": args.output, "target": preset["name"], **stats}
-    print(json.dumps(result) if args.json else f"wrote {args.output} for {preset['name']} "
-          f"(integer kernels: {stats['integer_linears']} linear, {stats['integer_patch_embeds']} patch embedding, "
-          f"{stats['integer_qk']} q@kᵀ, {stats['shift_attention']} shift attn@V; {stats['compile_seconds']} s)")
+
+def cmd_compile(args) -> dict:
+    result = api.compile_artifact(args.calibrated, args.output, target=args.target, batch=args.batch,
+                                  frontend=args.frontend, dump_ir=args.dump_ir, progress=_stderr_progress(args.quiet))
+    print(json.dumps(result) if args.json else f"wrote {args.output} for {result['target']} "
+          f"(integer kernels: {result['integer_linears']} linear, {result['integer_patch_embeds']} patch embedding, "
+          f"{result['integer_qk']} q@kᵀ, {result['shift_attention']} shift attn@V; {result['compile_seconds']} s)")
     return result
 
 
 def cmd_export_onnx(args) -> dict:
-    from . import calibrated
-    from .frontends import export_onnx
-
-    cm = calibrated.load(args.calibrated)
-    shape = [args.batch, *cm.preprocessing["input_size"]]
-    export_onnx(cm.model, shape, args.output)
-    result = {"output": args.output, "input": "x", "input_shape": shape, "output_name": "y"}
-    print(json.dumps(result) if args.json else f"wrote {args.output} (QDQ ONNX, input x {shape})")
+    result = api.export_onnx(args.calibrated, args.output, batch=args.batch)
+    print(json.dumps(result) if args.json else f"wrote {args.output} (QDQ ONNX, input x {result['input_shape']})")
     return result
-
-
-def _class_names(arch: dict) -> list[str] | None:
-    from . import data, models
-
-    if arch.get("name") in models.FIXTURES:
-        return data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA)).classes
-    return None
 
 
 def cmd_run(args) -> dict:
@@ -177,22 +87,20 @@ def cmd_run(args) -> dict:
 
 
 def cmd_profile(args) -> dict:
+    """Whole-model latency, then every kernel call timed standalone on its real arguments, with integer
+    kernels' GMAC/s against this CPU's measured peak (`repq_tvm.deploy.profile`)."""
     from .deploy import profile
     from .deploy.runtime import Runner
 
     runner = Runner(args.artifact)
     result = {"artifact": args.artifact, "target": runner.manifest["target"]["name"],
-              **profile.latency(runner, repeat=args.repeat),
-              "kernels": profile.kernel_breakdown(runner, repeat=max(1, args.repeat // 5))}
+              **profile.profile(runner, repeat=args.repeat)}
     if args.plot:
-        profile.plot_breakdown(result["kernels"], args.plot, f"{runner.manifest['model']} on {result['target']}")
+        profile.plot_breakdown(result, args.plot, f"{runner.manifest['model']} on {result['target']}")
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"latency over {result['runs']} warm runs (batch {result['batch']}): median {result['median_ms']:.2f} ms, "
-              f"p90 {result['p90_ms']:.2f} ms, min {result['min_ms']:.2f} ms")
-        for row in result["kernels"][:15]:
-            print(f"  {row['ms_per_run']:8.3f} ms  x{row['calls_per_run']:<3d} {row['kernel']}")
+        print("\n".join(profile.format_report(result)))
     return result
 
 
@@ -221,31 +129,25 @@ def cmd_targets(args) -> dict:
 def cmd_demo(args) -> dict:
     """The built-in default job: calibrate the bundled ViT fixture at W4/A4 and W8/A8, compare with FP32,
     then compile the W4/A4 model to an integer artifact for this CPU, evaluate it and time it."""
-    from . import calibrated, data, models
     from .deploy.profile import latency
     from .deploy.runtime import Runner
-    from .evaluate import accuracy, make_transform
 
     os.makedirs(args.out_dir, exist_ok=True)
-    model, arch = models.load_model(DEFAULT_MODEL)
-    source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
-    transform = make_transform(arch["data"])
-    rows = {"fp32": accuracy(model, source, transform, progress=not args.quiet)["top1"]}
+    progress = not args.quiet
+    fp32 = api.evaluate(DEFAULT_MODEL, progress=progress)
+    rows = {"fp32": fp32["top1"]}
     for bits in (8, 4):
         out = os.path.join(args.out_dir, f"{DEFAULT_MODEL}_w{bits}a{bits}{CALIBRATED_SUFFIX}")
-        ns = argparse.Namespace(model=DEFAULT_MODEL, checkpoint=None, data=None, calib_size=32, seed=0,
-                                method="repq-vit", w_bits=bits, a_bits=bits, output=out, quiet=args.quiet, json=False)
-        cmd_calibrate(ns)
-        qmodel = calibrated.load(out).model
-        rows[f"repq-vit W{bits}/A{bits}"] = accuracy(qmodel, source, transform, progress=not args.quiet)["top1"]
+        api.calibrate_to_file(DEFAULT_MODEL, out, w_bits=bits, a_bits=bits, progress=progress)
+        print(f"wrote {out}")
+        rows[f"repq-vit W{bits}/A{bits}"] = api.evaluate(out, progress=progress)["top1"]
     art = os.path.join(args.out_dir, f"{DEFAULT_MODEL}_w4a4")
-    cmd_compile(argparse.Namespace(calibrated=out, target="host", output=art, batch=1, dump_ir=None,
-                                   frontend="torch", json=False, quiet=args.quiet))
-    predict, _, _ = _artifact_predictor(art)
-    rows["TVM integer W4/A4"] = accuracy(predict, source, transform, progress=not args.quiet)["top1"]
+    built = api.compile_artifact(out, art, target="host", progress=_stderr_progress(args.quiet))
+    print(f"wrote {art} for {built['target']} ({built['compile_seconds']} s)")
+    rows["TVM integer W4/A4"] = api.evaluate(artifact=art, progress=progress)["top1"]
     speed = latency(Runner(art), repeat=50)
     rows["TVM latency ms (median, batch 1)"] = round(speed["median_ms"], 3)
-    print(f"\n{DEFAULT_MODEL} on {len(source)} held-out CIFAR-10 images (top-1 %):")
+    print(f"\n{DEFAULT_MODEL} on {fp32['images']} held-out CIFAR-10 images (top-1 %):")
     for name, value in rows.items():
         print(f"  {name:<34} {value:7.2f}")
     with open(os.path.join(args.out_dir, "demo.json"), "w") as f:

@@ -52,3 +52,22 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], source: data.Image
     n, hits = len(indices), np.concatenate(correct)
     return {"top1": 100.0 * int(hits.sum()) / n, "top5": 100.0 * top5 / n, "images": n,
             "seconds": round(time.time() - t0, 3), "correct": hits.tolist()}
+
+
+def paired_margin(correct_a, correct_b, rounds: int = 10000, seed: int = 0) -> dict:
+    """Top-1 of model a minus top-1 of model b in points, with a 95% paired-bootstrap interval.
+
+    `correct_a` / `correct_b` are `accuracy()`'s per-image `correct` lists for the same images in the same
+    order. Both models see the same images, so the per-image difference is resampled (rounds x N draws of
+    images with replacement): much tighter than two separate binomial errors, and "a beats b beyond the noise
+    of this sample" is the statement `ci95[0] > 0`. Fixed `seed`: the same inputs give the same interval.
+    """
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"need two per-image results over the same images, got shapes {a.shape} and {b.shape}")
+    diff = a - b
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(rounds, len(diff)))
+    boot = 100.0 * diff[idx].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"points": round(float(100.0 * diff.mean()), 2), "ci95": [round(float(lo), 2), round(float(hi), 2)],
+            "images": len(diff)}
