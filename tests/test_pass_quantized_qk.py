@@ -41,6 +41,41 @@ def test_kernel_is_exact(bits, shape, layout, target):
                                   acc.astype(np.float32) * np.float32(0.37))
 
 
+@pytest.mark.parametrize("ref", [True, False], ids=["stand-in", "vpdpbusd"])
+@pytest.mark.parametrize("bits,shape,layout", [
+    (8, (3, 13, 11, 7), "nd"),  # ragged M, N, D not a multiple of 4
+    (8, (2, 65, 65, 32), "nd"),
+    (4, (4, 9, 17, 5), "dn"),
+    (8, (2, 1, 3, 1), "nd"),
+])
+def test_vnni_kernel_is_exact(bits, shape, layout, ref):
+    """The VNNI variant (q codes x (k - 128) as s8, zero points folded into the epilogue) with extreme
+    codes; as its portable stand-in on any CPU, with vpdpbusd where the CPU has AVX-512 VNNI."""
+    from repq_tvm import targets
+
+    if not ref and "avx512_vnni" not in targets.host_flags():
+        pytest.skip("this CPU lacks avx512_vnni: checked through the stand-in and the asm")
+    bt, m, n, d = shape
+    rng = np.random.default_rng(bits + m)
+    hi = 2 ** bits
+    a = rng.integers(0, hi, (bt, m, d), dtype=np.uint8)
+    b = rng.integers(0, hi, (bt, n, d), dtype=np.uint8)
+    a[0, 0], b[0, 0] = hi - 1, 0  # the largest |(q - z_q)(k - z_k)| terms
+    z_a, z_b = 0, hi - 1
+    kern = QBmm(bt, m, n, d, targets.tvm_target("host"), b_layout=layout, variant="vnni", ref=ref)
+    out = kern(a, b if layout == "nd" else b.transpose(0, 2, 1), z_a, z_b, 0.37)
+    acc = ops.qmatmul_acc(a, z_a, b.transpose(0, 2, 1), z_b)
+    assert np.array_equal(out, acc.astype(np.float32) * np.float32(0.37))
+
+
+def test_vnni_target_uses_vpdpbusd():
+    from repq_tvm.kernels.qdense import X86_VNNI_TARGET
+
+    kern = QBmm(6, 197, 197, 64, X86_VNNI_TARGET)
+    asm = kern.executable.mod.inspect_source("asm")
+    assert kern.variant == "vnni" and "vpdpbusd" in asm and "vpmaddwd" not in asm
+
+
 @pytest.mark.parametrize("layout", ["nd", "dn"])
 def test_aarch64_fallback_compiles(layout):
     sch, variant = schedule_qbmm(3, 13, 11, 7, AARCH64_TARGET, b_layout=layout)

@@ -4,7 +4,7 @@
     2. integer passes  each rewrites one quantized pattern into a scheduled integer kernel:
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
                          patch_embed       stride = kernel conv     → qdense on patch rows
-                         quantized_qk      q @ kᵀ (softmax scale)   → int16 batched matmul (vpmaddwd)
+                         quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
                          log2_attention    log√2 codes, attn @ V    → integer exponents, shift-and-add of V
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time)
     4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
