@@ -30,7 +30,7 @@ def default_data(data: str | None, arch: dict, kind: str) -> str:
     models have no default (a timm model's data cannot be guessed)."""
     from . import models
 
-    if data:
+    if data is not None:  # an empty path is the user's (and an error), not the default
         return data
     if arch.get("name") in models.FIXTURES:
         return models.fixture_file(models.FIXTURE_CALIB_DATA if kind == "calib" else models.FIXTURE_EVAL_DATA)
@@ -47,7 +47,7 @@ def calibrate(model: str, *, w_bits: int, a_bits: int, method: str = "repq-vit",
     """
     import torch
 
-    from . import data as data_mod, models
+    from . import data as data_mod, limits, models
     from .calibrated import CalibratedModel
     from .evaluate import load_batch, make_transform
     from .quant.calibrate import calibrate as run_calibration
@@ -57,6 +57,9 @@ def calibrate(model: str, *, w_bits: int, a_bits: int, method: str = "repq-vit",
         raise ReqError(f"calib_size must be positive, got {calib_size}")
     cfg = method_config(method, w_bits, a_bits)
     net, arch = models.load_model(model, checkpoint)
+    if calib_size > 1:  # all calibration images go through the model in one forward pass
+        limits.check_batch(net, arch["data"]["input_size"], calib_size, what="calib_size", int32=False,
+                           name=arch["name"])
     source = data_mod.open_images(default_data(data, arch, "calib"))
     if len(source) < calib_size:
         raise ReqError(f"need {calib_size} calibration images, {source.path} has {len(source)}")
@@ -92,11 +95,13 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     """Compile a calibrated model (a `.repq` path or a `CalibratedModel`) into the integer artifact folder
     `output` for `target` (`host`, a preset name or a preset file), with a fixed `batch` size.
 
-    The target (and its cross compiler) is checked before the model is loaded or anything is compiled, so a
-    wrong target fails in a second, not after the build. `progress` receives one line per compiler phase;
-    `dump_ir` is a folder for the IR after each phase. Returns the compile stats with `output` and `target`.
+    The target (and its cross compiler) and the output folder are checked before the model is loaded or
+    anything is compiled, so a wrong target fails in a second, not after the build; so is the batch, against
+    what the model's activations allow (`limits.check_batch`: int32 indexing, this machine's RAM).
+    `progress` receives one line per compiler phase; `dump_ir` is a folder for the IR after each phase.
+    Returns the compile stats with `output` and `target`.
     """
-    from . import calibrated, targets
+    from . import atomic, calibrated, limits, targets
     from .deploy import artifact, cross
     from .passes.pipeline import compile_model
 
@@ -104,7 +109,12 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
         raise ReqError(f"batch must be positive, got {batch}")
     preset = targets.load(target)
     fcompile = cross.fcompile_for(preset)  # None for the host
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ReqError(f"output {output} exists and is not a folder")
+    atomic.ensure_parent(output)
     cm = calibrated.load(calibrated_model) if isinstance(calibrated_model, str) else calibrated_model
+    if batch > 1:
+        limits.check_batch(cm.model, cm.preprocessing["input_size"], batch, name=cm.arch["name"])
     shape = [batch, *cm.preprocessing["input_size"]]
     executable, stats = compile_model(cm.model, shape, preset, dump_dir=dump_ir,
                                       progress=progress or (lambda msg: None), frontend=frontend)
@@ -175,10 +185,14 @@ def evaluate(model: str | CalibratedModel | None = None, *, artifact: str | None
 def export_onnx(calibrated_model: str | CalibratedModel, output: str, *, batch: int = 1) -> dict:
     """Write a calibrated model (a `.repq` path or a `CalibratedModel`) as a QDQ ONNX file with a fixed
     `batch` (input `x`, output `y`): the same quantized function, for ONNX Runtime or the ONNX frontend."""
-    from . import calibrated
+    from . import calibrated, limits
     from .frontends import export_onnx as write_onnx
 
+    if batch < 1:
+        raise ReqError(f"batch must be positive, got {batch}")
     cm = calibrated.load(calibrated_model) if isinstance(calibrated_model, str) else calibrated_model
+    if batch > 1:  # ONNX Runtime indexes with int64: only this machine's memory limits the batch
+        limits.check_batch(cm.model, cm.preprocessing["input_size"], batch, int32=False, name=cm.arch["name"])
     shape = [batch, *cm.preprocessing["input_size"]]
     write_onnx(cm.model, shape, output)
     return {"output": output, "input": "x", "input_shape": shape, "output_name": "y"}

@@ -22,15 +22,29 @@ TEMP_PREFIX = ".repq-tmp-"
 
 
 def ensure_parent(path: str) -> str:
-    """Create the folder that will hold `path`; a clear ReqError when it cannot be."""
+    """Create the folder that will hold `path` and check a new file can be made in it; a clear ReqError when
+    either cannot be."""
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as exc:
-        raise ReqError(f"cannot create the output folder {parent}: {exc.strerror or exc}") from None
-    if not os.access(parent, os.W_OK):
-        raise ReqError(f"cannot write into the output folder {parent}: permission denied")
+        why = "a file is in the way" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror or exc
+        raise ReqError(f"cannot create the output folder {parent}: {why}") from None
+    try:  # a real new file, not os.access: root passes access() where the filesystem still refuses (/proc)
+        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ReqError(f"cannot write into the output folder {parent}: {exc.strerror or exc}") from None
     return parent
+
+
+def _default_mode(folder: bool) -> int:
+    """The mode a plain open() / mkdir() would give under the current umask (mkstemp / mkdtemp make 0600 / 0700:
+    without this a calibrated file or an artifact would be private to its writer)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def _write_error(path: str, exc: OSError) -> ReqError:
@@ -45,10 +59,14 @@ def atomic_file(path: str):
     if os.path.isdir(path):
         raise ReqError(f"output {path} is a folder, expected a file path")
     parent = ensure_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=parent)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(folder=False))
         os.replace(tmp, path)
     except OSError as exc:
         raise _write_error(path, exc) from None
@@ -79,9 +97,13 @@ def atomic_dir(path: str):
     if os.path.exists(path) and not os.path.isdir(path):
         raise ReqError(f"output {path} exists and is not a folder")
     parent = ensure_parent(path)
-    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(folder=True))
         if not os.path.exists(path):
             os.rename(tmp, path)
         elif _exchange(tmp, path):

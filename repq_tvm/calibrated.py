@@ -58,6 +58,11 @@ def _read(path: str) -> tuple[dict, dict]:
 
     if not os.path.isfile(path):
         raise ReqError(f"calibrated model not found: {path}")
+    try:  # safetensors reports an unreadable file as "No such file or directory": ask the OS first
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ReqError(f"cannot read the calibrated model {path}: {exc.strerror or exc}") from None
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -73,6 +78,10 @@ def _read(path: str) -> tuple[dict, dict]:
         parsed = {k: json.loads(meta[k]) for k in ("arch", "quant_config", "quantizers", "info")}
     except (KeyError, json.JSONDecodeError) as exc:
         raise ReqError(f"{path} has corrupt metadata: {exc}") from None
+    for key, value in parsed.items():
+        if not isinstance(value, dict) or (key == "quantizers"
+                                           and not all(isinstance(d, dict) for d in value.values())):
+            raise ReqError(f"{path} has corrupt metadata: {key} is not an object")
     return parsed, tensors
 
 
@@ -82,14 +91,27 @@ def load(path: str) -> CalibratedModel:
     from .quant.config import QuantConfig
     from .quant.wrap import quantize_model, quantizers, set_quant_state
 
+    from .evaluate import check_data_config
+
     meta, tensors = _read(path)
-    cfg = QuantConfig.from_dict(meta["quant_config"])
-    model = quantize_model(models.build(meta["arch"]), cfg)
+    try:  # the metadata is the user's file: a wrong key or type in it is bad input, not a bug here
+        cfg = QuantConfig.from_dict(meta["quant_config"])
+    except TypeError as exc:
+        raise ReqError(f"{path} has a quantization config this repq-tvm cannot read: {exc}") from None
+    check_data_config(meta["arch"].get("data"), f"{path}")
+    try:
+        net = models.build(meta["arch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ReqError(f"{path} describes an architecture repq-tvm cannot build: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    model = quantize_model(net, cfg)
     for name, q in quantizers(model).items():
         desc = meta["quantizers"].get(name)
-        if desc is None or desc["kind"] != q.kind:
+        if desc is None or desc.get("kind") != q.kind:
             raise ReqError(f"{path} does not match its architecture: quantizer {name} is missing or differs")
         if hasattr(q, "channel_wise"):
+            if not isinstance(desc.get("channel_wise"), bool):
+                raise ReqError(f"{path} has corrupt metadata: quantizer {name} has no channel_wise flag")
             q.channel_wise = desc["channel_wise"]
         for buf in ("scale", "zero_point"):
             if hasattr(q, buf):

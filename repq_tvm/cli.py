@@ -1,7 +1,9 @@
 """`repq-tvm` command line: calibrate, evaluate, compile, run, profile, demo.
 
 Each command parses its arguments, calls the library API (`repq_tvm.api`) and prints the result.
-Every user-facing failure is a ReqError: one line on stderr, exit code 2.
+Every user-facing failure is one `repq-tvm: error: ...` line on stderr and exit code 2: a ReqError from the
+library, or a bad command line (`Parser.error`; numeric options and output paths are validated while parsing,
+by the `type=` callables of `repq_tvm.cli_types`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,31 @@ import os
 import sys
 
 from . import api
+from .cli_types import int_choice, int_in, output_file, output_folder, plot_file, work_folder
 from .errors import ReqError
 
 CALIBRATED_SUFFIX = api.CALIBRATED_SUFFIX
 DEFAULT_MODEL = "vit_cifar10"
+
+# The ranges of the numeric options (`repq_tvm.cli_types`); model-dependent limits (the largest batch a model
+# can be compiled for on this machine) are checked by `repq_tvm.limits` once the model is loaded.
+BITS = (4, 6, 8)
+CALIB_SIZE = int_in(1, 1024)  # one forward pass over all of them
+SEED = int_in(0, 2**32 - 1)  # numpy's and torch's seed range
+LIMIT = int_in(1, 10**9)
+BATCH = int_in(1, 4096)
+REPEAT = int_in(1, 100_000)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with repq-tvm's error format: a bad command line is exactly one `repq-tvm: error: ...` line on
+    stderr (naming the option, then where --help is) and exit code 2; no usage block. Subparsers use it too
+    (`add_subparsers` makes them of the parent's class)."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())  # one line, whatever argparse put in it
+        sys.stderr.write(f"repq-tvm: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
 def cmd_calibrate(args) -> dict:
@@ -158,20 +181,20 @@ def cmd_demo(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from .quant.config import METHODS
 
-    p = argparse.ArgumentParser(prog="repq-tvm", description="RepQ-ViT quantization of Vision Transformers, "
-                                "compiled to integer code with Apache TVM.")
+    p = Parser(prog="repq-tvm", description="RepQ-ViT quantization of Vision Transformers, "
+               "compiled to integer code with Apache TVM.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("calibrate", help="calibrate a model with RepQ-ViT and write a .repq file")
     c.add_argument("--model", required=True, help="timm model name or bundled fixture (vit_cifar10, swin_cifar10)")
     c.add_argument("--checkpoint", help="weights (.safetensors, or a torch state dict loaded with weights_only)")
     c.add_argument("--data", help="calibration images: folder, tar or .npz (fixtures default to their own)")
-    c.add_argument("--calib-size", type=int, default=32)
-    c.add_argument("--w-bits", type=int, default=4, help="weight bits: 4, 6 or 8")
-    c.add_argument("--a-bits", type=int, default=4, help="activation bits: 4, 6 or 8")
+    c.add_argument("--calib-size", type=CALIB_SIZE, default=32, help="calibration images, 1 to 1024")
+    c.add_argument("--w-bits", type=int_choice(BITS, "weight bits"), default=4, help="weight bits: 4, 6 or 8")
+    c.add_argument("--a-bits", type=int_choice(BITS, "activation bits"), default=4, help="activation bits: 4, 6 or 8")
     c.add_argument("--method", default="repq-vit", help=f"one of {', '.join(METHODS)}")
-    c.add_argument("--seed", type=int, default=0, help="which calibration images are drawn")
-    c.add_argument("-o", "--output", required=True, help=f"output file (*{CALIBRATED_SUFFIX})")
+    c.add_argument("--seed", type=SEED, default=0, help="which calibration images are drawn (0 to 2^32-1)")
+    c.add_argument("-o", "--output", type=output_file, required=True, help=f"output file (*{CALIBRATED_SUFFIX})")
     c.add_argument("--json", action="store_true")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)
@@ -181,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--artifact", help="a compiled artifact folder (from repq-tvm compile)")
     e.add_argument("--checkpoint")
     e.add_argument("--data", help="evaluation images (fixtures default to the shipped held-out pack)")
-    e.add_argument("--limit", type=int, help="evaluate a fixed random subset of N images")
+    e.add_argument("--limit", type=LIMIT, help="evaluate a fixed random subset of N images (N >= 1)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
@@ -191,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="host",
                    help="host (the preset this CPU runs best), a preset name (x86_64-avx2, x86_64-avx512-vnni, "
                         "aarch64-neon-dotprod; `repq-tvm targets` lists them) or the path of your own preset .json")
-    c.add_argument("-o", "--output", required=True, help="artifact folder to write")
-    c.add_argument("--batch", type=int, default=1, help="compiled batch size")
-    c.add_argument("--dump-ir", help="write the IR after every compiler phase into this folder")
+    c.add_argument("-o", "--output", type=output_folder, required=True, help="artifact folder to write")
+    c.add_argument("--batch", type=BATCH, default=1,
+                   help="compiled batch size, 1 to 4096 (and what the model's activations allow on this machine)")
+    c.add_argument("--dump-ir", type=work_folder, help="write the IR after every compiler phase into this folder")
     c.add_argument("--frontend", choices=("torch", "onnx"), default="torch",
                    help="import through torch.export (default) or through an exported QDQ ONNX file")
     c.add_argument("--json", action="store_true")
@@ -202,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export-onnx", help="write a calibrated .repq file as a QDQ ONNX model")
     x.add_argument("calibrated")
-    x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    x.add_argument("--batch", type=int, default=1)
+    x.add_argument("-o", "--output", type=output_file, required=True, help="the .onnx file to write")
+    x.add_argument("--batch", type=BATCH, default=1, help="the model's fixed batch size, 1 to 4096")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export_onnx)
 
@@ -215,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("profile", help="latency of a compiled artifact, with a per-kernel breakdown")
     f.add_argument("artifact")
-    f.add_argument("--repeat", type=int, default=50)
+    f.add_argument("--repeat", type=REPEAT, default=50, help="whole-model runs, 1 to 100000")
     f.add_argument("--json", action="store_true")
-    f.add_argument("--plot", help="write a PNG bar chart of the slowest kernels")
+    f.add_argument("--plot", type=plot_file, help="write a PNG bar chart of the slowest kernels (.png, .pdf, .svg)")
     f.set_defaults(func=cmd_profile)
 
     t = sub.add_parser("targets", help="list the target presets, whether this CPU can run each, and what host picks")
@@ -226,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_targets)
 
     d = sub.add_parser("demo", help="the default job: quantize the bundled ViT fixture and report accuracy")
-    d.add_argument("--out-dir", default="out")
+    d.add_argument("--out-dir", type=work_folder, default="out")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p
@@ -234,12 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # Parser.error (2) or --help (0): return the code, so main() can run in-process
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     if args.command is None:
-        parser.print_help(sys.stderr)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        print(f"repq-tvm: error: give a command: {', '.join(commands)} (see repq-tvm --help)", file=sys.stderr)
         return 2
-    if getattr(args, "calib_size", 1) < 1 or (getattr(args, "limit", None) or 1) < 1:
-        parser.error("--calib-size and --limit must be positive")
     try:
         args.func(args)
     except ReqError as exc:

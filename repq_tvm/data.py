@@ -101,6 +101,8 @@ def _open_npz(path: str) -> ImageSource:
 
 def open_images(path: str) -> ImageSource:
     """Open an ImageFolder directory, a tar of that layout, or a .npz image pack."""
+    if not path:
+        raise ReqError("data path is empty")
     if not os.path.exists(path):
         raise ReqError(f"data path does not exist: {path}")
     if os.path.isdir(path):

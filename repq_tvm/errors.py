@@ -12,5 +12,9 @@ def read_json(path: str, what: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except IsADirectoryError:
+        raise ReqError(f"{what} {path} is a folder, expected a JSON file") from None
+    except OSError as exc:
+        raise ReqError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # random bytes fail as text before they fail as JSON
         raise ReqError(f"{what} {path} is not valid JSON: {exc}") from None

@@ -13,6 +13,32 @@ from . import data
 from .errors import ReqError
 
 
+def check_data_config(data_cfg, where: str) -> dict:
+    """`data_cfg` if it is a preprocessing config `make_transform` can use; a ReqError naming `where` (the file
+    it came from: a calibrated model's metadata or an artifact's manifest) if not."""
+    def numbers(v, n):
+        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                           for x in v)
+
+    problem = None
+    if not isinstance(data_cfg, dict):
+        problem = "is not an object"
+    elif not (numbers(data_cfg.get("input_size"), 3) and all(isinstance(x, int) and x > 0
+                                                                for x in data_cfg["input_size"])):
+        problem = f"input_size must be three positive integers [C, H, W], got {data_cfg.get('input_size')!r}"
+    elif not all(numbers(data_cfg.get(k), data_cfg["input_size"][0]) for k in ("mean", "std")):
+        problem = "mean and std must hold one number per channel"
+    elif any(s == 0 for s in data_cfg["std"]):
+        problem = "std must not be 0"
+    elif not isinstance(data_cfg.get("crop_pct", 1.0), (int, float)) or not data_cfg.get("crop_pct", 1.0) > 0:
+        problem = f"crop_pct must be a positive number, got {data_cfg.get('crop_pct')!r}"
+    elif not all(isinstance(data_cfg.get(k, ""), str) for k in ("interpolation", "crop_mode")):
+        problem = "interpolation and crop_mode must be strings"
+    if problem:
+        raise ReqError(f"{where}: the preprocessing config {problem}")
+    return data_cfg
+
+
 def make_transform(data_cfg: dict):
     """The model's eval preprocessing (timm's transform from its data config)."""
     from timm.data import create_transform

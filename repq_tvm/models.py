@@ -104,6 +104,10 @@ def data_config(arch: dict, model: torch.nn.Module) -> dict:
 
 def load_state_dict(path: str) -> dict:
     """Read a checkpoint safely (safetensors, or torch.load with weights_only=True)."""
+    if not path:
+        raise ReqError("checkpoint not found: the path is empty")
+    if os.path.isdir(path):
+        raise ReqError(f"checkpoint {path} is a folder, expected a weights file")
     if not os.path.isfile(path):
         raise ReqError(f"checkpoint not found: {path}")
     try:
@@ -139,7 +143,7 @@ def load_model(name: str, checkpoint: str | None = None) -> tuple[torch.nn.Modul
     arch = arch_for(name)
     if checkpoint is None and name in FIXTURES:
         checkpoint = fixture_file(f"{name}.safetensors")
-    state = load_state_dict(checkpoint) if checkpoint else None
+    state = load_state_dict(checkpoint) if checkpoint is not None else None  # an empty path is an error
     if state is not None and "timm_name" in arch:
         classes = _head_classes(state)
         if classes is not None:

@@ -109,3 +109,17 @@ def test_interrupted_compile_leaves_the_previous_artifact_loadable(sig, tmp_path
     after = read_manifest(art)  # hashes verified
     assert after["w_bits"] == 4 and after["files"] == before["files"]
     assert bool(_leftovers(tmp_path)) == (sig == signal.SIGKILL)
+
+
+def test_outputs_get_the_umask_mode_not_the_temporary_one(tmp_path):
+    """mkstemp / mkdtemp make 0600 / 0700; the finished file and folder are what open() / mkdir() would make."""
+    mask = os.umask(0o022)
+    try:
+        with atomic.atomic_file(str(tmp_path / "m.repq")) as tmp:
+            open(tmp, "w").write("v1")
+        with atomic.atomic_dir(str(tmp_path / "art")) as tmp:
+            open(os.path.join(tmp, "model.so"), "w").write("v1")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.repq").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "art").stat().st_mode & 0o777 == 0o755

@@ -53,21 +53,53 @@ def write(out_dir: str, executable, fields: dict, fcompile=None) -> str:
     return os.path.join(out_dir, MANIFEST)
 
 
+def _check_fields(manifest: dict, path: str) -> None:
+    """The manifest entries the runtime, `run`, `evaluate` and `profile` use, with the right types (the hashes
+    cover the library, not the manifest itself: an edited manifest is refused here, not by a KeyError later)."""
+    from .. import targets
+    from ..evaluate import check_data_config
+
+    for key, kind, what in (("model", str, "a string"), ("library", str, "a file name"),
+                            ("files", dict, "an object of file name: SHA-256"), ("target", dict, "a target preset"),
+                            ("input_shape", list, "a list"), ("preprocessing", dict, "an object")):
+        if not isinstance(manifest.get(key), kind):
+            raise ReqError(f"artifact manifest {path} is damaged: '{key}' is missing or not {what}")
+    if manifest["library"] not in manifest["files"] or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
+        raise ReqError(f"artifact manifest {path} is damaged: 'files' must list the library with its SHA-256")
+    shape = manifest["input_shape"]
+    if len(shape) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ReqError(f"artifact manifest {path} is damaged: input_shape must be 4 positive integers, got {shape!r}")
+    check_data_config(manifest["preprocessing"], f"artifact manifest {path}")
+    if manifest["preprocessing"]["input_size"] != shape[1:]:
+        raise ReqError(f"artifact manifest {path} is damaged: preprocessing input_size "
+                       f"{manifest['preprocessing']['input_size']} differs from input_shape {shape}")
+    classes = manifest.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ReqError(f"artifact manifest {path} is damaged: classes must be a list of names")
+    targets.validate(manifest["target"], f"{path} (its target)")
+
+
 def read_manifest(art_dir: str) -> dict:
-    """The manifest, with every listed file's hash verified."""
+    """The manifest, its fields checked and every listed file's hash verified."""
     path = os.path.join(art_dir, MANIFEST)
     if not os.path.isdir(art_dir) or not os.path.isfile(path):
         raise ReqError(f"{art_dir} is not a repq-tvm artifact (no {MANIFEST})")
     manifest = read_json(path, "artifact manifest")
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ReqError(f"{path} is not a repq-tvm artifact manifest")
     if manifest.get("version") != VERSION:
         raise ReqError(f"{art_dir} has artifact version {manifest.get('version')}; this repq-tvm reads {VERSION}")
-    for name, digest in manifest.get("files", {}).items():
+    _check_fields(manifest, path)
+    for name, digest in manifest["files"].items():
         fpath = os.path.join(art_dir, name)
         if not os.path.isfile(fpath):
             raise ReqError(f"artifact file missing: {fpath}")
-        if sha256(fpath) != digest:
+        try:
+            actual = sha256(fpath)
+        except OSError as exc:
+            raise ReqError(f"cannot read artifact file {fpath}: {exc.strerror or exc}") from None
+        if actual != digest:
             raise ReqError(f"artifact file {fpath} does not match its SHA-256 in the manifest (modified or corrupt)")
     return manifest
 

@@ -22,6 +22,7 @@ import time
 import tvm
 
 from .. import targets
+from ..errors import ReqError
 from ..frontends import lower_log_quant
 from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
@@ -41,9 +42,13 @@ INTEGER_PASSES = (
 
 def _dump(dump_dir: str | None, index: int, phase: str, mod: tvm.IRModule) -> None:
     if dump_dir:
-        os.makedirs(dump_dir, exist_ok=True)
-        with open(os.path.join(dump_dir, f"{index:02d}-{phase}.py"), "w") as f:
-            f.write(mod.script())
+        path = os.path.join(dump_dir, f"{index:02d}-{phase}.py")
+        try:
+            os.makedirs(dump_dir, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(mod.script())
+        except OSError as exc:
+            raise ReqError(f"cannot write the IR dump {path}: {exc.strerror or exc}") from None
 
 
 def fuse_and_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
