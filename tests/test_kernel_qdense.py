@@ -113,7 +113,9 @@ def test_choose_variant_by_target_and_bits():
     assert Q.choose_variant(Q.X86_AVX2_TARGET, 8, 6).name == "avx2_u8s8"
     assert Q.choose_variant(Q.X86_AVX2_TARGET, 8, 8).name == "avx2_i16"
     assert Q.choose_variant(Q.X86_VNNI_TARGET, 8, 8).name == "vnni"
-    assert Q.choose_variant(Q.AARCH64_TARGET, 4, 4).name == "fallback"
+    assert Q.choose_variant(Q.AARCH64_TARGET, 4, 4).name == "neon_sdot"
+    assert Q.choose_variant(Q.AARCH64_TARGET, 8, 8).name == "neon_sdot"
+    assert Q.choose_variant(Q.AARCH64_NEON_TARGET, 4, 4).name == "fallback"
     assert Q.VARIANTS["avx2_u8s8"].max_depth(6, 6, 384) == 4
     assert Q.VARIANTS["avx2_u8s8"].max_depth(6, 6, 136) == 2  # 34 k tiles
     assert Q.VARIANTS["avx2_u8s8"].max_depth(8, 6, 384) == 1
@@ -262,9 +264,10 @@ def test_vnni_activation_is_the_unsigned_operand():
 
 @pytest.mark.parametrize("bits_w", [6, 8])
 def test_aarch64_fallback_compiles_to_an_object(tmp_path, bits_w):
-    """Any host cross-builds the aarch64 kernel (W8: compensated): NEON widening multiply-adds, an
-    aarch64 ELF object, and a refusal to run it here."""
-    kernel = Q.build_qdense(197, 384, 384, Q.AARCH64_TARGET, bits_a=6, bits_w=bits_w, epilogue=True)
+    """Any host cross-builds the aarch64 kernel for NEON without dot product (W8: compensated): NEON
+    widening multiply-adds, an aarch64 ELF object, and a refusal to run it here.  (The dot-product
+    kernel: tests/test_kernel_arm.py.)"""
+    kernel = Q.build_qdense(197, 384, 384, Q.AARCH64_NEON_TARGET, bits_a=6, bits_w=bits_w, epilogue=True)
     assert kernel.schedule == "fallback" and kernel.compensate is (bits_w == 8)
     asm = kernel.asm()
     assert "smlal" in asm and "smlal2" in asm, "the NEON widening multiply-accumulate is missing"

@@ -43,10 +43,14 @@ def write_preset(tmp_path, content, name="mine.json") -> str:
 # --- presets -------------------------------------------------------------------------------------
 def test_presets_cover_x86_and_arm():
     names = targets.available()
-    assert {"x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod"} <= set(names)
+    assert {"x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod", "aarch64-neon"} <= set(names)
     arm = targets.load("aarch64-neon-dotprod")
     assert arm["tvm_target"]["mtriple"] == "aarch64-linux-gnu" and "+dotprod" in arm["tvm_target"]["mattr"]
     assert arm["cross_compiler"] == "aarch64-linux-gnu-gcc"
+    plain = targets.load("aarch64-neon")  # Cortex-A72 (Raspberry Pi 4): NEON, no dot product
+    assert plain["tvm_target"]["mtriple"] == "aarch64-linux-gnu" and plain["tvm_target"]["mattr"] == ["+neon"]
+    assert targets.target_has(plain, "neon") and not targets.target_has(plain, "dotprod")
+    assert plain["cross_compiler"] == "aarch64-linux-gnu-gcc" and plain["runner"] == "qemu-aarch64-static"
 
 
 def test_every_shipped_preset_is_valid_and_named_after_its_file():
@@ -124,15 +128,16 @@ def test_missing_user_preset_file(tmp_path):
 
 # --- the host and the runnable check -------------------------------------------------------------
 # (machine, CPU flags) -> host preset, and the presets that CPU cannot run with a phrase of the reason
+ARM_CODE = {"aarch64-neon-dotprod": "aarch64 code", "aarch64-neon": "aarch64 code"}
+X86_CODE = {"x86_64-avx2": "x86_64 code", "x86_64-avx512-vnni": "x86_64 code"}
 MACHINES = {
-    "zen3-avx2": ("x86_64", ZEN3, "x86_64-avx2",
-                  {"x86_64-avx512-vnni": "needs AVX-512F, AVX-512 VNNI", "aarch64-neon-dotprod": "aarch64 code"}),
-    "zen4-vnni": ("x86_64", ZEN4, "x86_64-avx512-vnni", {"aarch64-neon-dotprod": "aarch64 code"}),
-    "sapphire-rapids-amx": ("AMD64", SAPPHIRE_RAPIDS, "x86_64-avx512-vnni", {"aarch64-neon-dotprod": "aarch64 code"}),
-    "neoverse-n1": ("aarch64", NEOVERSE_N1, "aarch64-neon-dotprod",
-                    {"x86_64-avx2": "x86_64 code", "x86_64-avx512-vnni": "x86_64 code"}),
-    "apple-arm64-flags-unknown": ("arm64", set(), "aarch64-neon-dotprod",
-                                  {"x86_64-avx2": "x86_64 code", "x86_64-avx512-vnni": "x86_64 code"}),
+    "zen3-avx2": ("x86_64", ZEN3, "x86_64-avx2", {"x86_64-avx512-vnni": "needs AVX-512F, AVX-512 VNNI", **ARM_CODE}),
+    "zen4-vnni": ("x86_64", ZEN4, "x86_64-avx512-vnni", ARM_CODE),
+    "sapphire-rapids-amx": ("AMD64", SAPPHIRE_RAPIDS, "x86_64-avx512-vnni", ARM_CODE),
+    "neoverse-n1": ("aarch64", NEOVERSE_N1, "aarch64-neon-dotprod", X86_CODE),
+    "cortex-a53-no-dotprod": ("aarch64", CORTEX_A53, "aarch64-neon",
+                              {"aarch64-neon-dotprod": "needs Arm dot product (dotprod)", **X86_CODE}),
+    "apple-arm64-flags-unknown": ("arm64", set(), "aarch64-neon-dotprod", X86_CODE),
 }
 
 
@@ -157,10 +162,12 @@ def test_amx_and_dotprod_are_checked():
     assert reason == "it needs Arm dot product (dotprod), which this CPU lacks (no asimddp among its CPU flags)"
 
 
-def test_no_preset_fits():
-    with pytest.raises(ReqError, match=r"no target preset fits this machine \(aarch64, which cannot run "
-                                        r"aarch64-neon-dotprod\); choose one of"):
-        targets.host_name(CORTEX_A53, "aarch64")
+def test_no_preset_fits(monkeypatch):
+    with monkeypatch.context() as patch:  # an aarch64 host list without the plain NEON preset
+        patch.setitem(targets.HOST_PRESETS, "aarch64", ("aarch64-neon-dotprod",))
+        with pytest.raises(ReqError, match=r"no target preset fits this machine \(aarch64, which cannot run "
+                                            r"aarch64-neon-dotprod\); choose one of"):
+            targets.host_name(CORTEX_A53, "aarch64")
     with pytest.raises(ReqError, match=r"no target preset fits this machine \(riscv64\)"):
         targets.host_name(set(), "riscv64")
     with pytest.raises(ReqError, match="which cannot run x86_64-avx512-vnni or x86_64-avx2"):
@@ -217,7 +224,7 @@ def test_kernel_constants_are_the_presets():
     from repq_tvm.kernels import qdense as Q
 
     for const, name in ((Q.X86_VNNI_TARGET, "x86_64-avx512-vnni"), (Q.X86_AVX2_TARGET, "x86_64-avx2"),
-                        (Q.AARCH64_TARGET, "aarch64-neon-dotprod")):
+                        (Q.AARCH64_TARGET, "aarch64-neon-dotprod"), (Q.AARCH64_NEON_TARGET, "aarch64-neon")):
         assert str(const) == str(targets.tvm_target(name))
     assert str(Q.host_target(1)) == str(targets.tvm_target("host", 1))
 

@@ -1,7 +1,8 @@
 """Hand-scheduled TVM kernels for the integer graph (untuned TVM has no good int8 matmul rule).
 
 Modules: `packing` (NumPy layouts and epilogue constants, no TVM import), `intrinsics_x86`
-(tensor intrinsics: VNNI, AVX2 u8 x s8 and int16), `qdense` (compute, schedules, `build_qdense`).
+(tensor intrinsics: VNNI, AVX2 u8 x s8 and int16), `intrinsics_arm` (Arm dot product: sdot),
+`qdense` (compute, schedules, `build_qdense`).
 The names below are loaded lazily so `packing` stays importable without paying for TVM.
 """
 

@@ -115,18 +115,44 @@ def center_activation(a: np.ndarray, a_zp: int, kpack: int = 2) -> np.ndarray:
     return out
 
 
-def epilogue_params(w, w_scale, a_scale: float, a_zp: int, bias=None):
+def activation_shift(bits_a: int, a_dtype: str = "int8") -> int:
+    """What a kernel subtracts from the u8 activation codes to get its operand A.
+
+    Only s8 activation operands (sdot: s8 x s8) shift: 8-bit codes (0..255) go in as ``a - 128``;
+    codes of at most 7 bits already fit s8 and go in unchanged.  u8 and centered int16 kernels: 0.
+    """
+    code_bounds(bits_a, 8)  # validates
+    return 128 if a_dtype == "int8" and int(bits_a) >= 8 else 0
+
+
+def shift_activation(a: np.ndarray, shift: int, kpack: int = 4) -> np.ndarray:
+    """uint8 codes ``[M, K]`` -> int8 ``a - shift`` ``[M, Kp]`` (padding stays 0); values must fit int8."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8 or a.ndim != 2:
+        raise ValueError(f"shift_activation wants a 2-D uint8 array, got {a.dtype} {a.shape}")
+    shifted = a.astype(np.int16) - int(shift)
+    if shifted.size and (shifted.min() < -128 or shifted.max() > 127):
+        raise ValueError(f"activation codes minus {shift} span [{shifted.min()}, {shifted.max()}], outside int8")
+    out = np.zeros((a.shape[0], ceil_to(a.shape[1], kpack)), np.int8)
+    out[:, : a.shape[1]] = shifted
+    return out
+
+
+def epilogue_params(w, w_scale, a_scale: float, a_zp: int, bias=None, a_shift: int = 0):
     """Fold the static quantization constants into the 3 per-channel vectors the kernel reads.
 
     Returns ``(zp_wsum int32[N], scale float32[N], bias float32[N])`` with
-    ``zp_wsum[n] = a_zp * sum_k w[n, k]`` (exact) and ``scale[n] = a_scale * w_scale[n]``, so the
-    kernel computes ``(acc - zp_wsum[n]) * scale[n] + bias[n]``: one int subtract per output.
-    Pass ``a_zp=0`` for kernels fed centered activations (`center_activation`).
+    ``zp_wsum[n] = (a_zp - a_shift) * sum_k w[n, k]`` (exact) and ``scale[n] = a_scale * w_scale[n]``,
+    so the kernel computes ``(acc - zp_wsum[n]) * scale[n] + bias[n]``: one int subtract per output.
+    Pass ``a_zp=0`` for kernels fed centered activations (`center_activation`), and the ``a_shift``
+    of kernels fed ``a - a_shift`` (`shift_activation`): their acc is ``sum_k (a - a_shift) * w``.
     """
     w = np.asarray(w)
     if not 0 <= int(a_zp) <= 255:
         raise ValueError(f"activation zero point must be in [0, 255], got {a_zp}")
-    zp_wsum = int(a_zp) * w.astype(np.int64).sum(axis=1)
+    if not 0 <= int(a_shift) <= 255:
+        raise ValueError(f"activation shift must be in [0, 255], got {a_shift}")
+    zp_wsum = (int(a_zp) - int(a_shift)) * w.astype(np.int64).sum(axis=1)
     if np.abs(zp_wsum).max(initial=0) >= 2**31:
         raise OverflowError("a_zp * sum(w) does not fit in int32")
     n = w.shape[0]

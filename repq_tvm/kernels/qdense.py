@@ -11,13 +11,18 @@ variant     a x w          weight layout                   target / exactness
 vnni        u8 x s8        [N/16, K/4, 16, 4] int8         AVX512-VNNI; always exact
 avx2_u8s8   u8 x s8        [N/8, K/4, 8, 4] int8           AVX2; exact iff 2*depth*max(a)*max|w| <= 32767
 avx2_i16    s16 x s16      [N/8, K/2, 8, 2] int16          AVX2; exact for 8-bit codes; a is a - a_zp
-fallback    u8 x s8        [N/16, K/4, 16, 4] int8         any CPU (aarch64 here), plain vector loops
+neon_sdot   s8 x s8        [N/4, K/4, 4, 4] int8           aarch64 dotprod (sdot); always exact; a is the
+                                                           code, or a - 128 for 8-bit codes
+fallback    u8 x s8        [N/16, K/4, 16, 4] int8         any CPU (aarch64 without dotprod), plain vector
+                                                           loops (NEON smull/smlal)
 ==========  =============  ==============================  ===========================================
 
 Activations are ``[M, Kp]`` (K padded to kpack with zeros), the output ``[M, N]`` int32, or float32
 with the epilogue ``(acc - zp_wsum[n]) * scale[n] + bias[n]`` (`packing.epilogue_params`).
-``depth`` (u8 x s8 only) sums that many vpmaddubsw results in int16 before widening: ~20% faster
-at depth 4 than 1 on Zen 3, exact only under the tighter bound (4/6-bit codes allow 4).
+``depth`` (u8 x s8) sums that many vpmaddubsw results in int16 before widening: ~20% faster
+at depth 4 than 1 on Zen 3, exact only under the tighter bound (4/6-bit codes allow 4).  For
+neon_sdot ``depth`` tiles (``4 * depth`` consecutive k) share one activation load, read lane by
+lane by the indexed ``sdot v.4s, v.16b, v.4b[j]`` (`intrinsics_arm`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from tvm.s_tir import Schedule
 
 from ..targets import as_target, check_runnable, target_has, tvm_target
 from . import packing
+from .intrinsics_arm import SDOT_DEPTHS, sdot_intrin
+from .intrinsics_arm import register_intrinsics as register_arm_intrinsics
 from .intrinsics_x86 import (
     U8S8_DEPTHS, i16_intrin, ref_name, register_intrinsics, u8s8_intrin, vnni_intrin,
 )
@@ -40,6 +47,7 @@ from .packing import ceil_to
 X86_VNNI_TARGET = tvm_target("x86_64-avx512-vnni")
 X86_AVX2_TARGET = tvm_target("x86_64-avx2")
 AARCH64_TARGET = tvm_target("aarch64-neon-dotprod")
+AARCH64_NEON_TARGET = tvm_target("aarch64-neon")  # no dot product: the fallback's NEON smull/smlal
 
 
 @dataclass(frozen=True)
@@ -57,12 +65,19 @@ class Variant:
     def tensorized(self) -> bool:
         return self.feature is not None
 
+    @property
+    def depths(self) -> tuple[int, ...]:
+        """The weight-tile depths one intrinsic step can take."""
+        return {"avx2_u8s8": U8S8_DEPTHS, "neon_sdot": SDOT_DEPTHS}.get(self.name, (1,))
+
     def intrin(self, depth: int = 1) -> str:
-        """Tensor intrinsic of one inner step (``depth`` weight tiles; > 1 only for u8 x s8)."""
+        """Tensor intrinsic of one inner step (``depth`` weight tiles; > 1 only for u8 x s8 and sdot)."""
+        if depth not in self.depths:
+            raise ValueError(f"{self.name} has no depth-{depth} intrinsic")
         if self.name == "avx2_u8s8":
             return u8s8_intrin(depth)
-        if depth != 1:
-            raise ValueError(f"{self.name} has no depth-{depth} intrinsic")
+        if self.name == "neon_sdot":
+            return sdot_intrin(depth)
         return {"vnni": vnni_intrin(), "avx2_i16": i16_intrin()}[self.name]
 
     def exact(self, bits_a: int, bits_w: int, depth: int = 1) -> bool:
@@ -70,12 +85,20 @@ class Variant:
         packing.code_bounds(bits_a, bits_w)  # validates
         return packing.u8s8_is_exact(bits_a, bits_w, depth) if self.name == "avx2_u8s8" else True
 
+    def a_shift(self, bits_a: int) -> int:
+        """What the kernel's A subtracts from the u8 codes (`packing.activation_shift`)."""
+        return packing.activation_shift(bits_a, self.a_dtype)
+
     def max_depth(self, bits_a: int, bits_w: int, K: int) -> int:
-        """Deepest exact int16 pre-accumulation dividing the Kp/kpack weight tiles (1 if none)."""
-        if self.name != "avx2_u8s8":
-            return 1
+        """Deepest exact step (u8 x s8: int16 pre-accumulation; sdot: tiles sharing one activation load)
+        dividing the Kp/kpack weight tiles (1 if none).
+
+        sdot stops at 2: depth 4 keeps 4 weight registers per lane block live and spills the default
+        5 x 4 tile (llvm-mca, 65x512x128: 24 MACs/cycle at depth 4, 31.9 at depth 2; peak 32).
+        """
         tiles = ceil_to(K, self.kpack) // self.kpack
-        ok = [d for d in U8S8_DEPTHS if tiles % d == 0 and self.exact(bits_a, bits_w, d)]
+        cap = 2 if self.name == "neon_sdot" else max(self.depths)
+        ok = [d for d in self.depths if d <= cap and tiles % d == 0 and self.exact(bits_a, bits_w, d)]
         return max(ok, default=1)
 
 
@@ -85,6 +108,7 @@ VARIANTS = {
         Variant("vnni", 16, 4, "uint8", "int8", "avx512vnni"),
         Variant("avx2_u8s8", 8, 4, "uint8", "int8", "avx2"),
         Variant("avx2_i16", 8, 2, "int16", "int16", "avx2"),
+        Variant("neon_sdot", 4, 4, "int8", "int8", "dotprod"),
         Variant("fallback", 16, 4, "uint8", "int8", None),
     )
 }
@@ -101,10 +125,10 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8) -> Variant:
     """The fastest variant ``target`` can run that is exact for these code widths.
 
     VNNI if the target has it; on AVX2 the u8 x s8 path when vpmaddubsw cannot saturate (~1.5x
-    faster than int16 on Zen 3: half the instructions per MAC), else int16; anything else gets the
-    plain fallback.
+    faster than int16 on Zen 3: half the instructions per MAC), else int16; aarch64 with the
+    dot-product extension gets sdot; anything else (e.g. Cortex-A72/A53) the plain fallback.
     """
-    for name in ("vnni", "avx2_u8s8", "avx2_i16"):
+    for name in ("vnni", "avx2_u8s8", "avx2_i16", "neon_sdot"):
         v = VARIANTS[name]
         if target_has(target, v.feature) and v.exact(bits_a, bits_w):
             return v
@@ -167,9 +191,12 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     (~90); int16 -> 6 x 2 (~70).  Bigger tiles make LLVM spill accumulators (16 ymm hold rows x
     blocks accumulators, depth x blocks weight vectors, the broadcast and the ones vector).  VNNI:
     <= 15 zmm accumulators (>= 10 hide vpdpbusd latency).  Fallback: 6 rows x 16 lanes (12 ymm on
-    AVX2, 24 q on NEON).  The int32 tile must stay under 1 KB: TVM stack-allocates (so LLVM keeps
+    AVX2, 24 q on NEON).  sdot (llvm-mca, Cortex-A76 / Neoverse N1, depth 2): 5 rows x 4 blocks of 4
+    lanes = 20 q accumulators + 8 weight + 5 activation registers, ~32 MACs/cycle without spills; 6 x 4
+    or depth 4 spill.  The int32 tile must stay under 1 KB: TVM stack-allocates (so LLVM keeps
     in registers) only buffers below that, anything bigger is a workspace alloc+free per tile.
-    Rows: the size in [max/2, max] that wastes fewest padded rows (ragged M is computed, not stored).
+    Rows: the size in [max/2, max] (sdot: [max-1, max]) that wastes fewest padded rows (ragged M is
+    computed, not stored).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     n_blocks = ceil_to(N, v.lanes) // v.lanes
@@ -177,12 +204,16 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
         "vnni": ((3, 5), (2, 7), (4, 3), (1, 15)),
         "avx2_u8s8": {1: ((2, 4), (1, 8)), 2: ((2, 3), (1, 8)), 4: ((1, 6),)}[depth],
         "avx2_i16": ((2, 6), (1, 8)),
+        "neon_sdot": ((4, 5), (3, 5), (2, 8), (1, 8)),
         "fallback": ((1, 6),),
     }[v.name]
     nbi, mi = next(((b, m) for b, m in options if n_blocks % b == 0), (1, options[-1][1]))
     if M <= mi:
         return M, nbi
-    return min(range(mi, (mi - 1) // 2, -1), key=lambda t: ceil_to(M, t) - M), nbi
+    # sdot: only mi or mi - 1 rows (llvm-mca: 3 x 4 tiles ~14% fewer MACs/cycle than 5 x 4, the
+    # weight loads of a k step being shared by fewer rows)
+    low = mi - 2 if v.name == "neon_sdot" else (mi - 1) // 2
+    return min(range(mi, low, -1), key=lambda t: ceil_to(M, t) - M), nbi
 
 
 def _tile(sch: Schedule, v: Variant, mi: int, nbi: int, depth: int = 1, compensate: bool = False):
@@ -223,6 +254,7 @@ def schedule_tensorized(
 ) -> Schedule:
     """Register-tiled schedule whose inner step is ``v.intrin(depth)`` (or its plain-loop twin)."""
     register_intrinsics()
+    register_arm_intrinsics()
     sch = Schedule(func)
     acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate)
     init = sch.decompose_reduction(acc, kb)
@@ -281,15 +313,19 @@ class QDense:
         return [packed, packing.weight_offset(w)] if self.compensate else [packed]
 
     def prepare_activation(self, a: np.ndarray, a_zp: int = 0) -> np.ndarray:
-        """uint8 codes ``[M, K]`` -> this kernel's A: padded u8, or centered int16 (``a - a_zp``)."""
+        """uint8 codes ``[M, K]`` -> this kernel's A: padded u8, centered int16 (``a - a_zp``), or s8
+        ``a - a_shift`` (sdot: 128 for 8-bit codes, else 0; `packing.activation_shift`)."""
         if self.variant.a_dtype == "int16":
             return packing.center_activation(a, a_zp, self.variant.kpack)
+        if self.variant.a_dtype == "int8":
+            return packing.shift_activation(a, self.variant.a_shift(self.bits_a), self.variant.kpack)
         return packing.pad_activation(a, self.variant.kpack)
 
     def epilogue_params(self, w, w_scale, a_scale: float, a_zp: int, bias=None):
-        """`packing.epilogue_params`, with no zero-point term when A is already centered."""
+        """`packing.epilogue_params`, with no zero-point term when A is already centered, and the
+        activation shift of an s8 A folded into it."""
         zp = 0 if self.variant.a_dtype == "int16" else a_zp
-        return packing.epilogue_params(w, w_scale, a_scale, zp, bias)
+        return packing.epilogue_params(w, w_scale, a_scale, zp, bias, a_shift=self.variant.a_shift(self.bits_a))
 
     # running
     def _check_runnable(self) -> None:
@@ -369,7 +405,7 @@ def schedule_qdense(
     if compensate and v.w_dtype != "int8":
         raise ValueError(f"{v.name} takes {v.w_dtype} weights: 8-bit centred weights fit, no compensation")
     depth = v.max_depth(bits_a, bits_w, K) if depth is None else depth
-    if depth not in (U8S8_DEPTHS if v.name == "avx2_u8s8" else (1,)):
+    if depth not in v.depths:
         raise ValueError(f"{v.name} has no depth-{depth} intrinsic")
     if not v.exact(bits_a, bits_w, depth):
         a_max, w_max = packing.code_bounds(bits_a, bits_w)

@@ -9,8 +9,10 @@ Matches, in the canonical form (see `repq_tvm.frontends`):
 and emits one call of the target's scheduled `repq_tvm.kernels.qdense` kernel, computing
 acc = Σ_k (q − z_a)(W − z_w) exactly in int32 and y = float(acc)·(s_a·s_w[n]) + bias[n] in its
 epilogue. Weights are centred (W − z_w), packed for the target's dot instruction and folded with the
-zero-point correction and scales at compile time; the variant (VNNI, AVX2 u8·s8 or int16, plain
-vector loops) is the fastest one that is exact for these bit widths. 8-bit weights centred on their
+zero-point correction and scales at compile time; the variant (VNNI, AVX2 u8·s8 or int16, Arm sdot,
+plain vector loops) is the fastest one that is exact for these bit widths. sdot takes s8 activations:
+codes of at most 7 bits as they are, 8-bit codes as q − 128, with 128·Σ_k w folded into the zero-point
+constant (`packing.activation_shift`). 8-bit weights centred on their
 zero point span ±255: int8 kernels get them offset into int8 per channel, and add back
 offset[n]·Σ_k q[m, k] in the kernel (`packing.weight_offset`), so W8 runs on vpdpbusd at full speed.
 """
@@ -62,7 +64,8 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
         kernels[key] = (bb.add_func(scheduled_kernel(sch, name), name), v)
     gv, v = kernels[key]
     zp = 0 if v.a_dtype == "int16" else z_a
-    zp_wsum, scale, bias = packing.epilogue_params(w, s_w.reshape(-1), s_a, zp, bias)
+    shift = v.a_shift(bits_a)
+    zp_wsum, scale, bias = packing.epilogue_params(w, s_w.reshape(-1), s_a, zp, bias, a_shift=shift)
     offset = packing.weight_offset(w) if compensate else np.zeros(n, np.int32)
     packed = packing.pack_weight(w - offset[:, None], v.lanes, v.kpack, np.dtype(v.w_dtype))
     weights = [relax.const(packed), *([relax.const(offset)] if compensate else [])]
@@ -70,6 +73,10 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
     a = q
     if v.a_dtype == "int16":
         a = bb.emit(relax.op.subtract(relax.op.astype(q, "int16"), relax.const(z_a, "int16")))
+    elif v.a_dtype == "int8":  # sdot: s8 activations, q − shift (0 for codes of at most 7 bits)
+        if shift:
+            a = bb.emit(relax.op.subtract(relax.op.astype(q, "int16"), relax.const(shift, "int16")))
+        a = bb.emit(relax.op.astype(a, "int8"))
     if kp != k:  # zero columns meet zero weight rows: they add nothing (and nothing to the row sums)
         a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, kp - k]))
     return bb.emit(relax.call_tir(gv, [a, *weights, relax.const(zp_wsum), relax.const(scale),

@@ -1,0 +1,166 @@
+"""llvm-mca estimate of the aarch64 qdense k loop: MACs per cycle against the sdot peak (no ARM hardware here).
+
+Why an estimate: this project has no ARM machine, and timings under qemu mean nothing.  Each kernel is built
+for an aarch64 preset exactly as `repq-tvm compile` builds it (`build_qdense`, default tiles), cross-linked,
+disassembled; the innermost loop with the most vector MACs (the k loop) goes through llvm-mca, and
+
+    MACs/cycle = vector MACs in the loop body / llvm-mca cycles per iteration (200 iterations)
+
+with sdot/udot .4s = 16, smmla = 32, smlal/smull(2) .4s = 4 (.8h = 8), mla/mul .4s = 4 MACs per
+instruction; scalar multiplies (address arithmetic) count 0.  The sdot peak of a core with two 128-bit
+SIMD pipes (Cortex-A76, Neoverse N1) is 2 x 16 = 32 MACs/cycle.  It is a steady-state estimate of the
+loop alone: no cache misses, no epilogue, no threads.
+
+LLVM's scheduling models matter: `cortex-a76` uses the Cortex-A57 model in LLVM 14-19 (one load pipe);
+`neoverse-n1` has its own model from LLVM 18 (two load pipes).  The figures name the model llvm-mca used.
+
+    python benchmarks/kernel_dense_arm_mca.py                       # fixture fc1 + DeiT-S fc1, W4/A4 and W8/A8
+    python benchmarks/kernel_dense_arm_mca.py --llvm-mca llvm-mca-19 --shapes 197x384x1536 --bits 6,6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+SHAPES = [(65, 512, 128), (197, 1536, 384)]  # ViT fixture fc1, DeiT-Small fc1 (tokens, out, in)
+CPUS = ("cortex-a76", "neoverse-n1")
+SDOT_PEAK = 32
+OBJDUMP = "aarch64-linux-gnu-objdump"
+_BRANCHES = ("cbz", "cbnz", "tbz", "tbnz")
+
+
+def vector_macs(op: str, args: str) -> int:
+    """Multiply-accumulates of one instruction (0 for scalar ones)."""
+    if op in ("sdot", "udot", "usdot", "sudot"):
+        return 16 if ".4s" in args else 8
+    if op in ("smmla", "ummla", "usmmla"):
+        return 32
+    arrangement = re.match(r"v\d+\.(\d+)([bhsd])", args)
+    if not arrangement:
+        return 0
+    lanes = int(arrangement.group(1))
+    if op in ("smlal", "smlal2", "smull", "smull2", "umlal", "umlal2", "umull", "umull2", "mla", "mul"):
+        return lanes
+    return 0
+
+
+def innermost_loops(disassembly: str) -> list[list[tuple[str, str]]]:
+    """Innermost loops of one function's objdump: the (op, args) from a backward branch's target up to the
+    branch, holding no other backward branch (forward exits allowed; branches themselves left out)."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3).split("//")[0].strip())
+           for m in re.finditer(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$", disassembly, re.M)]
+    index = {a: i for i, (a, _, _) in enumerate(ins)}
+    is_branch = lambda op: op == "b" or op.startswith("b.") or op in _BRANCHES  # noqa: E731
+
+    def back_target(i):
+        _, op, args = ins[i]
+        target = re.search(r"\b([0-9a-f]+) <", args)
+        start = index.get(int(target.group(1), 16)) if is_branch(op) and target else None
+        return start if start is not None and start < i else None
+
+    loops = []
+    for i in range(len(ins)):
+        start = back_target(i)
+        if start is not None and all(back_target(j) is None for j in range(start, i)):
+            loops.append([(o, a) for _, o, a in ins[start:i] if not is_branch(o)])
+    return loops
+
+
+def function_disassembly(so: str, name: str) -> str:
+    asm = subprocess.run([OBJDUMP, "-d", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
+    for part in re.split(r"\n(?=[0-9a-f]+ <)", asm):
+        if re.match(r"[0-9a-f]+ <[^>]*" + re.escape(name) + r"[^>]*_compute_>:", part):
+            return part
+    raise SystemExit(f"no compute function matching {name} in {so}")
+
+
+def mca(loop: list[tuple[str, str]], cpu: str, llvm_mca: str) -> tuple[float, str]:
+    """(cycles per iteration, scheduling model) of the loop body on `cpu`."""
+    src = "\n".join(f"{op} {args}" for op, args in loop)
+    out = subprocess.run([llvm_mca, "-mtriple=aarch64", f"-mcpu={cpu}", "-iterations=200"], input=src,
+                         capture_output=True, text=True, check=True).stdout
+    cycles = int(re.search(r"Total Cycles:\s+(\d+)", out).group(1)) / 200
+    unit = re.search(r"\[\d+(?:\.\d+)?\]\s+-\s+(\w+?)Unit", out)
+    return cycles, (unit.group(1) if unit else "?")
+
+
+def estimate(so: str, name: str, cpus, llvm_mca: str) -> dict:
+    loops = innermost_loops(function_disassembly(so, name))
+    loop = max(loops, key=lambda lp: sum(vector_macs(o, a) for o, a in lp), default=None)
+    macs = sum(vector_macs(o, a) for o, a in loop or [])
+    if not macs:
+        raise SystemExit(f"{name}: no loop with vector multiply-accumulates")
+    ops: dict[str, int] = {}
+    for o, _ in loop:
+        ops[o] = ops.get(o, 0) + 1
+    row = {"instructions": len(loop), "macs": macs, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:6]),
+           "spills": sum("[sp" in a for _, a in loop), "cpus": {}}
+    for cpu in cpus:
+        cycles, model = mca(loop, cpu, llvm_mca)
+        row["cpus"][cpu] = {"cycles_per_iter": cycles, "macs_per_cycle": round(macs / cycles, 2),
+                            "of_sdot_peak": round(macs / cycles / SDOT_PEAK, 3), "model": model}
+    return row
+
+
+def default_llvm_mca() -> str:
+    for name in ("llvm-mca-21", "llvm-mca-20", "llvm-mca-19", "llvm-mca-18", "llvm-mca"):
+        if shutil.which(name):
+            return name
+    raise SystemExit("llvm-mca is not installed (Debian: apt-get install llvm, or llvm-19 for the Neoverse N1 model)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", help="MxNxK (default: 65x512x128 197x1536x384)")
+    ap.add_argument("--bits", nargs="*", default=["4,4", "8,8"], help="bits_a,bits_w pairs (default 4,4 8,8)")
+    ap.add_argument("--presets", nargs="*", default=["aarch64-neon-dotprod", "aarch64-neon"])
+    ap.add_argument("--cpus", nargs="*", default=list(CPUS))
+    ap.add_argument("--llvm-mca", default=None, help="llvm-mca binary (default: the newest on PATH)")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+    llvm_mca = args.llvm_mca or default_llvm_mca()
+    version = subprocess.run([llvm_mca, "--version"], capture_output=True, text=True).stdout
+    version = re.search(r"LLVM version ([\d.]+)", version).group(1)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+
+    import tvm
+
+    from repq_tvm import targets
+    from repq_tvm.kernels import qdense as Q
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="repq-mca-") as tmp:
+        for preset_name in args.presets:
+            preset = targets.load(preset_name)
+            fcompile = tvm.support.cc.cross_compiler(preset["cross_compiler"])
+            for M, N, K in shapes:
+                for bits in args.bits:
+                    bits_a, bits_w = map(int, bits.split(","))
+                    kernel = Q.build_qdense(M, N, K, targets.tvm_target(preset), bits_a=bits_a, bits_w=bits_w,
+                                            epilogue=True)
+                    so = os.path.join(tmp, f"k{len(rows)}.so")
+                    kernel.executable.export_library(so, fcompile=fcompile)
+                    row = {"preset": preset_name, "shape": f"{M}x{N}x{K}", "bits": f"W{bits_w}/A{bits_a}",
+                           "variant": kernel.variant.name, "tiles": list(kernel.tiles),
+                           "compensated": kernel.compensate, "llvm_mca": version,
+                           **estimate(so, "main", args.cpus, llvm_mca)}
+                    rows.append(row)
+                    figures = ", ".join(f"{cpu} {r['macs_per_cycle']:.1f} ({r['model']} model)"
+                                        for cpu, r in row["cpus"].items())
+                    print(f"{preset_name:22s} {row['shape']:>12s} {row['bits']:7s} {row['variant']:9s} "
+                          f"tiles {tuple(kernel.tiles)}: loop of {row['instructions']} instr "
+                          f"({', '.join(f'{k} {v}' for k, v in row['ops'].items())}), {row['macs']} MACs, "
+                          f"{row['spills']} stack refs -> MACs/cycle {figures}  [peak {SDOT_PEAK}]", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"llvm_mca": version, "sdot_peak": SDOT_PEAK, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
