@@ -97,6 +97,21 @@ def test_run_prints_top5(built, tmp_path, capsys):
     assert len(res) == 5 and abs(sum(r["prob"] for r in res) - 1) < 0.5 and res[0]["prob"] >= res[-1]["prob"]
 
 
+def _vm_kernel_calls(art) -> dict[str, int]:
+    """Kernel calls of the artifact's `main`, from the VM bytecode (each call_tir became one `call`)."""
+    import tvm
+    from tvm import relax
+
+    text = relax.VMExecutable(tvm.runtime.load_module(os.path.join(art, "model.so"))).as_text()
+    body = text.split("@main:")[1].split("\n@")[0]
+    calls = re.findall(r"^\s*call\s+(\S+)", body, flags=re.M)
+    counts: dict[str, int] = {}
+    for name in calls:
+        if not name.startswith(("vm.builtin.", "relax.")):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def test_profile_reports_latency_and_kernels(built, tmp_path, capsys):
     plot = tmp_path / "k.png"
     capsys.readouterr()
@@ -105,6 +120,35 @@ def test_profile_reports_latency_and_kernels(built, tmp_path, capsys):
     assert 0 < res["min_ms"] <= res["median_ms"] <= res["p90_ms"]
     assert any(k["kernel"].startswith("repq_qdense") for k in res["kernels"])
     assert plot.stat().st_size > 1000
+    # every kernel call of a run is in the breakdown, once: calls per run = the bytecode's call_tir calls
+    expected = _vm_kernel_calls(built[1])
+    assert {k["kernel"]: k["calls_per_run"] for k in res["kernels"]} == expected
+    assert res["kernel_calls"] == sum(expected.values()) > 30
+    # in-model and standalone times add up to something of the size of a run (no timing goal here: that is
+    # for benchmarks on a quiet machine)
+    assert res["kernels_sum_ms"] == pytest.approx(sum(k["ms_per_run"] for k in res["kernels"]))
+    assert res["standalone_sum_ms"] == pytest.approx(sum(k["standalone_ms_per_run"] for k in res["kernels"]))
+    assert all(k["ms_per_run"] > 0 and k["standalone_ms_per_run"] > 0 for k in res["kernels"])
+    assert 0.2 < res["kernels_over_e2e"] < 5 and 0.1 < res["standalone_over_e2e"] < 5, res
+    assert sum(k["share"] for k in res["kernels"]) == pytest.approx(1)
+    groups = res["groups"]  # fused copies of one kind summed: the same total, the same calls
+    assert sum(g["ms_per_run"] for g in groups) == pytest.approx(res["kernels_sum_ms"])
+    assert sum(g["calls_per_run"] for g in groups) == res["kernel_calls"]
+    # integer kernels: MACs from the shapes (the names carry M x N x K), a rate, a share of the measured peak
+    qdense = [k for k in res["kernels"] if k["kernel"].startswith("repq_qdense")]
+    for k in qdense:
+        m, n, kk = map(int, re.search(r"_(\d+)x(\d+)x(\d+)_", k["kernel"]).groups())
+        assert k["macs_per_run"] == k["calls_per_run"] * m * n * kk
+        assert k["gmacs"] > 0
+        # against the peak of the instruction family its variant uses (vnni, avx2_u8s8, avx2_i16)
+        assert k["kernel"].startswith(f"repq_qdense_{k['peak_family']}_")
+        peak = res["peak"]["families"][k["peak_family"]]["gmacs_all"]
+        assert peak > 0 and k["pct_of_peak"] == pytest.approx(100 * k["gmacs"] / peak)
+        assert k["standalone_pct_of_peak"] == pytest.approx(100 * k["macs_per_run"] / k["standalone_ms_per_run"]
+                                                            / 1e6 / peak)
+    target_peak = res["peak"]["families"][res["target_family"]]["gmacs_all"]
+    assert all(k["pct_of_target_peak"] == pytest.approx(100 * k["gmacs"] / target_peak) for k in qdense)
+    assert not any("gmacs" in k for k in res["kernels"] if not k["kernel"].startswith("repq_"))
 
 
 def _copy(art, tmp_path):

@@ -1,75 +1,366 @@
-"""Latency of an artifact: whole-model statistics over warm runs and a per-kernel breakdown.
+"""Latency of an artifact: whole-model statistics over warm runs and a per-kernel breakdown that adds up.
 
-TVM 0.27's Relax VM has no built-in profiler, so the breakdown uses the VM's instrument hook: every
-call instruction is timed (before/after) and summed per kernel symbol. The hook adds a few
-microseconds per call, so whole-model figures come from separate, uninstrumented runs.
+TVM 0.27's Relax VM has no profiler.  Every kernel call (each PrimFunc the VM calls) is timed two ways:
+
+- **in the model**: the VM's instrument hook reads the clock right before and after each call, nothing
+  else (`in_model_times`).  These per-call times add up to the end-to-end time: they include what the
+  model's context costs a kernel (weights coming from L3 / memory, activations written by the other
+  core).  `ms_per_run`, `share` and `gmacs` are these.
+- **standalone**: one instrumented run records every call with copies of its arguments (`capture_calls`);
+  then each call is timed on its own from the loaded library with TVM's ``time_evaluator`` on those real
+  arguments, back to back with warm caches (`standalone_*`).  That is the kernel's own speed, what a
+  roofline compares; the gap to the in-model time is the cost of its surroundings.
+
+`profile` spreads the whole-model runs, the instrumented runs and the standalone timings over the same
+rounds, so all three sample the same moments of a shared machine, and keeps medians.
+
+Integer kernels (`repq_qdense`, `repq_qbmm`, `repq_shift_attn`) also get their multiply-accumulates from
+their argument shapes (`kernel_macs`), the rate they reach, and that rate as a share of this CPU's peak
+measured in the same process on the same TVM thread pool (`peak`) for the instruction family they use
+(`kernel_family`): the kernel's own (its name carries the variant: ``vnni`` -> vpdpbusd, ``avx2_u8s8`` ->
+vpmaddubsw + vpmaddwd, ``avx2_i16`` -> vpmaddwd), and the int8 family of the artifact's target (manifest
+``int8_dot``: vnni or avx2).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from collections import defaultdict
 
 import numpy as np
 
+from . import peak as peak_mod
 from .runtime import Runner
 
 # VM bookkeeping calls that are not kernels
 _BUILTIN_PREFIXES = ("vm.builtin.", "relax.")
+INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_shift_attn")
+# kernel name prefix -> instruction family of the variant named in it (others: the target's int8 family)
+_VARIANT_FAMILY = (("repq_qdense_vnni_", "vnni"), ("repq_qdense_avx2_u8s8_", "avx2_u8s8"),
+                   ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_avx2_i16_", "avx2_i16"))
+
+
+def _input(runner: Runner) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(runner.input_shape).astype(np.float32)
+
+
+def _stats(times_ms: list[float], runner: Runner) -> dict:
+    t = np.array(times_ms)
+    return {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min()),
+            "runs": len(t), "batch": runner.input_shape[0], "threads": peak_mod.num_threads()}
+
+
+def _timed_runs(runner: Runner, x: np.ndarray, n: int, times_ms: list[float]) -> None:
+    for _ in range(n):
+        t0 = time.perf_counter()
+        runner(x)
+        times_ms.append((time.perf_counter() - t0) * 1e3)
 
 
 def latency(runner: Runner, repeat: int = 50, warmup: int = 5) -> dict:
-    x = np.random.default_rng(0).standard_normal(runner.input_shape).astype(np.float32)
+    """Median / p90 / min ms of ``repeat`` warm whole-model runs (and the batch and TVM thread count)."""
+    x = _input(runner)
     for _ in range(warmup):
         runner(x)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        runner(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    t = np.array(times)
-    return {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min()),
-            "runs": repeat, "batch": runner.input_shape[0]}
+    times: list[float] = []
+    _timed_runs(runner, x, repeat, times)
+    return _stats(times, runner)
 
 
-def kernel_breakdown(runner: Runner, repeat: int = 10) -> list[dict]:
-    """Mean time per run of every kernel symbol, slowest first."""
-    x = np.random.default_rng(0).standard_normal(runner.input_shape).astype(np.float32)
-    totals, counts, started = defaultdict(float), defaultdict(int), {}
+# --- the kernels of one run --------------------------------------------------------------------
+def capture_calls(runner: Runner) -> list[tuple[str, list]]:
+    """Every kernel call of one run, in order: (symbol, copies of its arguments, outputs included).
+
+    The copies are taken before the call (the VM reuses storage, so a later look would see other data).
+    """
+    import tvm
+
+    x = _input(runner)
+    calls = []
 
     def instrument(func, symbol, before, ret, *args):
-        if symbol.startswith(_BUILTIN_PREFIXES):
-            return 0
-        now = time.perf_counter()
-        if before:
-            started[symbol] = now
-        else:
-            totals[symbol] += now - started.pop(symbol, now)
-            counts[symbol] += 1
+        if before and not symbol.startswith(_BUILTIN_PREFIXES):
+            calls.append((symbol, [tvm.runtime.tensor(a.numpy()) if isinstance(a, tvm.runtime.Tensor) else a
+                                   for a in args]))
         return 0
 
     runner(x)
     runner.vm.set_instrument(instrument)
     try:
-        for _ in range(repeat):
-            runner(x)
+        runner(x)
     finally:
         runner.vm.set_instrument(None)
-    rows = [{"kernel": k, "ms_per_run": totals[k] * 1e3 / repeat, "calls_per_run": counts[k] // repeat}
-            for k in totals]
-    return sorted(rows, key=lambda r: -r["ms_per_run"])
+    return calls
 
 
-def plot_breakdown(rows: list[dict], path: str, title: str, top: int = 20) -> None:
+def _library_of(module, symbol: str):
+    """The compiled library (a module the VM imports, directly or not) that implements `symbol`.
+
+    The VM module itself is not asked: its lookup of a non-VM function raises instead of answering.
+    """
+    todo = list(module.imports)
+    while todo:
+        m = todo.pop(0)
+        try:
+            if m.implements_function(symbol):
+                return m
+        except Exception:  # noqa: BLE001  (a module kind that cannot answer)
+            pass
+        todo.extend(m.imports)
+    raise KeyError(f"no library of the artifact implements {symbol}")
+
+
+def call_timer(module, symbol: str, min_repeat_ms: int = 1):
+    """``timer(*args) -> seconds per call`` of `symbol`: TVM's ``time_evaluator`` (one warm-up call, then as
+    many calls as fill ``min_repeat_ms``, averaged)."""
+    import tvm
+
+    evaluator = _library_of(module, symbol).time_evaluator(symbol, tvm.cpu(), number=1, repeat=1,
+                                                           min_repeat_ms=int(min_repeat_ms))
+    return lambda *args: float(evaluator(*args).results[0])
+
+
+def _shape(a) -> tuple[int, ...]:
+    return tuple(int(d) for d in a.shape)
+
+
+def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
+    """Multiply-accumulates of one call of an integer kernel, from its argument shapes (None: not one).
+
+    qdense ``(A [M, K], W, ..., out [M, N])``: M*N*K (K as the kernel runs it, padded to its k-pack);
+    qbmm ``(A [Bt, M, D], B, zp, scale, out [Bt, M, N])`` and shift attention
+    ``(C [Bt, M, N], V [Bt, N, D], zp, scale, out [Bt, M, D])``: Bt*M*N*D.
+    """
+    if symbol.startswith("repq_qdense"):
+        (m, k), (m2, n) = shapes[0], shapes[-1]
+        return m * n * k if m == m2 else None
+    if symbol.startswith("repq_qbmm"):
+        (bt, m, d), (_, _, n) = shapes[0], shapes[-1]
+        return bt * m * n * d
+    if symbol.startswith("repq_shift_attn"):
+        (bt, m, n), (_, _, d) = shapes[0], shapes[-1]
+        return bt * m * n * d
+    return None
+
+
+def kernel_family(symbol: str, int8_dot: str | None) -> str | None:
+    """Instruction family whose peak an integer kernel is measured against: its variant's, else the
+    target's int8 family (None for a non-integer kernel or a target without a measured family)."""
+    if not symbol.startswith(INTEGER_PREFIXES):
+        return None
+    for prefix, family in _VARIANT_FAMILY:
+        if symbol.startswith(prefix):
+            return family
+    return peak_mod.TARGET_FAMILY.get(int8_dot or "")
+
+
+def kernel_group(symbol: str) -> str:
+    """The kind of a kernel: TVM names each fused copy apart (``fused_softmax_log_codes7``, one per block)
+    so their counters go; integer kernels are shared per shape already and keep their names."""
+    if symbol.startswith(INTEGER_PREFIXES):
+        return symbol
+    return re.sub(r"(?<=[a-z])\d+(?=_|$)", "", symbol)
+
+
+def in_model_times(runner: Runner, x: np.ndarray, symbols: list[str]) -> list[float]:
+    """Seconds of every kernel call inside one model run, in call order.
+
+    The VM's instrument hook only reads the clock before and after each call (no arguments kept, nothing
+    else done), so the time it adds falls between kernels, not inside them: on Zen 4 a no-op builtin's
+    window measures ~0.6 us, and the windows of the ViT fixture's 111 kernel calls add up to the
+    uninstrumented run's time within a few percent.
+    """
+    clock, times, start = time.perf_counter, [], [0.0]
+
+    def instrument(func, symbol, before, ret, *args):
+        if before:
+            start[0] = clock()
+        elif not symbol.startswith(_BUILTIN_PREFIXES):
+            times.append(clock() - start[0])
+        return 0
+
+    runner.vm.set_instrument(instrument)
+    try:
+        runner(x)
+    finally:
+        runner.vm.set_instrument(None)
+    if len(times) != len(symbols):
+        raise RuntimeError(f"the model made {len(times)} kernel calls in one run and {len(symbols)} in another")
+    return times
+
+
+def _rows(ms: dict, alone: dict, count: dict, macs: dict, label: str, family_of, measured: dict,
+          target_family) -> list[dict]:
+    """One row per key of `ms`, slowest first (see `kernel_breakdown`)."""
+    total = sum(ms.values())
+    rows = []
+    for key in sorted(ms, key=lambda k: -ms[k]):
+        row = {label: key, "ms_per_run": ms[key], "standalone_ms_per_run": alone[key], "calls_per_run": count[key],
+               "ms_per_call": ms[key] / count[key], "share": ms[key] / total if total else 0.0}
+        if key in macs:
+            row["macs_per_run"] = macs[key]
+            row["gmacs"] = macs[key] / (ms[key] * 1e6) if ms[key] else 0.0
+            row["standalone_gmacs"] = macs[key] / (alone[key] * 1e6) if alone[key] else 0.0
+            fam = family_of(key)
+            own, target = measured.get(fam, {}).get("gmacs_all"), measured.get(target_family, {}).get("gmacs_all")
+            row["peak_family"], row["peak_gmacs"] = fam, own
+            row["pct_of_peak"] = 100 * row["gmacs"] / own if own else None
+            row["standalone_pct_of_peak"] = 100 * row["standalone_gmacs"] / own if own else None
+            row["pct_of_target_peak"] = 100 * row["gmacs"] / target if target else None
+        rows.append(row)
+    return rows
+
+
+def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, peaks: bool = True,
+                     between=None, in_model_runs: int = 2) -> dict:
+    """Every kernel call of a run, timed in the model and standalone (see the module doc), summed per kernel.
+
+    ``repeat`` rounds; each runs ``between()`` first (`profile` times whole-model runs there, so all three
+    sample the same moments of a shared machine), then ``in_model_runs`` instrumented runs, then every call
+    standalone once; each call keeps its median of each.
+
+    Returns ``{"kernels": rows, "groups": rows, "kernels_sum_ms", "standalone_sum_ms", "kernel_calls", "threads",
+    "method", "target_family", "peak"}``.  A kernel row, slowest in the model first, is ``{"kernel",
+    "ms_per_run", "standalone_ms_per_run", "calls_per_run", "ms_per_call", "share"}`` (in-model ms; share of
+    the in-model sum) plus, for integer kernels, ``macs_per_run``, ``gmacs`` / ``standalone_gmacs``,
+    ``peak_family``, ``peak_gmacs``, ``pct_of_peak`` / ``standalone_pct_of_peak`` (against ``peak_family``) and
+    ``pct_of_target_peak`` (in the model, against the artifact's int8 family); None where no peak was measured
+    (``peaks=False``, or a CPU without the family).  "groups" has the same rows keyed by ``group``
+    (`kernel_group`: the fused copies of one kind summed).
+    """
+    calls = capture_calls(runner)
+    symbols = [symbol for symbol, _ in calls]
+    timers = {symbol: call_timer(runner.vm.module, symbol, min_repeat_ms) for symbol in symbols}
+    x = _input(runner)
+    alone: list[list[float]] = [[] for _ in calls]
+    inside: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeat):  # rounds: a burst of other work on the machine hits one round, not a kernel
+        if between is not None:
+            between()
+        for _ in range(in_model_runs):
+            for times, t in zip(inside, in_model_times(runner, x, symbols)):
+                times.append(t)
+        for (symbol, args), times in zip(calls, alone):
+            times.append(timers[symbol](*args))
+    ms, ms_alone, count, macs = defaultdict(float), defaultdict(float), defaultdict(int), defaultdict(int)
+    for (symbol, args), t_in, t_alone in zip(calls, inside, alone):
+        ms[symbol] += float(np.median(t_in)) * 1e3
+        ms_alone[symbol] += float(np.median(t_alone)) * 1e3
+        count[symbol] += 1
+        n = kernel_macs(symbol, [_shape(a) for a in args if hasattr(a, "shape")])
+        if n is not None:
+            macs[symbol] += n
+    int8_dot = runner.manifest.get("target", {}).get("int8_dot")
+    target_family = peak_mod.TARGET_FAMILY.get(int8_dot or "")
+    threads = peak_mod.num_threads()
+    wanted = {kernel_family(s, int8_dot) for s in macs} | {target_family}
+    measured = {f: peak_mod.cached_family(f, threads) for f in sorted(f for f in wanted if f)} if peaks else {}
+    groups = (defaultdict(float), defaultdict(float), defaultdict(int), defaultdict(int))
+    for symbol in ms:
+        g = kernel_group(symbol)
+        for total, per_kernel in zip(groups, (ms, ms_alone, count, macs)):
+            if symbol in per_kernel:
+                total[g] += per_kernel[symbol]
+    family_of = functools.partial(kernel_family, int8_dot=int8_dot)
+    return {"kernels": _rows(ms, ms_alone, count, macs, "kernel", family_of, measured, target_family),
+            "groups": _rows(*groups, "group", family_of, measured, target_family),
+            "kernels_sum_ms": sum(ms.values()), "standalone_sum_ms": sum(ms_alone.values()),
+            "kernel_calls": len(calls), "threads": threads,
+            "method": f"in the model: clock read before/after each kernel call by the VM's instrument hook, median "
+                      f"of {repeat * in_model_runs} runs; standalone: each call on its recorded arguments with "
+                      f"time_evaluator (>= {min_repeat_ms} ms of calls), median of {repeat} rounds",
+            "target_family": target_family,
+            "peak": {"cpu": peak_mod.cpu_name(), "threads": threads, "families": measured}}
+
+
+def profile(runner: Runner, repeat: int = 50, kernel_repeat: int = 5, peaks: bool = True, warmup: int = 5) -> dict:
+    """Whole-model latency (``repeat`` runs), the kernel breakdown (``kernel_repeat`` rounds, the whole-model
+    runs spread between them), and the kernels' sum over the end-to-end median (``kernels_over_e2e``)."""
+    x = _input(runner)
+    for _ in range(warmup):
+        runner(x)
+    times: list[float] = []
+    rounds = max(1, kernel_repeat)
+    per_round = iter([repeat // rounds + (i < repeat % rounds) for i in range(rounds)])
+    breakdown = kernel_breakdown(runner, repeat=rounds, peaks=peaks,
+                                 between=lambda: _timed_runs(runner, x, next(per_round), times))
+    result = {**_stats(times, runner), **breakdown}
+    result["kernels_over_e2e"] = result["kernels_sum_ms"] / result["median_ms"]
+    result["standalone_over_e2e"] = result["standalone_sum_ms"] / result["median_ms"]
+    return result
+
+
+def format_report(result: dict, top: int = 15) -> list[str]:
+    """The text `repq-tvm profile` prints: latency, the measured peaks, the top kernel groups, the sums."""
+    threads = result["threads"]
+    plural = "s" if threads != 1 else ""
+    lines = [f"latency over {result['runs']} warm runs (batch {result['batch']}, {threads} TVM thread{plural}): "
+             f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms, min {result['min_ms']:.2f} ms"]
+    fams = result.get("peak", {}).get("families", {})
+    if fams:
+        peaks = ", ".join(f"{name} {f['gmacs_all']:.0f}" if "gmacs_all" in f else f"{name} skipped ({f['skipped']})"
+                          for name, f in fams.items())
+        lines.append(f"measured peak on {threads} thread{plural}, GMAC/s: {peaks}")
+    label = "group" if "groups" in result else "kernel"
+    rows = result.get("groups", result["kernels"])
+    lines.append(f"{'in model':>9} {'alone':>7} {'calls':>5} {'share':>6}  {'GMAC/s model/alone':>18}  "
+                 f"{'% of peak':>9} {'(family)':<12} kernel (fused copies of one kind summed)")
+    lines.append(f"{'ms/run':>9} {'ms/run':>7}")
+    for row in rows[:top]:
+        g = f"{row['gmacs']:8.1f} / {row['standalone_gmacs']:6.1f}" if "gmacs" in row else " " * 17
+        if row.get("pct_of_peak") is not None:
+            p = f"{row['pct_of_peak']:3.0f} / {row['standalone_pct_of_peak']:3.0f} {row['peak_family']:<12}"
+        else:
+            p = " " * 22
+        lines.append(f"{row['ms_per_run']:9.3f} {row['standalone_ms_per_run']:7.3f} {row['calls_per_run']:5d} "
+                     f"{100 * row['share']:5.1f}%  {g:>18}  {p} {row[label]}")
+    rest = rows[top:]
+    if rest:
+        lines.append(f"{sum(r['ms_per_run'] for r in rest):9.3f} {sum(r['standalone_ms_per_run'] for r in rest):7.3f} "
+                     f"{sum(r['calls_per_run'] for r in rest):5d} {100 * sum(r['share'] for r in rest):5.1f}%  "
+                     f"... {len(rest)} more")
+    lines.append(f"sum of the {result['kernel_calls']} kernel calls: in the model {result['kernels_sum_ms']:.2f} ms, "
+                 f"standalone {result['standalone_sum_ms']:.2f} ms; end-to-end median {result['median_ms']:.2f} ms; "
+                 f"ratios {result['kernels_over_e2e']:.2f} and {result['standalone_over_e2e']:.2f}")
+    return lines
+
+
+def plot_breakdown(result: dict, path: str, title: str, top: int = 20) -> None:
+    """Bar chart of the `top` slowest kernel groups: ms per run in the model (bars) and standalone (ticks);
+    integer kernels labelled with GMAC/s and % of their family's measured peak."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = rows[:top][::-1]
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
-    ax.barh([r["kernel"][:60] for r in rows], [r["ms_per_run"] for r in rows])
-    ax.set_xlabel("ms per inference")
-    ax.set_title(title)
+    label = "group" if "groups" in result else "kernel"
+    rows = result.get("groups", result["kernels"])[:top][::-1]
+    fig, ax = plt.subplots(figsize=(12, 0.38 * len(rows) + 1.8))
+    names = [f"{r[label][:56]} x{r['calls_per_run']}" for r in rows]
+    colors = ["tab:orange" if "gmacs" in r else "tab:blue" for r in rows]
+    bars = ax.barh(names, [r["ms_per_run"] for r in rows], color=colors, label="in the model")
+    ax.barh(names, [r["standalone_ms_per_run"] for r in rows], height=0.3, color="black", alpha=0.6,
+            label="standalone (warm caches)")
+    for bar, r in zip(bars, rows):
+        if "gmacs" in r:
+            pct = ""
+            if r.get("pct_of_peak") is not None:
+                pct = f" = {r['pct_of_peak']:.0f}% / {r['standalone_pct_of_peak']:.0f}% of {r['peak_family']} peak"
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {r['gmacs']:.0f} / {r['standalone_gmacs']:.0f} GMAC/s{pct}", va="center", fontsize=7)
+    ax.set_xlabel("ms per inference (orange: integer kernels; label: in the model / standalone)")
+    ax.legend(loc="lower right", fontsize=8)
+    peaks = ", ".join(f"{n} {f['gmacs_all']:.0f}" for n, f in result.get("peak", {}).get("families", {}).items()
+                      if "gmacs_all" in f)
+    sub = (f"end-to-end median {result['median_ms']:.2f} ms; kernels in the model {result['kernels_sum_ms']:.2f} ms "
+           f"({result['kernels_over_e2e']:.2f}x), standalone {result['standalone_sum_ms']:.2f} ms "
+           f"({result['standalone_over_e2e']:.2f}x); {result['threads']} thread(s)")
+    if peaks:
+        sub += f"\nmeasured peak, GMAC/s: {peaks}"
+    ax.set_title(f"{title}\n{sub}", fontsize=9)
+    ax.margins(x=0.45)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)

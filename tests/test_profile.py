@@ -1,0 +1,71 @@
+"""The roofline's parts: the peak micro-kernels (`deploy.peak`) and the profiler's MAC counts (`deploy.profile`).
+
+The whole-model breakdown (coverage of every kernel call, its sum against the end-to-end median) is tested on
+the compiled ViT fixture in test_compile.py.
+"""
+
+import pytest
+
+from repq_tvm import targets
+from repq_tvm.deploy import peak, profile
+
+AVX2_ONLY_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma", "bmi2"})  # a Zen 3
+VNNI_FLAGS = AVX2_ONLY_FLAGS | {"avx512f", "avx512bw", "avx512_vnni"}  # a Zen 4 or Sapphire Rapids
+
+
+@pytest.mark.parametrize("name", peak.DEFAULT_FAMILIES)
+def test_peak_kernel_has_its_instruction(name):
+    """On any x86 host (building needs no CPU feature): LLVM emitted the instruction the family is named for."""
+    assert peak.missing_instructions(name) == []
+
+
+@pytest.mark.parametrize("name", peak.DEFAULT_FAMILIES)
+def test_peak_is_measured_where_the_cpu_has_the_family_and_skipped_by_name_elsewhere(name):
+    fam = peak.family_for(name)
+    res = peak.measure_family(name, seconds=0.001, repeat=3)
+    reason = peak.skip_reason(fam)
+    if reason is not None:
+        assert res["skipped"] == reason and "lacks" in reason
+        pytest.skip(f"{name}: {reason}")
+    assert res["gmacs_1t"] > 0 and res["gmacs_all"] > 0 and res["threads"] >= 1
+    assert res["gops_1t"] == 2 * res["gmacs_1t"] and res["gops_all"] == 2 * res["gmacs_all"]
+    assert res["gmacs_1t"] >= res["gmacs_1t_median"] > 0
+
+
+def test_peak_skips_name_the_missing_feature():
+    vnni = peak.measure_family("vnni", flags=AVX2_ONLY_FLAGS)
+    assert "AVX-512 VNNI" in vnni["skipped"] and "avx512_vnni" in vnni["skipped"]
+    assert "AVX2" in peak.measure_family("avx2_i16", flags=frozenset({"sse4_2"}))["skipped"]
+    assert peak.skip_reason(peak.family_for("vnni", VNNI_FLAGS), VNNI_FLAGS) is None
+    arm = peak.skip_reason(peak.FAMILIES["avx2_u8s8"], flags=VNNI_FLAGS, machine="aarch64")
+    assert "aarch64" in arm
+    # fp32 reference: zmm with AVX-512F, ymm without
+    assert "zmm" in peak.family_for("fp32_fma", VNNI_FLAGS).instruction
+    assert "ymm" in peak.family_for("fp32_fma", AVX2_ONLY_FLAGS).instruction
+
+
+def test_target_int8_family_matches_the_presets():
+    for name in ("x86_64-avx512-vnni", "x86_64-avx2"):
+        assert peak.TARGET_FAMILY[targets.load(name)["int8_dot"]] in peak.FAMILIES
+
+
+def test_integer_kernel_macs_from_shapes():
+    m, n, k = 197, 1536, 384
+    qdense = [(m, k), (n // 16, k // 4, 16, 4), (n,), (n,), (n,), (n,), (m, n)]  # compensated: one more (N,)
+    assert profile.kernel_macs("repq_qdense_vnni_197x1536x384_a8w8c", qdense) == m * n * k
+    bt, m, n, d = 6, 197, 197, 64
+    assert profile.kernel_macs("repq_qbmm_avx2_i16_6x197x197x64_nd", [(bt, m, d), (bt, n, d), (2,), (1,),
+                                                                      (bt, m, n)]) == bt * m * n * d
+    assert profile.kernel_macs("repq_shift_attn_sqrt2_l16_6x197x197x64_v8_f15",
+                               [(bt, m, n), (bt, n, d), (1,), (1,), (bt, m, d)]) == bt * m * n * d
+    assert profile.kernel_macs("fused_softmax_log_codes", [(6, 197, 197), (6, 197, 197)]) is None
+
+
+def test_kernel_family():
+    assert profile.kernel_family("repq_qdense_vnni_65x384x128_a4w4", "vnni") == "vnni"
+    assert profile.kernel_family("repq_qdense_avx2_i16_65x384x128_a8w8", "avx2") == "avx2_i16"
+    assert profile.kernel_family("repq_qdense_avx2_u8s8_65x384x128_a4w4", "avx2") == "avx2_u8s8"
+    assert profile.kernel_family("repq_qbmm_avx2_i16_4x65x65x32_nd", "vnni") == "avx2_i16"
+    assert profile.kernel_family("repq_shift_attn_sqrt2_l16_4x65x65x32_v4_f21", "vnni") == "vnni"
+    assert profile.kernel_family("repq_qdense_fallback_65x384x128_a4w4", "sdot") is None
+    assert profile.kernel_family("fused_layer_norm", "vnni") is None
