@@ -98,12 +98,26 @@ def test_interrupted_compile_leaves_the_previous_artifact_loadable(sig, tmp_path
     art, w8 = str(tmp_path / "art"), w4_artifact_and_w8_file[1]
     shutil.copytree(w4_artifact_and_w8_file[0], art)
     before = read_manifest(art)
-    proc = subprocess.Popen([sys.executable, "-m", "repq_tvm.cli", "compile", w8, "--target", "x86_64-avx2",
-                             "-o", art, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not _leftovers(tmp_path):
-        time.sleep(0.01)
-    assert _leftovers(tmp_path), "the compile ended before it started writing: cannot interrupt it mid-write"
+    # the compile pauses right after it has written the new library into its temporary folder (a marker file
+    # says so): the signal lands mid-write every time, not by a race with a fast export
+    mark = tmp_path / "writing"
+    hook = ("import os, sys, time\n"
+            "from repq_tvm.deploy import artifact\n"
+            "digest = artifact.sha256\n"
+            "def paused(path):\n"
+            "    open(os.environ['REPQ_TEST_MARK'], 'w').close()\n"
+            "    time.sleep(300)\n"
+            "    return digest(path)\n"
+            "artifact.sha256 = paused\n"
+            "from repq_tvm.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", hook, "compile", w8, "--target", "x86_64-avx2", "-o", art,
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "REPQ_TEST_MARK": str(mark)})
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not mark.exists():
+        time.sleep(0.05)
+    assert mark.exists() and _leftovers(tmp_path), f"the compile never reached its write (exit {proc.poll()})"
     proc.send_signal(sig)
     proc.wait()
     after = read_manifest(art)  # hashes verified
