@@ -23,10 +23,12 @@ test: setup aarch64-tools
 bench: setup
 	$(BIN)/python benchmarks/accuracy_table.py
 
-# DeiT-Small W8/A8 artifact vs PyTorch / ONNX Runtime / OpenVINO, side by side (installs the bench extra)
+# repq-tvm W8/A8 + W4/A4 artifacts vs PyTorch FP32, ONNX Runtime FP32/INT8, OpenVINO default/FP32/INT8 (NNCF), side by
+# side on DeiT-Ti/S and Swin-T, batch 1 and 8 (installs the bench extra; 20-40 min on 2 cores). Pass options with
+# LATENCY_ARGS, e.g. make bench-latency LATENCY_ARGS="--models deit_tiny_patch16_224 --batches 1 --rounds 5"
 bench-latency: setup
 	$(BIN)/pip install -q -e '.[test,bench]'
-	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/latency.py $(LATENCY_ARGS)
 
 # aarch64 cross toolchain (compile --target aarch64-neon-dotprod) and user-mode QEMU (run those artifacts here).
 # Installed with apt when missing and we are root; otherwise only says what to install.
