@@ -33,8 +33,11 @@ Weights are timm's random init, seed 0 (nothing can be downloaded here; the spee
 depend on weight values), saved as a checkpoint so the RepQ-ViT calibration quantizes the very weights the other
 engines run; calibrated on the same 32 images of the bundled CIFAR-10 pack (resized by the model's own
 preprocessing) for repq-tvm, ORT and NNCF. Before timing, each engine's logits on the timed images are compared
-with PyTorch FP32's (cosine similarity, in the JSON): a check that every engine computes the same model. Writes benchmarks/results/latency.json (after every model / batch,
-so a partial run keeps what it measured) and latency.png.
+with PyTorch FP32's (cosine similarity, in the JSON): a check that every engine computes the same model.
+
+Writes benchmarks/results/latency.json (after every model / batch, so a partial run keeps what it measured) and
+latency.png; a quick run writes over them too, unless given `--out` elsewhere. `--replot` redraws the figure
+and the tables from the JSON.
 """
 
 from __future__ import annotations
