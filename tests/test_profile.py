@@ -65,7 +65,8 @@ def test_kernel_family():
     assert profile.kernel_family("repq_qdense_vnni_65x384x128_a4w4", "vnni") == "vnni"
     assert profile.kernel_family("repq_qdense_avx2_i16_65x384x128_a8w8", "avx2") == "avx2_i16"
     assert profile.kernel_family("repq_qdense_avx2_u8s8_65x384x128_a4w4", "avx2") == "avx2_u8s8"
-    assert profile.kernel_family("repq_qbmm_avx2_i16_4x65x65x32_nd", "vnni") == "avx2_i16"
+    assert profile.kernel_family("repq_qbmm_avx2_i16_4x65x65x32_nd", "avx2") == "avx2_i16"
+    assert profile.kernel_family("repq_qbmm_vnni_4x65x65x32_nd", "vnni") == "vnni"
     assert profile.kernel_family("repq_shift_attn_sqrt2_l16_4x65x65x32_v4_f21", "vnni") == "vnni"
     assert profile.kernel_family("repq_qdense_fallback_65x384x128_a4w4", "sdot") is None
     assert profile.kernel_family("fused_layer_norm", "vnni") is None

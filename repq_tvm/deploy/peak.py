@@ -7,16 +7,19 @@ word per row broadcast from L1 each step (a different one every step, as in `ker
 nothing is loop-invariant and LLVM cannot hoist the multiplies).  Nothing else runs in the loop, so
 the rate is the instruction's throughput bound with a realistic operand feed: the roofline's ceiling.
 
-==============  ====================================================  ============  ===============
-family          one step (per accumulator)                            MACs / step   CPU flags
-==============  ====================================================  ============  ===============
-``vnni``        vpdpbusd zmm, u8 x s8 -> s32                           64            avx512_vnni
-``avx2_u8s8``   4 x vpmaddubsw + 3 x vpaddw + vpmaddwd(1s) + vpaddd    128           avx2
-                ymm: the depth-4 step of the 4/6-bit AVX2 kernels
-``avx2_u8s8_d1``  vpmaddubsw + vpmaddwd(1s) + vpaddd ymm (depth 1)     32            avx2
-``avx2_i16``    vpmaddwd + vpaddd ymm, s16 x s16 -> s32                16            avx2
-``fp32_fma``    vfmadd231ps zmm (ymm without AVX-512F), reference      16 (8)        fma (+avx512f)
-==============  ====================================================  ============  ===============
+================  =========================================================  ===========  ================
+family            one step of one accumulator (vector width)                 MACs / step  CPU flags
+================  =========================================================  ===========  ================
+``vnni``          vpdpbusd (zmm), u8 x s8 -> s32                             64           avx512_vnni
+``avx2_u8s8``     4 x vpmaddubsw + 3 x vpaddw + vpmaddwd(1s) + vpaddd (ymm):  128          avx2
+                  the depth-4 step of the AVX2 kernels at 4/6-bit codes
+``avx2_u8s8_d1``  vpmaddubsw + vpmaddwd(1s) + vpaddd (ymm), depth 1          32           avx2
+``avx2_i16``      vpmaddwd + vpaddd (ymm), s16 x s16 -> s32                  16           avx2
+``fp32_fma``      vfmadd231ps (zmm; ymm without AVX-512F), for reference     16 (8)       fma (+ avx512f)
+================  =========================================================  ===========  ================
+
+A family's kernel is checked to contain its instruction (`missing_instructions`) before it is timed.
+AMX is not measured: no kernel of the project uses it.
 
 Every family is timed on 1 thread (a serial loop) and on TVM's thread pool (one task per pool thread:
 `runtime.NumThreads`, i.e. ``TVM_NUM_THREADS``; TVM's own default on x86 is half the logical CPUs).
@@ -149,6 +152,11 @@ def _bcast(A, index, dtype: str, copies: int):
     return T.reinterpret(T.broadcast(word, copies), dtype=dtype)
 
 
+def _weight_elems(fam: Family) -> int:
+    """Elements of W (int8, or float32 for fp32) in one weight vector: int16 weights take two bytes."""
+    return fam.lanes * fam.kpack * (2 if fam.name == "avx2_i16" else 1)
+
+
 def _step(fam: Family, A, W, acc, r: int, b: int, it):
     """New value of accumulator (r, b) after one step: the family's instruction sequence."""
     from tvm.script import tirx as T
@@ -157,7 +165,7 @@ def _step(fam: Family, A, W, acc, r: int, b: int, it):
     a_index = ((it & (_WORDS - 1)) * fam.rows + r) * 4
     off = (r * fam.blocks + b) * lanes
     old = acc.vload([off], dtype=f"{'float32' if fam.name.startswith('fp32') else 'int32'}x{lanes}")
-    w_at = lambda j: (b * fam.depth + j) * lanes * fam.kpack  # noqa: E731
+    w_at = lambda j: (b * fam.depth + j) * _weight_elems(fam)  # noqa: E731  (elements of W's dtype)
     if fam.name == "vnni":
         return T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), old, _bcast(A, a_index, "uint8x64", 16),
@@ -165,7 +173,7 @@ def _step(fam: Family, A, W, acc, r: int, b: int, it):
     if fam.name.startswith("avx2_u8s8"):
         total = None
         for j in range(fam.depth):
-            a = _bcast(A, a_index + j * fam.rows * 4 * _WORDS if j else a_index, "uint8x32", 8)
+            a = _bcast(A, a_index + j * fam.rows * 4 * _WORDS, "uint8x32", 8)
             term = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a,
                                            W.vload([w_at(j)], dtype="int8x32"), dtype="int16x16")
             total = term if total is None else total + term
@@ -190,7 +198,7 @@ def _kernels(fam: Family):
     acc_dtype = "float32" if fam.name.startswith("fp32") else "int32"
     a_dtype, w_dtype = ("float32", "float32") if acc_dtype == "float32" else ("uint8", "int8")
     a_len = _WORDS * fam.rows * (1 if acc_dtype == "float32" else 4 * fam.depth)
-    w_len = fam.blocks * fam.depth * fam.lanes * fam.kpack
+    w_len = fam.blocks * fam.depth * _weight_elems(fam)
     rows, blocks, lanes = fam.rows, fam.blocks, fam.lanes
 
     def build(parallel: bool):

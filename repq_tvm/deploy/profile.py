@@ -39,7 +39,8 @@ _BUILTIN_PREFIXES = ("vm.builtin.", "relax.")
 INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_shift_attn")
 # kernel name prefix -> instruction family of the variant named in it (others: the target's int8 family)
 _VARIANT_FAMILY = (("repq_qdense_vnni_", "vnni"), ("repq_qdense_avx2_u8s8_", "avx2_u8s8"),
-                   ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_avx2_i16_", "avx2_i16"))
+                   ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_vnni_", "vnni"),
+                   ("repq_qbmm_avx2_i16_", "avx2_i16"))
 
 
 def _input(runner: Runner) -> np.ndarray:
