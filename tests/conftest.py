@@ -1,5 +1,6 @@
 """Shared fixtures: small random-weight models (fast, no files) and a seeded calibration batch."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,3 +27,24 @@ def small_model(name: str = "vit_cifar10") -> torch.nn.Module:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def extreme_codes(M, N, K, bits_a, bits_w, seed=0, zero_last_row=False):
+    """Random integer-kernel operands with extreme rows: a = max code (and 0 in the last row if asked);
+    centred weights w = -max / +max.  8-bit weights are codes minus a per-channel zero point, +-255 at
+    the extremes (rows 0, 1) and -128 / 127 (rows 2, 3); below 8 bits |w| <= 2^b - 1."""
+    rng = np.random.default_rng(seed)
+    a_max = 2**bits_a - 1
+    a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
+    a[0, :] = a_max
+    if zero_last_row and M > 1:
+        a[-1, :] = 0
+    if bits_w < 8:
+        w_max = 2**bits_w - 1
+        w = rng.integers(-w_max, w_max + 1, (N, K))
+        w[0, :], w[1, :] = -w_max, w_max
+    else:
+        w = rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))
+        w[0, :], w[1, :] = -255, 255
+        w[2, :], w[3, :] = -128, 127
+    return a, w.astype(np.int16)

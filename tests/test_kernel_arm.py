@@ -20,6 +20,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from conftest import extreme_codes
 from repq_tvm import targets
 from repq_tvm.kernels import packing as P
 from repq_tvm.kernels import qdense as Q
@@ -43,21 +44,7 @@ BITS = [(4, 4), (6, 6), (8, 8), (8, 4), (4, 8)]
 
 def _operands(M, N, K, bits_a, bits_w, seed=0):
     """Codes with extreme rows/columns: a = 0 / max; centred weights at +-max (8-bit: +-255, +-128/127)."""
-    rng = np.random.default_rng(seed)
-    a_max = 2**bits_a - 1
-    a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
-    a[0, :] = a_max
-    if M > 1:
-        a[-1, :] = 0
-    if bits_w < 8:
-        w_max = 2**bits_w - 1
-        w = rng.integers(-w_max, w_max + 1, (N, K))
-        w[0, :], w[1, :] = -w_max, w_max
-    else:
-        w = rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))
-        w[0, :], w[1, :] = -255, 255
-        w[2, :], w[3, :] = -128, 127
-    return a, w.astype(np.int16)
+    return extreme_codes(M, N, K, bits_a, bits_w, seed, zero_last_row=True)
 
 
 def _ref_kernel(M, N, K, bits_a, bits_w, **kw):

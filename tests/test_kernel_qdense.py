@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import extreme_codes
 from repq_tvm import targets
 from repq_tvm.kernels import packing as P
 from repq_tvm.kernels import qdense as Q
@@ -50,23 +51,8 @@ def _target(variant, ref):
 
 
 def _operands(M, N, K, variant, bits_a, bits_w, seed=0):
-    """Random codes with extreme rows: a = max code; centred weights w = -max / +max.
-
-    8-bit weights are codes minus a per-channel zero point, +-255 at the extremes (rows 0, 1), the
-    range the int16 variant and the compensated int8 variants must take; below 8 bits |w| <= 2^b - 1.
-    """
-    rng = np.random.default_rng(seed)
-    a_max, w_max = P.code_bounds(bits_a, bits_w)
-    a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
-    a[0, :] = a_max
-    if bits_w < 8:
-        w = rng.integers(-w_max, w_max + 1, (N, K))
-        w[0, :], w[1, :] = -w_max, w_max
-    else:
-        w = rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))
-        w[0, :], w[1, :] = -255, 255
-        w[2, :], w[3, :] = -128, 127
-    return a, w.astype(np.int16)
+    """`conftest.extreme_codes`: the +-255 8-bit range is what the int16 and compensated int8 variants take."""
+    return extreme_codes(M, N, K, bits_a, bits_w, seed)
 
 
 def _build(M, N, K, variant, bits_a, bits_w, ref, **kw):

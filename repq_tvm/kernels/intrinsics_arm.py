@@ -25,10 +25,11 @@ packing, compensation and epilogue run bit for bit on any CPU (x86 included) as 
 
 from __future__ import annotations
 
-from tvm.s_tir import TensorIntrin
+import functools
+
 from tvm.script import tirx as T
 
-from .intrinsics_x86 import _dot_desc, ref_name
+from .intrinsics_x86 import _dot_desc, ref_name, register_with_twins
 
 SDOT_DEPTHS = (1, 2, 4)
 _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
@@ -83,15 +84,7 @@ def _all_intrinsics():
         yield sdot_intrin(d), _dot_desc(4, 4, d, "int8", "int8"), _sdot_impl(d)
 
 
-_registered = False
-
-
+@functools.cache
 def register_intrinsics() -> None:
-    """Register every intrinsic and its "_ref" twin (once per process; override=True if repeated)."""
-    global _registered
-    if _registered:
-        return
-    for name, desc, impl in _all_intrinsics():
-        TensorIntrin.register(name, desc, impl, override=True)
-        TensorIntrin.register(ref_name(name), desc, desc, override=True)
-    _registered = True
+    """Register every Arm intrinsic and its "_ref" twin (once per process)."""
+    register_with_twins(_all_intrinsics())

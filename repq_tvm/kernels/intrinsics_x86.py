@@ -25,6 +25,8 @@ Operands are written inline: a named vector value (``x = ...``) becomes a per-ca
 
 from __future__ import annotations
 
+import functools
+
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -175,15 +177,15 @@ def _all_intrinsics():
         yield u8s8_intrin(d), _dot_desc(8, 4, d, "uint8", "int8"), _u8s8_impl(d)
 
 
-_registered = False
-
-
-def register_intrinsics() -> None:
-    """Register every intrinsic and its "_ref" twin (once per process; override=True if repeated)."""
-    global _registered
-    if _registered:
-        return
-    for name, desc, impl in _all_intrinsics():
+def register_with_twins(intrinsics) -> None:
+    """Register (name, description, implementation) entries and each one's plain-loop "_ref" twin
+    (the description as body); override=True keeps it idempotent.  Shared with `intrinsics_arm`."""
+    for name, desc, impl in intrinsics:
         TensorIntrin.register(name, desc, impl, override=True)
         TensorIntrin.register(ref_name(name), desc, desc, override=True)
-    _registered = True
+
+
+@functools.cache
+def register_intrinsics() -> None:
+    """Register every x86 intrinsic and its "_ref" twin (once per process)."""
+    register_with_twins(_all_intrinsics())

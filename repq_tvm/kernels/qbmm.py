@@ -59,6 +59,20 @@ def default_tiles(M: int, variant: str) -> tuple[int, int]:
     return min(range(mi, (mi - 1) // 2, -1), key=lambda t: ceil_to(M, t) - M), nbi
 
 
+def _packed_acc(a: te.Tensor, packed: te.Tensor, M: int, m_p: int, n_p: int, d_p: int) -> te.Tensor:
+    """int32 ``acc[b, m, n] = sum_d a[b, m, d] * packed[b, n/L, d/P, n%L, d%P]`` on whole register tiles
+    (``m_p`` rows: padded rows read row M-1 again and are never stored); L, P from the packed layout."""
+    Bt, L, P = a.shape[0], packed.shape[3], packed.shape[4]
+    row = (lambda m: te.min(m, M - 1)) if m_p != M else (lambda m: m)
+    d = te.reduce_axis((0, d_p), name="d")
+    return te.compute(
+        (Bt, m_p, n_p),
+        lambda b, m, n: te.sum(a[b, row(m), d].astype("int32")
+                               * packed[b, n // L, d // P, n % L, d % P].astype("int32"), axis=d),
+        name="acc",
+    )
+
+
 def qbmm(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd", tiles=(6, 2)) -> list[te.Tensor]:
     """TE compute ``[A, B, zp, scale, out]``; rows/columns are padded to whole register tiles.
 
@@ -99,14 +113,7 @@ def qbmm(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd", tiles=(6, 2))
         return centred(B[b, te.min(d, D - 1), n_c], zp[1], tvm.tirx.all(*conds) if conds else None)
 
     b16 = te.compute((Bt, n_p // LANES, d_p // KPACK, LANES, KPACK), b_at, name="b16")
-    row = (lambda m: te.min(m, M - 1)) if m_p != M else (lambda m: m)
-    d = te.reduce_axis((0, d_p), name="d")
-    acc = te.compute(
-        (Bt, m_p, n_p),
-        lambda b, m, n: te.sum(a16[b, row(m), d].astype("int32")
-                               * b16[b, n // LANES, d // KPACK, n % LANES, d % KPACK].astype("int32"), axis=d),
-        name="acc",
-    )
+    acc = _packed_acc(a16, b16, M, m_p, n_p, d_p)
     out = te.compute((Bt, M, N), lambda b, m, n: acc[b, m, n].astype("float32") * scale[0], name="out")
     return [A, B, zp, scale, out]
 
@@ -145,14 +152,7 @@ def qbmm_vnni(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd", tiles=(3
     dk = te.reduce_axis((0, D), name="dk")
     k_raw = (lambda b, n, d: B[b, n, d]) if b_layout == "nd" else (lambda b, n, d: B[b, d, n])
     ksum = te.compute((Bt, N), lambda b, n: te.sum(k_raw(b, n, dk).astype("int32"), axis=dk), name="ksum")
-    row = (lambda m: te.min(m, M - 1)) if m_p != M else (lambda m: m)
-    d = te.reduce_axis((0, d_p), name="d")
-    acc = te.compute(
-        (Bt, m_p, n_p),
-        lambda b, m, n: te.sum(a8[b, row(m), d].astype("int32")
-                               * b8[b, n // L, d // P, n % L, d % P].astype("int32"), axis=d),
-        name="acc",
-    )
+    acc = _packed_acc(a8, b8, M, m_p, n_p, d_p)
     # sum_d k'[n, d] = ksum[n] - 128*D, so z_q*(sum k' + c*D) = z_q*(ksum[n] - z_k*D)
     out = te.compute(
         (Bt, M, N),
