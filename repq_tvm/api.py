@@ -138,23 +138,24 @@ def load_for_eval(model: str | CalibratedModel, checkpoint: str | None = None):
     return models.load_model(model, checkpoint)
 
 
-def artifact_predictor(art_dir: str):
+def artifact_predictor(art_dir: str, threads: int | None = None):
     """A compiled artifact as (predict: float tensor batch → logits tensor, arch) for `evaluate.accuracy`."""
     import torch
 
     from .deploy.runtime import Runner
 
-    runner = Runner(art_dir)
+    runner = Runner(art_dir, threads=threads)
     arch = {"name": runner.manifest["model"], "data": runner.manifest["preprocessing"]}
     return (lambda x: torch.from_numpy(runner.predict(x.numpy()))), arch
 
 
 def evaluate(model: str | CalibratedModel | None = None, *, artifact: str | None = None,
              checkpoint: str | None = None, data: str | None = None, limit: int | None = None,
-             progress: bool = True) -> dict:
+             threads: int | None = None, progress: bool = True) -> dict:
     """Top-1 / top-5 (%) of an FP32 model (a name, weights from `checkpoint`), a calibrated model (a `.repq`
     path or a `CalibratedModel`), or a compiled `artifact` folder, on `data` (fixtures: their held-out pack),
-    or on a fixed random subset of `limit` images.
+    or on a fixed random subset of `limit` images. An artifact runs on `threads` TVM threads (default: every
+    available CPU).
 
     The result also holds `correct`, per-image top-1 hits in an order that depends only on the data and
     `limit`: two models evaluated alike can be compared image by image (`evaluate.paired_margin`).
@@ -170,7 +171,7 @@ def evaluate(model: str | CalibratedModel | None = None, *, artifact: str | None
     if limit is not None and limit < 1:
         raise ReqError(f"limit must be positive, got {limit}")
     if artifact is not None:
-        predict, arch = artifact_predictor(artifact)
+        predict, arch = artifact_predictor(artifact, threads)
         num_classes = None
     else:
         predict, arch = load_for_eval(model, checkpoint)

@@ -28,6 +28,8 @@ SEED = int_in(0, 2**32 - 1)  # numpy's and torch's seed range
 LIMIT = int_in(1, 10**9)
 BATCH = int_in(1, 4096)
 REPEAT = int_in(1, 100_000)
+THREADS = int_in(1, 1024)
+THREADS_HELP = "TVM threads, 1 to 1024 (default: TVM_NUM_THREADS if set, else every CPU this process may use)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,7 +54,7 @@ def cmd_calibrate(args) -> dict:
 
 def cmd_evaluate(args) -> dict:
     result = api.evaluate(args.model, artifact=args.artifact, checkpoint=args.checkpoint, data=args.data,
-                          limit=args.limit, progress=not args.quiet)
+                          limit=args.limit, threads=args.threads, progress=not args.quiet)
     result.pop("correct")
     if args.json:
         print(json.dumps(result))
@@ -88,7 +90,7 @@ def cmd_run(args) -> dict:
 
     from .deploy.runtime import Runner
 
-    runner = Runner(args.artifact)
+    runner = Runner(args.artifact, threads=args.threads)
     transform = runner.transform()
     names = runner.manifest.get("classes")
     results = {}
@@ -115,7 +117,7 @@ def cmd_profile(args) -> dict:
     from .deploy import profile
     from .deploy.runtime import Runner
 
-    runner = Runner(args.artifact)
+    runner = Runner(args.artifact, threads=args.threads)
     result = {"artifact": args.artifact, "target": runner.manifest["target"]["name"],
               **profile.profile(runner, repeat=args.repeat)}
     if args.plot:
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint")
     e.add_argument("--data", help="evaluation images (fixtures default to the shipped held-out pack)")
     e.add_argument("--limit", type=LIMIT, help="evaluate a fixed random subset of N images (N >= 1)")
+    e.add_argument("--threads", type=THREADS, help="with --artifact: " + THREADS_HELP)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
@@ -234,12 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="classify images with a compiled artifact (top-5)")
     r.add_argument("artifact")
     r.add_argument("images", nargs="+")
+    r.add_argument("--threads", type=THREADS, help=THREADS_HELP)
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("profile", help="latency of a compiled artifact, with a per-kernel breakdown")
     f.add_argument("artifact")
     f.add_argument("--repeat", type=REPEAT, default=50, help="whole-model runs, 1 to 100000")
+    f.add_argument("--threads", type=THREADS, help=THREADS_HELP)
     f.add_argument("--json", action="store_true")
     f.add_argument("--plot", type=plot_file, help="write a PNG bar chart of the slowest kernels (.png, .pdf, .svg)")
     f.set_defaults(func=cmd_profile)

@@ -60,11 +60,22 @@ def read_manifest(art_dir, verify=True):
     return manifest
 
 
+def use_all_cpus():
+    """TVM's pool takes half the logical CPUs on x86 unless told (mirrors repq_tvm/deploy/threads.py)."""
+    if not any(os.environ.get(v, "").strip() for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(n)
+
+
 def run(art_dir, x, verify=True):
     """Logits for images x [N, 3, H, W]; returns (logits, info)."""
     import numpy as np
 
     t0 = time.time()
+    use_all_cpus()
     manifest = read_manifest(art_dir, verify)
     import tvm
     from tvm import relax
@@ -85,6 +96,7 @@ def run(art_dir, x, verify=True):
         outs.append(main(tvm.runtime.tensor(chunk)).numpy()[: b - pad])
     logits = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
     info = {"machine": platform.machine(), "tvm_version": tvm.__version__, "images": len(x),
+            "threads": int(tvm.get_global_func("runtime.NumThreads")()),
             "load_seconds": round(t1 - t0, 2), "run_seconds": round(time.time() - t1, 2)}
     return logits, info
 
@@ -95,7 +107,13 @@ def main(argv=None):
     p.add_argument("input", help=".npy file: preprocessed float32 images [N, 3, H, W]")
     p.add_argument("output", help=".npy file to write the float32 logits [N, classes] to")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of model.so")
+    p.add_argument("--threads", type=int, help="TVM threads (default: TVM_NUM_THREADS, else every CPU)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"device_run: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     try:
         import numpy as np
 

@@ -22,7 +22,7 @@ A family's kernel is checked to contain its instruction (`missing_instructions`)
 AMX is not measured: no kernel of the project uses it.
 
 Every family is timed on 1 thread (a serial loop) and on TVM's thread pool (one task per pool thread:
-`runtime.NumThreads`, i.e. ``TVM_NUM_THREADS``; TVM's own default on x86 is half the logical CPUs).
+`runtime.NumThreads`, sized by `threads.configure`: every available CPU unless ``TVM_NUM_THREADS`` says).
 The rate reported is the best of the repeats: on a shared machine other work only ever slows a run
 down, so the fastest run is the closest to the hardware's ceiling (the median is reported too).
 Families this CPU cannot run are skipped with the missing feature named; on a non-x86 CPU all are.
@@ -119,10 +119,10 @@ def skip_reason(family: Family, flags=None, machine: str | None = None) -> str |
 
 
 def num_threads() -> int:
-    """Threads of TVM's pool in this process (``TVM_NUM_THREADS``, else TVM's default)."""
-    import tvm
+    """Threads of TVM's pool in this process (`threads.configure` sizes it)."""
+    from .threads import pool_threads
 
-    return int(tvm.get_global_func("runtime.NumThreads")())
+    return pool_threads()
 
 
 def cpu_name() -> str:

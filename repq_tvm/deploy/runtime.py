@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from ..errors import ReqError
-from . import artifact
+from . import artifact, threads as thread_pool
 
 
 # TVM 0.27 never frees a loaded library: each `tvm.runtime.load_module` keeps its constants (~the
@@ -29,12 +29,16 @@ def _load_library(path: str, digest: str):
 
 
 class Runner:
-    """A loaded artifact. `__call__` takes preprocessed float32 [B, 3, H, W] with the compiled batch size."""
+    """A loaded artifact. `__call__` takes preprocessed float32 [B, 3, H, W] with the compiled batch size.
 
-    def __init__(self, art_dir: str, check_target: bool = True):
+    Runs on `threads` threads, by default every CPU this process may use (`threads.configure`).
+    """
+
+    def __init__(self, art_dir: str, check_target: bool = True, threads: int | None = None):
         import tvm
         from tvm import relax
 
+        self.threads = thread_pool.configure(threads)
         self.manifest = artifact.read_manifest(art_dir)
         if check_target:
             artifact.check_runnable_here(self.manifest)

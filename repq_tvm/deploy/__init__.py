@@ -1,0 +1,1 @@
+"""Deployment: artifacts, the runtime, profiling, cross-compilation and the device-side runner."""

@@ -1,0 +1,94 @@
+"""TVM's thread pool: every available CPU by default (TVM alone takes half of them on x86), the user's
+TVM_NUM_THREADS respected, explicit counts honoured or refused by message; outputs do not depend on it."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from repq_tvm.deploy import threads
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def _pool_size(env_extra: dict, cpus=None, code: str = "") -> str:
+    """Start a fresh interpreter (its own TVM pool), optionally pinned to `cpus`, and print its pool size."""
+    env = {k: v for k, v in os.environ.items() if k not in threads.ENV_VARS}
+    env.update(env_extra)
+    script = code or "import repq_tvm\nfrom repq_tvm.deploy import threads\nprint(threads.pool_threads())"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_default_is_every_cpu_of_the_affinity_mask():
+    assert _pool_size({}) == str(len(CPUS))
+    assert _pool_size({}, cpus=CPUS[:1]) == "1"
+    if len(CPUS) >= 2:  # TVM's own default would give 1 here on x86 (half the logical CPUs)
+        assert _pool_size({}, cpus=CPUS[:2]) == "2"
+
+
+def test_users_environment_wins():
+    assert _pool_size({"TVM_NUM_THREADS": "1"}) == "1"
+    assert _pool_size({"OMP_NUM_THREADS": "1"}) == "1"
+
+
+def test_explicit_counts_shrink_regrow_and_refuse_growth_past_the_pool():
+    n = len(CPUS)
+    code = f"""
+from repq_tvm.deploy import threads
+from repq_tvm.errors import ReqError
+print(threads.configure(None), threads.configure(1), threads.configure(None), threads.configure(1),
+      threads.configure({n}))
+try:
+    threads.configure({n + 1})
+except ReqError as exc:
+    print(exc)
+try:
+    threads.configure(0)
+except ReqError as exc:
+    print(exc)
+"""
+    lines = _pool_size({}, code=code).splitlines()
+    assert lines[0] == f"{n} 1 {n} 1 {n}"
+    assert lines[1] == (f"TVM's thread pool started with {n} thread(s) in this process and cannot grow to {n + 1}: "
+                        f"set TVM_NUM_THREADS={n + 1} before the first run")
+    assert lines[2] == "threads must be in [1, 1024], got 0"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from repq_tvm.cli import main
+
+    root = tmp_path_factory.mktemp("threads")
+    cal, art = str(root / "m.repq"), str(root / "art")
+    assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
+    assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
+    return art
+
+
+def test_logits_do_not_depend_on_the_thread_count(artifact):
+    from repq_tvm.deploy.runtime import Runner
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    n = Runner(artifact).threads  # the pool as this process started it (every CPU unless the environment says)
+    one = Runner(artifact, threads=1)
+    assert one.threads == 1 and threads.pool_threads() == 1
+    y1 = one(x)
+    every = Runner(artifact, threads=n)
+    assert every.threads == n and threads.pool_threads() == n
+    assert np.array_equal(every(x), y1)
+
+
+def test_cli_threads_option(artifact, capsys):
+    import json
+
+    from repq_tvm.cli import main
+
+    assert main(["profile", artifact, "--repeat", "2", "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["threads"] == 1
+    assert main(["profile", artifact, "--repeat", "2", "--json"]) == 0  # back to the default
+    assert json.loads(capsys.readouterr().out)["threads"] == threads.configure(None)
