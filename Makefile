@@ -49,9 +49,9 @@ aarch64-tools:
 aarch64-sysroot: setup aarch64-tools
 	scripts/aarch64_sysroot.sh $(AARCH64_SYSROOT)
 
-# the opt-in aarch64-under-qemu vs x86 agreement test
+# the opt-in aarch64-under-qemu vs x86 agreement tests (device runner, and TVM's RPC server under qemu)
 test-aarch64: aarch64-sysroot
-	REPQ_TVM_AARCH64_SYSROOT=$(AARCH64_SYSROOT) $(BIN)/python -m pytest -q -m slow tests/test_aarch64.py
+	REPQ_TVM_AARCH64_SYSROOT=$(AARCH64_SYSROOT) $(BIN)/python -m pytest -q -m slow tests/test_aarch64.py tests/test_rpc.py
 
 clean:
 	rm -rf out .pytest_cache

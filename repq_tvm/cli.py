@@ -14,7 +14,7 @@ import os
 import sys
 
 from . import api
-from .cli_types import int_choice, int_in, output_file, output_folder, plot_file, work_folder
+from .cli_types import host_port, int_choice, int_in, output_file, output_folder, plot_file, rpc_key, work_folder
 from .errors import ReqError
 
 CALIBRATED_SUFFIX = api.CALIBRATED_SUFFIX
@@ -30,6 +30,7 @@ BATCH = int_in(1, 4096)
 REPEAT = int_in(1, 100_000)
 THREADS = int_in(1, 1024)
 THREADS_HELP = "TVM threads, 1 to 1024 (default: TVM_NUM_THREADS if set, else every CPU this process may use)"
+RPC_TIMEOUT = int_in(1, 3600)  # seconds to reach a tracker / server and to wait for a free board
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,14 +84,42 @@ def cmd_export_onnx(args) -> dict:
     return result
 
 
+def _remote_runner(args, what: str):
+    """A `RemoteRunner` on the board named by --rpc / --rpc-tracker + --rpc-key (None: run here), after the
+    option combinations are checked (before anything loads or connects)."""
+    if args.rpc_key and not args.rpc_tracker:
+        raise ReqError("--rpc-key goes with --rpc-tracker HOST:PORT" +
+                       (" (--rpc reaches one server directly, without a key)" if args.rpc else ""))
+    if args.rpc_tracker and not args.rpc_key:
+        raise ReqError("--rpc-tracker needs --rpc-key KEY (the key the board's rpc_server registered with)")
+    if args.rpc_timeout is not None and not (args.rpc or args.rpc_tracker):
+        raise ReqError("--rpc-timeout applies only with --rpc or --rpc-tracker")
+    if not (args.rpc or args.rpc_tracker):
+        return None
+    if getattr(args, "plot", None):
+        raise ReqError(f"--plot draws the per-kernel breakdown, which {what} measures only on this machine, not over RPC")
+    from .deploy import rpc
+
+    return rpc.RemoteRunner(args.artifact, rpc=args.rpc, tracker=args.rpc_tracker, key=args.rpc_key,
+                            timeout=args.rpc_timeout or rpc.DEFAULT_TIMEOUT, threads=args.threads)
+
+
 def cmd_run(args) -> dict:
+    from .deploy.runtime import Runner
+
+    remote = _remote_runner(args, "run")
+    try:
+        return _classify(args, remote or Runner(args.artifact, threads=args.threads))
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _classify(args, runner) -> dict:
     import numpy as np
 
     from PIL import Image, UnidentifiedImageError
 
-    from .deploy.runtime import Runner
-
-    runner = Runner(args.artifact, threads=args.threads)
     transform = runner.transform()
     names = runner.manifest.get("classes")
     results = {}
@@ -113,10 +142,15 @@ def cmd_run(args) -> dict:
 
 def cmd_profile(args) -> dict:
     """Whole-model latency, then every kernel call timed standalone on its real arguments, with integer
-    kernels' GMAC/s against this CPU's measured peak (`repq_tvm.deploy.profile`)."""
+    kernels' GMAC/s against this CPU's measured peak (`repq_tvm.deploy.profile`). Over RPC: the whole-model
+    latency on the board."""
     from .deploy import profile
     from .deploy.runtime import Runner
 
+    remote = _remote_runner(args, "profile")
+    if remote is not None:
+        with remote:
+            return _profile_remote(args, remote)
     runner = Runner(args.artifact, threads=args.threads)
     result = {"artifact": args.artifact, "target": runner.manifest["target"]["name"],
               **profile.profile(runner, repeat=args.repeat)}
@@ -126,6 +160,28 @@ def cmd_profile(args) -> dict:
         print(json.dumps(result))
     else:
         print("\n".join(profile.format_report(result)))
+    return result
+
+
+REMOTE_BREAKDOWN = ("per-kernel breakdown: not over RPC (the VM's instrument hook calls back into the process that runs "
+                    "the model); run repq-tvm profile where the artifact runs for it")
+
+
+def _profile_remote(args, runner) -> dict:
+    """`profile` over RPC: whole-model latency timed on the board by time_evaluator; no kernel breakdown."""
+    remote = runner.remote
+    result = {"artifact": args.artifact, "target": runner.manifest["target"]["name"], "remote": remote,
+              **runner.latency(repeat=args.repeat), "breakdown": REMOTE_BREAKDOWN}
+    if args.json:
+        print(json.dumps(result))
+        return result
+    via = f"tracker {remote['via'].split(' ', 1)[1]}, key {remote['key']}" if remote["key"] else "direct"
+    threads = f"{result['threads']} TVM thread(s)" if result["threads"] is not None else "TVM threads unknown"
+    print(f"RPC server {remote['server']} ({via}): {remote['triple'] or 'architecture unknown'}, "
+          f"CPU {remote['cpu'] or 'unknown'}, {threads}; library uploaded and loaded in {remote['upload_seconds']:.2f} s")
+    print(f"latency on the RPC server over {result['runs']} runs (batch {result['batch']}, time_evaluator there): "
+          f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms, min {result['min_ms']:.2f} ms")
+    print(REMOTE_BREAKDOWN)
     return result
 
 
@@ -178,6 +234,19 @@ def cmd_demo(args) -> dict:
     with open(os.path.join(args.out_dir, "demo.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return rows
+
+
+def add_rpc_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--rpc HOST:PORT or --rpc-tracker HOST:PORT with --rpc-key KEY, and --rpc-timeout: run on a board."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rpc", type=host_port, metavar="HOST:PORT",
+                   help=f"{what} on this TVM RPC server (python -m tvm.exec.rpc_server --port PORT)")
+    g.add_argument("--rpc-tracker", type=host_port, metavar="HOST:PORT",
+                   help=f"{what} on a free board of --rpc-key at this TVM RPC tracker (python -m tvm.exec.rpc_tracker)")
+    p.add_argument("--rpc-key", type=rpc_key, metavar="KEY", help="with --rpc-tracker: the device key the board's "
+                   "rpc_server registered with (--key)")
+    p.add_argument("--rpc-timeout", type=RPC_TIMEOUT, metavar="SECONDS",
+                   help="seconds to reach the tracker or server and to wait for a free board, 1 to 3600 (default 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,16 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="classify images with a compiled artifact (top-5)")
     r.add_argument("artifact")
     r.add_argument("images", nargs="+")
-    r.add_argument("--threads", type=THREADS, help=THREADS_HELP)
+    r.add_argument("--threads", type=THREADS, help=THREADS_HELP + "; with --rpc*: on the RPC server")
     r.add_argument("--json", action="store_true")
+    add_rpc_options(r, "run the model")
     r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("profile", help="latency of a compiled artifact, with a per-kernel breakdown")
     f.add_argument("artifact")
     f.add_argument("--repeat", type=REPEAT, default=50, help="whole-model runs, 1 to 100000")
-    f.add_argument("--threads", type=THREADS, help=THREADS_HELP)
+    f.add_argument("--threads", type=THREADS, help=THREADS_HELP + "; with --rpc*: on the RPC server")
     f.add_argument("--json", action="store_true")
     f.add_argument("--plot", type=plot_file, help="write a PNG bar chart of the slowest kernels (.png, .pdf, .svg)")
+    add_rpc_options(f, "time the whole model (no kernel breakdown)")
     f.set_defaults(func=cmd_profile)
 
     t = sub.add_parser("targets", help="list the target presets, whether this CPU can run each, and what host picks")

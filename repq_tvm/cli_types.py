@@ -114,3 +114,21 @@ def plot_file(path: str) -> str:
     if suffix not in PLOT_SUFFIXES:
         raise argparse.ArgumentTypeError(f"cannot plot into {path}: use a .png, .pdf or .svg file name")
     return output_file(path)
+
+
+def host_port(text: str) -> str:
+    """HOST:PORT of a TVM RPC tracker or server ("[::1]:9190" for IPv6; port 1-65535)."""
+    from .deploy.rpc import parse_address
+
+    try:
+        parse_address(text)
+    except ReqError as exc:
+        raise _type_error(exc) from None
+    return text.strip()
+
+
+def rpc_key(text: str) -> str:
+    """A device key of a TVM RPC tracker: one word (the server's handshake splits at whitespace)."""
+    if not text or not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"a device key is one word without spaces (e.g. rpi4), got {text!r}")
+    return text

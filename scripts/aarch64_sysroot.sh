@@ -8,7 +8,8 @@
 # Steps (each skipped when its stamp in DIR/.repq-sysroot/ says it is done, so re-running is cheap):
 #   1. debootstrap --foreign (first stage only: the second stage would need to execute arm64 binaries);
 #   2. unpack every downloaded .deb into DIR (what the second stage would have installed);
-#   3. pip install --target DIR/opt/pywheels the aarch64 wheels, pinned to the versions in pyproject.toml;
+#   3. pip install --target DIR/opt/pywheels the aarch64 wheels, pinned to the versions in pyproject.toml
+#      (TVM, NumPy, and cloudpickle + psutil, which TVM's RPC server, python -m tvm.exec.rpc_server, needs);
 #   4. smoke test: import tvm and numpy under qemu-aarch64-static.
 # Needs root (debootstrap), network to a Debian mirror (DEBIAN_MIRROR) and PyPI. About 200 MB of downloads.
 set -euo pipefail
@@ -28,8 +29,11 @@ pin() { grep -o "\"$1[=<>][^\"]*\"" "$REPO/pyproject.toml" | head -n1 | tr -d '"
 TVM_PIN=$(pin apache-tvm)
 FFI_PIN=$(pin apache-tvm-ffi)
 NUMPY_PIN=$(pin numpy)
-[ -n "$TVM_PIN" ] && [ -n "$FFI_PIN" ] && [ -n "$NUMPY_PIN" ] || die "cannot read the TVM/NumPy pins from $REPO/pyproject.toml"
-WHEEL_SPEC="$TVM_PIN $FFI_PIN $NUMPY_PIN"
+CLOUDPICKLE_PIN=$(pin cloudpickle)
+PSUTIL_PIN=$(pin psutil)
+[ -n "$TVM_PIN" ] && [ -n "$FFI_PIN" ] && [ -n "$NUMPY_PIN" ] && [ -n "$CLOUDPICKLE_PIN" ] && [ -n "$PSUTIL_PIN" ] \
+    || die "cannot read the TVM/NumPy/cloudpickle/psutil pins from $REPO/pyproject.toml"
+WHEEL_SPEC="$TVM_PIN $FFI_PIN $NUMPY_PIN $CLOUDPICKLE_PIN $PSUTIL_PIN"
 
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
@@ -94,7 +98,7 @@ fi
 if command -v qemu-aarch64-static >/dev/null 2>&1; then
     say "4/4 smoke test: import tvm, numpy under qemu-aarch64-static (~10 s)"
     PYTHONPATH="$DIR/$WHEELS_SUBDIR" PYTHONNOUSERSITE=1 qemu-aarch64-static -L "$DIR" "$DIR/usr/bin/python3" -c \
-        'import platform, numpy, tvm; print(f"  {platform.machine()}: python {platform.python_version()}, tvm {tvm.__version__}, numpy {numpy.__version__}")' \
+        'import platform, numpy, tvm, tvm.rpc, cloudpickle; print(f"  {platform.machine()}: python {platform.python_version()}, tvm {tvm.__version__}, numpy {numpy.__version__}")' \
         || die "the sysroot does not import tvm under qemu"
 else
     say "4/4 smoke test skipped: qemu-aarch64-static not installed (make aarch64-tools)"

@@ -44,6 +44,9 @@ OUTPUT_FOLDER = ("random", "empty", "proc", "under_file")  # an existing folder 
 WORK_FOLDER = ("random", "empty", "proc", "under_file")
 DATA = ("dir", "missing", "unreadable", "random", "not_image", "npz_keys", "npz_dtype", "bad_image_dir", "empty")
 FLAG = ()  # store_true: tried as given, and with a value (`--json=0`), which is an error
+ADDRESS = ("empty", "0", "huge", "nan", "dir", "no_port", "port_0", "port_huge", "spaced_host")  # HOST:PORT
+RPC_KEY = ("empty", "spaced_key")
+RPC_TIMEOUT = NUMBERS + ("3601",)
 
 # (command, option) -> (hostile values, expected to fail; valid values). Option: the longest option string, or
 # the positional's name. Values are kinds resolved by `Values` (or literal strings). Each command's otherwise
@@ -91,12 +94,20 @@ TABLE = {
     ("run", "images"): (("dir", "missing", "unreadable", "random", "not_image", "npz_keys", "empty"), ("png",)),
     ("run", "--threads"): (NUMBERS + ("1025",), ("1",)),
     ("run", "--json"): (FLAG, ()),
+    ("run", "--rpc"): (ADDRESS, ("hostport",)),
+    ("run", "--rpc-tracker"): (ADDRESS, ("hostport",)),
+    ("run", "--rpc-key"): (RPC_KEY, ("rpc_key",)),
+    ("run", "--rpc-timeout"): (RPC_TIMEOUT, ("1", "3600")),
     ("profile", "--help"): (FLAG, ()),
     ("profile", "artifact"): (ARTIFACTS, ("art",)),
     ("profile", "--repeat"): (NUMBERS + ("100001",), ("1",)),
     ("profile", "--plot"): (OUTPUT_FILE + ("plot.txt",), ("new_plot",)),
     ("profile", "--threads"): (NUMBERS + ("1025",), ("1",)),
     ("profile", "--json"): (FLAG, ()),
+    ("profile", "--rpc"): (ADDRESS, ("hostport", "ipv6_hostport")),
+    ("profile", "--rpc-tracker"): (ADDRESS, ("hostport",)),
+    ("profile", "--rpc-key"): (RPC_KEY, ("rpc_key",)),
+    ("profile", "--rpc-timeout"): (RPC_TIMEOUT, ("1", "3600")),
     ("targets", "--help"): (FLAG, ()),
     ("targets", "presets"): (("empty", "0", "dir", "missing", "random", "garbled_manifest"), ("x86_64-avx2",)),
     ("targets", "--json"): (FLAG, ()),
@@ -120,6 +131,10 @@ BASE = {
 }
 # options that exclude others of the base line
 EXCLUDES = {("evaluate", "--artifact"): ("--model",)}
+# options that need others: added to the base line (option -> value kind)
+WITH = {(command, option): other for command in ("run", "profile") for option, other in (
+    ("--rpc-tracker", {"--rpc-key": "rpc_key"}), ("--rpc-key", {"--rpc-tracker": "hostport"}),
+    ("--rpc-timeout", {"--rpc": "hostport"}))}
 
 
 def option_name(action: argparse.Action) -> str:
@@ -224,6 +239,9 @@ class Values:
             **{k: j(f"{k}.repq") for k in ("repq_bad_arch", "repq_bad_config", "repq_bad_quantizers")},
             "checkpoint": self.checkpoint, "png": j("cat.png"), "not_a_preset": "no-such-cpu",
             "small_npz": j("small.npz"),
+            "no_port": "127.0.0.1", "port_0": "127.0.0.1:0", "port_huge": "127.0.0.1:65536",
+            "spaced_host": "my board:9190", "hostport": "127.0.0.1:9190", "ipv6_hostport": "[::1]:9090",
+            "rpc_key": "rpi4", "spaced_key": "my board",
         }
 
     def fresh(self, suffix: str = "") -> str:
@@ -272,16 +290,18 @@ def _stop(*_a, **_k):
 @pytest.fixture
 def stops(monkeypatch):
     """Replace each command's expensive step by `Reached`: a valid value is known valid once it gets there.
-    evaluate (8 images), run (1 image) and targets run for real. Call with the command under test."""
+    evaluate (8 images), run (1 image) and targets run for real; run and profile over RPC stop where they would
+    connect (after the artifact is verified). Call with the command under test."""
     import repq_tvm.frontends
     import repq_tvm.passes.pipeline
     import repq_tvm.quant.calibrate
-    from repq_tvm.deploy import profile
+    from repq_tvm.deploy import profile, rpc
 
     monkeypatch.setattr(repq_tvm.quant.calibrate, "calibrate", _stop)  # calibrate: after model and images load
     monkeypatch.setattr(repq_tvm.passes.pipeline, "compile_model", _stop)  # compile: after model, target, batch
     monkeypatch.setattr(repq_tvm.frontends, "export_onnx", _stop)  # export-onnx: after the model loads
     monkeypatch.setattr(profile, "profile", _stop)  # profile: after the artifact loads and is verified
+    monkeypatch.setattr(rpc, "open_session", _stop)  # --rpc / --rpc-tracker: after the artifact is verified
 
     def arm(command: str) -> None:
         if command == "demo":  # its first step evaluates FP32 on 1,000 images
@@ -296,6 +316,7 @@ def argv_for(values: Values, command: str, option: str, value: str | None, flag_
     line = dict(BASE[command])
     for other in EXCLUDES.get((command, option), ()):
         line.pop(other, None)
+    line.update(WITH.get((command, option), {}))
     line[option] = value
     argv = [command] if command else []
     for name, v in line.items():  # positionals in parser order first
