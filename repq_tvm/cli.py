@@ -181,6 +181,8 @@ def _profile_remote(args, runner) -> dict:
           f"CPU {remote['cpu'] or 'unknown'}, {threads}; library uploaded and loaded in {remote['upload_seconds']:.2f} s")
     print(f"latency on the RPC server over {result['runs']} runs (batch {result['batch']}, time_evaluator there): "
           f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms, min {result['min_ms']:.2f} ms")
+    if remote["cpu"] == "generic":
+        print("note: LLVM cannot name the server's CPU, as under an emulator (qemu-user): emulated timings mean nothing")
     print(REMOTE_BREAKDOWN)
     return result
 
