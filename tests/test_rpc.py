@@ -130,7 +130,7 @@ def loopback(tmp_path_factory):
         services.wait(key_is_free(tracker, KEY), f"a server with key {KEY} at the tracker", START_SECONDS)
         services.wait(port_open(d_port), "the direct server", START_SECONDS)
         yield SimpleNamespace(root=root, cal=cal, art=art, tracker=tracker, server=f"127.0.0.1:{d_port}",
-                              services=services)
+                              tracked_server=f"127.0.0.1:{s_port}", services=services)
     finally:
         services.stop()
 
@@ -243,8 +243,7 @@ def test_wrong_key_times_out_naming_the_keys_there(loopback, capsys):
 
 
 def test_a_tracker_server_reached_directly_says_how_to_reach_it(loopback, capsys):
-    port = int(rpc.request_server(rpc.parse_address(loopback.tracker), KEY, timeout=30)[1])
-    code, _, err, _ = run_cli(capsys, ["profile", loopback.art, "--rpc", f"127.0.0.1:{port}", "--rpc-timeout", "5"])
+    code, _, err, _ = run_cli(capsys, ["profile", loopback.art, "--rpc", loopback.tracked_server, "--rpc-timeout", "5"])
     assert_one_error(code, err, "serves a tracker's clients only", "--rpc-tracker HOST:PORT --rpc-key KEY")
     loopback.services.wait(key_is_free(loopback.tracker, KEY), "the server back at the tracker", START_SECONDS)
 
