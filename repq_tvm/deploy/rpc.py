@@ -99,7 +99,7 @@ def tracker_summary(tracker: str | tuple[str, int], timeout: float = DEFAULT_TIM
         try:
             base.sendjson(sock, [base.TrackerCode.SUMMARY])
             code, summary = base.recvjson(sock)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:  # TypeError: not a [code, summary] pair
             raise ReqError(f"the RPC tracker at {_label(*addr)} gave no summary: {_reason(exc)}") from None
     if code != base.TrackerCode.SUCCESS:
         raise ReqError(f"the RPC tracker at {_label(*addr)} refused a summary")
