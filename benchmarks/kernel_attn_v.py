@@ -1,9 +1,9 @@
-"""TVM log√2 shift attention ``attn @ V`` (integer shifts, `kernels.shift_attention`) vs torch fp32 ``matmul``.
+"""TVM log√2 attention ``attn @ V`` (int16 power-of-two weights, `kernels.attn_v`) vs torch fp32 ``matmul``.
 
-Why: the shift kernel replaces the float matmul of attention's second product; it only pays off if it is not
+Why: the integer kernel replaces the float matmul of attention's second product; it only pays off if it is not
 much slower.  Shapes (Bt = batch·heads, M = N = tokens, D = head dim): DeiT-S at 224 px and the ViT fixture.
 Timed in one process, interleaved round by round (the machine is shared), same thread count for TVM and
-torch; each TVM result is checked bit for bit against `reference.ops.log2_attn_v` first.
+torch; each TVM result is checked bit for bit against `reference.ops.attn_v_acc` first.
 
     TVM_NUM_THREADS=1 python benchmarks/kernel_attn_v.py
     python benchmarks/kernel_attn_v.py --threads 2 --shapes 6x197x197x64
@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     from repq_tvm import targets
-    from repq_tvm.kernels.shift_attention import build_shift_attention, kernel_codes
+    from repq_tvm.kernels.attn_v import AttnV
     from repq_tvm.reference import ops
 
     torch.set_num_threads(args.threads)
@@ -47,13 +47,15 @@ def main() -> None:
 
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, {args.bits}-bit codes, "
           f"{args.rounds} interleaved rounds, ms per call (median / min)")
-    print(f"{'Bt x M x N x D':>18s}{'shift log√2':>18s}{'shift log2':>18s}{'torch fp32':>18s}"
+    print(f"{'Bt x M x N x D':>18s}{'int log√2':>18s}{'int log2':>18s}{'torch fp32':>18s}"
           f"{'log√2/torch':>13s}{'log2/torch':>12s}")
     for bt, m, n, d in shapes:
-        f = ops.frac_bits(n)
+        f = ops.attn_frac_bits(n, args.bits)
         runs = []
         for sqrt2 in (True, False):
-            kern = build_shift_attention(bt, m, n, d, target, sqrt2=sqrt2, epilogue=False)
+            groups = ops.attn_groups(args.bits, f, sqrt2)
+            kern = AttnV(bt, m, n, d, target, parities=2 if sqrt2 else 1, groups=groups, f=f, v_bits=args.bits,
+                         epilogue=False)
             # codes of a softmax of random logits: realistic spread of shifts and dead entries
             logits = rng.standard_normal((bt, m, n)).astype(np.float32) * 3
             p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -63,10 +65,11 @@ def main() -> None:
                 codes //= 2
             v = rng.integers(0, 2 ** args.bits, (bt, n, d)).astype(np.uint8)
             z_v = 2 ** (args.bits - 1)
-            call = kern.args(kernel_codes(codes, dead), v, z_v)
+            w = ops.attn_weights(codes, dead, f, sqrt2, groups)
+            call = kern.args(w, v, z_v)
             fn = kern.function()
             fn(*call)
-            ref = ops.log2_attn_v(codes if sqrt2 else 2 * codes, dead, v, z_v, f)
+            ref = ops.attn_v_acc(w, v, z_v, f, args.bits, 2 if sqrt2 else 1)
             assert np.array_equal(call[-1].numpy(), ref), f"{bt}x{m}x{n}x{d} sqrt2={sqrt2} not exact"
             runs.append(lambda fn=fn, call=call: fn(*call))
         a, b = torch.rand(bt, m, n), torch.randn(bt, n, d)

@@ -74,7 +74,7 @@ def cmd_compile(args) -> dict:
                                   frontend=args.frontend, dump_ir=args.dump_ir, progress=_stderr_progress(args.quiet))
     print(json.dumps(result) if args.json else f"wrote {args.output} for {result['target']} "
           f"(integer kernels: {result['integer_linears']} linear, {result['integer_patch_embeds']} patch embedding, "
-          f"{result['integer_qk']} q@kᵀ, {result['shift_attention']} shift attn@V; {result['compile_seconds']} s)")
+          f"{result['integer_qk']} q@kᵀ, {result['log2_attention']} log√2 attn@V; {result['compile_seconds']} s)")
     return result
 
 

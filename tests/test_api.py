@@ -34,7 +34,7 @@ def test_calibrate_to_file_writes_what_it_reports(built):
 def test_compile_artifact_builds_for_the_host(built):
     _, art, _, stats = built
     assert stats["target"] == targets.host_name()
-    assert stats["integer_linears"] == 6 * 4 + 1 and stats["integer_qk"] == stats["shift_attention"] == 6
+    assert stats["integer_linears"] == 6 * 4 + 1 and stats["integer_qk"] == stats["log2_attention"] == 6
     manifest = json.load(open(os.path.join(art, "manifest.json")))
     assert manifest["input_shape"] == [1, 3, 32, 32] and manifest["w_bits"] == manifest["a_bits"] == 4
 

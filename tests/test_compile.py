@@ -256,7 +256,7 @@ def test_other_fixtures_and_bit_widths_agree(fixture, bits, tmp_path, request):
     assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
     stats = json.load(open(os.path.join(art, "manifest.json")))["compile"]
     assert stats["unscheduled_kernels"] == [] or all("mean" in k for k in stats["unscheduled_kernels"])
-    assert stats["integer_qk"] == stats["shift_attention"] == {"vit_cifar10": 6, "swin_cifar10": 6}[fixture]
+    assert stats["integer_qk"] == stats["log2_attention"] == {"vit_cifar10": 6, "swin_cifar10": 6}[fixture]
     cm, runner = calibrated.load(cal), Runner(art)
     source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
     n = len(source) if (fixture, bits) == ("vit_cifar10", 8) else 300

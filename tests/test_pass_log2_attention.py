@@ -1,93 +1,128 @@
-"""log2 shift attention: the kernel equals `reference.ops.log2_attn_v` bit for bit, and LowerLog2Attention
-on a small canonical module agrees with the float fake-quant graph within the bound its integer arithmetic
-allows."""
+"""log√2 attention as an int16 dot product: the kernel equals `reference.ops.attn_v_acc` bit for bit on every
+variant (VNNI for real where the CPU has it and through its plain-loop twin everywhere, AVX2, NEON's plain
+loops built for aarch64), and LowerLog2Attention on a small canonical module agrees with the float fake-quant
+graph within the bound its integer arithmetic allows."""
 
 import numpy as np
 import pytest
 import tvm
 from tvm import relax
 
+from repq_tvm import targets
 from repq_tvm.frontends import canonical
-from repq_tvm.kernels.shift_attention import (
-    AARCH64_TARGET, X86_AVX2_TARGET, build_shift_attention, check_frac_bits, kernel_codes, schedule_shift_attention,
-    shift_attention,
-)
+from repq_tvm.kernels.attn_v import AttnV, attn_v, schedule_attn_v
+from repq_tvm.kernels.qdense import AARCH64_NEON_TARGET, X86_AVX2_TARGET
 from repq_tvm.passes.log2_attention import LowerLog2Attention
 from repq_tvm.reference import ops
 
 TARGET = X86_AVX2_TARGET  # the x86_64-avx2 preset
+VNNI = targets.tvm_target("x86_64-avx512-vnni")
+VNNI_SKIP = targets.runnable_reason(VNNI)
 
 
-def random_codes(rng, shape, bits, f, sqrt2, v_bits):
-    """Codes over the whole range plus a dense band around the underflow edge (shift F + b_v), 20% dead."""
+def random_codes(rng, shape, bits, f, sqrt2):
+    """Codes over the whole range plus a dense band around both group edges (shifts F and 2F + 1), 20% dead."""
     top = 2 ** bits - 1
-    edge = 2 * (f + v_bits) if sqrt2 else f + v_bits  # largest code whose shift is still alive
-    band = rng.integers(max(0, edge - 20), edge + 4, shape)
-    codes = np.where(rng.random(shape) < 0.5, rng.integers(0, top + 1, shape), np.minimum(band, top))
+    m = 2 if sqrt2 else 1
+    edges = [m * f, m * (2 * f + 1)]
+    band = rng.integers(0, 6, shape) - 3 + np.array(edges)[rng.integers(0, 2, shape)]
+    codes = np.where(rng.random(shape) < 0.5, rng.integers(0, top + 1, shape), np.clip(band, 0, top))
     dead = rng.random(shape) < 0.2
     return codes, dead
 
 
-def reference_acc(codes, dead, v, z_v, f, sqrt2, v_bits):
-    # plain log2: code c is shift c, no odd part — the log√2 reference with even code 2c
-    return ops.log2_attn_v(codes if sqrt2 else 2 * codes, dead, v, z_v, f, v_bits)
-
-
-# (Bt, M, N, D): ragged M, N, D (no multiple of the 8 lanes or the row tile); every code and V bit width
-@pytest.mark.parametrize("bits,sqrt2,v_bits,shape", [
-    (4, True, 4, (3, 13, 37, 20)), (6, True, 6, (2, 9, 11, 5)), (8, True, 8, (2, 7, 45, 19)),
-    (8, True, 4, (1, 5, 65, 9)), (4, False, 8, (2, 9, 11, 5)), (6, False, 4, (3, 13, 37, 20)),
-    (8, False, 6, (1, 11, 29, 13)),
-])
-def test_kernel_is_bit_exact(bits, sqrt2, v_bits, shape):
-    bt, m, n, d = shape
-    rng = np.random.default_rng(bits + 10 * sqrt2 + 100 * v_bits)
-    f = ops.frac_bits(n, v_bits)
-    codes, dead = random_codes(rng, (bt, m, n), bits, f, sqrt2, v_bits)
+def _operands(seed, bt, m, n, d, bits, sqrt2, v_bits):
+    rng = np.random.default_rng(seed)
+    f = ops.attn_frac_bits(n, v_bits)
+    codes, dead = random_codes(rng, (bt, m, n), bits, f, sqrt2)
     v = rng.integers(0, 2 ** v_bits, (bt, n, d)).astype(np.uint8)
     v[..., 0, :] = 2 ** v_bits - 1  # extremes of v − z_v
     v[..., 1, :] = 0
     z_v = int(rng.integers(0, 2 ** v_bits))
-    kernel = build_shift_attention(bt, m, n, d, TARGET, sqrt2=sqrt2, v_bits=v_bits, epilogue=False)
-    assert kernel.f == f
-    acc = reference_acc(codes, dead, v, z_v, f, sqrt2, v_bits)
-    assert np.array_equal(kernel(kernel_codes(codes, dead), v, z_v), acc)
+    groups = ops.attn_groups(bits, f, sqrt2)
+    return f, groups, ops.attn_weights(codes, dead, f, sqrt2, groups), v, z_v
 
 
-@pytest.mark.parametrize("n,v_bits", [(197, 8), (65, 4)])
-def test_kernel_extreme_sums_and_float_epilogue(n, v_bits):
-    """All codes 0 and |v − z_v| = 2^b − 1 over N tokens: S = N·(2^b − 1)·2^F near the int32 limit
-    (197·255·2^15 ≈ 1.65e9; 65·15·2^21 ≈ 2.04e9 of 2.15e9) and the biased uint32 sums N·(2^(b+1) − 1)·2^F near
-    2^32 (3.3e9; 4.23e9 of 4.29e9); the float output is float32(acc)·float32(scale), bit for bit."""
-    bt, m, d = 1, 3, 8
-    f = ops.frac_bits(n, v_bits)
-    assert f == {197: 15, 65: 21}[n]
+# (Bt, M, N, D): ragged M, N, D (no multiple of the lanes or the row tile); every code and V bit width
+SHAPES = [(4, True, 4, (3, 13, 37, 20)), (6, True, 6, (2, 9, 11, 5)), (8, True, 8, (2, 7, 45, 19)),
+          (8, True, 4, (1, 5, 65, 9)), (4, False, 8, (2, 9, 11, 5)), (6, False, 4, (3, 13, 37, 20)),
+          (8, False, 6, (1, 11, 29, 13))]
+
+
+def _check(bits, sqrt2, v_bits, shape, target, **kw):
+    bt, m, n, d = shape
+    f, groups, w, v, z_v = _operands(bits + 10 * sqrt2 + 100 * v_bits, bt, m, n, d, bits, sqrt2, v_bits)
+    parities = 2 if sqrt2 else 1
+    kernel = AttnV(bt, m, n, d, target, parities=parities, groups=groups, f=f, v_bits=v_bits, epilogue=False, **kw)
+    acc = ops.attn_v_acc(w, v, z_v, f, v_bits, parities)
+    assert np.array_equal(kernel(w, v, z_v), acc)
+    return kernel
+
+
+@pytest.mark.parametrize("bits,sqrt2,v_bits,shape", SHAPES)
+def test_avx2_kernel_is_bit_exact(bits, sqrt2, v_bits, shape):
+    assert _check(bits, sqrt2, v_bits, shape, TARGET).variant == "avx2_i16"
+
+
+@pytest.mark.parametrize("bits,sqrt2,v_bits,shape", SHAPES[:4])
+def test_vnni_schedule_is_bit_exact_through_its_portable_twin(bits, sqrt2, v_bits, shape):
+    """The VNNI schedule (layout, tiles, epilogue) with vpdpwssd's plain-loop twin: runs on any x86 CPU."""
+    assert _check(bits, sqrt2, v_bits, shape, TARGET, variant="vnni_i16", ref=True).variant == "vnni_i16"
+
+
+@pytest.mark.skipif(VNNI_SKIP is not None, reason=str(VNNI_SKIP))
+@pytest.mark.parametrize("bits,sqrt2,v_bits,shape", SHAPES)
+def test_vnni_kernel_is_bit_exact(bits, sqrt2, v_bits, shape):
+    kernel = _check(bits, sqrt2, v_bits, shape, VNNI)
+    assert kernel.variant == "vnni_i16" and "vpdpwssd" in kernel.asm()
+
+
+def test_vnni_kernel_asm_without_running_it():
+    """Built on any host: the inner loop is vpdpwssd on zmm (checked even where the CPU cannot run it)."""
+    sch, variant = schedule_attn_v(2, 9, 11, 32, VNNI, groups=2)
+    asm = tvm.compile(sch.mod, target=VNNI).mod.inspect_source("asm")
+    assert variant == "vnni_i16" and "vpdpwssd\t%zmm" in asm
+
+
+@pytest.mark.parametrize("n,v_bits", [(197, 8), (65, 4), (3136, 8)])
+def test_extreme_sums_and_float_epilogue(n, v_bits):
+    """All codes 0 (weight 2^F), |v − z_v| = 2^b − 1 over N tokens: S = N·(2^b − 1)·2^F, near the int32
+    limit for the F `attn_frac_bits` picks (with the √2-rounded weights of group 1 as large as round(√2·2^F));
+    the float output is float32(acc)·float32(scale), bit for bit."""
+    bt, m, d = 1, 4, 8
+    f = ops.attn_frac_bits(n, v_bits)
+    assert f == {197: 14, 65: 14, 3136: 10}[n]
     top = 2 ** v_bits - 1
-    assert n * (2 * top + 1) << f > 2 ** 32 * 0.75 and n * top << f > 2 ** 31 * 0.75  # really near the limits
-    kernel = build_shift_attention(bt, m, n, d, TARGET, sqrt2=True, v_bits=v_bits)
+    assert n * top * ops.sqrt2_weight(f) < 2 ** 31 <= n * top * ops.sqrt2_weight(f + 1) or f == 14
+    kernel = AttnV(bt, m, n, d, VNNI if VNNI_SKIP is None else TARGET, groups=2, f=f, v_bits=v_bits)
     codes, dead = np.zeros((bt, m, n), np.int64), np.zeros((bt, m, n), bool)
     codes[0, 1, ::2] = 1  # a row of alternating √2 codes
-    codes[0, 2, :] = 1
-    scale = 0.3855 * 0.02 / 2 ** f
+    codes[0, 2, :] = 2 * f + 1  # the largest group-1 weight, round(√2·2^F)
+    codes[0, 3, :] = 1
+    w = ops.attn_weights(codes, dead, f, True, 2)
+    assert w.max() == ops.sqrt2_weight(f)
+    scale = 0.3855 * 0.02 / 2 ** (f + ops.ATTN_EXTRA_BITS)
     for value, z_v in ((top, 0), (0, top)):
         v = np.full((bt, n, d), value, np.uint8)
-        acc = reference_acc(codes, dead, v, z_v, f, True, v_bits)
-        assert abs(int(acc[0, 0, 0])) == n * top << f
-        out = kernel(kernel_codes(codes, dead), v, z_v, scale)
+        acc = ops.attn_v_acc(w, v, z_v, f, v_bits)
+        assert abs(int(acc[0, 0, 0])) == (n * top << f) << ops.ATTN_EXTRA_BITS
+        out = kernel(w, v, z_v, scale)
         assert np.array_equal(out, acc.astype(np.float32) * np.float32(scale))
 
 
-@pytest.mark.parametrize("n,v_bits", [(1, 8), (2, 4), (65, 4), (65, 6), (197, 8), (3136, 8)])
-def test_kernel_refuses_frac_bits_that_could_overflow(n, v_bits):
-    """frac_bits(N, b) is accepted and is the largest F the kernel accepts."""
-    f = ops.frac_bits(n, v_bits)
-    check_frac_bits(n, f, v_bits)
-    with pytest.raises(ValueError):
-        check_frac_bits(n, f + 1, v_bits)
-    with pytest.raises(ValueError):
-        shift_attention(1, 2, n, 8, f=f + 1, v_bits=v_bits)
-    with pytest.raises(ValueError):
-        check_frac_bits(n, f, v_bits + 1)  # more V bits need fewer fractional bits
+def test_kernel_refuses_f_that_could_overflow():
+    f = ops.attn_frac_bits(3136, 8)
+    attn_v(1, 2, 3136, 8, f=f)
+    with pytest.raises(ValueError, match="could overflow int32"):
+        attn_v(1, 2, 3136, 8, f=f + 1)
+    with pytest.raises(ValueError, match="V bits"):
+        attn_v(1, 2, 8, 8, v_bits=9)
+
+
+def test_aarch64_kernel_compiles_to_neon_multiply_accumulates():
+    sch, variant = schedule_attn_v(4, 65, 65, 32, AARCH64_NEON_TARGET, groups=1)
+    asm = tvm.compile(sch.mod, target=AARCH64_NEON_TARGET).mod.inspect_source("asm")
+    assert variant == "fallback" and ("smlal" in asm or "mla\tv" in asm)
 
 
 def attention_module(cases, extra_use=False):
@@ -141,28 +176,26 @@ def _bound(case, logits, v):
     p /= p.sum(-1, keepdims=True)
     a_hat = canonical.log_fake_quant_np(p, s_attn, bits, sqrt2)
     v_hat = (np.clip(np.round(v / s_v) + z_v, 0, 2 ** v_bits - 1) - z_v) * s_v
-    f = ops.frac_bits(n, v_bits)
+    f = ops.attn_frac_bits(n, v_bits)
     codes, dead = ops.log_sqrt2_codes(p, s_attn, bits) if sqrt2 else _log2_codes(p, s_attn, bits)
     shift = (codes + 1) // 2 if sqrt2 else codes
-    deep = ((shift > f) & ~dead).sum(-1, keepdims=True)  # per row: tokens whose shift drops bits
-    unit = s_attn * s_v / 2 ** f
-    # |√2_Q/2^Q − √2|·|S_odd| units, |S_odd| ≤ N·(2^b_v − 1)·2^F (float64 √2: + 1e-15 relative slack)
-    const = (abs(ops.SQRT2_FIXED / 2 ** ops.SQRT2_Q - np.sqrt(2)) + 1e-15) * n * (2 ** v_bits - 1) * 2 ** f
-    assert const < 0.05
-    bound = (np.sqrt(2) * deep + 0.5 + const) * unit + (n + 4) * 2.0 ** -24 * (np.abs(a_hat) @ np.abs(v_hat))
+    deep = ((shift > f) & ~dead).sum(-1, keepdims=True)  # per row: tokens in the rounded group 1 or dropped
+    unit = s_attn * s_v / 2 ** (f + ops.ATTN_EXTRA_BITS)
+    v_max = np.abs(v_hat).max()
+    bound = (unit + deep * 2.0 ** -(2 * f + 1) * s_attn * v_max
+             + (n + 4) * 2.0 ** -24 * (np.abs(a_hat) @ np.abs(v_hat)))
     return bound, deep
 
 
 @pytest.mark.parametrize("specs", [
     [(4, True, 4)],  # the fixture's quantizers: 4-bit log√2, 4-bit V
-    [(8, True, 6), (4, False, 8)],  # 8-bit codes shift past F (floors drop bits); plain log2; 6- and 8-bit V
+    [(8, True, 6), (4, False, 8)],  # 8-bit codes shift past F (group 1); plain log2; 6- and 8-bit V
 ], ids=["log_sqrt2_4bit", "log_sqrt2_8bit+log2_4bit"])
 def test_lowered_matches_fake_quant_graph(specs):
-    """Bound: with unit = s_attn·s_v/2^F (F = frac_bits(N, b_v)), each token whose shift exceeds F drops < 1
-    unit (√2 units when odd) by the floor, or < ½ (√2/2) unit when dropped past F + b_v; the √2 fixed-point
-    multiply ≤ ½ unit by its rounding plus |√2_Q/2^Q − √2|·|S_odd| < 0.03 units; the float graph and the
-    kernel's final float32 conversion and scale round at most (N + 4)·2^-24 relative to Σ|â||v̂|.  4-bit log√2
-    codes never shift past F, so there only the √2 rounding and float rounding remain."""
+    """Bound: every group-0 entry is exact (a power of two times an integer), the √2 product rounds once to
+    the unit s_attn·s_v/2^(F+G); an entry with shift past F (group 1) rounds by at most 2^−(2F+1)·s_attn·|v̂|
+    (or is dropped past 2F + 1, less than that); the float graph and the kernel's final float32 conversion
+    and scale round at most (N + 4)·2^-24 relative to Σ|â||v̂|.  4-bit log√2 codes never shift past F."""
     cases, inputs = zip(*(_case(bits, (2, 3), 17, 21, 12, bits, sqrt2, v_bits) for bits, sqrt2, v_bits in specs))
     mod = attention_module(cases)
     lower = LowerLog2Attention(TARGET)
@@ -171,8 +204,10 @@ def test_lowered_matches_fake_quant_graph(specs):
     names = {c.op.name for c in _calls(lowered) if isinstance(c.op, tvm.ir.Op)}
     assert "relax.matmul" not in names and "relax.call_pure_packed" not in names
     names = {gv.name_hint for gv in lowered.get_global_vars()}
-    for _, _, v_bits in specs:  # the pass read b_v from the V clip (none at 8 bits) and picked F for it
-        assert any(x.startswith("repq_shift_attn") and x.endswith(f"_v{v_bits}_f{ops.frac_bits(21, v_bits)}")
+    for bits, sqrt2, v_bits in specs:  # the pass read b_v from the V clip (none at 8 bits) and picked F for it
+        groups = ops.attn_groups(bits, ops.attn_frac_bits(21, v_bits), sqrt2)
+        assert any(x.startswith("repq_attn_v_avx2_i16") and
+                   x.endswith(f"_p{2 if sqrt2 else 1}g{groups}_v{v_bits}_f{ops.attn_frac_bits(21, v_bits)}")
                    for x in names), names
 
     flat = [x for pair in inputs for x in pair]
@@ -184,7 +219,7 @@ def test_lowered_matches_fake_quant_graph(specs):
         if case[3] == 4 and case[-1]:
             assert deep.max() == 0  # the claim in the docstring
         if case[3] == 8:
-            assert deep.max() > 0  # the floors were exercised
+            assert deep.max() > 0  # group 1 was exercised
 
 
 def _log2_codes(p, scale, bits):
@@ -218,12 +253,3 @@ def test_float_matmuls_are_left_alone():
     lower = LowerLog2Attention(TARGET)
     tvm.ir.assert_structural_equal(lower(mod)["main"], mod["main"])
     assert lower.rewritten == 0
-
-
-@pytest.mark.parametrize("sqrt2", [True, False])
-def test_kernel_compiles_for_aarch64(sqrt2):
-    sch, params = schedule_shift_attention(4, 65, 65, 32, AARCH64_TARGET, sqrt2=sqrt2)
-    ex = tvm.compile(sch.mod, target=tvm.target.Target(AARCH64_TARGET))
-    asm = ex.mod.inspect_source("asm")
-    assert params["lanes"] == 4
-    assert "ushl\tv" in asm  # NEON variable shifts (right shift = ushl by a negated count)

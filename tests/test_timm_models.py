@@ -70,7 +70,7 @@ def test_compile_and_run_at_224(name, bits, folder, tmp_path, capsys):
     manifest = json.load(open(os.path.join(art, "manifest.json")))
     stats = manifest["compile"]
     assert stats["unscheduled_kernels"] == [] or all("mean" in k for k in stats["unscheduled_kernels"])
-    assert stats["integer_qk"] == stats["shift_attention"] > 0 and stats["integer_patch_embeds"] == 1
+    assert stats["integer_qk"] == stats["log2_attention"] > 0 and stats["integer_patch_embeds"] == 1
     # the linears use the host preset's int8 dot instruction (W8 on VNNI: vpdpbusd, compensated)
     asm = subprocess.run(["objdump", "-d", os.path.join(art, "model.so")], capture_output=True, text=True,
                          check=True).stdout

@@ -15,6 +15,7 @@ family            one step of one accumulator (vector width)                 MAC
                   the depth-4 step of the AVX2 kernels at 4/6-bit codes
 ``avx2_u8s8_d1``  vpmaddubsw + vpmaddwd(1s) + vpaddd (ymm), depth 1          32           avx2
 ``avx2_i16``      vpmaddwd + vpaddd (ymm), s16 x s16 -> s32                  16           avx2
+``vnni_i16``      vpdpwssd (zmm), s16 x s16 -> s32 (log√2 attention)         32           avx512f, avx512_vnni
 ``fp32_fma``      vfmadd231ps (zmm; ymm without AVX-512F), for reference     16 (8)       fma (+ avx512f)
 ================  =========================================================  ===========  ================
 
@@ -79,13 +80,16 @@ FAMILIES = {
                _AVX2, 8, 4, 1, 4, 2, (("vpmaddubsw", "%ymm"), ("vpmaddwd", "%ymm"))),
         Family("avx2_i16", "vpmaddwd ymm (s16 x s16 -> s32)", (_FLAG_AVX2,), _AVX2, 8, 2, 1, 4, 2,
                (("vpmaddwd", "%ymm"),)),
+        Family("vnni_i16", "vpdpwssd zmm (s16 x s16 -> s32)", (_FLAG_AVX512F, _FLAG_VNNI), _VNNI, 16, 2, 1, 4, 3,
+               (("vpdpwssd", "%zmm"),)),
         Family("fp32_fma", "vfmadd231ps zmm (fp32, reference)", (_FLAG_FMA, _FLAG_AVX512F), _AVX512, 16, 1, 1, 4, 3,
                (("vfmadd", "ps", "%zmm"),)),
         Family("fp32_fma_ymm", "vfmadd231ps ymm (fp32, reference)", (_FLAG_FMA, _FLAG_AVX2), _AVX2, 8, 1, 1, 6, 2,
                (("vfmadd", "ps", "%ymm"),)),
     )
 }
-DEFAULT_FAMILIES = ("vnni", "avx2_u8s8", "avx2_u8s8_d1", "avx2_i16", "fp32_fma")
+DEFAULT_FAMILIES = ("vnni", "vnni_i16", "avx2_u8s8", "avx2_u8s8_d1", "avx2_i16", "fp32_fma")
+_I16 = ("avx2_i16", "vnni_i16")  # int16 weights: two bytes per element
 
 
 def _host_flags() -> frozenset[str]:
@@ -154,7 +158,7 @@ def _bcast(A, index, dtype: str, copies: int):
 
 def _weight_elems(fam: Family) -> int:
     """Elements of W (int8, or float32 for fp32) in one weight vector: int16 weights take two bytes."""
-    return fam.lanes * fam.kpack * (2 if fam.name == "avx2_i16" else 1)
+    return fam.lanes * fam.kpack * (2 if fam.name in _I16 else 1)
 
 
 def _step(fam: Family, A, W, acc, r: int, b: int, it):
@@ -170,6 +174,10 @@ def _step(fam: Family, A, W, acc, r: int, b: int, it):
         return T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), old, _bcast(A, a_index, "uint8x64", 16),
             W.vload([w_at(0)], dtype="int8x64"), dtype="int32x16")
+    if fam.name == "vnni_i16":
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"), old, _bcast(A, a_index, "int16x32", 16),
+            T.reinterpret(W.vload([w_at(0)], dtype="int8x64"), dtype="int16x32"), dtype="int32x16")
     if fam.name.startswith("avx2_u8s8"):
         total = None
         for j in range(fam.depth):

@@ -14,11 +14,11 @@ TVM 0.27's Relax VM has no profiler.  Every kernel call (each PrimFunc the VM ca
 `profile` spreads the whole-model runs, the instrumented runs and the standalone timings over the same
 rounds, so all three sample the same moments of a shared machine, and keeps medians.
 
-Integer kernels (`repq_qdense`, `repq_qbmm`, `repq_shift_attn`) also get their multiply-accumulates from
+Integer kernels (`repq_qdense`, `repq_qbmm`, `repq_attn_v`) also get their multiply-accumulates from
 their argument shapes (`kernel_macs`), the rate they reach, and that rate as a share of this CPU's peak
 measured in the same process on the same TVM thread pool (`peak`) for the instruction family they use
 (`kernel_family`): the kernel's own (its name carries the variant: ``vnni`` -> vpdpbusd, ``avx2_u8s8`` ->
-vpmaddubsw + vpmaddwd, ``avx2_i16`` -> vpmaddwd), and the int8 family of the artifact's target (manifest
+vpmaddubsw + vpmaddwd, ``avx2_i16`` -> vpmaddwd, ``vnni_i16`` -> vpdpwssd), and the int8 family of the artifact's target (manifest
 ``int8_dot``: vnni or avx2).
 """
 
@@ -36,11 +36,12 @@ from .runtime import Runner
 
 # VM bookkeeping calls that are not kernels
 _BUILTIN_PREFIXES = ("vm.builtin.", "relax.")
-INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_shift_attn")
+INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_attn_v")
 # kernel name prefix -> instruction family of the variant named in it (others: the target's int8 family)
 _VARIANT_FAMILY = (("repq_qdense_vnni_", "vnni"), ("repq_qdense_avx2_u8s8_", "avx2_u8s8"),
                    ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_vnni_", "vnni"),
-                   ("repq_qbmm_avx2_i16_", "avx2_i16"))
+                   ("repq_qbmm_avx2_i16_", "avx2_i16"), ("repq_attn_v_avx2_i16_", "avx2_i16"),
+                   ("repq_attn_v_vnni_i16_", "vnni_i16"))
 
 
 def _input(runner: Runner) -> np.ndarray:
@@ -131,8 +132,8 @@ def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
     """Multiply-accumulates of one call of an integer kernel, from its argument shapes (None: not one).
 
     qdense ``(A [M, K], W, ..., out [M, N])``: M*N*K (K as the kernel runs it, padded to its k-pack);
-    qbmm ``(A [Bt, M, D], B, zp, scale, out [Bt, M, N])`` and shift attention
-    ``(C [Bt, M, N], V [Bt, N, D], zp, scale, out [Bt, M, D])``: Bt*M*N*D.
+    qbmm ``(A [Bt, M, D], B, zp, scale, out [Bt, M, N])``: Bt*M*N*D; attention ``(W [Bt, planes, M, Np],
+    V [Bt, N, D], zp, scale, out [Bt, M, D])``: the useful Bt*M*N*D (the kernel runs one dot product per plane).
     """
     if symbol.startswith("repq_qdense"):
         (m, k), (m2, n) = shapes[0], shapes[-1]
@@ -140,8 +141,8 @@ def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
     if symbol.startswith("repq_qbmm"):
         (bt, m, d), (_, _, n) = shapes[0], shapes[-1]
         return bt * m * n * d
-    if symbol.startswith("repq_shift_attn"):
-        (bt, m, n), (_, _, d) = shapes[0], shapes[-1]
+    if symbol.startswith("repq_attn_v"):
+        (bt, n, _), (_, m, d) = shapes[1], shapes[-1]
         return bt * m * n * d
     return None
 

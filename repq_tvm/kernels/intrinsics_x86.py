@@ -16,6 +16,7 @@ name                  a x w      lanes/kpack  instructions                      
 ``u8s8_intrin(d)``    u8 x s8    8 / 4        d x vpmaddubsw, d-1 x vpaddw, vpmaddwd(1s),  2*d*max(a)*max|w|
                                               vpaddd                                       <= 32767
 ``i16_intrin()``      s16 x s16  8 / 2        vpmaddwd, vpaddd                             not both -2**15
+``vnni_i16_intrin()`` s16 x s16  16 / 2       vpdpwssd zmm                                 not both -2**15
 ====================  =========  ===========  ===========================================  =======================
 
 ``depth > 1`` for u8 x s8 adds the saturating int16 pair sums of several tiles with vpaddw before the
@@ -43,6 +44,10 @@ def u8s8_intrin(depth: int = 1) -> str:
 
 def i16_intrin() -> str:
     return "repq_dot_8x2_avx2_i16"
+
+
+def vnni_i16_intrin() -> str:
+    return "repq_dot_16x2_vnni_i16"
 
 
 def ref_name(intrin: str) -> str:
@@ -170,9 +175,29 @@ def _i16_impl(
         )
 
 
+@T.prim_func(s_tir=True)
+def _vnni_i16_impl(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((1, 16, 2), "int16", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    # vpdpwssd: 16 int32 += a0*w0 + a1*w1 (LLVM 22: <16 x i32>, <32 x i16>, <32 x i16>); A is broadcast.
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:1, 0:16, 0:2])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"),
+            C.vload([0], dtype="int32x16"),
+            _broadcast4(A, 0, "int16x32", 16),
+            B.vload([0, 0, 0], dtype="int16x32"),
+            dtype="int32x16",
+        )
+
+
 def _all_intrinsics():
     yield vnni_intrin(), _dot_desc(16, 4, 1, "uint8", "int8"), _vnni_impl
     yield i16_intrin(), _dot_desc(8, 2, 1, "int16", "int16"), _i16_impl
+    yield vnni_i16_intrin(), _dot_desc(16, 2, 1, "int16", "int16"), _vnni_i16_impl
     for d in U8S8_DEPTHS:
         yield u8s8_intrin(d), _dot_desc(8, 4, d, "uint8", "int8"), _u8s8_impl(d)
 

@@ -1,4 +1,4 @@
-"""Lower ``attn @ V`` with a log-quantized attention to integer shifts (`repq_tvm.kernels.shift_attention`).
+"""Lower ``attn @ V`` with a log-quantized attention to an integer dot product (`repq_tvm.kernels.attn_v`).
 
 Matches, in the canonical form (see `repq_tvm.frontends`):
 
@@ -9,15 +9,18 @@ Matches, in the canonical form (see `repq_tvm.frontends`):
 
 and emits
 
-    code = round(−m·log2(p / s)), or −1 where it exceeds 2^b − 1 (m = 2 for log√2, 1 for log2), int32,
-           from p's exponent and mantissa bits with compile-time thresholds (`code_thresholds`)
-    y    = call_tir(shift kernel, [code, v_codes, z_v, s·s_v/2^F])   leading dims folded into one batch,
-           F = frac_bits(N, b): the fewer V bits, the more fractional bits fit the kernel's 32-bit sums
+    w = int16 weights [.., P, M, Np] (`reference.ops.attn_weights`): 2^(F − s) in the plane of the code's
+        parity, code = round(−m·log2(p / s)) (m = 2, P = 2 for log√2; m = 1, P = 1 for log2), shift
+        s = ⌈code/m⌉ (0 in the other plane, and where the quantizer underflows or s > F), computed from p's
+        exponent and mantissa bits with compile-time thresholds
+        (`code_thresholds`): one TE function that TVM fuses into the softmax loop
+    y = call_tir(repq_attn_v kernel, [w, v_codes, z_v, s·s_v/2^(F+G)])   leading dims folded into one batch,
+        F = attn_frac_bits(N, b) ≤ 14: the fewer V bits or tokens, the more fractional bits fit int32
 
-The code computation is one elementwise TE function (TVM fuses it into the softmax loop); −1 marks entries the
-quantizer sends to 0 (underflow, p = 0).  The kernel computes `reference.ops.log2_attn_v` exactly: right
-shifts of integer V, even and odd codes summed apart in int32, one √2 fixed-point multiply and one float
-multiply per output.  Other uses of the log quantizer (if any) keep the original call.
+The kernel (`repq_tvm.kernels.attn_v`) computes `reference.ops.attn_v_acc` exactly: per parity an int16 dot
+product Σ_n w·(v − z_v) in int32 (vpdpwssd on AVX-512 VNNI, vpmaddwd on AVX2, smlal on NEON), one √2
+fixed-point multiply and one float multiply per output.
+Other uses of the log quantizer (if any) keep the original call.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import numpy as np
 import tvm
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.s_tir import Schedule
 
 from ..frontends.canonical import log_call_params
-from ..reference.ops import frac_bits
-from ..relax_util import activation_dequant, batched_matmul_shapes, code_bits, follow, rewrite_pass
+from ..reference.ops import ATTN_EXTRA_BITS, attn_frac_bits, attn_groups, attn_planes, sqrt2_weight
+from ..relax_util import activation_dequant, batched_matmul_shapes, code_bits, follow, rewrite_pass, scheduled_kernel
+from ..targets import target_has
 from ..relax_util import is_op as _is_op
 from ..relax_util import static_shape as _static_shape
 
@@ -57,30 +62,80 @@ def code_thresholds(scale: float, sqrt2: bool) -> tuple[int, list[int]]:
     return li - m, thresholds
 
 
-def log_codes(bb: relax.BlockBuilder, p: relax.Expr, scale: float, bits: int, sqrt2: bool) -> relax.Expr:
-    """int32 log codes of p (−1 where the quantizer outputs 0) from p's float32 exponent and mantissa bits.
+def _code(x, i, m: int, offset: int, thresholds: list[int], top: int):
+    """int32 log code of x[i] (−1 where the quantizer outputs 0: zero, negative, subnormal or past 2^b − 1)."""
+    b = tvm.tirx.reinterpret("int32", x[i])
+    mant = b & 0x7FFFFF
+    raw = -m * ((b >> 23) - 127) + offset
+    for t in thresholds:
+        raw = raw + tvm.tirx.Select(mant <= t, 1, 0)
+    dead = tvm.tirx.Or(b <= 0x7FFFFF, raw > top)
+    return tvm.tirx.Select(dead, -1, tvm.tirx.max(raw, 0))
 
-    No log per element (libm's logf does not vectorize and cost ~15 ns per attention entry): integer
-    shifts, masks and compares (`code_thresholds`). Zero, negative and subnormal p count as dead: their
-    codes are past every shift the kernel keeps.
-    """
+
+def log_weights_kernel(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, target):
+    """Scheduled PrimFunc ``main(p, w)``: int16 weights `reference.ops.attn_weights` [Bt, planes, M, Np] of
+    p [Bt, M, N] (tokens padded to pairs), from p's float32 exponent and mantissa bits: no log per element
+    (libm's logf does not vectorize and cost ~15 ns per attention entry), integer shifts, masks and compares
+    (`code_thresholds`).  Codes go to a row buffer first (one vector pass per row), then each weight plane
+    reads them: inlined, the code's expression tree was copied into every use and LLVM took minutes."""
+    from ..kernels.attn_v import padded_tokens
+
+    bt, rows, n = shape
     m = 2 if sqrt2 else 1
     offset, thresholds = code_thresholds(scale, sqrt2)
-    top = 2 ** bits - 1
+    top, parities, r_f = 2 ** bits - 1, m, sqrt2_weight(f)
+    planes, n_p = attn_planes(parities, groups), padded_tokens(n)
+    x = te.placeholder((bt, rows, n), "float32", name="p")
+    codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(
+        t < n, _code(x, (b, r, tvm.tirx.min(t, n - 1)), m, offset, thresholds, top), -1), name="codes")
+    one = tvm.tirx.const(1, "int32")
 
-    def compute(x: te.Tensor) -> te.Tensor:
-        def code(*i):
-            b = tvm.tirx.reinterpret("int32", x[i])
-            mant = b & 0x7FFFFF
-            raw = -m * ((b >> 23) - 127) + offset
-            for t in thresholds:
-                raw = raw + tvm.tirx.Select(mant <= t, 1, 0)
-            dead = tvm.tirx.Or(b <= 0x7FFFFF, raw > top)
-            return tvm.tirx.Select(dead, -1, tvm.tirx.max(raw, 0))
+    def weight(b, plane, r, t):  # `reference.ops.attn_weights`
+        c = codes[b, r, t]
+        s = (c + 1) >> 1 if sqrt2 else c
+        w0 = one << (f - tvm.tirx.max(tvm.tirx.min(s, f), 0))
+        g0 = tvm.tirx.all(c >= 0, s <= f, ((c & 1) if sqrt2 else 0) == plane)
+        if groups == 1:
+            return tvm.tirx.Select(g0, w0, 0).astype("int16")
+        rr = tvm.tirx.max(tvm.tirx.min(s - f - 1, f + 1), 0)
+        w1 = (tvm.tirx.Select((c & 1) == 1, (r_f + ((one << rr) >> 1)) >> rr, (one << f) >> rr) if sqrt2
+              else (one << f) >> rr)
+        g1 = tvm.tirx.all(c >= 0, s > f, s <= 2 * f + 1)
+        return tvm.tirx.Select(plane < parities, tvm.tirx.Select(g0, w0, 0),
+                               tvm.tirx.Select(g1, w1, 0)).astype("int16")
 
-        return te.compute(x.shape, code, name="log_codes")
+    w = te.compute((bt, planes, rows, n_p), weight, name="w")
+    sch = Schedule(te.create_prim_func([x, w]))
+    blk = sch.get_sblock("w")
+    b, pl, r, t = sch.get_loops(blk)
+    sch.reorder(b, r, pl, t)
+    task = sch.fuse(b, r)
+    sch.parallel(task)
+    lanes = 16 if target_has(target, "avx512f") else 8
+    sch.vectorize(sch.split(t, [None, lanes])[1])
+    cb = sch.get_sblock("codes")
+    sch.compute_at(cb, task, preserve_unit_loops=True)
+    sch.vectorize(sch.split(sch.get_loops(cb)[-1], [None, lanes])[1])
+    name = f"repq_log_weights_{'sqrt2' if sqrt2 else 'log2'}_{bt}x{rows}x{n}_b{bits}_g{groups}_f{f}"
+    # opaque (8): FuseOps must not pull the reshape of p into this hand-scheduled kernel
+    return scheduled_kernel(sch, name).with_attr("op_pattern", 8), name
 
-    return bb.emit_te(compute, p, primfunc_name_hint="log_codes")
+
+def log_weights(bb: relax.BlockBuilder, p: relax.Expr, scale: float, bits: int, sqrt2: bool, f: int,
+                groups: int, target) -> relax.Expr:
+    """Emit `log_weights_kernel` on p [.., M, N]; returns int16 [bt, planes, M, Np] (leading dims folded)."""
+    shape = _static_shape(p)
+    lead, (rows, n) = shape[:-2], shape[-2:]
+    bt = int(np.prod(lead, dtype=np.int64))
+    if len(lead) != 1:
+        p = bb.emit(relax.op.reshape(p, [bt, rows, n]))
+    func, name = log_weights_kernel((bt, rows, n), scale, bits, sqrt2, f, groups, target)
+    gv = bb.add_func(func, name)
+    from ..kernels.attn_v import padded_tokens
+
+    planes = attn_planes(2 if sqrt2 else 1, groups)
+    return bb.emit(relax.call_tir(gv, [p], relax.TensorType((bt, planes, rows, padded_tokens(n)), "int16")))
 
 
 def v_code_bits(codes, z_v: int) -> int:
@@ -89,29 +144,26 @@ def v_code_bits(codes, z_v: int) -> int:
     return max(code_bits(codes), int(z_v).bit_length())
 
 
-def shift_attention_call(bb: relax.BlockBuilder, codes: relax.Expr, v: relax.Expr, z_v: int, s_attn: float,
-                         s_v: float, sqrt2: bool, target, kernels: dict, v_bits: int = 8) -> relax.Expr:
-    """Emit the kernel on int32 codes [.., M, N] and `v_bits`-bit uint8 V codes [.., N, D]; returns float32
-    [.., M, D].
+def attn_v_call(bb: relax.BlockBuilder, weights: relax.Expr, v: relax.Expr, z_v: int, scale: float, f: int,
+                parities: int, target, kernels: dict, v_bits: int = 8) -> relax.Expr:
+    """Emit the kernel on int16 weights [Bt, planes, M, Np] (`log_weights`) and `v_bits`-bit uint8 V codes
+    [.., N, D] (Bt = the product of the leading dims); returns float32 [.., M, D].
 
-    `kernels` caches one PrimFunc per (shape, sqrt2, v_bits): zero point and scale are run-time operands.
+    `kernels` caches one PrimFunc per (shape, parities, F, v_bits): zero point and scale are run-time operands.
     """
-    from ..kernels.shift_attention import shift_attention_primfunc
+    from ..kernels.attn_v import attn_v_primfunc
 
-    c_shape, v_shape = _static_shape(codes), _static_shape(v)
-    lead, (m, n), d = c_shape[:-2], c_shape[-2:], v_shape[-1]
-    bt = int(np.prod(lead, dtype=np.int64))
-    f = frac_bits(n, v_bits)
-    key = (bt, m, n, d, sqrt2, v_bits)
+    (bt, planes, m, _), v_shape = _static_shape(weights), _static_shape(v)
+    lead, (n, d) = v_shape[:-2], v_shape[-2:]
+    key = (bt, m, n, d, parities, planes, f, v_bits)
     if key not in kernels:
-        func, name = shift_attention_primfunc(bt, m, n, d, target, sqrt2=sqrt2, f=f, v_bits=v_bits)
+        func, name = attn_v_primfunc(bt, m, n, d, target, parities=parities, groups=planes - parities + 1, f=f,
+                                     v_bits=v_bits)
         kernels[key] = bb.add_func(func, name)
     if len(lead) != 1:
-        codes = bb.emit(relax.op.reshape(codes, [bt, m, n]))
         v = bb.emit(relax.op.reshape(v, [bt, n, d]))
-    scale = np.float32(np.float64(s_attn) * np.float64(s_v) / 2.0 ** f)
     params = [relax.const(np.array([z_v], np.int32)), relax.const(np.array([scale], np.float32))]
-    out = relax.call_tir(kernels[key], [codes, v, *params], relax.TensorType((bt, m, d), "float32"))
+    out = relax.call_tir(kernels[key], [weights, v, *params], relax.TensorType((bt, m, d), "float32"))
     return out if len(lead) == 1 else relax.op.reshape(bb.emit(out), [*lead, m, d])
 
 
@@ -152,12 +204,14 @@ class _Rewriter(PyExprMutator):
         if parts is None:
             return call
         (p, s_attn, bits, sqrt2), (v, s_v, z_v, v_bits) = parts
-        codes = log_codes(self.builder_, p, s_attn, bits, sqrt2)
+        f = attn_frac_bits(_static_shape(p)[-1], v_bits)
+        weights = log_weights(self.builder_, p, s_attn, bits, sqrt2, f, attn_groups(bits, f, sqrt2), self.target)
+        scale = float(np.float32(np.float64(s_attn) * np.float64(s_v) / 2.0 ** (f + ATTN_EXTRA_BITS)))
         self.rewritten += 1
-        return shift_attention_call(self.builder_, codes, v, z_v, s_attn, s_v, sqrt2, self.target, self.kernels,
-                                    v_bits)
+        return attn_v_call(self.builder_, weights, v, z_v, scale, f, 2 if sqrt2 else 1, self.target, self.kernels,
+                           v_bits)
 
 
 LowerLog2Attention = rewrite_pass(
     "LowerLog2Attention", _Rewriter,
-    "matmul(log-quantized attention, dequantized V) → log codes + integer shift kernel `repq_shift_attn`.")
+    "matmul(log-quantized attention, dequantized V) → int16 log√2 weights + integer dot product `repq_attn_v`.")

@@ -5,7 +5,7 @@
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
                          patch_embed       stride = kernel conv     → qdense on patch rows
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
-                         log2_attention    log√2 codes, attn @ V    → integer exponents, shift-and-add of V
+                         log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time)
     4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
                        float kernels (`float_schedules`)
@@ -36,7 +36,7 @@ INTEGER_PASSES = (
     ("integer-linear", LowerQuantizedLinear, "integer_linears"),
     ("integer-patch-embed", LowerPatchEmbed, "integer_patch_embeds"),
     ("integer-qk", LowerQuantizedQK, "integer_qk"),
-    ("log2-attention", LowerLog2Attention, "shift_attention"),
+    ("log2-attention", LowerLog2Attention, "log2_attention"),
 )
 
 
