@@ -253,3 +253,47 @@ def test_float_matmuls_are_left_alone():
     lower = LowerLog2Attention(TARGET)
     tvm.ir.assert_structural_equal(lower(mod)["main"], mod["main"])
     assert lower.rewritten == 0
+
+
+def _build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)["main"]
+
+
+@pytest.mark.parametrize("bits,sqrt2", [(4, True), (8, True), (8, False)])
+def test_log_weights_kernel_matches_the_oracle_and_fuses_softmax_bit_for_bit(bits, sqrt2):
+    """Weights from p equal `attn_weights(log codes of p)`; from the logits (softmax fused) they equal the
+    weights of TVM's own fast_softmax of them, which the unfused graph computes."""
+    from tvm import te, topi
+
+    from repq_tvm.kernels.log_weights import log_weights_primfunc
+
+    bt, m, n, s_attn = 3, 7, 45, 0.3855
+    f = ops.attn_frac_bits(n, 8)
+    groups = ops.attn_groups(bits, f, sqrt2)
+    logits = (np.random.default_rng(bits).standard_normal((bt, m, n)) * 4).astype(np.float32)
+    x = te.placeholder((bt, m, n), "float32")
+    softmax = tvm.compile(te.create_prim_func([x, topi.nn.fast_softmax(x, -1)]), target=TARGET)["main"]
+    p = tvm.runtime.tensor(np.empty_like(logits))
+    softmax(tvm.runtime.tensor(logits), p)
+    p = p.numpy()
+    codes, dead = ops.log_sqrt2_codes(p, s_attn, bits) if sqrt2 else _log2_codes(p, s_attn, bits)
+    expect = np.zeros((bt, 2 + groups - 1 if sqrt2 else groups, m, n + 1), np.int16)
+    expect[..., :n] = ops.attn_weights(codes, dead, f, sqrt2, groups)
+    alive = expect[..., :n] != 0
+    assert alive.any(1).mean() > 0.1 and alive.any((0, 2, 3)).all()  # a real test: every plane has weights
+    assert (groups == 2) == (bits == 8)
+    for fused, data in ((False, p), (True, logits)):
+        func, name = log_weights_primfunc((bt, m, n), s_attn, bits, sqrt2, f, groups, TARGET, softmax=fused)
+        assert name.startswith("repq_log_weights_softmax_" if fused else "repq_log_weights_")
+        out = tvm.runtime.tensor(np.empty(expect.shape, np.int16))
+        _build(func)(tvm.runtime.tensor(data), out)
+        assert np.array_equal(out.numpy(), expect), (fused, int((out.numpy() != expect).sum()))
+
+
+def test_pass_fuses_the_softmax_into_the_weights_kernel():
+    mod = attention_module([((1, 2, 9, 9), 8, 0.5, 4, 0.05, 8, 4, True)])
+    lowered = LowerLog2Attention(TARGET)(mod)
+    names = {gv.name_hint for gv in lowered.get_global_vars()}
+    assert any(x.startswith("repq_log_weights_softmax_sqrt2_2x9x9_b4_g1_f14") for x in names), names
+    lowered = relax.transform.DeadCodeElimination()(lowered)
+    assert "relax.nn.softmax" not in {c.op.name for c in _calls(lowered) if isinstance(c.op, tvm.ir.Op)}
