@@ -274,6 +274,12 @@ class Values:
         return self.fixed.get(kind, kind)
 
 
+@pytest.fixture(autouse=True)
+def _cwd_in_tmp(tmp_path, monkeypatch):
+    """Hostile values that are also relative paths ("0", "nan", "plot.txt") land here, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def values(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
