@@ -106,7 +106,9 @@ def test_interrupted_compile_leaves_the_previous_artifact_loadable(sig, tmp_path
             "digest = artifact.sha256\n"
             "def paused(path):\n"
             "    open(os.environ['REPQ_TEST_MARK'], 'w').close()\n"
-            "    time.sleep(300)\n"
+            "    for _ in range(3000):\n"  # short sleeps: a signal taken by another thread (TVM's pool) is
+            "        time.sleep(0.1)\n"   # handled by the main thread at its next bytecode, not mid-sleep
+
             "    return digest(path)\n"
             "artifact.sha256 = paused\n"
             "from repq_tvm.cli import main\n"

@@ -14,12 +14,15 @@ CPUS = sorted(os.sched_getaffinity(0))
 
 
 def _pool_size(env_extra: dict, cpus=None, code: str = "") -> str:
-    """Start a fresh interpreter (its own TVM pool), optionally pinned to `cpus`, and print its pool size."""
+    """Start a fresh interpreter (its own TVM pool) pinned to `cpus` (default: this process's CPUs when the module
+    was imported: a TVM pool shrunk to fewer threads in this process pins the main thread, and children inherit
+    that mask) and print its pool size."""
+    cpus = cpus or CPUS
     env = {k: v for k, v in os.environ.items() if k not in threads.ENV_VARS}
     env.update(env_extra)
     script = code or "import repq_tvm\nfrom repq_tvm.deploy import threads\nprint(threads.pool_threads())"
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
