@@ -115,7 +115,10 @@ def test_interrupted_compile_leaves_the_previous_artifact_loadable(sig, tmp_path
             "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", hook, "compile", w8, "--target", "x86_64-avx2", "-o", art,
                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "REPQ_TEST_MARK": str(mark)})
+                            env={**os.environ, "REPQ_TEST_MARK": str(mark)},
+                            # as from a terminal: a shell without job control starts background jobs (a CI step
+                            # run with `&`) with SIGINT ignored, and Python then never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline and not mark.exists():
         time.sleep(0.05)
