@@ -86,3 +86,27 @@ def test_fast_gelu_matches_pytorch():
     bound = 0.5 * np.abs(x) * GELU_ERF_ERROR + 2 * 2.0 ** -24 * np.abs(ref)
     ratio = np.abs(got.astype(np.float64) - ref) / np.maximum(bound, 1e-30)  # x = 0: both exactly 0
     assert ratio.max() <= 1, f"error {ratio.max():.2f}x the bound at x = {x.ravel()[ratio.argmax()]}"
+
+
+def test_layer_norm_sums_are_vector_partials_and_match_numpy():
+    """The mean's row sum runs as a vector of partial sums (rfactor) where the reduction is not padded; the
+    LayerNorm still matches a float64 NumPy one to float32 rounding."""
+    target = host_target()
+    for channels in (96, 384, 768):
+        rng = np.random.default_rng(channels)
+        gamma, beta = rng.standard_normal(channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 49, channels), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(relax.op.nn.layer_norm(x, relax.const(gamma), relax.const(beta), axes=[-1])))
+            bb.emit_func_output(out)
+        mod = fuse_and_schedule(bb.get(), target)
+        source = "\n".join(f.script() for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+        assert "x_sum_rf" in source and "T.vectorized" in source
+        data = (rng.standard_normal((1, 49, channels)) * 3 + 1).astype(np.float32)
+        ex = tvm.compile(mod, target=target, relax_pipeline=lower_pipeline(target))
+        got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+        x64 = data.astype(np.float64)
+        ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * gamma + beta
+        assert np.abs(got - ref).max() < 1e-5 * (1 + np.abs(ref).max())
