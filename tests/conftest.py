@@ -1,10 +1,24 @@
-"""Shared fixtures: small random-weight models (fast, no files) and a seeded calibration batch."""
+"""Shared fixtures: small random-weight models (fast, no files), a seeded calibration batch and one compiled
+ViT fixture artifact."""
 
 import numpy as np
 import pytest
 import torch
 
 from repq_tvm import models
+
+
+@pytest.fixture(scope="session")
+def vit_host_build(tmp_path_factory):
+    """(calibrated file, artifact folder) of the ViT fixture, W4/A4 on 8 calibration images, compiled for
+    `host`: one build for every test that only reads an artifact (copy it before changing it)."""
+    from repq_tvm.cli import main
+
+    root = tmp_path_factory.mktemp("vit_host")
+    cal, art = str(root / "m.repq"), str(root / "art")
+    assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
+    assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
+    return cal, art
 
 
 @pytest.fixture(autouse=True)

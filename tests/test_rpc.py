@@ -110,7 +110,7 @@ def port_open(port: int):
 
 
 @pytest.fixture(scope="module")
-def loopback(tmp_path_factory):
+def loopback(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("rpc")
     services = Services(root)
     try:
@@ -124,9 +124,7 @@ def loopback(tmp_path_factory):
                                           "--port", str(s_port), "--port-end", str(s_port + 1)), env)
         services.start("direct", tvm_exec("rpc_server", "--host", "127.0.0.1", "--port", str(d_port),
                                           "--port-end", str(d_port + 1)), env)
-        cal, art = str(root / "m.repq"), str(root / "art")
-        assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
-        assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
+        cal, art = request.getfixturevalue("vit_host_build")  # built (if not yet) while the servers start
         services.wait(key_is_free(tracker, KEY), f"a server with key {KEY} at the tracker", START_SECONDS)
         services.wait(port_open(d_port), "the direct server", START_SECONDS)
         yield SimpleNamespace(root=root, cal=cal, art=art, tracker=tracker, server=f"127.0.0.1:{d_port}",

@@ -11,17 +11,12 @@ import numpy as np
 import psutil
 import pytest
 
-from repq_tvm.cli import main
 from repq_tvm.deploy.runtime import Runner
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("soak")
-    cal, art = str(root / "m.repq"), str(root / "art")
-    assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
-    assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
-    return art
+def artifact(vit_host_build):
+    return vit_host_build[1]
 
 
 def _rss() -> int:

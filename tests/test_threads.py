@@ -63,14 +63,8 @@ except ReqError as exc:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    from repq_tvm.cli import main
-
-    root = tmp_path_factory.mktemp("threads")
-    cal, art = str(root / "m.repq"), str(root / "art")
-    assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
-    assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
-    return art
+def artifact(vit_host_build):
+    return vit_host_build[1]
 
 
 def test_logits_do_not_depend_on_the_thread_count(artifact):
