@@ -138,23 +138,30 @@ def _u8s8_impl(depth: int):
     return impl
 
 
-@T.prim_func(s_tir=True)
-def _vnni_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((1, 16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    # LLVM 22 signature (<16 x i32> acc, <64 x i8> unsigned, <64 x i8> signed); A is broadcast.
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:1, 0:16, 0:4])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"),
-            _broadcast4(A, 0, "uint8x64", 16),
-            B.vload([0, 0, 0], dtype="int8x64"),
-            dtype="int32x16",
-        )
+def _vnni_impl(instruction: str, a_dtype: str, w_dtype: str, kpack: int):
+    """16 int32 += dot of ``kpack`` broadcast activations with the weight tile, one AVX-512 VNNI instruction
+    (LLVM 22 signatures: vpdpbusd (<16 x i32>, <64 x i8>, <64 x i8>), vpdpwssd (<16 x i32>, <32 x i16>,
+    <32 x i16>)); A's ``kpack`` elements are one dword, broadcast."""
+    elems = 16 * kpack
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((kpack,), a_dtype, offset_factor=1),
+        B: T.Buffer((1, 16, kpack), w_dtype, offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:kpack], B[0:1, 0:16, 0:kpack])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(instruction),
+                C.vload([0], dtype="int32x16"),
+                _broadcast4(A, 0, f"{a_dtype}x{elems}", 16),
+                B.vload([0, 0, 0], dtype=f"{w_dtype}x{elems}"),
+                dtype="int32x16",
+            )
+
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -175,29 +182,12 @@ def _i16_impl(
         )
 
 
-@T.prim_func(s_tir=True)
-def _vnni_i16_impl(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((1, 16, 2), "int16", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    # vpdpwssd: 16 int32 += a0*w0 + a1*w1 (LLVM 22: <16 x i32>, <32 x i16>, <32 x i16>); A is broadcast.
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:1, 0:16, 0:2])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"),
-            C.vload([0], dtype="int32x16"),
-            _broadcast4(A, 0, "int16x32", 16),
-            B.vload([0, 0, 0], dtype="int16x32"),
-            dtype="int32x16",
-        )
-
-
 def _all_intrinsics():
-    yield vnni_intrin(), _dot_desc(16, 4, 1, "uint8", "int8"), _vnni_impl
+    yield vnni_intrin(), _dot_desc(16, 4, 1, "uint8", "int8"), _vnni_impl("llvm.x86.avx512.vpdpbusd.512", "uint8",
+                                                                           "int8", 4)
     yield i16_intrin(), _dot_desc(8, 2, 1, "int16", "int16"), _i16_impl
-    yield vnni_i16_intrin(), _dot_desc(16, 2, 1, "int16", "int16"), _vnni_i16_impl
+    yield vnni_i16_intrin(), _dot_desc(16, 2, 1, "int16", "int16"), _vnni_impl("llvm.x86.avx512.vpdpwssd.512",
+                                                                                "int16", "int16", 2)
     for d in U8S8_DEPTHS:
         yield u8s8_intrin(d), _dot_desc(8, 4, d, "uint8", "int8"), _u8s8_impl(d)
 
