@@ -81,9 +81,10 @@ def var_uses(func: relax.Function) -> dict:
     return uses
 
 
-def activation_dequant(mutator, expr) -> tuple[relax.Expr, float, int] | None:
-    """(codes, scale, zero point) if `expr` is a layer-wise float32 dequantize of non-constant uint8 codes."""
-    dq = follow(mutator, expr)
+def activation_dequant(dq) -> tuple[relax.Expr, float, int] | None:
+    """(codes, scale, zero point) if the call `dq` is a layer-wise float32 dequantize of non-constant uint8 codes.
+
+    `dq` is the dequantize a pattern matched (`tvm.relax.dpl`: the call itself, its operands as bound)."""
     if not is_op(dq, "relax.dequantize") or const_array(dq.args[0]) is not None:
         return None
     s, z, codes = scalar_const(dq.args[1]), scalar_const(dq.args[2]), dq.args[0]
@@ -100,25 +101,43 @@ def batched_matmul_shapes(a, b) -> tuple[list[int], list[int]] | None:
     return sa, sb
 
 
-def rewrite_pass(name: str, rewriter_cls, doc: str, plan: str | None = None):
-    """A module pass class `name(target)` running `rewriter_cls(mod, target)` over every Relax function.
+def calls_only(rewriter):
+    """A `tvm.relax.dpl.rewrite_call` rewriter that leaves variable-to-variable bindings as they are.
 
-    `plan` names a rewriter method called on each function first (whole-function analysis, e.g. which bias
-    adds a kernel can absorb). Dead code is dropped afterwards; `.rewritten` counts the rewrites.
+    dpl matches `y = x` through the binding of `x`, so an alias of a call the rewriter refused reaches it
+    again, as the alias; only the call itself is rewritten (an alias of a rewritten call follows it).
     """
 
-    def __init__(self, target):
-        self.target, self.rewritten = target, 0
+    def rewrite(expr, matches):
+        return rewriter(expr, matches) if isinstance(expr, relax.Call) else expr
 
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = rewriter_cls(mod, self.target)
-        if plan is not None:
-            for func in mod.functions.values():
-                if isinstance(func, relax.Function):
-                    getattr(rewriter, plan)(func)
-        out = relax.transform.DeadCodeElimination()(rewrite_functions(rewriter, mod))
-        self.rewritten = rewriter.rewritten
-        return out
+    return rewrite
 
-    cls = type(name, (), {"__doc__": doc, "__init__": __init__, "transform_module": transform_module})
-    return tvm.transform.module_pass(cls, opt_level=0, name=name)
+
+def emitted(bb: relax.BlockBuilder, emit) -> relax.Expr:
+    """The expression `emit()` builds, with the bindings it emits through `bb` folded back into it.
+
+    The emission functions of the passes write their bindings with `bb.emit`; a `tvm.relax.dpl` rewriter
+    returns one expression instead. `emit()` runs in a scratch dataflow block of `bb` (which also collects
+    the kernels it adds with `bb.add_func`), and each variable bound there is replaced by its value: the
+    rewrite's caller normalizes the nested expression back into bindings of the block being rewritten
+    (dataflow block or not): the same bindings, operands bound before their users in argument order.
+    (A variable read twice would be computed twice; the emission functions read each one once.)
+    """
+    bb._begin_dataflow_block()  # pylint: disable=protected-access
+    try:
+        out = emit()
+    finally:
+        block = bb._end_block()  # pylint: disable=protected-access
+    values = {b.var: b.value for b in block.bindings}
+
+    def inline(expr):
+        if isinstance(expr, relax.Var):
+            return inline(values[expr]) if expr in values else expr
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([inline(f) for f in expr.fields])
+        if isinstance(expr, relax.Call):
+            return relax.Call(expr.op, [inline(a) for a in expr.args], expr.attrs, expr.ty_args)
+        return expr
+
+    return inline(out)

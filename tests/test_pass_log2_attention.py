@@ -12,7 +12,7 @@ from repq_tvm import targets
 from repq_tvm.frontends import canonical
 from repq_tvm.kernels.attn_v import AttnV, attn_v, schedule_attn_v
 from repq_tvm.kernels.qdense import AARCH64_NEON_TARGET, X86_AVX2_TARGET
-from repq_tvm.passes.log2_attention import LowerLog2Attention
+from repq_tvm.passes.log2_attention import LowerLog2Attention, attn_v_call, log_weights
 from repq_tvm.reference import ops
 
 TARGET = X86_AVX2_TARGET  # the x86_64-avx2 preset
@@ -298,3 +298,51 @@ def test_pass_fuses_the_softmax_into_the_weights_kernel():
     assert any(x.startswith("repq_log_weights_softmax_sqrt2_2x9x9_b4_g1_f14") for x in names), names
     lowered = relax.transform.DeadCodeElimination()(lowered)
     assert "relax.nn.softmax" not in {c.op.name for c in _calls(lowered) if isinstance(c.op, tvm.ir.Op)}
+
+
+# --- Before/After: the rewritten graph, structurally ----------------------------------------------
+def test_before_after_attention_times_v():
+    """softmax → log√2 quantizer → matmul with dequantized V becomes the weights kernel on the logits (the
+    softmax fused) and one attn_v call on the V codes: softmax, quantizer, dequantize and matmul are gone."""
+    s_attn, bits, s_v, z_v, v_bits = 0.5, 4, 0.05, 8, 4
+    mod = attention_module([((4, 9, 9), 8, s_attn, bits, s_v, z_v, v_bits, True)])
+    lower = LowerLog2Attention(TARGET)
+    after = lower(mod)
+    assert lower.rewritten == 1
+
+    bb = relax.BlockBuilder()
+    logits = relax.Var("logits0", relax.TensorType((4, 9, 9), "float32"))
+    v = relax.Var("v0", relax.TensorType((4, 9, 8), "float32"))
+    f = ops.attn_frac_bits(9, v_bits)
+    scale = float(np.float32(np.float64(s_attn) * np.float64(np.float32(s_v)) / 2.0 ** (f + ops.ATTN_EXTRA_BITS)))
+    with bb.function("main", [logits, v]):
+        with bb.dataflow():
+            v_codes = bb.emit(canonical.uniform_qdq(v, s_v, z_v, v_bits).args[0])
+            w = log_weights(bb, logits, s_attn, bits, True, f, ops.attn_groups(bits, f, True), TARGET, softmax=True)
+            o = bb.emit(attn_v_call(bb, w, v_codes, z_v, scale, f, 2, TARGET, {}, v_bits))
+            out = bb.emit_output(relax.Tuple([o]))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+
+
+@pytest.mark.parametrize("case", ["per_channel_v_scale", "constant_v_codes"])
+def test_before_after_unmatched_attention_is_left_alone(case):
+    bb = relax.BlockBuilder()
+    logits = relax.Var("logits", relax.TensorType((4, 9, 9), "float32"))
+    v = relax.Var("v", relax.TensorType((4, 9, 8), "float32"))
+    with bb.function("main", [logits, v]):
+        with bb.dataflow():
+            p = bb.emit(relax.op.nn.softmax(logits, axis=-1))
+            a = bb.emit(canonical.log_fake_quant(p, (p.ty,), 0.5, 4, True))
+            if case == "per_channel_v_scale":
+                codes = bb.emit(canonical.uniform_qdq(v, 0.05, 8, 4).args[0])
+                scale = relax.const(np.full(8, 0.05, np.float32))
+            else:
+                codes, scale = relax.const(np.ones((4, 9, 8), np.uint8)), relax.const(0.05, "float32")
+            vh = bb.emit(relax.op.dequantize(codes, scale, relax.const(8, "uint8"), axis=-1))
+            out = bb.emit_output(relax.op.matmul(a, vh, out_dtype="float32"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    lower = LowerLog2Attention(TARGET)
+    tvm.ir.assert_structural_equal(lower(mod), mod)
+    assert lower.rewritten == 0

@@ -8,7 +8,7 @@ from tvm import relax
 from repq_tvm.frontends import canonical
 from repq_tvm.kernels.qbmm import QBmm, schedule_qbmm
 from repq_tvm.kernels.qdense import AARCH64_TARGET, X86_AVX2_TARGET
-from repq_tvm.passes.quantized_qk import LowerQuantizedQK
+from repq_tvm.passes.quantized_qk import LowerQuantizedQK, qbmm_call
 from repq_tvm.reference import ops
 
 TARGET = X86_AVX2_TARGET  # the x86_64-avx2 preset
@@ -193,3 +193,46 @@ def test_linears_and_log_quant_attn_v_are_left_alone():
     lowered = lower(mod)
     assert lower.rewritten == 0
     tvm.ir.assert_structural_equal(lowered["main"], mod["main"])
+
+
+# --- Before/After: the rewritten graph, structurally ----------------------------------------------
+def test_before_after_logits_with_softmax_scale():
+    """q codes · requantized k rows in one qbmm call ("nd"), the 0.125 in its scale: the dequantizes, the
+    transposed k's quantizer, the matmul and the multiply are gone."""
+    lower = LowerQuantizedQK(TARGET)
+    after = lower(qk_module((4,), 9, 11, 8, 4))
+    assert lower.rewritten == 1
+
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((4, 9, 8), "float32"))
+    k = relax.Var("k", relax.TensorType((4, 11, 8), "float32"))
+    with bb.function("main", [q, k]):
+        with bb.dataflow():
+            q_codes = bb.emit(canonical.uniform_qdq(q, S_Q, Z_Q, 4).args[0])
+            k_rows = bb.emit(canonical.uniform_qdq(k, S_K, Z_K, 4).args[0])  # quantized below the transpose
+            scale = float(np.float32(S_Q)) * float(np.float32(S_K)) * 0.125
+            out = bb.emit_output(qbmm_call(bb, q_codes, k_rows, Z_Q, Z_K, scale, TARGET, {}, "nd"))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+
+
+@pytest.mark.parametrize("case", ["per_channel_q_scale", "float_q"])
+def test_before_after_unmatched_logits_are_left_alone(case):
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((4, 9, 8), "float32"))
+    k = relax.Var("k", relax.TensorType((4, 8, 11), "float32"))
+    with bb.function("main", [q, k]):
+        with bb.dataflow():
+            if case == "float_q":
+                qh = q
+            else:
+                codes = bb.emit(canonical.uniform_qdq(q, S_Q, Z_Q, 8).args[0])
+                qh = bb.emit(relax.op.dequantize(codes, relax.const(np.full(8, S_Q, np.float32)),
+                                                 relax.const(Z_Q, "uint8"), axis=-1))
+            y = bb.emit(relax.op.matmul(qh, bb.emit(canonical.uniform_qdq(k, S_K, Z_K, 8)), out_dtype="float32"))
+            out = bb.emit_output(relax.op.multiply(y, relax.const(0.125, "float32")))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    lower = LowerQuantizedQK(TARGET)
+    tvm.ir.assert_structural_equal(lower(mod), mod)
+    assert lower.rewritten == 0

@@ -27,12 +27,11 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.dpl import ExternFuncPattern, is_const, is_op, rewrite_call, wildcard
 
-from ..frontends.canonical import log_call_params
+from ..frontends.canonical import LOG_OPS, log_call_params
 from ..reference.ops import ATTN_EXTRA_BITS, attn_frac_bits, attn_groups, attn_planes
-from ..relax_util import activation_dequant, batched_matmul_shapes, code_bits, follow, rewrite_pass
-from ..relax_util import is_op as _is_op
+from ..relax_util import activation_dequant, batched_matmul_shapes, calls_only, code_bits, emitted
 from ..relax_util import static_shape as _static_shape
 
 
@@ -83,62 +82,78 @@ def attn_v_call(bb: relax.BlockBuilder, weights: relax.Expr, v: relax.Expr, z_v:
     return out if len(lead) == 1 else relax.op.reshape(bb.emit(out), [*lead, m, d])
 
 
-@mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target):
-        super().__init__(mod)
-        self.target, self.rewritten, self.kernels = target, 0, {}
-
-    def _log_quant(self, expr):
-        """(p, s, bits, sqrt2) of a canonical log-quantizer call on float32, else None."""
-        params = log_call_params(follow(self, expr))
-        if params is None or params[0].ty.dtype != "float32" or not 1 <= params[2] <= 8 or params[1] <= 0:
-            return None
-        return params
-
-    def _dequant(self, expr):
-        """(codes, s_v, z_v, v_bits) of a layer-wise dequantize of non-constant uint8 codes, else None."""
-        parts = activation_dequant(self, expr)
-        if parts is None:
-            return None
-        codes, s, z = parts
-        return codes, s, z, v_code_bits(follow(self, codes), z)
-
-    def _match(self, call):
-        if not _is_op(call, "relax.matmul") or call.ty.dtype != "float32":
-            return None
-        lq, dq = self._log_quant(call.args[0]), self._dequant(call.args[1])
-        if lq is None or dq is None:
-            return None
-        if batched_matmul_shapes(lq[0], dq[0]) is None:
-            return None
-        return lq, dq
-
-    def _softmax_input(self, p):
-        """x when p = softmax(x) over the last axis in float32 (the kernel then fuses the softmax), else None."""
-        expr = follow(self, p)
-        if not _is_op(expr, "relax.nn.softmax") or expr.ty.dtype != "float32":
-            return None
-        rank = len(_static_shape(expr))
-        return expr.args[0] if int(expr.attrs.axis) in (-1, rank - 1) else None
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        parts = self._match(call)
-        if parts is None:
-            return call
-        (p, s_attn, bits, sqrt2), (v, s_v, z_v, v_bits) = parts
-        f = attn_frac_bits(_static_shape(p)[-1], v_bits)
-        logits = self._softmax_input(p)
-        x = p if logits is None else logits
-        weights = log_weights(self.builder_, x, s_attn, bits, sqrt2, f, attn_groups(bits, f, sqrt2), self.target,
-                              softmax=logits is not None)
-        scale = float(np.float32(np.float64(s_attn) * np.float64(s_v) / 2.0 ** (f + ATTN_EXTRA_BITS)))
-        self.rewritten += 1
-        return attn_v_call(self.builder_, weights, v, z_v, scale, f, 2 if sqrt2 else 1, self.target, self.kernels,
-                           v_bits)
+# matmul(call_pure_packed("repq.log[_sqrt]2_fake_quant", [softmax](x), s, b), dequantize(v_codes, s_v, z_v))
+_SOFTMAX = is_op("relax.nn.softmax")(wildcard())
+_LOG = is_op("relax.call_pure_packed")(ExternFuncPattern(LOG_OPS[True]) | ExternFuncPattern(LOG_OPS[False]),
+                                       _SOFTMAX | wildcard(), is_const(), wildcard())
+_V_CODES = wildcard()  # matched as the value bound to the codes: v_code_bits reads its clip
+_V = is_op("relax.dequantize")(_V_CODES, is_const(), is_const())
+_ATTN_V = is_op("relax.matmul")(_LOG, _V)
 
 
-LowerLog2Attention = rewrite_pass(
-    "LowerLog2Attention", _Rewriter,
-    "matmul(log-quantized attention, dequantized V) → int16 log√2 weights + integer dot product `repq_attn_v`.")
+def _parts(m):
+    """((p, s, bits, sqrt2), (v, s_v, z_v, v_bits)) of an `_ATTN_V` match: a float32 log quantizer of 1 to 8
+    bits with a positive scale, layer-wise dequantized non-constant uint8 V, static batched shapes; else None."""
+    lq, dq = log_call_params(m[_LOG]), activation_dequant(m[_V])
+    if m[_ATTN_V].ty.dtype != "float32" or dq is None:
+        return None
+    if lq[0].ty.dtype != "float32" or not 1 <= lq[2] <= 8 or lq[1] <= 0:
+        return None
+    if batched_matmul_shapes(lq[0], dq[0]) is None:
+        return None
+    v, s_v, z_v = dq
+    return lq, (v, s_v, z_v, v_code_bits(m[_V_CODES], z_v))
+
+
+def _softmax_input(m):
+    """x when the quantizer's input is softmax(x) over the last axis in float32 (the weights kernel then
+    fuses the softmax), else None."""
+    if _SOFTMAX not in m:
+        return None
+    softmax = m[_SOFTMAX]
+    if softmax.ty.dtype != "float32":
+        return None
+    rank = len(_static_shape(softmax))
+    return softmax.args[0] if int(softmax.attrs.axis) in (-1, rank - 1) else None
+
+
+def _emit(bb, target, kernels, parts, logits):
+    """The calls replacing one attn @ V: the weights kernel (on the logits when it fuses the softmax), `attn_v_call`."""
+    (p, s_attn, bits, sqrt2), (v, s_v, z_v, v_bits) = parts
+    f = attn_frac_bits(_static_shape(p)[-1], v_bits)
+    x = p if logits is None else logits
+    weights = log_weights(bb, x, s_attn, bits, sqrt2, f, attn_groups(bits, f, sqrt2), target,
+                          softmax=logits is not None)
+    scale = float(np.float32(np.float64(s_attn) * np.float64(s_v) / 2.0 ** (f + ATTN_EXTRA_BITS)))
+    return attn_v_call(bb, weights, v, z_v, scale, f, 2 if sqrt2 else 1, target, kernels, v_bits)
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerLog2Attention")
+class LowerLog2Attention:
+    """matmul(log-quantized attention, dequantized V) → int16 log√2 weights + integer dot product `repq_attn_v`.
+
+    A log√2-quantized attention probability is a power of two (times √2 for odd codes): attn @ V is then
+    a sum of shifted V codes, computed exactly in integers by the `kernels.attn_v` dot product, instead of
+    a float matmul on dequantized values (and, where the quantizer reads a softmax, the weights kernel
+    computes that softmax too).  One `tvm.relax.dpl` rewrite of `_ATTN_V`; other uses of the log quantizer
+    keep the original call.  `.rewritten` counts the rewrites.
+    """
+
+    def __init__(self, target):
+        self.target, self.rewritten = target, 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        bb, kernels = relax.BlockBuilder(mod), {}
+        self.rewritten = 0
+
+        def lower(matmul, m):
+            parts = _parts(m)
+            if parts is None:
+                return matmul
+            self.rewritten += 1
+            return emitted(bb, lambda: _emit(bb, self.target, kernels, parts, _softmax_input(m)))
+
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                bb.update_func(gv, rewrite_call(_ATTN_V, calls_only(lower), func))
+        return relax.transform.DeadCodeElimination()(bb.get())

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from ..relax_util import code_bits, const_array, follow, is_op, rewrite_pass, var_uses
+from ..relax_util import calls_only, code_bits, const_array, emitted, var_uses
 from .quantized_linear import _shape, qdense_call
 
 
@@ -34,66 +34,81 @@ def _patch_size(conv) -> int | None:
     return strides[0] if ok else None
 
 
-@mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target):
-        super().__init__(mod)
-        self.target, self.rewritten, self.kernels = target, 0, {}
-        self.bias_of, self.fused = {}, set()
-
-    def plan_bias_fusion(self, func: relax.Function) -> None:
-        """`add(conv_var, const[1, N, 1, 1])` where the conv has no other use: the kernel adds the bias."""
-        values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-        uses = var_uses(func)
-        for var, value in values.items():
-            if is_op(value, "relax.add") and isinstance(value.args[0], relax.Var):
-                conv, bias = values.get(value.args[0]), const_array(value.args[1])
-                if (is_op(conv, "relax.nn.conv2d") and uses.get(value.args[0]) == 1 and bias is not None
-                        and bias.ndim == 4 and bias.shape[0] == 1 and bias.shape[2:] == (1, 1)):
-                    self.bias_of[value.args[0]] = (var, bias.reshape(-1))
-
-    def visit_var_binding_(self, binding):
-        self._current = binding.var
-        super().visit_var_binding_(binding)
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        current = getattr(self, "_current", None)
-        if current in self.fused and is_op(call, "relax.add"):
-            return call.args[0]  # the kernel already added this bias
-        if not is_op(call, "relax.nn.conv2d"):
-            return call
-        xq, wdq = follow(self, call.args[0]), follow(self, call.args[1])
-        if not (is_op(xq, "relax.dequantize") and is_op(wdq, "relax.dequantize") and int(wdq.attrs.axis) == 0):
-            return call
-        w_codes, s_w, z_w = (const_array(a) for a in wdq.args)
-        s_a, z_a = const_array(xq.args[1]), const_array(xq.args[2])
-        p = _patch_size(call)
-        if any(v is None for v in (w_codes, s_w, z_w, s_a, z_a, p)) or s_a.size != 1:
-            return call
-        bias = None
-        if current in self.bias_of:
-            add_var, bias = self.bias_of[current]
-            self.fused.add(add_var)
-        return self._emit(xq.args[0], w_codes, s_w, z_w, float(s_a.reshape(())), int(z_a.reshape(())), bias, p)
-
-    def _emit(self, q, w_codes, s_w, z_w, s_a, z_a, bias, p):
-        bb, op = self.builder_, relax.op
-        b, c, h, w = _shape(q)
-        n, hp, wp = w_codes.shape[0], h // p, w // p
-        if h % p or w % p:
-            raise NotImplementedError(f"patch embedding of a {h}x{w} input with {p}x{p} patches leaves a remainder")
-        patches = op.reshape(q, [b, c, hp, p, wp, p])
-        patches = op.permute_dims(patches, [0, 2, 4, 1, 3, 5])
-        rows = bb.emit(op.reshape(patches, [b * hp * wp, c * p * p]))
-        weight = w_codes.reshape(n, -1).astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
-        out = qdense_call(bb, rows, weight, s_w, s_a, z_a, code_bits(follow(self, q)), bias, self.target,
-                          self.kernels)
-        self.rewritten += 1
-        return op.permute_dims(op.reshape(out, [b, hp, wp, n]), [0, 3, 1, 2])
+# conv2d(dequantize(q, s_a, z_a), dequantize(W_codes, s_w, z_w)) [+ bias[1, N, 1, 1]]
+_CODES = wildcard()  # q, the activation codes (matched as the value bound to them: code_bits reads its clip)
+_X = is_op("relax.dequantize")(_CODES, is_const(), is_const())
+_W = is_op("relax.dequantize")(is_const(), is_const(), is_const())
+_CONV = is_op("relax.nn.conv2d")(_X, _W)
+_BIASED = is_op("relax.add")(_CONV, is_const())
 
 
-LowerPatchEmbed = rewrite_pass(
-    "LowerPatchEmbed", _Rewriter,
-    "Quantized non-overlapping conv (patch embedding) → integer `repq_qdense` kernel on patch rows.",
-    plan="plan_bias_fusion")
+def _parts(m):
+    """(q, W_codes, s_w, z_w, s_a, z_a, q's bound value, p) of a `_CONV` match, or None where it is not a
+    layer-wise quantized input through a per-channel quantized non-overlapping p x p conv."""
+    xq, wdq, conv = m[_X], m[_W], m[_CONV]
+    if int(wdq.attrs.axis) != 0:
+        return None
+    w_codes, s_w, z_w = (const_array(a) for a in wdq.args)
+    s_a, z_a = const_array(xq.args[1]), const_array(xq.args[2])
+    p = _patch_size(conv)
+    if p is None or s_a.size != 1:
+        return None
+    return xq.args[0], w_codes, s_w, z_w, float(s_a.reshape(())), int(z_a.reshape(())), m[_CODES], p
+
+
+def _emit(bb, target, kernels, q, w_codes, s_w, z_w, s_a, z_a, q_value, p, bias):
+    """The kernel call replacing one conv: codes as patch rows, `qdense_call`, result back in NCHW."""
+    op = relax.op
+    b, c, h, w = _shape(q)
+    n, hp, wp = w_codes.shape[0], h // p, w // p
+    if h % p or w % p:
+        raise NotImplementedError(f"patch embedding of a {h}x{w} input with {p}x{p} patches leaves a remainder")
+    patches = op.reshape(q, [b, c, hp, p, wp, p])
+    patches = op.permute_dims(patches, [0, 2, 4, 1, 3, 5])
+    rows = bb.emit(op.reshape(patches, [b * hp * wp, c * p * p]))
+    weight = w_codes.reshape(n, -1).astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
+    out = qdense_call(bb, rows, weight, s_w, s_a, z_a, code_bits(q_value), bias, target, kernels)
+    return op.permute_dims(op.reshape(out, [b, hp, wp, n]), [0, 3, 1, 2])
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerPatchEmbed")
+class LowerPatchEmbed:
+    """Quantized non-overlapping conv (the patch embedding) → integer `repq_qdense` kernel on patch rows.
+
+    A conv whose stride equals its kernel is a dense layer over the patches: lowering it to the linears'
+    kernel puts the first layer of the model on the integer path too, instead of a float conv on
+    dequantized values.  Two `tvm.relax.dpl` rewrites per function: first `_BIASED`, a conv whose result
+    feeds only a constant [1, N, 1, 1] bias add (the kernel adds the bias, the add disappears), then
+    `_CONV`, every quantized patch embedding left.  `.rewritten` counts the kernels emitted.
+    """
+
+    def __init__(self, target):
+        self.target, self.rewritten = target, 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        bb, kernels = relax.BlockBuilder(mod), {}
+        self.rewritten = 0
+
+        def lower(parts, bias):
+            self.rewritten += 1
+            return emitted(bb, lambda: _emit(bb, self.target, kernels, *parts, bias))
+
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
+                continue
+            uses = var_uses(func)
+
+            def with_bias(add, m):
+                parts, bias = _parts(m), const_array(add.args[1])
+                if (parts is None or uses.get(add.args[0]) != 1 or bias.ndim != 4 or bias.shape[0] != 1
+                        or bias.shape[2:] != (1, 1)):
+                    return add  # the bias stays a float add; `without_bias` still lowers the conv
+                return lower(parts, bias.reshape(-1))
+
+            def without_bias(conv, m):
+                parts = _parts(m)
+                return conv if parts is None else lower(parts, None)
+
+            func = rewrite_call(_BIASED, calls_only(with_bias), func)
+            bb.update_func(gv, rewrite_call(_CONV, calls_only(without_bias), func))
+        return relax.transform.DeadCodeElimination()(bb.get())

@@ -22,13 +22,11 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..relax_util import code_bits
 from ..relax_util import const_array as _const
-from ..relax_util import follow, rewrite_pass, var_uses
-from ..relax_util import is_op as _is_op
-from ..relax_util import scheduled_kernel
+from ..relax_util import calls_only, emitted, scheduled_kernel, var_uses
 
 def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
@@ -83,79 +81,80 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
                                        relax.const(bias)], relax.TensorType((m, n), "float32")))
 
 
-@mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target):
-        super().__init__(mod)
+# matmul(dequantize(q, s_a, z_a), permute_dims(dequantize(W_codes, s_w, z_w))) [+ bias]: the canonical linear
+_CODES = wildcard()  # q, the activation codes (matched as the value bound to them: code_bits reads its clip)
+_X = is_op("relax.dequantize")(_CODES, is_const(), is_const())
+_W = is_op("relax.dequantize")(is_const(), is_const(), is_const())
+_WT = is_op("relax.permute_dims")(_W)
+_LINEAR = is_op("relax.matmul")(_X, _WT)
+_BIASED = is_op("relax.add")(_LINEAR, is_const())
+
+
+def _parts(m):
+    """(q, W_codes, s_w, z_w, s_a, z_a, q's bound value) of a `_LINEAR` match, or None where its attributes
+    or constants do not fit: a transpose other than [1, 0], a weight not quantized per output channel
+    (axis 0) or not 2-D, an activation quantizer that is not layer-wise."""
+    xq, wt, wdq = m[_X], m[_WT], m[_W]
+    if wt.attrs.axes is not None and [int(a) for a in wt.attrs.axes] != [1, 0]:
+        return None
+    if int(wdq.attrs.axis) != 0:
+        return None
+    w_codes, s_w, z_w = (_const(a) for a in wdq.args)
+    s_a, z_a = _const(xq.args[1]), _const(xq.args[2])
+    if w_codes.ndim != 2 or s_a.size != 1:
+        return None
+    return xq.args[0], w_codes, s_w, z_w, float(s_a.reshape(())), int(z_a.reshape(())), m[_CODES]
+
+
+def _emit(bb, target, kernels, q, w_codes, s_w, z_w, s_a, z_a, q_value, bias):
+    """The kernel call replacing one linear: codes flattened to [M, K], `qdense_call`, result back in shape."""
+    w = w_codes.astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
+    in_shape = _shape(q)
+    k, n = in_shape[-1], w.shape[0]
+    m = int(np.prod(in_shape[:-1]))
+    a2 = bb.emit(relax.op.reshape(q, [m, k]))
+    out = qdense_call(bb, a2, w, s_w, s_a, z_a, code_bits(q_value), bias, target, kernels)
+    return relax.op.reshape(out, [*in_shape[:-1], n])
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerQuantizedLinear")
+class LowerQuantizedLinear:
+    """Quantized linear (dequantize · dequantized-weightᵀ [+ bias]) → one integer `repq_qdense` kernel.
+
+    The fake-quant linear computes in float what is exactly an integer dot product of the codes: this pass
+    replaces it by that dot product (int32 accumulation, packed weights, scales and bias in the kernel's
+    epilogue), so the model's linears run on the target's integer dot instructions.  Two `tvm.relax.dpl`
+    rewrites per function: first `_BIASED`, a linear whose matmul feeds only a constant 1-D bias add of
+    its width (the kernel adds the bias, the add disappears), then `_LINEAR`, every quantized linear left
+    (its add, if any, stays a float op).  `.rewritten` counts the kernels emitted.
+    """
+
+    def __init__(self, target):
         self.target, self.rewritten = target, 0
-        self.bias_of, self.add_source, self.fused, self.kernels = {}, {}, set(), {}
 
-    def _bound(self, expr):
-        return follow(self, expr)
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        bb, kernels = relax.BlockBuilder(mod), {}
+        self.rewritten = 0
 
-    def _match(self, call):
-        """The pieces of a quantized linear `matmul`, or None."""
-        if not _is_op(call, "relax.matmul"):
-            return None
-        xq, wt = self._bound(call.args[0]), self._bound(call.args[1])
-        if not (_is_op(xq, "relax.dequantize") and _is_op(wt, "relax.permute_dims")):
-            return None
-        if wt.attrs.axes is not None and [int(a) for a in wt.attrs.axes] != [1, 0]:
-            return None
-        wdq = self._bound(wt.args[0])
-        if not _is_op(wdq, "relax.dequantize") or int(wdq.attrs.axis) != 0:
-            return None
-        w_codes, s_w, z_w = (_const(a) for a in wdq.args)
-        s_a, z_a = _const(xq.args[1]), _const(xq.args[2])
-        if any(v is None for v in (w_codes, s_w, z_w, s_a, z_a)) or w_codes.ndim != 2 or s_a.size != 1:
-            return None
-        return xq.args[0], w_codes, s_w, z_w, float(s_a.reshape(())), int(z_a.reshape(()))
+        def lower(parts, bias):
+            self.rewritten += 1
+            return emitted(bb, lambda: _emit(bb, self.target, kernels, *parts, bias))
 
-    def plan_bias_fusion(self, func: relax.Function) -> None:
-        """Find `add(matmul_var, const_bias)` whose matmul has no other use: its bias goes into the kernel."""
-        values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-        uses = var_uses(func)
-        self.bias_of, self.add_source = {}, {}
-        for var, value in values.items():
-            if _is_op(value, "relax.add") and isinstance(value.args[0], relax.Var):
-                inner, bias = values.get(value.args[0]), _const(value.args[1])
-                if (_is_op(inner, "relax.matmul") and uses.get(value.args[0]) == 1 and bias is not None
-                        and bias.ndim == 1):
-                    self.bias_of[value.args[0]] = bias
-                    self.add_source[var] = value.args[0]
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
+                continue
+            uses = var_uses(func)
 
-    def visit_var_binding_(self, binding):
-        self._current = binding.var
-        super().visit_var_binding_(binding)
+            def with_bias(add, m):
+                parts, bias = _parts(m), _const(add.args[1])
+                if parts is None or uses.get(add.args[0]) != 1 or bias.ndim != 1 or bias.shape[0] != parts[1].shape[0]:
+                    return add  # the bias stays a float add; `without_bias` still lowers the matmul
+                return lower(parts, bias)
 
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        current = getattr(self, "_current", None)
-        if self.add_source.get(current) in self.fused and _is_op(call, "relax.add"):
-            return call.args[0]  # the kernel already added this bias
-        parts = self._match(call)
-        if parts is None:
-            return call
-        bias = self.bias_of.get(current)
-        if bias is not None and bias.shape[0] == parts[1].shape[0]:
-            self.fused.add(current)
-        else:
-            bias = None
-        return self._emit(*parts, bias)
+            def without_bias(matmul, m):
+                parts = _parts(m)
+                return matmul if parts is None else lower(parts, None)
 
-    def _emit(self, q, w_codes, s_w, z_w, s_a, z_a, bias):
-        w = w_codes.astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
-        in_shape = _shape(q)
-        k, n = in_shape[-1], w.shape[0]
-        m = int(np.prod(in_shape[:-1]))
-        bb = self.builder_
-        a2 = bb.emit(relax.op.reshape(q, [m, k]))
-        out = qdense_call(bb, a2, w, s_w, s_a, z_a, code_bits(self._bound(q)), bias, self.target, self.kernels)
-        self.rewritten += 1
-        return relax.op.reshape(out, [*in_shape[:-1], n])
-
-
-LowerQuantizedLinear = rewrite_pass(
-    "LowerQuantizedLinear", _Rewriter,
-    "Quantized linear (dequantize · dequantized-weightᵀ + bias) → integer `repq_qdense` kernel.",
-    plan="plan_bias_fusion")
+            func = rewrite_call(_BIASED, calls_only(with_bias), func)
+            bb.update_func(gv, rewrite_call(_LINEAR, calls_only(without_bias), func))
+        return relax.transform.DeadCodeElimination()(bb.get())

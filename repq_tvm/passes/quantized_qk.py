@@ -20,14 +20,11 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from ..relax_util import activation_dequant, batched_matmul_shapes, follow, rewrite_pass, var_uses
-from ..relax_util import is_op as _is_op
+from ..relax_util import activation_dequant, batched_matmul_shapes, calls_only, emitted, var_uses
 from ..relax_util import scalar_const as _scalar
 from ..relax_util import static_shape as _static_shape
-
-_ELEMENTWISE = ("relax.clip", "relax.quantize")  # commute with a transpose when their parameters are scalars
 
 
 def qbmm_call(bb: relax.BlockBuilder, a, b, z_a: int, z_b: int, scale: float, target, kernels: dict,
@@ -55,77 +52,95 @@ def qbmm_call(bb: relax.BlockBuilder, a, b, z_a: int, z_b: int, scale: float, ta
     return out if len(lead) == 1 else relax.op.reshape(bb.emit(out), [*lead, m, n])
 
 
-@mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target):
-        super().__init__(mod)
+# matmul(dequantize(q_codes, s_q, z_q), dequantize(k_codes, s_k, z_k)) [· c]; k_codes may be
+# [clip](quantize(permute_dims(k))), the canonical quantizer of a transposed k, which the kernel undoes
+_K = wildcard()  # k in row layout [.., N, D]
+_KT = is_op("relax.permute_dims")(_K)
+_KQ = is_op("relax.quantize")(_KT, is_const(), is_const())
+_KCLIP = is_op("relax.clip")(_KQ, wildcard(), wildcard())
+_A = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+_B = is_op("relax.dequantize")(_KCLIP | _KQ | wildcard(), is_const(), is_const())
+_QK = is_op("relax.matmul")(_A, _B)
+_C = is_const()
+_SCALED = is_op("relax.multiply")(_QK, _C) | is_op("relax.multiply")(_C, _QK)
+
+
+def _parts(m):
+    """((a, s_a, z_a), (b, s_b, z_b)) of a `_QK` match: float32 logits of two layer-wise dequantized
+    non-constant uint8 codes with static batched shapes, else None (linears have constant codes)."""
+    if m[_QK].ty.dtype != "float32":
+        return None
+    qa, qb = activation_dequant(m[_A]), activation_dequant(m[_B])
+    if qa is None or qb is None or batched_matmul_shapes(qa[0], qb[0]) is None:
+        return None
+    return qa, qb
+
+
+def _row_codes(bb, m, codes):
+    """The k codes [.., N, D] quantized below the transpose (same quantize [and clip], on k), or None when
+    `codes` are not that quantizer of a last-two-axes transpose with scalar parameters."""
+    if _KT not in m or any(_scalar(p) is None for p in m[_KQ].args[1:]):
+        return None
+    transpose, rank = m[_KT], len(_static_shape(codes))
+    if transpose.attrs.axes is None or [int(a) for a in transpose.attrs.axes] != [*range(rank - 2), rank - 1,
+                                                                                   rank - 2]:
+        return None
+    out = transpose.args[0]
+    for op in [m[_KQ], *([m[_KCLIP]] if _KCLIP in m else [])]:
+        out = bb.emit(relax.Call(op.op, [out, *op.args[1:]], op.attrs))
+    return out
+
+
+def _emit(bb, target, kernels, m, parts, factor):
+    """The kernel call replacing one q @ kᵀ [· factor]: k's codes as rows where they can be, `qbmm_call`."""
+    (a, s_a, z_a), (b, s_b, z_b) = parts
+    rows = _row_codes(bb, m, b)
+    scale = s_a * s_b * (1.0 if factor is None else factor)
+    return qbmm_call(bb, a, b if rows is None else rows, z_a, z_b, scale, target, kernels,
+                     "dn" if rows is None else "nd")
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerQuantizedQK")
+class LowerQuantizedQK:
+    """Quantized q @ kᵀ (dequantize · dequantize of activations) [· scalar] → integer `repq_qbmm` kernel.
+
+    The attention logits of two fake-quantized activations are an exact integer product of their codes:
+    this pass computes them so (int32, one float scale per output) instead of a float batched matmul on
+    dequantized tensors.  Two `tvm.relax.dpl` rewrites per function: first `_SCALED`, logits whose only
+    use is a multiply by a scalar constant (the softmax scale, folded into the kernel's scale; the
+    multiply disappears), then `_QK`, every quantized q @ kᵀ left.  `.rewritten` counts the kernels.
+    """
+
+    def __init__(self, target):
         self.target, self.rewritten = target, 0
-        self.mult_of, self.mult_source, self.fused, self.kernels = {}, {}, set(), {}
 
-    def _match(self, call):
-        if not _is_op(call, "relax.matmul") or call.ty.dtype != "float32":
-            return None
-        qa, qb = activation_dequant(self, call.args[0]), activation_dequant(self, call.args[1])
-        if qa is None or qb is None or batched_matmul_shapes(qa[0], qb[0]) is None:
-            return None
-        return qa, qb
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        bb, kernels = relax.BlockBuilder(mod), {}
+        self.rewritten = 0
 
-    def _row_codes(self, codes):
-        """k codes [.., N, D] rebuilt below the transpose, or None if there is no transpose to undo."""
-        chain, expr = [], follow(self, codes)
-        while any(_is_op(expr, name) for name in _ELEMENTWISE):
-            if _is_op(expr, "relax.quantize") and any(_scalar(p) is None for p in expr.args[1:]):
-                return None
-            chain.append(expr)
-            expr = follow(self, expr.args[0])
-        if not chain or not _is_op(expr, "relax.permute_dims") or expr.attrs.axes is None:
-            return None
-        rank = len(_static_shape(codes))
-        if [int(a) for a in expr.attrs.axes] != [*range(rank - 2), rank - 1, rank - 2]:
-            return None
-        out = expr.args[0]
-        for op in reversed(chain):
-            out = self.builder_.emit(relax.Call(op.op, [out, *op.args[1:]], op.attrs))
-        return out
+        def lower(m, parts, factor):
+            self.rewritten += 1
+            return emitted(bb, lambda: _emit(bb, self.target, kernels, m, parts, factor))
 
-    def plan_scale_fusion(self, func: relax.Function) -> None:
-        """Find `multiply(matmul_var, scalar const)` whose matmul has no other use: its factor goes into the kernel."""
-        values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-        uses = var_uses(func)
-        for var, value in values.items():
-            if not _is_op(value, "relax.multiply") or value.ty.dtype != "float32":
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
                 continue
-            for x, c in (value.args, value.args[::-1]):
-                factor = _scalar(c)
-                if (isinstance(x, relax.Var) and _is_op(values.get(x), "relax.matmul") and uses.get(x) == 1
-                        and factor is not None and _static_shape(value) == _static_shape(x)):
-                    self.mult_of[x], self.mult_source[var] = float(factor), x
-                    break
+            uses = var_uses(func)
 
-    def visit_var_binding_(self, binding):
-        self._current = binding.var
-        super().visit_var_binding_(binding)
+            def with_scale(mul, m):
+                x, c = mul.args[0], mul.args[1]
+                if _scalar(c) is None:  # multiply(c, logits)
+                    x, c = c, x
+                factor, parts = _scalar(c), _parts(m)
+                if (factor is None or parts is None or mul.ty.dtype != "float32" or uses.get(x) != 1
+                        or _static_shape(mul) != _static_shape(x)):
+                    return mul  # the multiply stays; `without_scale` still lowers the matmul
+                return lower(m, parts, float(factor))
 
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        current = getattr(self, "_current", None)
-        if self.mult_source.get(current) in self.fused and _is_op(call, "relax.multiply"):
-            return next(a for a in call.args if _scalar(a) is None)  # the kernel already scaled it
-        parts = self._match(call)
-        if parts is None:
-            return call
-        (a, s_a, z_a), (b, s_b, z_b) = parts
-        factor = self.mult_of.get(current)
-        if factor is not None:
-            self.fused.add(current)
-        rows = self._row_codes(b)
-        scale = s_a * s_b * (1.0 if factor is None else factor)
-        self.rewritten += 1
-        return qbmm_call(self.builder_, a, b if rows is None else rows, z_a, z_b, scale, self.target,
-                         self.kernels, "dn" if rows is None else "nd")
+            def without_scale(matmul, m):
+                parts = _parts(m)
+                return matmul if parts is None else lower(m, parts, None)
 
-
-LowerQuantizedQK = rewrite_pass(
-    "LowerQuantizedQK", _Rewriter,
-    "Quantized q @ kᵀ (dequantize · dequantize of activations) [· scalar] → integer `repq_qbmm` kernel.",
-    plan="plan_scale_fusion")
+            func = rewrite_call(_SCALED, calls_only(with_scale), func)
+            bb.update_func(gv, rewrite_call(_QK, calls_only(without_scale), func))
+        return relax.transform.DeadCodeElimination()(bb.get())
