@@ -91,7 +91,7 @@ def _class_names(arch: dict) -> list[str] | None:
 
 def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, target: str = "host", batch: int = 1,
                      frontend: str = "torch", dump_ir: str | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None, tuning_log: str | None = None) -> dict:
     """Compile a calibrated model (a `.repq` path or a `CalibratedModel`) into the integer artifact folder
     `output` for `target` (`host`, a preset name or a preset file), with a fixed `batch` size.
 
@@ -99,6 +99,8 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     anything is compiled, so a wrong target fails in a second, not after the build; so is the batch, against
     what the model's activations allow (`limits.check_batch`: int32 indexing, this machine's RAM).
     `progress` receives one line per compiler phase; `dump_ir` is a folder for the IR after each phase.
+    `tuning_log` is a folder from `repq-tvm tune` for this model, bit widths, batch and target (checked
+    before compiling; its accepted kernels replace the defaults, the manifest records it and its hash).
     Returns the compile stats with `output` and `target`.
     """
     from . import atomic, calibrated, limits, targets
@@ -116,13 +118,33 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     if batch > 1:
         limits.check_batch(cm.model, cm.preprocessing["input_size"], batch, name=cm.arch["name"])
     shape = [batch, *cm.preprocessing["input_size"]]
+    log = None
+    if tuning_log is not None:
+        from .tuning.log import TuningLog, workload_key
+
+        log = TuningLog.open(tuning_log, workload_key(cm.arch["name"], cm.config.w_bits, cm.config.a_bits, batch,
+                                                      preset))
     executable, stats = compile_model(cm.model, shape, preset, dump_dir=dump_ir,
-                                      progress=progress or (lambda msg: None), frontend=frontend)
+                                      progress=progress or (lambda msg: None), frontend=frontend, tuning_log=log)
+    if log is not None:
+        stats["tuning_log"] = {"name": os.path.basename(os.path.normpath(tuning_log)), "sha256": log.sha256,
+                               "tuned_kernels": stats.pop("tuned_kernels")}
     fields = {"model": cm.arch["name"], "w_bits": cm.config.w_bits, "a_bits": cm.config.a_bits,
               "method": cm.info.get("method"), "target": preset, "input_shape": shape,
               "preprocessing": cm.preprocessing, "classes": _class_names(cm.arch), "compile": stats}
     artifact.write(output, executable, fields, fcompile=fcompile)
     return {"output": output, "target": preset["name"], **stats}
+
+
+def tune(calibrated_model: str | CalibratedModel, *, target: str = "host", trials: int = 200,
+         output: str | None = None, batch: int = 1, rpc: dict | None = None,
+         progress: Callable[[str], None] | None = None) -> dict:
+    """MetaSchedule-tune a calibrated model's kernels for `target` into the tuning-log folder `output`
+    (default ``tuning_logs/<model>-w<W>a<A>-b<batch>-<target>``); see `repq_tvm.tuning.tune`."""
+    from .tuning.tune import tune as run
+
+    return run(calibrated_model, target=target, trials=trials, output=output, batch=batch, rpc=rpc,
+               progress=progress or (lambda msg: None))
 
 
 def load_for_eval(model: str | CalibratedModel, checkpoint: str | None = None):

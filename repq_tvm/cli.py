@@ -28,6 +28,7 @@ SEED = int_in(0, 2**32 - 1)  # numpy's and torch's seed range
 LIMIT = int_in(1, 10**9)
 BATCH = int_in(1, 4096)
 REPEAT = int_in(1, 100_000)
+TRIALS = int_in(1, 100_000)
 THREADS = int_in(1, 1024)
 THREADS_HELP = "TVM threads, 1 to 1024 (default: TVM_NUM_THREADS if set, else every CPU this process may use)"
 RPC_TIMEOUT = int_in(1, 3600)  # seconds to reach a tracker / server and to wait for a free board
@@ -71,10 +72,33 @@ def _stderr_progress(quiet: bool):
 
 def cmd_compile(args) -> dict:
     result = api.compile_artifact(args.calibrated, args.output, target=args.target, batch=args.batch,
-                                  frontend=args.frontend, dump_ir=args.dump_ir, progress=_stderr_progress(args.quiet))
+                                  frontend=args.frontend, dump_ir=args.dump_ir, progress=_stderr_progress(args.quiet),
+                                  tuning_log=args.tuning_log)
     print(json.dumps(result) if args.json else f"wrote {args.output} for {result['target']} "
           f"(integer kernels: {result['integer_linears']} linear, {result['integer_patch_embeds']} patch embedding, "
           f"{result['integer_qk']} q@kᵀ, {result['log2_attention']} log√2 attn@V; {result['compile_seconds']} s)")
+    return result
+
+
+def cmd_tune(args) -> dict:
+    if args.rpc:
+        raise ReqError("tuning measures on boards through a tracker (MetaSchedule's RPC runner): "
+                       "use --rpc-tracker HOST:PORT --rpc-key KEY")
+    if args.rpc_key and not args.rpc_tracker:
+        raise ReqError("--rpc-key goes with --rpc-tracker HOST:PORT")
+    if args.rpc_tracker and not args.rpc_key:
+        raise ReqError("--rpc-tracker needs --rpc-key KEY (the key the board's rpc_server registered with)")
+    rpc = {"tracker": args.rpc_tracker, "key": args.rpc_key, "timeout": args.rpc_timeout} if args.rpc_tracker else None
+    result = api.tune(args.calibrated, target=args.target, trials=args.trials, output=args.output, batch=args.batch,
+                      rpc=rpc, progress=_stderr_progress(args.quiet))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for row in result["kernels"]:
+            times = (f"{row['default_ms']:.3f} -> {row['tuned_ms']:.3f} ms" if "tuned_ms" in row else "")
+            print(f"{row['kernel'][:60]:60s} {row['share']:6.1%} {row['trials']:5d} trials  {times:24s} {row['verdict']}")
+        print(f"wrote {result['output']}: {result['accepted']} of {len(result['kernels'])} kernels tuned, "
+              f"{result['trials_this_run']} trials in {result['minutes_this_run']:.1f} min")
     return result
 
 
@@ -294,9 +318,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-ir", type=work_folder, help="write the IR after every compiler phase into this folder")
     c.add_argument("--frontend", choices=("torch", "onnx"), default="torch",
                    help="import through torch.export (default) or through an exported QDQ ONNX file")
+    c.add_argument("--tuning-log", metavar="DIR", help="a tuning-log folder from repq-tvm tune for this model, "
+                   "bit widths, batch and target: its verified kernels replace the defaults")
     c.add_argument("--json", action="store_true")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
+
+    u = sub.add_parser("tune", help="MetaSchedule-tune a calibrated model's kernels into a tuning-log folder")
+    u.add_argument("calibrated", help="the .repq file from repq-tvm calibrate")
+    u.add_argument("--target", default="host", help="as for compile (tuning measures on this CPU, or on a board "
+                   "with --rpc-tracker)")
+    u.add_argument("--trials", type=TRIALS, default=200,
+                   help="trial budget, spread over the kernels by their share of the run time (1 to 100000)")
+    u.add_argument("-o", "--output", type=output_folder, help="tuning-log folder (default "
+                   "tuning_logs/<model>-w<W>a<A>-b<batch>-<target>); a re-run continues from its database")
+    u.add_argument("--batch", type=BATCH, default=1, help="the batch size the artifact will be compiled for")
+    u.add_argument("--json", action="store_true")
+    u.add_argument("--quiet", action="store_true")
+    add_rpc_options(u, "measure the trials")
+    u.set_defaults(func=cmd_tune)
 
     x = sub.add_parser("export-onnx", help="write a calibrated .repq file as a QDQ ONNX model")
     x.add_argument("calibrated")

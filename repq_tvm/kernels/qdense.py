@@ -27,6 +27,7 @@ lane by the indexed ``sdot v.4s, v.16b, v.4b[j]`` (`intrinsics_arm`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,6 +183,15 @@ def qdense(
     return [*inputs, zp_wsum, scale, bias, out]
 
 
+def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc of a kernel spec (the dict `schedule_qdense` makes), carrying the spec as its
+    ``repq.kernel`` attribute: tuning rebuilds a kernel's definition from it (`repq_tvm.tuning.spaces`)."""
+    v = VARIANTS[spec["variant"]]
+    tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
+                     compensate=spec["compensate"])
+    return te.create_prim_func(tensors).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+
+
 # --- schedules -------------------------------------------------------------------------------
 def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 1) -> tuple[int, int]:
     """(rows, lane blocks) per register tile; the block count must divide Np/lanes.
@@ -216,23 +226,32 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     return min(range(mi, low, -1), key=lambda t: ceil_to(M, t) - M), nbi
 
 
-def _tile(sch: Schedule, v: Variant, mi: int, nbi: int, depth: int = 1, compensate: bool = False):
+def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool = False, order: str = "rows",
+          parallel: str = "tiles"):
     """Tile `out` into (rows x lane blocks) tiles, compute acc (and the row sums) per tile, parallel tiles.
 
     Driven from `out` (acc and asum `compute_at` its tile loops) because the compensated epilogue has
-    two producers, which `reverse_compute_at` cannot take.  Tiles run in parallel; with compensation
-    only row tiles do, so each computes its row sums once for all its column tiles (recomputing them
-    per tile cost 25% at 197x384x384 on Zen 4, once per row tile ~0%).  Inside a tile acc is split into (k outer,
-    row, block, k tiles, lane, kpack): its int32 accumulators live across the whole k loop (registers
-    after LLVM's SROA); ``depth`` weight tiles form one intrinsic step, tensorized at the returned
-    ``kd`` loop.  Ragged M and N tiles are computed whole on padded acc rows/columns, stored masked.
+    two producers, which `reverse_compute_at` cannot take.  ``order`` "rows" puts row tiles outer (a
+    tile's activation rows stay in L1 while its column tiles run), "cols" column tiles (a weight panel
+    stays in L1).  ``parallel`` "tiles" runs all tiles in parallel, "outer" only the outer tile loop;
+    with compensation only row tiles do, rows outer, so each computes its row sums once for all its
+    column tiles (recomputing them per tile cost 25% at 197x384x384 on Zen 4, once per row tile ~0%).
+    Inside a tile acc is split into (k outer, row, block, k tiles, lane, kpack): its int32 accumulators
+    live across the whole k loop (registers after LLVM's SROA); ``depth`` weight tiles form one
+    intrinsic step, tensorized at the returned ``kd`` loop.  Ragged M and N tiles are computed whole on
+    padded acc rows/columns, stored masked.  ``mi`` and ``nbi`` may be sampled MetaSchedule variables
+    (`repq_tvm.tuning.spaces`): the schedule is the same for fixed and sampled sizes.
     """
+    if compensate and (order, parallel) != ("rows", "outer"):
+        raise ValueError("compensated kernels run row tiles outer, in parallel (their row sums once per row tile)")
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     m, n = sch.get_loops(out)
     mo, mo_i = sch.split(m, [None, mi])
-    nbo, no_i = sch.split(n, [None, nbi * v.lanes])
-    sch.reorder(mo, nbo, mo_i, no_i)  # row tiles outer: a tile's activation rows stay in L1
-    sch.compute_at(acc, nbo, preserve_unit_loops=True)
+    nb, lane_o = sch.split(n, [None, v.lanes])
+    nbo, nb_o = sch.split(nb, [None, nbi])
+    outer, inner = (mo, nbo) if order == "rows" else (nbo, mo)
+    sch.reorder(outer, inner, mo_i, nb_o, lane_o)
+    sch.compute_at(acc, inner, preserve_unit_loops=True)
     if compensate:  # the row sums once per row tile, for all its column tiles
         sch.compute_at(sch.get_sblock("asum"), mo, preserve_unit_loops=True)
     m_i, n_t, k = sch.get_loops(acc)[-3:]
@@ -243,20 +262,23 @@ def _tile(sch: Schedule, v: Variant, mi: int, nbi: int, depth: int = 1, compensa
     else:
         kb, kd, kp = sch.split(k, [None, depth, v.kpack])
         sch.reorder(kb, m_i, nb_i, kd, lane, kp)
-    sch.parallel(mo if compensate else sch.fuse(mo, nbo))
-    sch.vectorize(sch.split(no_i, [None, v.lanes])[1])
+    sch.parallel(outer if parallel == "outer" else sch.fuse(outer, inner))
+    sch.vectorize(lane_o)
     return acc, (kb, m_i, nb_i, kd, lane, kp)
 
 
-def schedule_tensorized(
-    func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, depth: int = 1, ref: bool = False,
-    compensate: bool = False,
+def apply_tensorized(
+    sch: Schedule, v: Variant, mi, nbi, depth: int = 1, ref: bool = False, compensate: bool = False,
+    order: str = "rows", parallel: str | None = None,
 ) -> Schedule:
-    """Register-tiled schedule whose inner step is ``v.intrin(depth)`` (or its plain-loop twin)."""
+    """Register-tiled schedule on ``sch`` whose inner step is ``v.intrin(depth)`` (or its plain-loop twin).
+
+    ``parallel`` defaults to "outer" with compensation, else "tiles" (`_tile`).
+    """
     register_intrinsics()
     register_arm_intrinsics()
-    sch = Schedule(func)
-    acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate)
+    parallel = parallel or ("outer" if compensate else "tiles")
+    acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate, order, parallel)
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
     intrin = v.intrin(depth)
@@ -266,10 +288,19 @@ def schedule_tensorized(
     return sch
 
 
+def schedule_tensorized(
+    func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, depth: int = 1, ref: bool = False,
+    compensate: bool = False,
+) -> Schedule:
+    """`apply_tensorized` on a new schedule of ``func`` (the hand defaults: rows outer)."""
+    return apply_tensorized(Schedule(func), v, mi, nbi, depth, ref, compensate)
+
+
 def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, compensate: bool = False) -> Schedule:
     """Any-CPU schedule: same tiling, plain loops, the lanes of a block vectorized."""
     sch = Schedule(func)
-    acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi, compensate=compensate)
+    parallel = "outer" if compensate else "tiles"
+    acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi, compensate=compensate, parallel=parallel)
     sch.reorder(kp, m_i, nb_i, lane)
     for loop in (kp, m_i, nb_i):
         sch.unroll(loop)
@@ -277,6 +308,17 @@ def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, co
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
     return sch
+
+
+def default_schedule(spec: dict, ref: bool = False) -> Schedule:
+    """The hand schedule of a kernel spec (`qdense_func`): default tiles and depth, as `schedule_qdense`."""
+    v = VARIANTS[spec["variant"]]
+    depth = v.max_depth(spec["bits_a"], spec["bits_w"], spec["K"])
+    mi, nbi = default_tiles(spec["M"], spec["N"], v, depth)
+    func = qdense_func(spec)
+    if v.tensorized:
+        return schedule_tensorized(func, v, mi, nbi, depth, ref, spec["compensate"])
+    return schedule_fallback(func, v, mi, nbi, spec["compensate"])
 
 
 # --- build -----------------------------------------------------------------------------------
@@ -421,8 +463,9 @@ def schedule_qdense(
     n_tiles = ceil_to(N, v.lanes) // v.lanes
     if n_tiles % nbi:
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
-    func = te.create_prim_func(qdense(M, N, K, v, epilogue=epilogue, m_tile=mi if v.tensorized else 1,
-                                      compensate=compensate))
+    spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": v.name, "bits_a": bits_a, "bits_w": bits_w,
+            "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1}
+    func = qdense_func(spec)
     if v.tensorized:
         sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)
     else:

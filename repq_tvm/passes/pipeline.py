@@ -87,16 +87,13 @@ def import_model(model, input_shape, frontend: str = "torch") -> tvm.IRModule:
     raise ValueError(f"frontend must be 'torch' or 'onnx', got {frontend!r}")
 
 
-def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None, progress=print,
-                  frontend: str = "torch"):
-    """Compile a calibrated (fake-quant) PyTorch model for `preset`; returns (executable, stats).
-
-    One `tvm.target.Target` (`targets.tvm_target`) is built here and handed to every integer pass, the float
-    schedules and the final build.
-    """
+def lower_to_kernels(model, input_shape, preset: dict, dump_dir: str | None = None, progress=print,
+                     frontend: str = "torch"):
+    """Phases 1-4 up to fusion: returns (module, target, stats).  Integer kernels are hand-scheduled (each
+    with its spec, `tuning.spaces`), float kernels fused but unscheduled: what `repq-tvm tune` extracts its
+    tasks from, and where `compile --tuning-log` swaps tuned kernels in."""
     target = targets.tvm_target(preset)
     stats = {"frontend": frontend}
-    t0 = time.time()
     progress(f"[1/5] importing the calibrated model into Relax ({frontend} frontend)")
     mod = import_model(model, input_shape, frontend)
     _dump(dump_dir, 1, "import", mod)
@@ -115,9 +112,28 @@ def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None,
     _dump(dump_dir, index, "log-quant", mod)
 
     progress("[4/5] fusing and scheduling the float ops")
-    mod = fuse_and_schedule(mod, target)
+    with target:
+        mod = tvm.transform.Sequential(legalize_passes())(mod)
+    return mod, target, stats
+
+
+def compile_model(model, input_shape, preset: dict, dump_dir: str | None = None, progress=print,
+                  frontend: str = "torch", tuning_log=None):
+    """Compile a calibrated (fake-quant) PyTorch model for `preset`; returns (executable, stats).
+
+    One `tvm.target.Target` (`targets.tvm_target`) is built here and handed to every integer pass, the float
+    schedules and the final build.  `tuning_log` (a checked `tuning.log.TuningLog`) swaps in its tuned
+    kernels before the defaults schedule the rest.
+    """
+    t0 = time.time()
+    mod, target, stats = lower_to_kernels(model, input_shape, preset, dump_dir, progress, frontend)
+    if tuning_log is not None:
+        mod, swapped = tuning_log.apply(mod, target)
+        stats["tuned_kernels"] = len(swapped)
+    with target:
+        mod = schedule_float_ops()(mod)
     stats["unscheduled_kernels"] = unscheduled(mod)
-    _dump(dump_dir, index + 1, "fused-scheduled", mod)
+    _dump(dump_dir, len(INTEGER_PASSES) + 3, "fused-scheduled", mod)  # after import, passes, log quant
 
     progress(f"[5/5] building for {preset['name']}")
     executable = tvm.compile(mod, target=target, relax_pipeline=lower_pipeline(target))

@@ -1,0 +1,110 @@
+"""How tuning candidates are built and timed: in this process, on this machine or on a board over RPC.
+
+MetaSchedule's `LocalBuilder` starts a fresh pool of worker processes for every batch of candidates and
+each worker imports TVM's tensor-intrinsic registry (`tvm.s_tir.tensor_intrin`, ~30 s here, longer than
+the builder's default time-out), so with it every batch paid half a minute before the first build.  Our
+candidates are single kernels whose intrinsics are already inlined by tensorize: `InProcessBuilder`
+compiles them with the same TVM in this process (tens of milliseconds each) and exports them as the
+runner needs: a tar of objects locally, a shared library linked by the target's cross compiler for a
+board.  Timing stays in MetaSchedule's runners (a persistent local worker, or `RPCRunner`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+
+
+
+@derived_object
+class InProcessBuilder(PyBuilder):
+    """Builds every candidate in this process; ``cross_compiler`` links a .so for a remote board."""
+
+    def __init__(self, cross_compiler: str | None = None):
+        super().__init__()
+        self.cross_compiler = cross_compiler
+
+    def _export(self, rt_mod) -> str:
+        folder = tempfile.mkdtemp(prefix="repq-cand-")  # MetaSchedule removes each artifact's folder
+        if self.cross_compiler:
+            from tvm.support import cc
+
+            path = os.path.join(folder, "cand.so")
+            rt_mod.export_library(path, fcompile=cc.cross_compiler(self.cross_compiler))
+        else:
+            from tvm.support.tar import tar
+
+            path = os.path.join(folder, "cand.tar")
+            rt_mod.export_library(path, fcompile=tar)
+        return path
+
+    def build(self, build_inputs):
+        from tvm.driver import build as tvm_build
+
+        results = []
+        for item in build_inputs:
+            try:
+                results.append(BuilderResult(self._export(tvm_build(item.mod, target=item.target)), None))
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails to build is a failed trial
+                results.append(BuilderResult(None, f"build failed: {exc}"))
+        return results
+
+
+def light_intrinsic_registry() -> None:
+    """Register only TVM's CPU tensor intrinsics (x86, Arm), not the whole registry.
+
+    `ms.TuneContext` imports `tvm.s_tir.tensor_intrin`, whose package import parses every intrinsic of
+    every backend (CUDA, ROCm, Hexagon, ...) from TVMScript: ~30 s in a process that has torch loaded
+    (TVMScript's parser walks `inspect.stack()`, which scans all loaded modules), once per `tune` run and,
+    with MetaSchedule's `LocalBuilder`, in every worker of every batch.  The CPU rules need only the x86 and
+    Arm ones (~3 s): the package is entered without running its ``__init__``.
+    """
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        import tvm.s_tir
+
+        stub = types.ModuleType(name)
+        stub.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+        sys.modules[name] = stub
+    import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
+    import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+
+
+EVALUATOR = ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
+
+
+def make_runner(preset: dict, rpc: dict | None = None, timeout_sec: float = 60.0):
+    """A local runner (one persistent worker process), or MetaSchedule's `RPCRunner` on a free board of
+    ``rpc["key"]`` at the tracker ``rpc["tracker"]`` ("HOST:PORT"), after one bounded session checked the
+    tracker, the key and that the board can run ``preset`` (`deploy.rpc`: a clear error, never a hang)."""
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=EVALUATOR)
+    from ..deploy import rpc as rpc_mod
+    from ..errors import ReqError
+
+    if not rpc.get("tracker"):
+        raise ReqError("tuning measures on boards through a tracker (MetaSchedule's RPC runner): give "
+                       "--rpc-tracker HOST:PORT --rpc-key KEY")
+    timeout = rpc.get("timeout") or rpc_mod.DEFAULT_TIMEOUT
+    session, info = rpc_mod.open_session(tracker=rpc["tracker"], key=rpc.get("key"), timeout=timeout)
+    with rpc_mod.remote_errors("checking the board", info["server"]):
+        problem = rpc_mod.remote_problem(preset, rpc_mod.remote_machine(session))
+    if problem:
+        raise ReqError(f"the board at {info['server']} cannot run {preset['name']}: {problem}")
+    host, port = rpc_mod.parse_address(rpc["tracker"])
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc["key"],
+                                 session_timeout_sec=int(max(timeout_sec, timeout)))
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=EVALUATOR, max_workers=1)
+
+
+def builder_for(preset: dict, remote: bool) -> InProcessBuilder:
+    """Local candidates are tars of objects; a board gets a .so from the preset's (cross) compiler."""
+    return InProcessBuilder(preset.get("cross_compiler") if remote else None)

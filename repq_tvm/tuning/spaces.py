@@ -1,0 +1,128 @@
+"""MetaSchedule search spaces of the hand-scheduled integer kernels.
+
+Every integer kernel the passes emit carries its definition as a JSON spec (PrimFunc attribute
+``repq.kernel``, e.g. `kernels.qdense.qdense_func`).  From the spec this module rebuilds
+
+- `definition`: the unscheduled PrimFunc (what the tuning database keys a workload on),
+- `default_schedule`: the hand schedule `compile` uses without a tuning log,
+- `design_spaces`: the same schedule with its tile sizes as sampled decisions (`sample_categorical`),
+  one design space per structural choice (loop order, parallel loop, int16 pre-accumulation depth).
+
+The tensor intrinsic stays the tensorized core of every candidate: tuning moves tiles and loops around
+it, never the arithmetic.  Sizes are sampled among those that tile the kernel's padded extents
+exactly (tensorize cannot take a ragged tile) and fit the register file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+import tvm_ffi
+from tvm.s_tir import Schedule
+
+from ..kernels import qdense as qd
+from ..kernels.packing import ceil_to
+
+ATTR = "repq.kernel"
+# accumulator registers a tile may use (rows x lane blocks): zmm / q registers less operands, ymm on AVX2
+_ACCUMULATORS = {"vnni": 24, "avx2_u8s8": 12, "avx2_i16": 12, "neon_sdot": 20, "fallback": 8}
+_MAX_ROWS = 8
+
+
+def spec_of(func: tvm.tirx.PrimFunc) -> dict | None:
+    """The kernel spec a PrimFunc carries, or None for kernels without one (the float kernels)."""
+    attrs = func.attrs
+    if attrs is None or ATTR not in attrs:
+        return None
+    return json.loads(str(attrs[ATTR]))
+
+
+def _kind(spec: dict):
+    kinds = {"qdense": _QDense}
+    if spec.get("kind") not in kinds:
+        raise ValueError(f"no search space for kernel kind {spec.get('kind')!r}")
+    return kinds[spec["kind"]]
+
+
+def definition(spec: dict) -> tvm.tirx.PrimFunc:
+    return _kind(spec).definition(spec)
+
+
+def default_schedule(spec: dict, ref: bool = False) -> Schedule:
+    return _kind(spec).default(spec, ref)
+
+
+def design_spaces(sch: Schedule) -> list[Schedule]:
+    """The ScheduleFn of `tuning.tasks`: ``sch`` holds a definition; one traced schedule per structure."""
+    spec = spec_of(sch.mod["main"])
+    return _kind(spec).spaces(sch, spec)
+
+
+def _divisors(n: int, cap: int) -> list[int]:
+    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+
+
+class _QDense:
+    """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth."""
+
+    @staticmethod
+    def definition(spec: dict) -> tvm.tirx.PrimFunc:
+        return qd.qdense_func(spec)
+
+    @staticmethod
+    def default(spec: dict, ref: bool = False) -> Schedule:
+        return qd.default_schedule(spec, ref)
+
+    @staticmethod
+    def spaces(sch: Schedule, spec: dict) -> list[Schedule]:
+        v = qd.VARIANTS[spec["variant"]]
+        m_p = ceil_to(spec["M"], spec["m_tile"])
+        n_blocks = ceil_to(spec["N"], v.lanes) // v.lanes
+        k_tiles = ceil_to(spec["K"], v.kpack) // v.kpack
+        budget = _ACCUMULATORS[v.name]
+        depths = [d for d in v.depths if k_tiles % d == 0 and v.exact(spec["bits_a"], spec["bits_w"], d)]
+        structures = [("rows", "outer")] if spec["compensate"] else [
+            (o, p) for o in ("rows", "cols") for p in ("tiles", "outer")]
+        out = []
+        for nbi in _divisors(n_blocks, budget):
+            rows = _divisors(m_p, min(_MAX_ROWS, budget // nbi))
+            if not rows:
+                continue
+            for depth in depths:
+                for order, parallel in structures:
+                    s = sch.copy()
+                    mi = s.sample_categorical(rows, [1 / len(rows)] * len(rows))
+                    if v.tensorized:
+                        qd.apply_tensorized(s, v, mi, nbi, depth, False, spec["compensate"], order, parallel)
+                    elif depth == 1:
+                        continue  # the fallback is not tuned: plain loops, no intrinsic (any-CPU path)
+                    out.append(s)
+        return out
+
+
+def replay(func: tvm.tirx.PrimFunc, trace, ref: bool) -> Schedule:
+    """Apply ``trace`` to ``func`` with every repq tensor intrinsic swapped for its plain-loop twin
+    (``ref``) or back to the real one: a tuned kernel then runs bit for bit on any CPU (`verify`)."""
+    from ..kernels.intrinsics_arm import register_intrinsics as register_arm
+    from ..kernels.intrinsics_x86 import ref_name, register_intrinsics
+
+    register_intrinsics()
+    register_arm()
+    suffix = ref_name("")
+
+    def swap(x):  # the trace's JSON form: nested FFI arrays of strings, numbers and IR nodes
+        if isinstance(x, str):
+            if not x.startswith("repq_"):
+                return x
+            base = x[: -len(suffix)] if x.endswith(suffix) else x
+            return ref_name(base) if ref else base
+        if isinstance(x, (list, tuple, tvm_ffi.Array)):
+            return [swap(y) for y in x]
+        return x
+
+    data = swap(trace.as_json(remove_postproc=False))
+
+    sch = Schedule(tvm.IRModule({"main": func}))
+    tvm.s_tir.schedule.Trace.apply_json_to_schedule(swap(data), sch)
+    return sch
