@@ -9,6 +9,7 @@ import ast
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -54,6 +55,18 @@ def elf_machine(path: str) -> int:
 
 def test_library_is_an_aarch64_elf(built):
     assert elf_machine(os.path.join(built[1], "model.so")) == EM_AARCH64
+
+
+def kernel_symbols(so: str, prefix: str) -> set[str]:
+    """Names of the library's functions that start with `prefix` (binutils' aarch64 objdump symbol table)."""
+    table = subprocess.run(["aarch64-linux-gnu-objdump", "-t", so], capture_output=True, text=True, check=True).stdout
+    return {name for name in re.findall(r"\s(\S+)$", table, re.M) if name.startswith(prefix)}
+
+
+def test_attention_logits_run_on_sdot(built):
+    """The preset's q @ kT kernels are the sdot variant (so the qemu comparison below covers them)."""
+    names = kernel_symbols(os.path.join(built[1], "model.so"), "repq_qbmm")
+    assert names and all(name.startswith("repq_qbmm_neon_sdot_") for name in names), names
 
 
 def test_manifest_records_the_cross_compile(built):
@@ -173,7 +186,8 @@ def test_aarch64_under_qemu_matches_x86(built, tmp_path):
     per_image = np.abs(arm - ref).max(1)
     exact_share = (per_image < 1e-4).mean()
     print(f"\naarch64 (qemu) vs x86 on {len(x)} images: argmax agree {(arm.argmax(1) == ref.argmax(1)).mean():.3f}, "
-          f"max |diff| {per_image.max():.2e}, median {np.median(per_image):.2e}, share < 1e-4 {exact_share:.3f}; "
+          f"max |diff| {per_image.max():.2e}, median {np.median(per_image):.2e}, share < 1e-4 {exact_share:.3f}, "
+          f"bit-identical {np.array_equal(arm, ref)}; "
           f"qemu wall {wall:.1f} s (load {info['load_seconds']} s, run {info['run_seconds']} s)")
     assert (arm.argmax(1) == ref.argmax(1)).all()
     assert exact_share >= 0.9, exact_share

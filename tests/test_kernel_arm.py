@@ -10,6 +10,10 @@
   linears (objdump of model.so); `--target aarch64-neon` has none.
 - Slow (`-m slow`, needs the arm64 sysroot of `make aarch64-sysroot`): the real sdot kernels run under
   qemu-aarch64-static, bit for bit against the reference.
+- Attention logits q @ kᵀ (`kernels.qbmm`, variant `neon_sdot`): the same three levels, through the stand-in on
+  any host (every code width 4..8 with extreme codes and zero points, `reference.ops.qmatmul_acc`), the
+  aarch64 asm (indexed sdot in the hot loop; plain NEON keeps smlal), the fixture model's kernels, and (slow)
+  the real instruction under qemu.
 """
 
 import os
@@ -23,6 +27,7 @@ import pytest
 from conftest import extreme_codes
 from repq_tvm import targets
 from repq_tvm.kernels import packing as P
+from repq_tvm.kernels import qbmm as QK
 from repq_tvm.kernels import qdense as Q
 from repq_tvm.kernels.intrinsics_arm import SDOT_DEPTHS, register_intrinsics, sdot_intrin
 from repq_tvm.kernels.intrinsics_x86 import ref_name
@@ -246,6 +251,12 @@ def test_whole_model_linears_use_sdot(fixture_repq, tmp_path):
     # qkv, proj, fc1, fc2 (4 shapes), the head and the 8-bit patch embedding
     assert len(dense) >= 6 and all(name.startswith("repq_qdense_neon_sdot_") for name in dense), sorted(dense)
     assert any("_a8w" in name for name in dense), "the 8-bit patch embedding is not an sdot kernel"
+    qk = {name: body for name, body in funcs.items() if name.startswith("repq_qbmm")}
+    assert qk and all(name.startswith("repq_qbmm_neon_sdot_") for name in qk), sorted(qk)  # q @ kT too
+    for name, body in qk.items():  # the fixture's head dim 32: the tile loop (d unrolled) holds the sdot
+        hot = max(_objdump_loops(body), key=lambda loop: loop.count("sdot"))
+        assert hot.count("sdot") >= 32 and "smlal" not in hot, (name, hot)
+        assert not re.search(r"^st\S*\s.*\[sp", hot, re.M), f"{name}: registers spilled in the hot loop"
     for name, body in dense.items():
         assert len(re.findall(r"\tsdot\t", body)) >= 16, name
         assert not re.search(r"\t(smlal2?|smull2?)\tv", body), name  # (a scalar smull may index)
@@ -261,6 +272,8 @@ def test_whole_model_on_plain_neon_has_no_sdot(fixture_repq, tmp_path):
     funcs = _compile(fixture_repq, "aarch64-neon", str(tmp_path / "art-neon"))
     dense = {name: body for name, body in funcs.items() if name.startswith("repq_qdense")}
     assert dense and all(name.startswith("repq_qdense_fallback_") for name in dense), sorted(dense)
+    qk = [name for name in funcs if name.startswith("repq_qbmm")]
+    assert qk and all(name.startswith("repq_qbmm_fallback_") for name in qk), qk
     assert not any(re.search(r"\t[su]dot\t", body) for body in funcs.values())
     assert all(re.search(r"\tsmlal2?\t", body) for body in dense.values())
 
@@ -292,6 +305,149 @@ def test_graph_rewrite_through_the_stand_in_matches_the_host_build(tmp_path, mon
     np.testing.assert_array_equal(sdot.predict(x.numpy()), host.predict(x.numpy()))
 
 
+# --- q @ kT on sdot (kernels.qbmm) -------------------------------------------------------------
+# (Bt, M, N, D, layout): DeiT-Small's heads and the ViT fixture's (head dim 32: the "cols" tile order), the
+# brief's 3 x 65 x 65 x 64, Swin-like windows (head dim 16), and ragged ones (M, N off the tiles, D off 4 / 8)
+QK_SHAPES = [
+    (6, 197, 197, 64, "nd"), (6, 197, 197, 64, "dn"), (4, 65, 65, 32, "nd"), (4, 65, 65, 32, "dn"),
+    (3, 65, 65, 64, "nd"), (3, 65, 65, 64, "dn"), (8, 64, 64, 16, "nd"), (3, 13, 11, 7, "nd"), (4, 9, 17, 5, "dn"),
+    (2, 1, 3, 1, "nd"),
+]
+
+
+def _qk_codes(Bt, M, N, D, bits, seed=0):
+    """q [Bt, M, D] and k [Bt, N, D] codes of ``bits`` with extreme rows (q: max, and 0 in the last row, as
+    `extreme_codes` makes them; k: 0 and max), and zero-point pairs that make every |(q − z_q)(k − z_k)| up
+    to (2^bits − 1)^2 appear: each extreme against its opposite, both at one end, and a random pair."""
+    rng = np.random.default_rng(seed + bits)
+    top = 2**bits - 1
+    q = np.stack([extreme_codes(M, max(N, 4), D, bits, bits, seed + i, zero_last_row=True)[0] for i in range(Bt)])
+    k = rng.integers(0, top + 1, (Bt, N, D), dtype=np.uint8)
+    k[:, 0] = 0
+    if N > 1:
+        k[:, 1] = top
+    zps = [(0, top), (top, 0), (top, top), (0, 0), tuple(int(z) for z in rng.integers(0, top + 1, 2))]
+    return q, k, zps
+
+
+def _qk_expected(q, k, z_q, z_k, scale):
+    return ops.qmatmul_acc(q, z_q, k.transpose(0, 2, 1), z_k).astype(np.float32) * np.float32(scale)
+
+
+def test_qk_variant_choice():
+    from repq_tvm.kernels.qdense import X86_AVX2_TARGET, X86_VNNI_TARGET
+
+    assert QK.variant_for(Q.AARCH64_TARGET) == "neon_sdot"
+    assert QK.variant_for(Q.AARCH64_NEON_TARGET) == "fallback"
+    assert QK.variant_for(X86_VNNI_TARGET) == "vnni" and QK.variant_for(X86_AVX2_TARGET) == "avx2_i16"
+    assert QK.variant_for({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}) == "fallback"
+    with pytest.raises(ValueError, match="dotprod"):  # not for a target without the instruction ...
+        QK.schedule_qbmm(2, 5, 5, 8, Q.AARCH64_NEON_TARGET, variant="neon_sdot")
+    QK.schedule_qbmm(2, 5, 5, 8, Q.host_target(1), variant="neon_sdot", ref=True)  # ... unless as its twin
+
+
+def test_qk_sdot_tiles_fit_the_registers():
+    """Tile order by head dim; tiles from `SDOT_TILES`, capped by the shape; every one of them <= 30 of the
+    32 q registers counting accumulators + k' registers (2 per block and step) + q' registers (1 per row)."""
+    assert QK.sdot_order(64) == "rows" and QK.sdot_order(32) == QK.sdot_order(16) == "cols"
+    assert QK.default_tiles(197, "neon_sdot", 197, 64) == (6, 3)  # 198 x 204 padded outputs
+    assert QK.default_tiles(65, "neon_sdot", 65, 64) == (6, 3)
+    assert QK.default_tiles(65, "neon_sdot", 65, 32) == (5, 2)
+    assert QK.default_tiles(1, "neon_sdot", 3, 64) == (1, 1)
+    assert QK.default_tiles(197, "avx2_i16") == (6, 2)  # the existing variants' signature is unchanged
+    for order, tiles in QK.SDOT_TILES.items():
+        for rows, blocks in tiles:
+            assert rows * blocks + 2 * blocks + rows <= 33, (order, rows, blocks)  # 5 x 4: 33, q' reused
+
+
+@pytest.mark.parametrize("Bt,M,N,D,layout", QK_SHAPES, ids=[f"{b}x{m}x{n}x{d}{l}" for b, m, n, d, l in QK_SHAPES])
+def test_qk_sdot_is_exact(Bt, M, N, D, layout):
+    """The sdot schedule's stand-in (q − 128, packed k − 128, zero-point terms as the accumulators' start
+    value, plain-loop sdot twin) against the integer reference, bit for bit, for 4..8-bit codes."""
+    kern = QK.QBmm(Bt, M, N, D, Q.host_target(1), b_layout=layout, variant="neon_sdot", ref=True)
+    assert kern.variant == "neon_sdot"
+    for bits in (4, 5, 6, 7, 8):
+        q, k, zps = _qk_codes(Bt, M, N, D, bits)
+        kk = k if layout == "nd" else np.ascontiguousarray(k.transpose(0, 2, 1))
+        for z_q, z_k in zps:
+            out = kern(q, kk, z_q, z_k, 0.37)
+            np.testing.assert_array_equal(out, _qk_expected(q, k, z_q, z_k, 0.37), err_msg=f"{bits} bits {z_q} {z_k}")
+
+
+@pytest.mark.parametrize("order", ["rows", "cols"])
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_qk_sdot_orders_and_depths_are_exact(order, depth):
+    """Both tile orders at every intrinsic depth (D = 40: 10 d tiles, padded to 12 / 16 at depth 4 / 8)."""
+    Bt, M, N, D = 2, 23, 30, 40
+    sch = QK.schedule_qbmm_sdot(Bt, M, N, D, tiles=(5, 3), depth=depth, order=order, ref=True)
+    import tvm
+
+    fn = tvm.compile(sch.mod, target=Q.host_target(1)).jit()["main"]
+    q, k, zps = _qk_codes(Bt, M, N, D, 8, seed=7)
+    for z_q, z_k in zps[:3]:
+        args = [tvm.runtime.tensor(x) for x in (q, k, np.array([z_q, z_k], np.int32), np.array([1.0], np.float32),
+                                                 np.empty((Bt, M, N), np.float32))]
+        fn(*args)
+        np.testing.assert_array_equal(args[-1].numpy(), _qk_expected(q, k, z_q, z_k, 1.0))
+
+
+def _qk_asm_loops(kern) -> tuple[str, list[str]]:
+    asm = kern.executable.mod.inspect_source("asm")
+    return asm, _inner_loops(asm)
+
+
+@pytest.mark.parametrize("shape", [(6, 197, 197, 64), (3, 65, 65, 64), (4, 65, 65, 32)], ids=["deit", "d64", "vit"])
+def test_aarch64_qk_hot_loop_is_sdot(shape):
+    """The aarch64-neon-dotprod build of q @ kT: the innermost loop with the most sdot has only indexed sdot
+    as arithmetic on the accumulators (rows x blocks x depth of them per d step, or per tile when LLVM unrolls
+    the d loop), nothing widening and no stores to the stack; it refuses to run on this host."""
+    kern = QK.QBmm(*shape, Q.AARCH64_TARGET)
+    assert kern.variant == "neon_sdot"
+    asm, loops = _qk_asm_loops(kern)
+    hot = max(loops, key=lambda body: body.count("sdot"))
+    rows, blocks = QK.default_tiles(shape[1], "neon_sdot", shape[2], shape[3])
+    assert hot.count("sdot") % (rows * blocks * QK.SDOT_DEPTH) == 0 and hot.count("sdot") >= 30, hot
+    assert re.search(r"sdot\s+v\d+\.4s, v\d+\.16b, v\d+\.4b\[[0-3]\]", hot), "not the indexed form"
+    for widening in ("smlal", "smull", "sxtl", "saddw"):
+        assert widening not in hot, widening
+    assert not re.search(r"\tst[rp1]\w*\s[^\n]*\[sp", hot), "registers spilled to the stack in the hot loop"
+    if shape[3] > QK.SDOT_SHORT_D:  # a real d loop: sdot and loads only, not even stack reloads
+        assert "sp" not in re.findall(r"\[(\w+)", hot) and "scvtf" not in hot, hot
+    with pytest.raises(RuntimeError, match="cannot run"):
+        kern.function()
+
+
+def test_aarch64_neon_qk_keeps_the_widening_fallback():
+    for shape in ((6, 197, 197, 64), (4, 65, 65, 32)):
+        kern = QK.QBmm(*shape, Q.AARCH64_NEON_TARGET)
+        asm = kern.executable.mod.inspect_source("asm")
+        assert kern.variant == "fallback"
+        assert "smlal" in asm and "sdot" not in asm and "udot" not in asm
+
+
+def test_qk_graph_rewrite_through_the_stand_in_matches_the_host_build(vit_host_build, tmp_path, monkeypatch):
+    """The ViT fixture (W4/A4) with every q @ kT lowered to the sdot schedule's stand-in, built for this host:
+    logits bit-identical to the host's own build (its qbmm kernels: vpdpbusd / vpmaddwd)."""
+    from repq_tvm import api, data, models
+    from repq_tvm.deploy.runtime import Runner
+    from repq_tvm.evaluate import load_batch, make_transform
+
+    cal, host_art = vit_host_build
+    schedule, built = QK.schedule_qbmm, []
+
+    def sdot_stand_in(*args, **kw):
+        built.append(args[:4])
+        return schedule(*args, **{**kw, "variant": "neon_sdot", "ref": True})
+
+    monkeypatch.setattr(QK, "schedule_qbmm", sdot_stand_in)
+    api.compile_artifact(cal, str(tmp_path / "sdot"), target="host")
+    assert built and all(shape[1:4] == (65, 65, 32) for shape in built), built
+    host, sdot = Runner(host_art), Runner(str(tmp_path / "sdot"))
+    source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
+    x, _ = load_batch(source, np.arange(0, 1000, 125), make_transform(host.manifest["preprocessing"]))
+    np.testing.assert_array_equal(sdot.predict(x.numpy()), host.predict(x.numpy()))
+
+
 # --- the real instruction, emulated -------------------------------------------------------------
 _QEMU_CALL = """
 import sys, numpy as np, tvm
@@ -303,9 +459,9 @@ for so, npz, out in zip(*[iter(sys.argv[1:])] * 3):
 """
 
 
-@pytest.mark.slow
-def test_sdot_kernels_under_qemu_are_exact(tmp_path):
-    """The aarch64 kernels themselves (real sdot, emulated by qemu-aarch64-static) against the reference."""
+def _run_under_qemu(tmp_path, calls) -> list[np.ndarray]:
+    """Run aarch64 kernels for real (qemu-aarch64-static with the arm64 sysroot's Python and TVM): each call
+    is (executable, NumPy arguments, the last one the output); returns the outputs."""
     import tvm
 
     from repq_tvm.deploy import qemu
@@ -319,22 +475,52 @@ def test_sdot_kernels_under_qemu_are_exact(tmp_path):
     if shutil.which("qemu-aarch64-static") is None:
         pytest.fail("qemu-aarch64-static is not installed: run `make aarch64-tools`")
     fcompile = tvm.support.cc.cross_compiler(targets.load("aarch64-neon-dotprod")["cross_compiler"])
-    cases = [((65, 512, 128), 4, 4, {}), ((197, 384, 384), 8, 8, {}), ((7, 200, 130), 6, 6, {}),
-             ((33, 1000, 190), 8, 4, {}), ((23, 48, 160), 8, 8, {"depth": 4})]
-    argv, expected = [], []
-    for i, ((M, N, K), bits_a, bits_w, kw) in enumerate(cases):
-        kernel = Q.build_qdense(M, N, K, Q.AARCH64_TARGET, bits_a=bits_a, bits_w=bits_w, **kw)
-        a, w = _operands(M, N, K, bits_a, bits_w, seed=i)
-        so, npz, out = (str(tmp_path / f"k{i}.{ext}") for ext in ("so", "npz", "npy"))
-        kernel.executable.export_library(so, fcompile=fcompile)
-        args = [kernel.prepare_activation(a), *kernel.weight_args(w), np.zeros((M, N), np.int32)]
+    argv, libraries = [], {}
+    for i, (executable, args) in enumerate(calls):
+        npz, out = (str(tmp_path / f"k{i}.{ext}") for ext in ("npz", "npy"))
+        if id(executable) not in libraries:  # one library per kernel, however many calls
+            libraries[id(executable)] = str(tmp_path / f"lib{len(libraries)}.so")
+            executable.export_library(libraries[id(executable)], fcompile=fcompile)
         np.savez(npz, **{f"arg{j}": x for j, x in enumerate(args)})
-        argv += [so, npz, out]
-        expected.append(P.reference(a, w) - kernel.variant.a_shift(bits_a) * w.astype(np.int64).sum(1))
+        argv += [libraries[id(executable)], npz, out]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "QEMU_"))}
     env.update(PYTHONPATH=os.path.join(sysroot, qemu.WHEELS_SUBDIR), PYTHONNOUSERSITE="1")
     proc = subprocess.run(["qemu-aarch64-static", "-L", sysroot, os.path.join(sysroot, "usr", "bin", "python3"),
                            "-c", _QEMU_CALL, *argv], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for i, want in enumerate(expected):
-        np.testing.assert_array_equal(np.load(argv[3 * i + 2]).astype(np.int64), want, err_msg=str(cases[i]))
+    return [np.load(argv[3 * i + 2]) for i in range(len(calls))]
+
+
+@pytest.mark.slow
+def test_sdot_kernels_under_qemu_are_exact(tmp_path):
+    """The aarch64 kernels themselves (real sdot, emulated by qemu-aarch64-static) against the reference."""
+    cases = [((65, 512, 128), 4, 4, {}), ((197, 384, 384), 8, 8, {}), ((7, 200, 130), 6, 6, {}),
+             ((33, 1000, 190), 8, 4, {}), ((23, 48, 160), 8, 8, {"depth": 4})]
+    calls, expected = [], []
+    for i, ((M, N, K), bits_a, bits_w, kw) in enumerate(cases):
+        kernel = Q.build_qdense(M, N, K, Q.AARCH64_TARGET, bits_a=bits_a, bits_w=bits_w, **kw)
+        a, w = _operands(M, N, K, bits_a, bits_w, seed=i)
+        calls.append((kernel.executable, [kernel.prepare_activation(a), *kernel.weight_args(w),
+                                          np.zeros((M, N), np.int32)]))
+        expected.append(P.reference(a, w) - kernel.variant.a_shift(bits_a) * w.astype(np.int64).sum(1))
+    for i, (got, want) in enumerate(zip(_run_under_qemu(tmp_path, calls), expected)):
+        np.testing.assert_array_equal(got.astype(np.int64), want, err_msg=str(cases[i]))
+
+
+@pytest.mark.slow
+def test_sdot_qk_kernels_under_qemu_are_exact(tmp_path):
+    """q @ kT on the real sdot (both tile orders, both layouts, ragged shapes), 8- and 4-bit extreme codes and
+    zero points, bit for bit against the integer reference."""
+    cases = [(6, 197, 197, 64, "nd", 8), (4, 65, 65, 32, "nd", 4), (3, 65, 65, 64, "dn", 8),
+             (4, 65, 65, 32, "dn", 8), (3, 13, 11, 7, "nd", 6)]
+    calls, expected = [], []
+    for Bt, M, N, D, layout, bits in cases:
+        kern = QK.QBmm(Bt, M, N, D, Q.AARCH64_TARGET, b_layout=layout)
+        assert kern.variant == "neon_sdot"
+        q, k, zps = _qk_codes(Bt, M, N, D, bits)
+        kk = k if layout == "nd" else np.ascontiguousarray(k.transpose(0, 2, 1))
+        for z_q, z_k in zps[:3]:
+            calls.append((kern.executable, [x.numpy() for x in kern.args(q, kk, z_q, z_k, 0.37)]))
+            expected.append(((Bt, M, N, D, layout, bits, z_q, z_k), _qk_expected(q, k, z_q, z_k, 0.37)))
+    for got, (case, want) in zip(_run_under_qemu(tmp_path, calls), expected):
+        np.testing.assert_array_equal(got, want, err_msg=str(case))

@@ -7,7 +7,7 @@ from tvm import relax
 
 from repq_tvm.frontends import canonical
 from repq_tvm.kernels.qbmm import QBmm, schedule_qbmm
-from repq_tvm.kernels.qdense import AARCH64_TARGET, X86_AVX2_TARGET
+from repq_tvm.kernels.qdense import AARCH64_NEON_TARGET, AARCH64_TARGET, X86_AVX2_TARGET
 from repq_tvm.passes.quantized_qk import LowerQuantizedQK, qbmm_call
 from repq_tvm.reference import ops
 
@@ -77,10 +77,13 @@ def test_vnni_target_uses_vpdpbusd():
 
 
 @pytest.mark.parametrize("layout", ["nd", "dn"])
-def test_aarch64_fallback_compiles(layout):
-    sch, variant = schedule_qbmm(3, 13, 11, 7, AARCH64_TARGET, b_layout=layout)
-    assert variant == "fallback"
-    tvm.compile(sch.mod, target=tvm.target.Target(AARCH64_TARGET))  # not run: wrong CPU
+@pytest.mark.parametrize("target,variant", [(AARCH64_TARGET, "neon_sdot"), (AARCH64_NEON_TARGET, "fallback")],
+                         ids=["dotprod", "neon"])
+def test_aarch64_kernels_compile(layout, target, variant):
+    """sdot with the dot-product extension, the plain loops without (tests/test_kernel_arm.py checks both)."""
+    sch, chosen = schedule_qbmm(3, 13, 11, 7, target, b_layout=layout)
+    assert chosen == variant
+    tvm.compile(sch.mod, target=tvm.target.Target(target))  # not run: wrong CPU
 
 
 # --- pass ------------------------------------------------------------------------------------
