@@ -1,4 +1,5 @@
-"""llvm-mca estimate of the aarch64 qdense k loop: MACs per cycle against the sdot peak (no ARM hardware here).
+"""llvm-mca estimate of the aarch64 qdense k loop and q @ kT hot loop: MACs per cycle against the sdot peak
+(no ARM hardware here).
 
 Why an estimate: this project has no ARM machine, and timings under qemu mean nothing.  Each kernel is built
 for an aarch64 preset exactly as `repq-tvm compile` builds it (`build_qdense`, default tiles), cross-linked,
@@ -11,11 +12,16 @@ instruction; scalar multiplies (address arithmetic) count 0.  The sdot peak of a
 SIMD pipes (Cortex-A76, Neoverse N1) is 2 x 16 = 32 MACs/cycle.  It is a steady-state estimate of the
 loop alone: no cache misses, no epilogue, no threads.
 
+q @ kT (`kernels.qbmm`, `QBmm` as the graph pass builds it, k in rows): the same, on the innermost loop with
+the most MACs.  With a head dim of 64 that is the d loop (sdot and loads only; each tile's start value and
+epilogue, 3 SIMD instructions per 4 outputs, run outside it); with 32 LLVM unrolls the d loop and the hot
+loop is a whole register tile, epilogue included ("converts" > 0 in the row).
+
 LLVM's scheduling models matter: `cortex-a76` uses the Cortex-A57 model in LLVM 14-19 (one load pipe);
 `neoverse-n1` has its own model from LLVM 18 (two load pipes).  The figures name the model llvm-mca used.
 
-    python benchmarks/kernel_dense_arm_mca.py                       # fixture fc1 + DeiT-S fc1, W4/A4 and W8/A8
-    python benchmarks/kernel_dense_arm_mca.py --llvm-mca llvm-mca-19 --shapes 197x384x1536 --bits 6,6
+    python benchmarks/kernel_dense_arm_mca.py           # fixture fc1 + DeiT-S fc1 (W4/A4, W8/A8), their q @ kT
+    python benchmarks/kernel_dense_arm_mca.py --llvm-mca llvm-mca-19 --shapes 197x384x1536 --bits 6,6 --qk-shapes
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import subprocess
 import tempfile
 
 SHAPES = [(65, 512, 128), (197, 1536, 384)]  # ViT fixture fc1, DeiT-Small fc1 (tokens, out, in)
+QK_SHAPES = [(4, 65, 65, 32), (6, 197, 197, 64)]  # q @ kT, ViT fixture and DeiT-Small (heads, tokens, tokens, head dim)
 CPUS = ("cortex-a76", "neoverse-n1")
 SDOT_PEAK = 32
 OBJDUMP = "aarch64-linux-gnu-objdump"
@@ -80,9 +87,14 @@ def function_disassembly(so: str, name: str) -> str:
     raise SystemExit(f"no compute function matching {name} in {so}")
 
 
+def _mc_operands(args: str) -> str:
+    """objdump operands as llvm-mc reads them: no "<symbol+offset>" notes, a bare hex address (adrp) as 0x..."""
+    return re.sub(r"\b([0-9a-f]+) <[^>]*>$", r"0x\1", args)
+
+
 def mca(loop: list[tuple[str, str]], cpu: str, llvm_mca: str) -> tuple[float, str]:
     """(cycles per iteration, scheduling model) of the loop body on `cpu`."""
-    src = "\n".join(f"{op} {args}" for op, args in loop)
+    src = "\n".join(f"{op} {_mc_operands(args)}" for op, args in loop)
     out = subprocess.run([llvm_mca, "-mtriple=aarch64", f"-mcpu={cpu}", "-iterations=200"], input=src,
                          capture_output=True, text=True, check=True).stdout
     cycles = int(re.search(r"Total Cycles:\s+(\d+)", out).group(1)) / 200
@@ -100,7 +112,7 @@ def estimate(so: str, name: str, cpus, llvm_mca: str) -> dict:
     for o, _ in loop:
         ops[o] = ops.get(o, 0) + 1
     row = {"instructions": len(loop), "macs": macs, "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:6]),
-           "spills": sum("[sp" in a for _, a in loop), "cpus": {}}
+           "spills": sum("[sp" in a for _, a in loop), "converts": ops.get("scvtf", 0), "cpus": {}}
     for cpu in cpus:
         cycles, model = mca(loop, cpu, llvm_mca)
         row["cpus"][cpu] = {"cycles_per_iter": cycles, "macs_per_cycle": round(macs / cycles, 2),
@@ -119,6 +131,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", help="MxNxK (default: 65x512x128 197x1536x384)")
     ap.add_argument("--bits", nargs="*", default=["4,4", "8,8"], help="bits_a,bits_w pairs (default 4,4 8,8)")
+    ap.add_argument("--qk-shapes", nargs="*", help="q @ kT BtxMxNxD (default: 4x65x65x32 6x197x197x64; "
+                    "the flag alone: none)")
     ap.add_argument("--presets", nargs="*", default=["aarch64-neon-dotprod", "aarch64-neon"])
     ap.add_argument("--cpus", nargs="*", default=list(CPUS))
     ap.add_argument("--llvm-mca", default=None, help="llvm-mca binary (default: the newest on PATH)")
@@ -128,10 +142,12 @@ def main() -> None:
     version = subprocess.run([llvm_mca, "--version"], capture_output=True, text=True).stdout
     version = re.search(r"LLVM version ([\d.]+)", version).group(1)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    qk_shapes = QK_SHAPES if args.qk_shapes is None else [tuple(map(int, s.split("x"))) for s in args.qk_shapes]
 
     import tvm
 
     from repq_tvm import targets
+    from repq_tvm.kernels import qbmm as QK
     from repq_tvm.kernels import qdense as Q
 
     rows = []
@@ -146,7 +162,8 @@ def main() -> None:
                                             epilogue=True)
                     so = os.path.join(tmp, f"k{len(rows)}.so")
                     kernel.executable.export_library(so, fcompile=fcompile)
-                    row = {"preset": preset_name, "shape": f"{M}x{N}x{K}", "bits": f"W{bits_w}/A{bits_a}",
+                    row = {"preset": preset_name, "kernel": "dense", "shape": f"{M}x{N}x{K}",
+                           "bits": f"W{bits_w}/A{bits_a}",
                            "variant": kernel.variant.name, "tiles": list(kernel.tiles),
                            "compensated": kernel.compensate, "llvm_mca": version,
                            **estimate(so, "main", args.cpus, llvm_mca)}
@@ -157,6 +174,22 @@ def main() -> None:
                           f"tiles {tuple(kernel.tiles)}: loop of {row['instructions']} instr "
                           f"({', '.join(f'{k} {v}' for k, v in row['ops'].items())}), {row['macs']} MACs, "
                           f"{row['spills']} stack refs -> MACs/cycle {figures}  [peak {SDOT_PEAK}]", flush=True)
+            for Bt, M, N, D in qk_shapes:
+                kernel = QK.QBmm(Bt, M, N, D, targets.tvm_target(preset))
+                so = os.path.join(tmp, f"k{len(rows)}.so")
+                kernel.executable.export_library(so, fcompile=fcompile)
+                tiles = QK.default_tiles(M, kernel.variant, N, D) if kernel.variant == "neon_sdot" else None
+                row = {"preset": preset_name, "kernel": "q@kT", "shape": f"{Bt}x{M}x{N}x{D}",
+                       "variant": kernel.variant, "tiles": list(tiles or QK.default_tiles(M, kernel.variant)),
+                       "order": QK.sdot_order(D) if tiles else None, "llvm_mca": version,
+                       **estimate(so, "main", args.cpus, llvm_mca)}
+                rows.append(row)
+                figures = ", ".join(f"{cpu} {r['macs_per_cycle']:.1f} ({r['model']} model)"
+                                    for cpu, r in row["cpus"].items())
+                print(f"{preset_name:22s} q@kT {row['shape']:>13s} {row['variant']:9s} tiles {tuple(row['tiles'])} "
+                      f"{row['order'] or ''}: loop of {row['instructions']} instr "
+                      f"({', '.join(f'{k} {v}' for k, v in row['ops'].items())}), {row['macs']} MACs, "
+                      f"{row['converts']} converts, {row['spills']} stack refs -> MACs/cycle {figures}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"llvm_mca": version, "sdot_peak": SDOT_PEAK, "rows": rows}, f, indent=1)
