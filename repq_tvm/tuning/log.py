@@ -68,8 +68,9 @@ class TuningLog:
         self.dir, self.manifest = log_dir, manifest
 
     @classmethod
-    def open(cls, log_dir: str, expected: dict | None = None) -> TuningLog:
-        """Read and check ``log_dir``; ``expected`` (`workload_key`) must match what it was tuned for."""
+    def open(cls, log_dir: str, expected: dict | None = None, check_hashes: bool = True) -> TuningLog:
+        """Read and check ``log_dir``; ``expected`` (`workload_key`) must match what it was tuned for;
+        ``check_hashes`` False skips the accepted files (`tune` rewrites them when it resumes)."""
         path = os.path.join(log_dir, MANIFEST)
         if not os.path.isdir(log_dir):
             raise ReqError(f"tuning log {log_dir} is not a folder")
@@ -82,10 +83,10 @@ class TuningLog:
             raise ReqError(f"tuning log {path} is unreadable or not JSON: {exc}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "key" not in manifest:
             raise ReqError(f"tuning log {path} is not a format-{FORMAT} repq-tvm tuning manifest")
-        for name in ACCEPTED:
+        for name in ACCEPTED if check_hashes else ():
             if not os.path.isfile(os.path.join(log_dir, name)):
                 raise ReqError(f"tuning log {log_dir} lacks {name}")
-        if accepted_hashes(log_dir) != manifest.get("sha256"):
+        if check_hashes and accepted_hashes(log_dir) != manifest.get("sha256"):
             raise ReqError(f"tuning log {log_dir}: the accepted kernel database changed since tuning "
                            "(SHA-256 differs from tuning.json); re-run `repq-tvm tune`")
         log = cls(log_dir, manifest)

@@ -44,25 +44,24 @@ class InProcessBuilder(PyBuilder):
         return path
 
     def build(self, build_inputs):
-        from tvm.driver import build as tvm_build
 
         results = []
         for item in build_inputs:
             try:
-                results.append(BuilderResult(self._export(tvm_build(item.mod, target=item.target)), None))
+                results.append(BuilderResult(self._export(tvm.tirx.build(item.mod, target=item.target)), None))
             except Exception as exc:  # noqa: BLE001 - a candidate that fails to build is a failed trial
                 results.append(BuilderResult(None, f"build failed: {exc}"))
         return results
 
 
-def light_intrinsic_registry() -> None:
-    """Register only TVM's CPU tensor intrinsics (x86, Arm), not the whole registry.
+def light_intrinsic_registry(arch: str) -> None:
+    """Register only TVM's tensor intrinsics for ``arch`` ("x86_64" or "aarch64"), not the whole registry.
 
     `ms.TuneContext` imports `tvm.s_tir.tensor_intrin`, whose package import parses every intrinsic of
     every backend (CUDA, ROCm, Hexagon, ...) from TVMScript: ~30 s in a process that has torch loaded
     (TVMScript's parser walks `inspect.stack()`, which scans all loaded modules), once per `tune` run and,
-    with MetaSchedule's `LocalBuilder`, in every worker of every batch.  The CPU rules need only the x86 and
-    Arm ones (~3 s): the package is entered without running its ``__init__``.
+    with MetaSchedule's `LocalBuilder`, in every worker of every batch.  The CPU rules of a target look up
+    only their own architecture's intrinsics: the package is entered without running its ``__init__``.
     """
     import sys
     import types
@@ -74,8 +73,10 @@ def light_intrinsic_registry() -> None:
         stub = types.ModuleType(name)
         stub.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
         sys.modules[name] = stub
-    import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
-    import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+    if arch == "aarch64":
+        import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
+    else:
+        import tvm.s_tir.tensor_intrin.x86  # noqa: F401
 
 
 EVALUATOR = ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)

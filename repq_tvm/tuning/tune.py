@@ -45,10 +45,18 @@ REMEASURE_ROUNDS = 3
 
 
 def plan_trials(shares: list[float], budget: int) -> list[int]:
-    """Trials per task: proportional to its share of the run time, at least `MIN_TRIALS` for tasks with
-    a share of at least `MIN_SHARE`, none below it."""
-    total = sum(s for s in shares if s >= MIN_SHARE) or 1.0
-    return [max(MIN_TRIALS, round(budget * s / total)) if s >= MIN_SHARE else 0 for s in shares]
+    """Trials per task: the budget in proportion to each task's share of the run time, at least `MIN_TRIALS`
+    a task, largest shares first until the budget is spent; tasks under `MIN_SHARE` get none."""
+    plan = [0] * len(shares)
+    order = sorted((i for i, s in enumerate(shares) if s >= MIN_SHARE), key=lambda i: -shares[i])
+    total = sum(shares[i] for i in order) or 1.0
+    left = budget
+    for i in order:
+        n = min(left, max(MIN_TRIALS, round(budget * shares[i] / total)))
+        if n <= 0:
+            break
+        plan[i], left = n, left - n
+    return plan
 
 
 def _space(task: Task):
@@ -160,7 +168,7 @@ def _choose(task: Task, target, search_db, builder, runner, default_s: float):
 
 
 def tune(calibrated_model, target: str = "host", trials: int = 200, output: str | None = None, batch: int = 1,
-         rpc: dict | None = None, progress=print, seed: int = 0) -> dict:
+         rpc: dict | None = None, progress=print, seed: int = 1) -> dict:
     """Tune a calibrated model (`.repq` path or `CalibratedModel`) for a preset and batch size; returns the
     tuning manifest.  ``rpc`` = {"tracker": "HOST:PORT", "key": KEY, "timeout": s} measures on a board."""
     from .. import calibrated, targets
@@ -174,15 +182,18 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
     key = log_mod.workload_key(cm.arch["name"], cm.config.w_bits, cm.config.a_bits, batch, preset)
     output = output or os.path.join("tuning_logs", log_mod.default_name(key))
     manifest_path = os.path.join(output, log_mod.MANIFEST)
+    previous = {}
     if os.path.exists(manifest_path):  # resuming: the log must be for the same workload
-        log_mod.TuningLog(output, json.load(open(manifest_path))).check(key)
+        old = log_mod.TuningLog.open(output, key, check_hashes=False).manifest
+        if old.get("trials_budget") == trials:  # same budget: the same plan, searched tasks stay done
+            previous = {r["kernel"]: r for r in old.get("kernels", [])}
     os.makedirs(os.path.join(output, log_mod.SEARCH), exist_ok=True)
 
     t_start = time.time()
     progress(f"lowering {cm.arch['name']} W{cm.config.w_bits}/A{cm.config.a_bits} for {preset['name']}")
     mod, tvm_target, _ = lower_to_kernels(cm.model, shape, preset, progress=lambda msg: None)
     task_list = extract(mod, tvm_target)
-    measure.light_intrinsic_registry()
+    measure.light_intrinsic_registry(targets.target_arch(tvm_target))
     builder = measure.builder_for(preset, remote=rpc is not None)
     runner = measure.make_runner(preset, rpc)
     if rpc is None:  # measured here: code this CPU cannot run would kill the runner (SIGILL)
@@ -194,6 +205,9 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
     total = sum(d * t.calls for d, t, ok in zip(defaults, task_list, timed) if ok)
     shares = [d * t.calls / total if ok else 0.0 for d, t, ok in zip(defaults, task_list, timed)]
     plan = plan_trials(shares, trials)
+    for i, task in enumerate(task_list):  # a resumed run keeps its first plan (shares are re-measured, noisy)
+        if task.name in previous:
+            plan[i] = previous[task.name]["planned"]
 
     search_db = JSONDatabase(path_workload=os.path.join(output, log_mod.SEARCH, "database_workload.json"),
                              path_tuning_record=os.path.join(output, log_mod.SEARCH, "database_tuning_record.json"),
@@ -204,19 +218,22 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
             os.remove(path)
     accepted_db = log_mod.open_accepted(output)
     ms_logs = tempfile.mkdtemp(prefix="repq-ms-logs-")
-    rows, ran = [], 0
+    rows, ran, search_s = [], 0, 0.0
     order = sorted(range(len(task_list)), key=lambda i: -shares[i])
     for n, i in enumerate(order, 1):
         task, planned = task_list[i], plan[i]
         label = f"[{n}/{len(task_list)}] {task.name}"
         done = _trials_done(search_db, task)
         t0 = time.time()
-        if planned > done:
+        exhausted = previous.get(task.name, {}).get("exhausted", False)
+        if planned > done and not exhausted:
             progress(f"{label}: {shares[i]:.1%} of the run time, {planned - done} trials"
                      + (f" ({done} already in the log)" if done else ""))
             _search(task, planned - done, tvm_target, search_db, builder, runner, ms_logs, seed + i,
                     _Progress(label, planned, done, defaults[i], progress))
-            ran += _trials_done(search_db, task) - done
+            now = _trials_done(search_db, task)
+            ran, exhausted = ran + now - done, now < planned  # the search found no more distinct candidates
+            search_s += time.time() - t0
         if not timed[i]:
             record, info = None, {"verdict": "default kept: its default could not be timed on random inputs"}
         elif not planned:
@@ -231,14 +248,16 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
                  + (f", {info['default_ms']:.3f} -> {info['tuned_ms']:.3f} ms" if "tuned_ms" in info else ""))
         rows.append({"kernel": task.name, "kind": task.spec["kind"] if task.spec else "float", "calls": task.calls,
                      "default_ms_untuned_timing": round(defaults[i] * 1e3, 4) if timed[i] else None,
-                     "share": round(shares[i], 4), "trials": _trials_done(search_db, task),
+                     "share": round(shares[i], 4), "planned": planned, "trials": _trials_done(search_db, task),
+                     "exhausted": exhausted,
                      "search_seconds": round(time.time() - t0, 1), **info})
     shutil.rmtree(ms_logs, ignore_errors=True)
     minutes = (time.time() - t_start) / 60
     manifest = {
         "format": log_mod.FORMAT, "key": key, "tvm": tvm.__version__, "trials_budget": trials,
         "trials_this_run": ran, "minutes_this_run": round(minutes, 2),
-        "trials_per_minute": round(ran / minutes, 1) if ran else None,
+        "search_minutes_this_run": round(search_s / 60, 2),
+        "trials_per_minute": round(ran / (search_s / 60), 1) if ran else None,
         "where": "rpc" if rpc else "local", "kernels": rows,
         "accepted": sum(r["verdict"] == "accepted" for r in rows),
         "sha256": log_mod.accepted_hashes(output),

@@ -1,0 +1,215 @@
+"""MetaSchedule tuning: the integer kernels' design spaces, the check every tuned kernel passes, the trial plan,
+`tune` → `compile --tuning-log` on the ViT fixture (logits equal to the untuned artifact's) and every bad log.
+
+Tests hold on any x86 CPU: kernels for targets this CPU cannot run (VNNI on an AVX2 host, aarch64 sdot) are
+checked through their plain-loop intrinsic twins, as `verify` does for a board.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from tvm.s_tir import Schedule
+from tvm.script import tirx as T
+
+from repq_tvm.cli import main
+from repq_tvm.deploy.runtime import Runner
+from repq_tvm.kernels import qdense as qd
+from repq_tvm.tuning import log as log_mod
+from repq_tvm.tuning import spaces, verify
+from repq_tvm.tuning import tune as tune_mod
+
+TARGETS = {"vnni": qd.X86_VNNI_TARGET, "avx2_u8s8": qd.X86_AVX2_TARGET, "avx2_i16": qd.X86_AVX2_TARGET,
+           "neon_sdot": qd.AARCH64_TARGET}
+SPECS = [  # (M, N, K, variant, bits_a, bits_w): shapes of the fixtures and DeiT, ragged rows and columns
+    (65, 128, 128, "vnni", 4, 4),
+    (65, 384, 128, "vnni", 8, 8),  # compensated W8: row tiles outer only
+    (65, 128, 512, "avx2_u8s8", 4, 4),  # int16 pre-accumulation depths 1, 2, 4
+    (50, 72, 40, "avx2_i16", 8, 8),
+    (65, 128, 128, "neon_sdot", 8, 8),
+]
+
+
+def spec_of(M, N, K, variant, bits_a, bits_w) -> dict:
+    sch, *_ = qd.schedule_qdense(M, N, K, TARGETS[variant], bits_a=bits_a, bits_w=bits_w, variant=variant,
+                                 epilogue=True, ref=True)
+    return spaces.spec_of(sch.mod["main"])
+
+
+@pytest.mark.parametrize("shape", SPECS, ids=lambda s: f"{s[3]}-{s[0]}x{s[1]}x{s[2]}-a{s[4]}w{s[5]}")
+def test_sampled_qdense_candidates_match_their_definition_bit_for_bit(shape):
+    spec = spec_of(*shape)
+    definition = tvm.IRModule({"main": spaces.definition(spec)})
+    seen = set()
+    for seed in range(3):
+        candidates = spaces.design_spaces(Schedule(definition, seed=seed + 1))
+        assert len(candidates) >= 2
+        for sch in candidates[seed::4][:2]:  # a few structures per seed
+            rows = int(next(iter(sch.trace.decisions.values())))
+            seen.add((str(sch.trace).count("reorder"), rows))
+            assert verify.check(sch, definition, TARGETS[shape[3]], seed=seed) is None, str(sch.trace)
+    assert len(seen) > 1  # the decisions are really sampled
+
+
+def test_default_schedule_from_the_spec_is_the_hand_schedule():
+    sch, *_ = qd.schedule_qdense(197, 384, 384, qd.X86_VNNI_TARGET, bits_a=8, bits_w=8, epilogue=True, ref=True)
+    tvm.ir.assert_structural_equal(spaces.default_schedule(spaces.spec_of(sch.mod["main"]), ref=True).mod, sch.mod)
+
+
+def test_replay_swaps_intrinsics_both_ways():
+    spec = spec_of(65, 128, 128, "vnni", 4, 4)
+    native = spaces.default_schedule(spec)
+    twin = spaces.replay(spaces.definition(spec), native.trace, ref=True)
+    assert "repq_dot_16x4_vnni_ref" in str(twin.trace) and "vnni_ref" not in str(native.trace)
+    back = spaces.replay(spaces.definition(spec), twin.trace, ref=False)
+    tvm.ir.assert_structural_equal(back.mod, native.mod)
+
+
+@T.prim_func(s_tir=True)
+def _triple(A: T.Buffer((256,), "int32"), B: T.Buffer((256,), "int32")):
+    for i in range(256):
+        with T.sblock("b"):
+            vi = T.axis.spatial(256, i)
+            B[vi] = A[vi] * 3
+
+
+@T.prim_func(s_tir=True)
+def _triple_off_by_one(A: T.Buffer((256,), "int32"), B: T.Buffer((256,), "int32")):
+    for i in range(256):
+        with T.sblock("b"):
+            vi = T.axis.spatial(256, i)
+            B[vi] = A[vi] * 3 + T.if_then_else(vi == 7, 1, 0)
+
+
+@T.prim_func(s_tir=True)
+def _scale(A: T.Buffer((256,), "float32"), B: T.Buffer((256,), "float32")):
+    for i in range(256):
+        with T.sblock("b"):
+            vi = T.axis.spatial(256, i)
+            B[vi] = A[vi] * T.float32(3)
+
+
+@T.prim_func(s_tir=True)
+def _scale_wrong(A: T.Buffer((256,), "float32"), B: T.Buffer((256,), "float32")):
+    for i in range(256):
+        with T.sblock("b"):
+            vi = T.axis.spatial(256, i)
+            B[vi] = A[vi] * T.float32(3.01)
+
+
+def test_verify_rejects_wrong_kernels_by_message():
+    host = qd.host_target()
+    spec = json.dumps({"kind": "qdense", "bits_a": 8, "bits_w": 8})
+    exact = tvm.IRModule({"main": _triple.with_attr("repq.kernel", spec)})
+    wrong = Schedule(tvm.IRModule({"main": _triple_off_by_one.with_attr("repq.kernel", spec)}))
+    assert verify.check(Schedule(exact), exact, host) is None
+    assert verify.check(wrong, exact, host) == "1 of 256 outputs differ from the definition (max 1)"
+    # a float kernel: within float32 reordering error passes, a wrong constant does not
+    floats = tvm.IRModule({"main": _scale})
+    assert verify.check(Schedule(floats), floats, host) is None
+    problem = verify.check(Schedule(tvm.IRModule({"main": _scale_wrong})), floats, host)
+    assert problem.startswith("max error ") and "against the definition" in problem
+
+
+def test_trial_plan_follows_the_run_time_share_within_the_budget():
+    assert tune_mod.plan_trials([0.5, 0.3, 0.15, 0.05, 0.001], 100) == [50, 30, 15, 5, 0]
+    # small budgets: at least MIN_TRIALS a task, largest shares first, never past the budget
+    assert tune_mod.plan_trials([0.5, 0.3, 0.2], 10) == [8, 2, 0]
+    assert sum(tune_mod.plan_trials([0.2] * 5, 23)) == 23
+
+
+# --- tune → compile --tuning-log on the ViT fixture ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tuned(vit_host_build, tmp_path_factory, monkeypatch_module):
+    """A tuning log of the ViT fixture (16 trials), every verified candidate accepted (speed alone depends on the
+    machine's noise; here the log must hold kernels so that compile applies them), and its tuned artifact."""
+    cal, art = vit_host_build
+    root = tmp_path_factory.mktemp("tuned")
+    log_dir, tuned_art = str(root / "log"), str(root / "art")
+    monkeypatch_module.setattr(tune_mod, "MARGIN", -1e9)
+    assert main(["tune", cal, "--trials", "16", "-o", log_dir, "--quiet", "--json"]) == 0
+    assert main(["compile", cal, "-o", tuned_art, "--tuning-log", log_dir, "--quiet"]) == 0
+    return cal, art, log_dir, tuned_art
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_tuned_artifact_matches_the_untuned_one(tuned):
+    cal, art, log_dir, tuned_art = tuned
+    manifest = json.load(open(os.path.join(log_dir, "tuning.json")))
+    accepted = [r for r in manifest["kernels"] if r["verdict"] == "accepted"]
+    assert accepted and sum(r["trials"] for r in manifest["kernels"]) >= 16
+    assert manifest["key"]["model"] == "vit_cifar10" and manifest["trials_per_minute"] > 0
+    compiled = json.load(open(os.path.join(tuned_art, "manifest.json")))["compile"]
+    assert compiled["tuning_log"]["tuned_kernels"] >= len(accepted)
+    assert compiled["tuning_log"]["sha256"] == log_mod.TuningLog.open(log_dir).sha256
+    a, b = Runner(art), Runner(tuned_art)
+    x = np.random.default_rng(1).standard_normal((4, *a.input_shape[1:])).astype(np.float32)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(a(x[i: i + 1]), b(x[i: i + 1]))
+
+
+def test_a_rerun_resumes_from_the_search_database(tuned, capsys):
+    cal, _, log_dir, _ = tuned
+    before = json.load(open(os.path.join(log_dir, "tuning.json")))
+    assert main(["tune", cal, "--trials", "16", "-o", log_dir, "--json"]) == 0
+    out, err = capsys.readouterr()
+    after = json.loads(out)
+    assert after["trials_this_run"] == 0  # the budget was spent (or the spaces exhausted): nothing to search
+    trials = lambda m: {r["kernel"]: r["trials"] for r in m["kernels"]}  # noqa: E731 (rows are in share order)
+    assert trials(after) == trials(before)
+
+
+def _copy(log_dir, tmp_path) -> str:
+    dst = str(tmp_path / "log")
+    shutil.copytree(log_dir, dst)
+    return dst
+
+
+def _one_error(capsys, argv, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("repq-tvm: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_bad_tuning_logs_are_one_line_errors(tuned, tmp_path, capsys):
+    cal, _, log_dir, _ = tuned
+    out = str(tmp_path / "art")
+    _one_error(capsys, ["compile", cal, "-o", out, "--tuning-log", str(tmp_path / "nope")], "is not a folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_error(capsys, ["compile", cal, "-o", out, "--tuning-log", str(empty)], "has no tuning.json")
+    corrupt = _copy(log_dir, tmp_path / "c")
+    with open(os.path.join(corrupt, "database_tuning_record.json"), "a") as f:
+        f.write("[0, garbage]\n")
+    _one_error(capsys, ["compile", cal, "-o", out, "--tuning-log", corrupt], "changed since tuning")
+    other = _copy(log_dir, tmp_path / "o")
+    path = os.path.join(other, "tuning.json")
+    manifest = json.load(open(path))
+    manifest["key"]["w_bits"] = 8
+    json.dump(manifest, open(path, "w"))
+    _one_error(capsys, ["compile", cal, "-o", out, "--tuning-log", other], "made for w_bits 8", "for 4")
+    with open(path, "w") as f:
+        f.write("{not json")
+    _one_error(capsys, ["compile", cal, "-o", out, "--tuning-log", other], "not JSON")
+    other_target = "x86_64-avx2" if manifest["key"]["target"] != "x86_64-avx2" else "x86_64-avx512-vnni"
+    _one_error(capsys, ["compile", cal, "-o", out, "--target", other_target, "--tuning-log", log_dir],
+               "made for target")
+    assert not os.path.exists(out)
+
+
+def test_bad_tune_arguments_are_one_line_errors(vit_host_build, tmp_path, capsys):
+    cal, _ = vit_host_build
+    _one_error(capsys, ["tune", cal, "--target", "no-such-preset", "-o", str(tmp_path / "l")], "no-such-preset")
+    _one_error(capsys, ["tune", cal, "--rpc", "127.0.0.1:9", "-o", str(tmp_path / "l")], "through a tracker")
+    _one_error(capsys, ["tune", cal, "--rpc-tracker", "127.0.0.1:9", "-o", str(tmp_path / "l")], "--rpc-key")
+    _one_error(capsys, ["tune", cal, "--trials", "0"], "--trials")
