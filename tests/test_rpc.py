@@ -203,8 +203,23 @@ def test_remote_threads_shrink_and_refuse_to_grow(loopback):
 
 
 # --- no board: one line, within the time-out -----------------------------------------------------
-def test_unreachable_tracker_or_server_fails_at_once(loopback, capsys):
+def test_tune_over_the_tracker_times_the_trials_on_the_board(loopback, capsys, tmp_path):
+    """MetaSchedule's RPC runner measures every trial on a board of the key (here the loopback server)."""
+    code, out, err, _ = run_cli(capsys, ["tune", loopback.cal, "--trials", "8", "-o", str(tmp_path / "log"),
+                                         "--rpc-tracker", loopback.tracker, "--rpc-key", KEY, "--json", "--quiet"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["where"] == "rpc" and result["trials_this_run"] >= 1
+    assert sum(r["trials"] for r in result["kernels"]) == result["trials_this_run"]
+    loopback.services.wait(key_is_free(loopback.tracker, KEY), "the server back at the tracker", START_SECONDS)
+
+
+def test_unreachable_tracker_or_server_fails_at_once(loopback, capsys, tmp_path):
     closed = free_port()
+    code, _, err, took = run_cli(capsys, ["tune", loopback.cal, "-o", str(tmp_path / "log"), "--rpc-tracker",
+                                          f"127.0.0.1:{closed}", "--rpc-key", KEY, "--rpc-timeout", "5"])
+    assert_one_error(code, err, f"cannot reach the RPC tracker at 127.0.0.1:{closed}: Connection refused")
+    assert took < 10
     code, _, err, took = run_cli(capsys, ["profile", loopback.art, "--rpc-tracker", f"127.0.0.1:{closed}",
                                           "--rpc-key", KEY, "--rpc-timeout", "5"])
     assert_one_error(code, err, f"cannot reach the RPC tracker at 127.0.0.1:{closed}: Connection refused",

@@ -15,8 +15,10 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
+from repq_tvm import data, models
 from repq_tvm.cli import main
 from repq_tvm.deploy.runtime import Runner
+from repq_tvm.evaluate import load_batch, make_transform
 from repq_tvm.kernels import qdense as qd
 from repq_tvm.tuning import log as log_mod
 from repq_tvm.tuning import spaces, verify
@@ -150,10 +152,16 @@ def test_tuned_artifact_matches_the_untuned_one(tuned):
     compiled = json.load(open(os.path.join(tuned_art, "manifest.json")))["compile"]
     assert compiled["tuning_log"]["tuned_kernels"] >= len(accepted)
     assert compiled["tuning_log"]["sha256"] == log_mod.TuningLog.open(log_dir).sha256
+    # integer kernels are bit-exact; a tuned float kernel (LayerNorm's sums in another order) may move a
+    # quantization code by one step: the logits agree to a small fraction of their range, the classes exactly
     a, b = Runner(art), Runner(tuned_art)
-    x = np.random.default_rng(1).standard_normal((4, *a.input_shape[1:])).astype(np.float32)
+    source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
+    x, _ = load_batch(source, np.linspace(0, len(source) - 1, 16).astype(int), make_transform(a.manifest["preprocessing"]))
+    x = x.numpy()
     for i in range(len(x)):
-        np.testing.assert_array_equal(a(x[i: i + 1]), b(x[i: i + 1]))
+        want, got = a(x[i: i + 1]), b(x[i: i + 1])
+        assert want.argmax() == got.argmax()
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max())
 
 
 def test_a_rerun_resumes_from_the_search_database(tuned, capsys):

@@ -46,7 +46,13 @@ def accepted_hashes(log_dir: str) -> dict[str, str]:
 
 
 def open_accepted(log_dir: str) -> JSONDatabase:
-    """The accepted-kernel database (created empty if missing)."""
+    """The accepted-kernel database (created empty if missing); its traces name our tensor intrinsics, which
+    must be registered before MetaSchedule parses them."""
+    from ..kernels.intrinsics_arm import register_intrinsics as register_arm
+    from ..kernels.intrinsics_x86 import register_intrinsics
+
+    register_intrinsics()
+    register_arm()
     return JSONDatabase(path_workload=os.path.join(log_dir, ACCEPTED[0]),
                         path_tuning_record=os.path.join(log_dir, ACCEPTED[1]), allow_missing=True)
 

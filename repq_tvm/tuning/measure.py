@@ -19,23 +19,26 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 
+from ..deploy import cross
+
 
 
 @derived_object
 class InProcessBuilder(PyBuilder):
-    """Builds every candidate in this process; ``cross_compiler`` links a .so for a remote board."""
+    """Builds every candidate in this process: a tar of objects for the local runner, or (``preset`` given,
+    for a board) a shared library linked by the preset's compiler (`deploy.cross`), as the board loads it."""
 
-    def __init__(self, cross_compiler: str | None = None):
+    def __init__(self, preset: dict | None = None):
         super().__init__()
-        self.cross_compiler = cross_compiler
+        self.preset = preset
+        if preset is not None:
+            cross.fcompile_for(preset)  # a missing cross compiler fails now, not at every trial
 
     def _export(self, rt_mod) -> str:
         folder = tempfile.mkdtemp(prefix="repq-cand-")  # MetaSchedule removes each artifact's folder
-        if self.cross_compiler:
-            from tvm.support import cc
-
+        if self.preset is not None:
             path = os.path.join(folder, "cand.so")
-            rt_mod.export_library(path, fcompile=cc.cross_compiler(self.cross_compiler))
+            rt_mod.export_library(path, fcompile=cross.fcompile_for(self.preset))  # fresh: TVM's cc keeps options
         else:
             from tvm.support.tar import tar
 
@@ -44,7 +47,6 @@ class InProcessBuilder(PyBuilder):
         return path
 
     def build(self, build_inputs):
-
         results = []
         for item in build_inputs:
             try:
@@ -107,5 +109,4 @@ def make_runner(preset: dict, rpc: dict | None = None, timeout_sec: float = 60.0
 
 
 def builder_for(preset: dict, remote: bool) -> InProcessBuilder:
-    """Local candidates are tars of objects; a board gets a .so from the preset's (cross) compiler."""
-    return InProcessBuilder(preset.get("cross_compiler") if remote else None)
+    return InProcessBuilder(preset if remote else None)

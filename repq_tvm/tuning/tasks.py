@@ -70,12 +70,31 @@ def group_key(definition: tvm.IRModule) -> int:
     return tvm_ffi.structural_hash(func)
 
 
+def _is_load(x) -> bool:
+    return type(x).__name__ in ("BufferLoad", "TensorLoad")
+
+
+def indirect_loads(func: tvm.tirx.PrimFunc) -> bool:
+    """True if the kernel indexes a buffer by values it loads (e.g. `take` of the class / position tokens):
+    on random inputs it reads out of bounds, which kills the process that times it (and a board's RPC server)."""
+    found = []
+
+    def visit(x):
+        if _is_load(x):
+            for index in x.indices:
+                tvm_ffi.structural_walk(index, lambda y: found.append(y) if _is_load(y) else None)
+
+    tvm_ffi.structural_walk(func.body, visit)
+    return bool(found)
+
+
 def tunable(func: tvm.tirx.PrimFunc) -> bool:
-    """Integer kernels with a spec and float kernels not yet scheduled; hand kernels without a spec (the fused
-    softmax → log√2 weights, q @ kᵀ, attn @ V) keep their schedule."""
+    """Integer kernels with a spec and float kernels not yet scheduled, except those with data-dependent
+    indexing (`indirect_loads`); hand kernels without a spec (the fused softmax → log√2 weights, q @ kᵀ,
+    attn @ V) keep their schedule."""
     if spaces.spec_of(func) is not None:
         return True
-    return func.attrs is None or SCHEDULED not in func.attrs
+    return (func.attrs is None or SCHEDULED not in func.attrs) and not indirect_loads(func)
 
 
 def extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[Task]:

@@ -190,14 +190,15 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
     os.makedirs(os.path.join(output, log_mod.SEARCH), exist_ok=True)
 
     t_start = time.time()
+    tvm_target = targets.tvm_target(preset)
+    if rpc is None:  # measured here: code this CPU cannot run would kill the runner (SIGILL)
+        targets.check_runnable(tvm_target, "kernels tuned on this machine (tune for a board with --rpc-tracker)")
+    builder = measure.builder_for(preset, remote=rpc is not None)  # a missing cross compiler fails here
+    runner = measure.make_runner(preset, rpc)  # so do an unreachable tracker and an unfit board
+    measure.light_intrinsic_registry(targets.target_arch(tvm_target))
     progress(f"lowering {cm.arch['name']} W{cm.config.w_bits}/A{cm.config.a_bits} for {preset['name']}")
     mod, tvm_target, _ = lower_to_kernels(cm.model, shape, preset, progress=lambda msg: None)
     task_list = extract(mod, tvm_target)
-    measure.light_intrinsic_registry(targets.target_arch(tvm_target))
-    builder = measure.builder_for(preset, remote=rpc is not None)
-    runner = measure.make_runner(preset, rpc)
-    if rpc is None:  # measured here: code this CPU cannot run would kill the runner (SIGILL)
-        targets.check_runnable(tvm_target, "kernels tuned on this machine (tune for a board with --rpc-tracker)")
 
     progress(f"timing the defaults of {len(task_list)} kernels")
     defaults = time_schedules([t.default for t in task_list], tvm_target, builder, runner)
@@ -235,9 +236,10 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
             ran, exhausted = ran + now - done, now < planned  # the search found no more distinct candidates
             search_s += time.time() - t0
         if not timed[i]:
-            record, info = None, {"verdict": "default kept: its default could not be timed on random inputs"}
+            record, info = None, {"verdict": "default kept: its default failed to build or run"}
         elif not planned:
-            record, info = None, {"verdict": f"default kept: under {MIN_SHARE:.0%} of the run time"}
+            why = f"under {MIN_SHARE:.0%} of the run time" if shares[i] < MIN_SHARE else "no trials left in the budget"
+            record, info = None, {"verdict": f"default kept: {why}"}
         else:
             record, info = _choose(task, tvm_target, search_db, builder, runner, defaults[i])
         if record is not None:
