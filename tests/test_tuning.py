@@ -21,7 +21,7 @@ from repq_tvm.deploy.runtime import Runner
 from repq_tvm.evaluate import load_batch, make_transform
 from repq_tvm.kernels import qdense as qd
 from repq_tvm.tuning import log as log_mod
-from repq_tvm.tuning import spaces, verify
+from repq_tvm.tuning import spaces, tasks, verify
 from repq_tvm.tuning import tune as tune_mod
 
 TARGETS = {"vnni": qd.X86_VNNI_TARGET, "avx2_u8s8": qd.X86_AVX2_TARGET, "avx2_i16": qd.X86_AVX2_TARGET,
@@ -61,6 +61,14 @@ def test_default_schedule_from_the_spec_is_the_hand_schedule():
     tvm.ir.assert_structural_equal(spaces.default_schedule(spaces.spec_of(sch.mod["main"]), ref=True).mod, sch.mod)
 
 
+def test_only_kernels_with_a_search_space_are_tuned():
+    fallback, *_ = qd.schedule_qdense(65, 128, 128, qd.AARCH64_NEON_TARGET, bits_a=8, bits_w=8, epilogue=True)
+    vnni, *_ = qd.schedule_qdense(65, 128, 128, qd.X86_VNNI_TARGET, bits_a=8, bits_w=8, epilogue=True, ref=True)
+    assert spaces.spec_of(fallback.mod["main"])["variant"] == "fallback"
+    assert not tasks.tunable(fallback.mod["main"]) and tasks.tunable(vnni.mod["main"])
+    assert not tasks.tunable(_take) and tasks.tunable(_scale)  # data-dependent indexing: not timed on random data
+
+
 def test_replay_swaps_intrinsics_both_ways():
     spec = spec_of(65, 128, 128, "vnni", 4, 4)
     native = spaces.default_schedule(spec)
@@ -84,6 +92,14 @@ def _triple_off_by_one(A: T.Buffer((256,), "int32"), B: T.Buffer((256,), "int32"
         with T.sblock("b"):
             vi = T.axis.spatial(256, i)
             B[vi] = A[vi] * 3 + T.if_then_else(vi == 7, 1, 0)
+
+
+@T.prim_func(s_tir=True)
+def _take(A: T.Buffer((10,), "float32"), I: T.Buffer((4,), "int64"), B: T.Buffer((4,), "float32")):
+    for i in range(4):
+        with T.sblock("b"):
+            vi = T.axis.spatial(4, i)
+            B[vi] = A[I[vi]]
 
 
 @T.prim_func(s_tir=True)

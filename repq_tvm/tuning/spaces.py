@@ -53,6 +53,11 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     return _kind(spec).default(spec, ref)
 
 
+def searchable(spec: dict) -> bool:
+    """Whether the kernel of this spec has a search space (else it keeps its hand schedule)."""
+    return _kind(spec).searchable(spec)
+
+
 def design_spaces(sch: Schedule) -> list[Schedule]:
     """The ScheduleFn of `tuning.tasks`: ``sch`` holds a definition; one traced schedule per structure."""
     spec = spec_of(sch.mod["main"])
@@ -93,12 +98,14 @@ class _QDense:
                 for order, parallel in structures:
                     s = sch.copy()
                     mi = s.sample_categorical(rows, [1 / len(rows)] * len(rows))
-                    if v.tensorized:
-                        qd.apply_tensorized(s, v, mi, nbi, depth, False, spec["compensate"], order, parallel)
-                    elif depth == 1:
-                        continue  # the fallback is not tuned: plain loops, no intrinsic (any-CPU path)
+                    qd.apply_tensorized(s, v, mi, nbi, depth, False, spec["compensate"], order, parallel)
                     out.append(s)
         return out
+
+    @staticmethod
+    def searchable(spec: dict) -> bool:
+        """The plain-loop fallback (aarch64 without dotprod) has no intrinsic core to tile around: not searched."""
+        return qd.VARIANTS[spec["variant"]].tensorized
 
 
 def replay(func: tvm.tirx.PrimFunc, trace, ref: bool) -> Schedule:

@@ -92,8 +92,9 @@ def tunable(func: tvm.tirx.PrimFunc) -> bool:
     """Integer kernels with a spec and float kernels not yet scheduled, except those with data-dependent
     indexing (`indirect_loads`); hand kernels without a spec (the fused softmax → log√2 weights, q @ kᵀ,
     attn @ V) keep their schedule."""
-    if spaces.spec_of(func) is not None:
-        return True
+    spec = spaces.spec_of(func)
+    if spec is not None:
+        return spaces.searchable(spec)
     return (func.attrs is None or SCHEDULED not in func.attrs) and not indirect_loads(func)
 
 
