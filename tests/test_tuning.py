@@ -231,9 +231,20 @@ def test_bad_tuning_logs_are_one_line_errors(tuned, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_bad_tune_arguments_are_one_line_errors(vit_host_build, tmp_path, capsys):
+def test_bad_tune_arguments_are_one_line_errors(vit_host_build, tmp_path, capsys, monkeypatch):
     cal, _ = vit_host_build
     _one_error(capsys, ["tune", cal, "--target", "no-such-preset", "-o", str(tmp_path / "l")], "no-such-preset")
     _one_error(capsys, ["tune", cal, "--rpc", "127.0.0.1:9", "-o", str(tmp_path / "l")], "through a tracker")
     _one_error(capsys, ["tune", cal, "--rpc-tracker", "127.0.0.1:9", "-o", str(tmp_path / "l")], "--rpc-key")
     _one_error(capsys, ["tune", cal, "--trials", "0"], "--trials")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    _one_error(capsys, ["tune", cal, "--target", str(bad), "-o", str(tmp_path / "l")], "bad.json")
+    # before the model is even read (the .repq file need not exist):
+    absent = str(tmp_path / "absent.repq")
+    _one_error(capsys, ["tune", absent, "--target", "aarch64-neon-dotprod", "-o", str(tmp_path / "l")],
+               "cannot run", "--rpc-tracker")
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no aarch64-linux-gnu-gcc
+    _one_error(capsys, ["tune", absent, "--target", "aarch64-neon-dotprod", "-o", str(tmp_path / "l"),
+                        "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "rpi5"], "cross compiler aarch64-linux-gnu-gcc")
+    assert not os.path.exists(tmp_path / "l")

@@ -177,6 +177,13 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
     if trials < 1:
         raise ReqError(f"--trials must be positive, got {trials}")
     preset = targets.load(target)
+    t_start = time.time()
+    # where it measures is checked first, in a second: before the model loads or anything is compiled
+    tvm_target = targets.tvm_target(preset)
+    if rpc is None:  # measured here: code this CPU cannot run would kill the runner (SIGILL)
+        targets.check_runnable(tvm_target, "kernels tuned on this machine (tune for a board with --rpc-tracker)")
+    builder = measure.builder_for(preset, remote=rpc is not None)  # a missing cross compiler fails here
+    runner = measure.make_runner(preset, rpc)  # so do an unreachable tracker and an unfit board
     cm = calibrated.load(calibrated_model) if isinstance(calibrated_model, str) else calibrated_model
     shape = [batch, *cm.preprocessing["input_size"]]
     key = log_mod.workload_key(cm.arch["name"], cm.config.w_bits, cm.config.a_bits, batch, preset)
@@ -189,12 +196,6 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
             previous = {r["kernel"]: r for r in old.get("kernels", [])}
     os.makedirs(os.path.join(output, log_mod.SEARCH), exist_ok=True)
 
-    t_start = time.time()
-    tvm_target = targets.tvm_target(preset)
-    if rpc is None:  # measured here: code this CPU cannot run would kill the runner (SIGILL)
-        targets.check_runnable(tvm_target, "kernels tuned on this machine (tune for a board with --rpc-tracker)")
-    builder = measure.builder_for(preset, remote=rpc is not None)  # a missing cross compiler fails here
-    runner = measure.make_runner(preset, rpc)  # so do an unreachable tracker and an unfit board
     measure.light_intrinsic_registry(targets.target_arch(tvm_target))
     progress(f"lowering {cm.arch['name']} W{cm.config.w_bits}/A{cm.config.a_bits} for {preset['name']}")
     mod, tvm_target, _ = lower_to_kernels(cm.model, shape, preset, progress=lambda msg: None)
