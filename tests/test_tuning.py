@@ -19,7 +19,11 @@ from repq_tvm import data, models
 from repq_tvm.cli import main
 from repq_tvm.deploy.runtime import Runner
 from repq_tvm.evaluate import load_batch, make_transform
+from repq_tvm.kernels import attn_v as av
+from repq_tvm.kernels import qbmm as qb
 from repq_tvm.kernels import qdense as qd
+from repq_tvm.reference.ops import attn_frac_bits
+from repq_tvm.relax_util import scheduled_kernel
 from repq_tvm.tuning import log as log_mod
 from repq_tvm.tuning import spaces, tasks, verify
 from repq_tvm.tuning import tune as tune_mod
@@ -67,6 +71,85 @@ def test_only_kernels_with_a_search_space_are_tuned():
     assert spaces.spec_of(fallback.mod["main"])["variant"] == "fallback"
     assert not tasks.tunable(fallback.mod["main"]) and tasks.tunable(vnni.mod["main"])
     assert not tasks.tunable(_take) and tasks.tunable(_scale)  # data-dependent indexing: not timed on random data
+
+
+ATTN_V_TARGETS = {"vnni_i16": qd.X86_VNNI_TARGET, "avx2_i16": qd.X86_AVX2_TARGET, "fallback": qd.AARCH64_NEON_TARGET}
+ATTN_V_SHAPES = [  # (variant, Bt, M, N, D, parities, groups): DeiT-Small's heads and the ViT fixture's
+    ("vnni_i16", 6, 197, 197, 64, 2, 1),
+    ("vnni_i16", 4, 65, 65, 32, 1, 2),
+    ("avx2_i16", 6, 197, 197, 64, 1, 2),
+    ("avx2_i16", 4, 65, 65, 32, 2, 1),
+    ("vnni_i16", 4, 65, 65, 32, 2, 2),  # three planes
+]
+
+
+def attn_v_spec(variant, Bt, M, N, D, parities, groups) -> dict:
+    sch, _ = av.schedule_attn_v(Bt, M, N, D, ATTN_V_TARGETS[variant], parities=parities, groups=groups,
+                                f=attn_frac_bits(N, 8), variant=variant, ref=True)
+    return spaces.spec_of(sch.mod["main"])
+
+
+@pytest.mark.parametrize("shape", ATTN_V_SHAPES, ids=lambda s: f"{s[0]}-{'x'.join(map(str, s[1:5]))}-p{s[5]}g{s[6]}")
+def test_sampled_attn_v_candidates_match_their_definition_bit_for_bit(shape):
+    spec = attn_v_spec(*shape)
+    definition = tvm.IRModule({"main": spaces.definition(spec)})
+    seen = set()
+    for seed in range(2):
+        candidates = spaces.design_spaces(Schedule(definition, seed=seed + 1))
+        assert len(candidates) >= 2  # one per lane-block count
+        for sch in candidates[seed::2]:
+            rows = int(next(iter(sch.trace.decisions.values())))
+            seen.add(rows)
+            assert verify.check(sch, definition, ATTN_V_TARGETS[shape[0]], seed=seed) is None, str(sch.trace)
+    assert len(seen) > 1  # the decisions are really sampled
+
+
+@pytest.mark.parametrize("variant", list(ATTN_V_TARGETS))
+def test_attn_v_default_schedule_from_the_spec_is_the_emitted_kernel(variant):
+    for Bt, M, N, D, parities, groups in ((6, 197, 197, 64, 2, 1), (4, 65, 65, 32, 1, 2)):
+        f = attn_frac_bits(N, 8)
+        func, name = av.attn_v_primfunc(Bt, M, N, D, ATTN_V_TARGETS[variant], parities=parities, groups=groups, f=f)
+        spec = spaces.spec_of(func)
+        assert spec["kind"] == "attn_v" and spec["variant"] == variant
+        tvm.ir.assert_structural_equal(scheduled_kernel(spaces.default_schedule(spec), name), func)
+        assert tasks.tunable(func) == (variant != "fallback")
+
+
+QBMM_TARGETS = {"vnni": qd.X86_VNNI_TARGET, "avx2_i16": qd.X86_AVX2_TARGET, "fallback": qd.AARCH64_NEON_TARGET}
+QBMM_SHAPES = [  # (variant, Bt, M, N, D, k layout)
+    ("vnni", 6, 197, 197, 64, "nd"),
+    ("vnni", 4, 65, 65, 32, "dn"),
+    ("avx2_i16", 6, 197, 197, 64, "dn"),
+    ("avx2_i16", 4, 65, 65, 32, "nd"),
+]
+
+
+@pytest.mark.parametrize("shape", QBMM_SHAPES, ids=lambda s: f"{s[0]}-{'x'.join(map(str, s[1:5]))}-{s[5]}")
+def test_sampled_qbmm_candidates_match_their_definition_bit_for_bit(shape):
+    variant, Bt, M, N, D, layout = shape
+    sch, _ = qb.schedule_qbmm(Bt, M, N, D, QBMM_TARGETS[variant], b_layout=layout, variant=variant, ref=True)
+    spec = spaces.spec_of(sch.mod["main"])
+    definition = tvm.IRModule({"main": spaces.definition(spec)})
+    seen = set()
+    for seed in range(2):
+        candidates = spaces.design_spaces(Schedule(definition, seed=seed + 1))
+        assert len(candidates) >= 2  # one per lane-block count
+        for sch in candidates[seed::2]:
+            seen.add(int(next(iter(sch.trace.decisions.values()))))
+            assert verify.check(sch, definition, QBMM_TARGETS[variant], seed=seed) is None, str(sch.trace)
+    assert len(seen) > 1  # the decisions are really sampled
+
+
+@pytest.mark.parametrize("variant", list(QBMM_TARGETS))
+def test_qbmm_default_schedule_from_the_spec_is_the_emitted_kernel(variant):
+    for Bt, M, N, D, layout in ((6, 197, 197, 64, "dn"), (4, 65, 65, 32, "nd")):
+        func, name = qb.qbmm_primfunc(Bt, M, N, D, QBMM_TARGETS[variant], b_layout=layout)
+        spec = spaces.spec_of(func)
+        assert spec["kind"] == "qbmm" and spec["variant"] == variant
+        tvm.ir.assert_structural_equal(scheduled_kernel(spaces.default_schedule(spec), name), func)
+        assert tasks.tunable(func) == (variant != "fallback")
+    sdot, _ = qb.qbmm_primfunc(4, 65, 65, 32, qd.AARCH64_TARGET)
+    assert spaces.spec_of(sdot) is None and not tasks.tunable(sdot)  # the Arm sdot kernel keeps its schedule
 
 
 def test_replay_swaps_intrinsics_both_ways():

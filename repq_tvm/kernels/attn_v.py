@@ -35,6 +35,8 @@ parities of a tile and scales to float.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tvm
 from tvm import te
@@ -137,20 +139,30 @@ def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 
     return [W, V, zp, scale, out]
 
 
-def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = 2, groups: int = 1, f: int = 14,
-                    v_bits: int = 8, variant: str | None = None, tiles: tuple[int, int] | None = None,
-                    ref: bool = False, epilogue: bool = True) -> tuple[Schedule, str]:
-    """The scheduled kernel and its variant; ``ref`` swaps in the intrinsic's plain-loop twin (any CPU)."""
-    variant = variant or variant_for(target)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
-    if variant == "vnni_i16" and not ref and not target_has(target, "avx512vnni"):
-        raise ValueError("the vnni_i16 variant needs a target with avx512vnni (or ref=True)")
+def attn_v_spec(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14,
+                v_bits: int = 8, variant: str = "vnni_i16", tiles: tuple[int, int] = (3, 4),
+                epilogue: bool = True) -> dict:
+    """The kernel spec: everything that determines the TE compute, the (rows, lane blocks) tile it was padded
+    for included (``m_tile`` rows, ``d_tile`` = lanes x blocks columns); `repq_tvm.tuning.spaces` keys on it."""
+    lanes = VARIANTS[variant][0]
+    mi, nbi = tiles
+    return {"kind": "attn_v", "Bt": Bt, "M": M, "N": N, "D": D, "parities": parities, "groups": groups, "f": f,
+            "v_bits": v_bits, "variant": variant, "epilogue": epilogue, "m_tile": mi, "d_tile": lanes * nbi}
+
+
+def attn_v_func(spec: dict) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc of a spec (`attn_v_spec`), carrying it as its ``repq.kernel`` attribute."""
+    lanes = VARIANTS[spec["variant"]][0]
+    tensors = attn_v(spec["Bt"], spec["M"], spec["N"], spec["D"], parities=spec["parities"], groups=spec["groups"],
+                     f=spec["f"], v_bits=spec["v_bits"], lanes=lanes,
+                     tiles=(spec["m_tile"], spec["d_tile"] // lanes), epilogue=spec["epilogue"])
+    return te.create_prim_func(tensors).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+
+
+def apply_schedule(sch: Schedule, variant: str, mi, nbi: int, ref: bool = False) -> Schedule:
+    """The register-tiled schedule on ``sch`` (holding an `attn_v_func`): tiles of ``mi`` rows (an int or a
+    sampled ExprRV dividing the padded rows) x ``nbi`` lane blocks (dividing the padded D's blocks)."""
     lanes, intrin, _ = VARIANTS[variant]
-    mi, nbi = tiles or default_tiles(M, variant, attn_planes(parities, groups))
-    mi = min(mi, M)
-    sch = Schedule(te.create_prim_func(attn_v(Bt, M, N, D, parities=parities, groups=groups, f=f, v_bits=v_bits,
-                                              lanes=lanes, tiles=(mi, nbi), epilogue=epilogue)))
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     # driven from out (its epilogue reads both parities of a tile): tiles of mi rows x nbi*lanes columns
     b, m, d = sch.get_loops(out)
@@ -181,7 +193,28 @@ def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = 
         sch.vectorize(sch.get_loops(init)[-1])
     for loop in (p, m_i, nb_i):
         sch.unroll(loop)
-    return sch, variant
+    return sch
+
+
+def default_schedule(spec: dict, ref: bool = False) -> Schedule:
+    """The hand schedule of a spec: the tile its compute was padded for (`schedule_attn_v`)."""
+    lanes = VARIANTS[spec["variant"]][0]
+    return apply_schedule(Schedule(attn_v_func(spec)), spec["variant"], spec["m_tile"], spec["d_tile"] // lanes, ref)
+
+
+def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = 2, groups: int = 1, f: int = 14,
+                    v_bits: int = 8, variant: str | None = None, tiles: tuple[int, int] | None = None,
+                    ref: bool = False, epilogue: bool = True) -> tuple[Schedule, str]:
+    """The scheduled kernel and its variant; ``ref`` swaps in the intrinsic's plain-loop twin (any CPU)."""
+    variant = variant or variant_for(target)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    if variant == "vnni_i16" and not ref and not target_has(target, "avx512vnni"):
+        raise ValueError("the vnni_i16 variant needs a target with avx512vnni (or ref=True)")
+    mi, nbi = tiles or default_tiles(M, variant, attn_planes(parities, groups))
+    spec = attn_v_spec(Bt, M, N, D, parities=parities, groups=groups, f=f, v_bits=v_bits, variant=variant,
+                       tiles=(min(mi, M), nbi), epilogue=epilogue)
+    return default_schedule(spec, ref), variant
 
 
 def kernel_name(Bt, M, N, D, parities, groups, f, v_bits, variant) -> str:

@@ -36,6 +36,8 @@ Register tiles and their order are chosen from llvm-mca estimates (no ARM hardwa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tvm
 from tvm import te
@@ -205,6 +207,46 @@ def qbmm_vnni(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd", tiles=(3
     return [A, B, zp, scale, out]
 
 
+def qbmm_spec(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd", variant: str = "vnni",
+              tiles: tuple[int, int] = (3, 4)) -> dict:
+    """The kernel spec of the "vnni", "avx2_i16" and "fallback" variants: everything that determines the TE
+    compute, the tile it was padded for included (``m_tile`` rows, ``n_tile`` = lanes x blocks columns);
+    `repq_tvm.tuning.spaces` keys on it.  ("neon_sdot" has none: its hand schedule is not searched.)"""
+    if variant not in ("vnni", "avx2_i16", "fallback"):
+        raise ValueError(f"no spec for the {variant!r} variant")
+    mi, nbi = tiles
+    return {"kind": "qbmm", "Bt": Bt, "M": M, "N": N, "D": D, "b_layout": b_layout, "variant": variant,
+            "m_tile": mi, "n_tile": spec_lanes(variant) * nbi}
+
+
+def spec_lanes(variant: str) -> int:
+    """int32 lanes of a lane block of the variant."""
+    return VNNI_LANES if variant == "vnni" else LANES
+
+
+def qbmm_func(spec: dict) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc of a spec (`qbmm_spec`), carrying it as its ``repq.kernel`` attribute."""
+    compute = qbmm_vnni if spec["variant"] == "vnni" else qbmm
+    tiles = (spec["m_tile"], spec["n_tile"] // spec_lanes(spec["variant"]))
+    tensors = compute(spec["Bt"], spec["M"], spec["N"], spec["D"], b_layout=spec["b_layout"], tiles=tiles)
+    return te.create_prim_func(tensors).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+
+
+def apply_schedule(sch: Schedule, spec: dict, mi, nbi: int, ref: bool = False) -> Schedule:
+    """The register-tiled schedule of the spec's variant on ``sch`` (holding its `qbmm_func`): tiles of ``mi``
+    rows (an int or a sampled ExprRV dividing the padded rows) x ``nbi`` lane blocks (dividing N's padded
+    blocks)."""
+    if spec["variant"] == "vnni":
+        return _apply_vnni(sch, spec["D"], mi, nbi, ref)
+    return _apply_i16(sch, spec["variant"], spec["b_layout"], mi, nbi, ref)
+
+
+def default_schedule(spec: dict, ref: bool = False) -> Schedule:
+    """The hand schedule of a spec: the tile its compute was padded for (`schedule_qbmm`)."""
+    nbi = spec["n_tile"] // spec_lanes(spec["variant"])
+    return apply_schedule(Schedule(qbmm_func(spec)), spec, spec["m_tile"], nbi, ref)
+
+
 def schedule_qbmm_vnni(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd",
                        tiles: tuple[int, int] | None = None, ref: bool = False) -> Schedule:
     """Per batch (the parallel loop): pack k - 128, row sums of q and k', then register tiles of
@@ -212,9 +254,11 @@ def schedule_qbmm_vnni(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd",
     compensated epilogue.  Driven from `out` (acc `compute_at` its tiles): the epilogue has three
     producers.  ``ref``: the plain-loop twin of the intrinsic (any CPU; the portable stand-in)."""
     mi, nbi = tiles or default_tiles(M, "vnni")
-    mi = min(mi, M)
-    func = te.create_prim_func(qbmm_vnni(Bt, M, N, D, b_layout=b_layout, tiles=(mi, nbi)))
-    sch = Schedule(func)
+    spec = qbmm_spec(Bt, M, N, D, b_layout=b_layout, variant="vnni", tiles=(min(mi, M), nbi))
+    return default_schedule(spec, ref)
+
+
+def _apply_vnni(sch: Schedule, D: int, mi, nbi: int, ref: bool) -> Schedule:
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     b, m, n = sch.get_loops(out)
     mo, mo_i = sch.split(m, [None, mi])
@@ -404,8 +448,8 @@ def schedule_qbmm(Bt: int, M: int, N: int, D: int, target, *, b_layout: str = "n
                   ref: bool = False) -> tuple[Schedule, str]:
     """Scheduled kernel for ``target`` and its variant name ("vnni", "neon_sdot", "avx2_i16" or "fallback").
 
-    ``variant`` overrides `variant_for(target)`; ``ref`` (VNNI and neon_sdot) swaps in the intrinsic's
-    plain-loop twin so the schedule runs on any CPU.
+    ``variant`` overrides `variant_for(target)`; ``ref`` swaps in the intrinsic's plain-loop twin so the
+    schedule runs on any CPU.
 
     Per batch (the parallel loop): centre A, centre and pack B, then register tiles (rows x 8-lane
     blocks) whose int32 accumulators stay in ymm registers over the whole d loop, scaled to float
@@ -423,9 +467,11 @@ def schedule_qbmm(Bt: int, M: int, N: int, D: int, target, *, b_layout: str = "n
             raise ValueError("the neon_sdot variant needs an aarch64 target with dotprod (or ref=True)")
         return schedule_qbmm_sdot(Bt, M, N, D, b_layout=b_layout, tiles=tiles, ref=ref), variant
     mi, nbi = tiles or default_tiles(M, variant)
-    mi = min(mi, M)
-    func = te.create_prim_func(qbmm(Bt, M, N, D, b_layout=b_layout, tiles=(mi, nbi)))
-    sch = Schedule(func)
+    spec = qbmm_spec(Bt, M, N, D, b_layout=b_layout, variant=variant, tiles=(min(mi, M), nbi))
+    return default_schedule(spec, ref), variant
+
+
+def _apply_i16(sch: Schedule, variant: str, b_layout: str, mi, nbi: int, ref: bool) -> Schedule:
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     b, m, n, d = sch.get_loops(acc)
     mo, m_i = sch.split(m, [None, mi])
@@ -448,7 +494,7 @@ def schedule_qbmm(Bt: int, M: int, N: int, D: int, target, *, b_layout: str = "n
         register_intrinsics()
         init = sch.decompose_reduction(acc, db)
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.tensorize(lane, i16_intrin())
+        sch.tensorize(lane, ref_name(i16_intrin()) if ref else i16_intrin())
     else:
         sch.reorder(dp, m_i, nb_i, lane)
         sch.unroll(dp)
@@ -457,7 +503,7 @@ def schedule_qbmm(Bt: int, M: int, N: int, D: int, target, *, b_layout: str = "n
         sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(m_i)
     sch.unroll(nb_i)
-    return sch, variant
+    return sch
 
 
 def qbmm_primfunc(Bt: int, M: int, N: int, D: int, target, *, b_layout: str = "nd") -> tuple[tvm.tirx.PrimFunc, str]:

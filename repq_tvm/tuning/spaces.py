@@ -1,12 +1,14 @@
 """MetaSchedule search spaces of the hand-scheduled integer kernels.
 
 Every integer kernel the passes emit carries its definition as a JSON spec (PrimFunc attribute
-``repq.kernel``, e.g. `kernels.qdense.qdense_func`).  From the spec this module rebuilds
+``repq.kernel``: `kernels.qdense.qdense_func`, `kernels.attn_v.attn_v_func`, `kernels.qbmm.qbmm_func`; not
+yet the Arm sdot q @ kᵀ).  From the spec this module rebuilds
 
 - `definition`: the unscheduled PrimFunc (what the tuning database keys a workload on),
 - `default_schedule`: the hand schedule `compile` uses without a tuning log,
 - `design_spaces`: the same schedule with its tile sizes as sampled decisions (`sample_categorical`),
-  one design space per structural choice (loop order, parallel loop, int16 pre-accumulation depth).
+  one design space per structural choice (loop order, parallel loop, int16 pre-accumulation depth; the
+  lane blocks of a tile for attn @ V and q @ kᵀ).
 
 The tensor intrinsic stays the tensorized core of every candidate: tuning moves tiles and loops around
 it, never the arithmetic.  Sizes are sampled among those that tile the kernel's padded extents
@@ -21,6 +23,8 @@ import tvm
 import tvm_ffi
 from tvm.s_tir import Schedule
 
+from ..kernels import attn_v as av
+from ..kernels import qbmm as qb
 from ..kernels import qdense as qd
 from ..kernels.packing import ceil_to
 
@@ -39,7 +43,7 @@ def spec_of(func: tvm.tirx.PrimFunc) -> dict | None:
 
 
 def _kind(spec: dict):
-    kinds = {"qdense": _QDense}
+    kinds = {"qdense": _QDense, "attn_v": _AttnV, "qbmm": _QBmm}
     if spec.get("kind") not in kinds:
         raise ValueError(f"no search space for kernel kind {spec.get('kind')!r}")
     return kinds[spec["kind"]]
@@ -106,6 +110,73 @@ class _QDense:
     def searchable(spec: dict) -> bool:
         """The plain-loop fallback (aarch64 without dotprod) has no intrinsic core to tile around: not searched."""
         return qd.VARIANTS[spec["variant"]].tensorized
+
+class _AttnV:
+    """`kernels.attn_v` (log√2 attention's attn @ V): rows per register tile among the divisors of the padded
+    rows within the register budget (planes x rows x blocks accumulators), one design space per lane-block
+    count dividing the padded D's blocks (the compute's padded D depends on the spec's ``d_tile`` only)."""
+
+    @staticmethod
+    def definition(spec: dict) -> tvm.tirx.PrimFunc:
+        return av.attn_v_func(spec)
+
+    @staticmethod
+    def default(spec: dict, ref: bool = False) -> Schedule:
+        return av.default_schedule(spec, ref)
+
+    @staticmethod
+    def spaces(sch: Schedule, spec: dict) -> list[Schedule]:
+        lanes = av.VARIANTS[spec["variant"]][0]
+        planes = av.attn_planes(spec["parities"], spec["groups"])
+        m_p = ceil_to(spec["M"], spec["m_tile"])
+        d_blocks = ceil_to(spec["D"], spec["d_tile"]) // lanes
+        budget = av.ACCUMULATORS[spec["variant"]]
+        out = []
+        for nbi in _divisors(d_blocks, budget // planes):
+            rows = _divisors(m_p, budget // (planes * nbi))
+            s = sch.copy()
+            mi = s.sample_categorical(rows, [1 / len(rows)] * len(rows))
+            av.apply_schedule(s, spec["variant"], mi, nbi)
+            out.append(s)
+        return out
+
+    @staticmethod
+    def searchable(spec: dict) -> bool:
+        """The plain-loop fallback (aarch64) has no intrinsic core to tile around: not searched."""
+        return av.VARIANTS[spec["variant"]][1] is not None
+
+class _QBmm:
+    """`kernels.qbmm` (q @ kᵀ; "vnni", "avx2_i16", "fallback": "neon_sdot" kernels carry no spec): rows per
+    register tile among the divisors of the padded rows within the register budget, one design space per
+    lane-block count dividing the padded N's blocks (the compute's padded N depends on ``n_tile`` only)."""
+
+    @staticmethod
+    def definition(spec: dict) -> tvm.tirx.PrimFunc:
+        return qb.qbmm_func(spec)
+
+    @staticmethod
+    def default(spec: dict, ref: bool = False) -> Schedule:
+        return qb.default_schedule(spec, ref)
+
+    @staticmethod
+    def spaces(sch: Schedule, spec: dict) -> list[Schedule]:
+        lanes = qb.spec_lanes(spec["variant"])
+        m_p = ceil_to(spec["M"], spec["m_tile"])
+        n_blocks = ceil_to(spec["N"], spec["n_tile"]) // lanes
+        budget = _ACCUMULATORS[spec["variant"]]
+        out = []
+        for nbi in _divisors(n_blocks, budget):
+            rows = _divisors(m_p, min(_MAX_ROWS, budget // nbi))
+            s = sch.copy()
+            mi = s.sample_categorical(rows, [1 / len(rows)] * len(rows))
+            qb.apply_schedule(s, spec, mi, nbi)
+            out.append(s)
+        return out
+
+    @staticmethod
+    def searchable(spec: dict) -> bool:
+        """The plain-loop fallback has no intrinsic core to tile around: not searched."""
+        return spec["variant"] != "fallback"
 
 
 def replay(func: tvm.tirx.PrimFunc, trace, ref: bool) -> Schedule:
