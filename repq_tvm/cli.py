@@ -81,14 +81,14 @@ def cmd_compile(args) -> dict:
 
 
 def cmd_tune(args) -> dict:
-    if args.rpc:
-        raise ReqError("tuning measures on boards through a tracker (MetaSchedule's RPC runner): "
-                       "use --rpc-tracker HOST:PORT --rpc-key KEY")
     if args.rpc_key and not args.rpc_tracker:
         raise ReqError("--rpc-key goes with --rpc-tracker HOST:PORT")
     if args.rpc_tracker and not args.rpc_key:
         raise ReqError("--rpc-tracker needs --rpc-key KEY (the key the board's rpc_server registered with)")
-    rpc = {"tracker": args.rpc_tracker, "key": args.rpc_key, "timeout": args.rpc_timeout} if args.rpc_tracker else None
+    if args.rpc_timeout is not None and not (args.rpc or args.rpc_tracker):
+        raise ReqError("--rpc-timeout applies only with --rpc or --rpc-tracker")
+    rpc = ({"tracker": args.rpc_tracker, "key": args.rpc_key, "host": args.rpc, "timeout": args.rpc_timeout}
+           if args.rpc or args.rpc_tracker else None)
     result = api.tune(args.calibrated, target=args.target, trials=args.trials, output=args.output, batch=args.batch,
                       rpc=rpc, progress=_stderr_progress(args.quiet))
     if args.json:

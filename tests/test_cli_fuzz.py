@@ -84,6 +84,20 @@ TABLE = {
     ("compile", "--frontend"): (("empty", "tvm"), ("onnx",)),
     ("compile", "--json"): (FLAG, ()),
     ("compile", "--quiet"): (FLAG, ()),
+    ("compile", "--tuning-log"): (("empty", "dir", "missing", "random"), ("tuning_log",)),
+    ("tune", "--help"): (FLAG, ()),
+    ("tune", "calibrated"): (CALIBRATED + ("art",), ("cal",)),
+    ("tune", "--target"): (("empty", "0", "dir", "missing", "random", "not_a_preset", "garbled_manifest"),
+                           ("x86_64-avx2",)),
+    ("tune", "--trials"): (NUMBERS + ("100001",), ("1",)),
+    ("tune", "--output"): (OUTPUT_FOLDER, ("new_folder",)),
+    ("tune", "--batch"): (NUMBERS + ("4097",), ("1",)),
+    ("tune", "--json"): (FLAG, ()),
+    ("tune", "--quiet"): (FLAG, ()),
+    ("tune", "--rpc"): (ADDRESS, ("hostport",)),
+    ("tune", "--rpc-tracker"): (ADDRESS, ("hostport",)),
+    ("tune", "--rpc-key"): (RPC_KEY, ("rpc_key",)),
+    ("tune", "--rpc-timeout"): (RPC_TIMEOUT, ("1", "3600")),
     ("export-onnx", "--help"): (FLAG, ()),
     ("export-onnx", "calibrated"): (CALIBRATED + ("art",), ("cal",)),
     ("export-onnx", "--output"): (OUTPUT_FILE, ("new_file",)),
@@ -123,6 +137,7 @@ BASE = {
                   "--quiet": None},
     "evaluate": {"--model": "vit_cifar10", "--data": "small_npz", "--limit": "8", "--quiet": None},
     "compile": {"calibrated": "cal", "--output": "new_folder", "--quiet": None},
+    "tune": {"calibrated": "cal", "--output": "new_folder", "--quiet": None},
     "export-onnx": {"calibrated": "cal", "--output": "new_file"},
     "run": {"artifact": "art", "images": "png"},
     "profile": {"artifact": "art", "--repeat": "1"},
@@ -132,9 +147,10 @@ BASE = {
 # options that exclude others of the base line
 EXCLUDES = {("evaluate", "--artifact"): ("--model",)}
 # options that need others: added to the base line (option -> value kind)
-WITH = {(command, option): other for command in ("run", "profile") for option, other in (
+WITH = {(command, option): other for command in ("run", "profile", "tune") for option, other in (
     ("--rpc-tracker", {"--rpc-key": "rpc_key"}), ("--rpc-key", {"--rpc-tracker": "hostport"}),
-    ("--rpc-timeout", {"--rpc": "hostport"}))}
+    ("--rpc-timeout", {"--rpc-tracker": "hostport", "--rpc-key": "rpc_key"} if command == "tune"
+     else {"--rpc": "hostport"}))}
 
 
 def option_name(action: argparse.Action) -> str:
@@ -228,7 +244,17 @@ class Values:
                                  ("repq_bad_config", "quant_config", {"w_bits": "four"}),
                                  ("repq_bad_quantizers", "quantizers", ["not", "a", "table"])):
             save_file(tensors, j(f"{kind}.repq"), metadata={**meta, key: json.dumps(value)})
+        # a valid, empty tuning log for `cal` on the host preset (what `tune` writes when it accepts nothing)
+        from repq_tvm import targets
+        from repq_tvm.tuning import log as tuning_log
+
+        os.makedirs(j("tuning_log"))
+        tuning_log.open_accepted(j("tuning_log"))
+        with open(j("tuning_log", tuning_log.MANIFEST), "w") as f:
+            json.dump({"format": tuning_log.FORMAT, "kernels": [], "sha256": tuning_log.accepted_hashes(j("tuning_log")),
+                       "key": tuning_log.workload_key("vit_cifar10", 4, 4, 1, targets.load("host"))}, f)
         self.fixed = {
+            "tuning_log": j("tuning_log"),
             "0": "0", "-1": "-1", "huge": "99999999999999999999", "nan": "nan", "empty": "",
             "dir": j("empty_dir"), "missing": j("absent", "nothing"), "random": j("random.bin"),
             "trunc_repq": j("trunc.repq"), "not_image": j("fake.png"), "npz_keys": j("keys.npz"),
@@ -305,6 +331,7 @@ def stops(monkeypatch):
 
     monkeypatch.setattr(repq_tvm.quant.calibrate, "calibrate", _stop)  # calibrate: after model and images load
     monkeypatch.setattr(repq_tvm.passes.pipeline, "compile_model", _stop)  # compile: after model, target, batch
+    monkeypatch.setattr(repq_tvm.passes.pipeline, "lower_to_kernels", _stop)  # tune: after target, runner, model
     monkeypatch.setattr(repq_tvm.frontends, "export_onnx", _stop)  # export-onnx: after the model loads
     monkeypatch.setattr(profile, "profile", _stop)  # profile: after the artifact loads and is verified
     monkeypatch.setattr(rpc, "open_session", _stop)  # --rpc / --rpc-tracker: after the artifact is verified
@@ -470,8 +497,8 @@ def test_console_script_help_and_no_command():
     proc = _console()
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "repq-tvm: error: give a command: calibrate, evaluate, compile, export-onnx, run, profile, targets, demo "
-        "(see repq-tvm --help)"], proc.stderr
+        "repq-tvm: error: give a command: calibrate, evaluate, compile, tune, export-onnx, run, profile, targets, "
+        "demo (see repq-tvm --help)"], proc.stderr
     proc = _console("compile", "--help")
     assert proc.returncode == 0 and "--batch" in proc.stdout and not proc.stderr
     proc = _console("targets", "--bogus", "3")

@@ -317,7 +317,6 @@ def test_bad_tuning_logs_are_one_line_errors(tuned, tmp_path, capsys):
 def test_bad_tune_arguments_are_one_line_errors(vit_host_build, tmp_path, capsys, monkeypatch):
     cal, _ = vit_host_build
     _one_error(capsys, ["tune", cal, "--target", "no-such-preset", "-o", str(tmp_path / "l")], "no-such-preset")
-    _one_error(capsys, ["tune", cal, "--rpc", "127.0.0.1:9", "-o", str(tmp_path / "l")], "through a tracker")
     _one_error(capsys, ["tune", cal, "--rpc-tracker", "127.0.0.1:9", "-o", str(tmp_path / "l")], "--rpc-key")
     _one_error(capsys, ["tune", cal, "--trials", "0"], "--trials")
     bad = tmp_path / "bad.json"

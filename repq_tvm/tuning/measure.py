@@ -11,6 +11,7 @@ board.  Timing stays in MetaSchedule's runners (a persistent local worker, or `R
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -84,28 +85,43 @@ def light_intrinsic_registry(arch: str) -> None:
 EVALUATOR = ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
 
 
+def _direct_session(host: str, port: int, session_timeout: int, _config):
+    """`RPCRunner`'s session factory for one server reached directly (no tracker)."""
+    from tvm import rpc
+
+    return rpc.connect(host, port, session_timeout=session_timeout)
+
+
 def make_runner(preset: dict, rpc: dict | None = None, timeout_sec: float = 60.0):
-    """A local runner (one persistent worker process), or MetaSchedule's `RPCRunner` on a free board of
-    ``rpc["key"]`` at the tracker ``rpc["tracker"]`` ("HOST:PORT"), after one bounded session checked the
-    tracker, the key and that the board can run ``preset`` (`deploy.rpc`: a clear error, never a hang)."""
+    """A local runner (one persistent worker process), or MetaSchedule's `RPCRunner` on a board: a free one of
+    ``rpc["key"]`` at the tracker ``rpc["tracker"]`` ("HOST:PORT"), or the server ``rpc["host"]`` directly.
+    One bounded session checks first that it is reachable and can run ``preset`` (`deploy.rpc`: a clear error,
+    never a hang)."""
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=EVALUATOR)
     from ..deploy import rpc as rpc_mod
     from ..errors import ReqError
 
-    if not rpc.get("tracker"):
-        raise ReqError("tuning measures on boards through a tracker (MetaSchedule's RPC runner): give "
-                       "--rpc-tracker HOST:PORT --rpc-key KEY")
     timeout = rpc.get("timeout") or rpc_mod.DEFAULT_TIMEOUT
-    session, info = rpc_mod.open_session(tracker=rpc["tracker"], key=rpc.get("key"), timeout=timeout)
+    session, info = rpc_mod.open_session(rpc=rpc.get("host"), tracker=rpc.get("tracker"), key=rpc.get("key"),
+                                         timeout=timeout)
     with rpc_mod.remote_errors("checking the board", info["server"]):
         problem = rpc_mod.remote_problem(preset, rpc_mod.remote_machine(session))
+    del session  # the server takes its next client (the runner's workers)
     if problem:
         raise ReqError(f"the board at {info['server']} cannot run {preset['name']}: {problem}")
-    host, port = rpc_mod.parse_address(rpc["tracker"])
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc["key"],
-                                 session_timeout_sec=int(max(timeout_sec, timeout)))
-    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=EVALUATOR, max_workers=1)
+    seconds = int(max(timeout_sec, timeout))
+    if rpc.get("tracker"):
+        host, port = rpc_mod.parse_address(rpc["tracker"])
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc["key"],
+                                     session_timeout_sec=seconds)
+        return ms.runner.RPCRunner(rpc_config=config, evaluator_config=EVALUATOR, max_workers=1)
+    host, port = rpc_mod.parse_address(rpc["host"])
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key="direct",  # required, unused:
+                                 session_timeout_sec=seconds)  # the session factory connects to the server
+    return ms.runner.RPCRunner(rpc_config=config,
+                               evaluator_config=EVALUATOR, max_workers=1,
+                               f_create_session=functools.partial(_direct_session, host, port, seconds))
 
 
 def builder_for(preset: dict, remote: bool) -> InProcessBuilder:

@@ -183,8 +183,8 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
     if rpc is None:  # measured here: code this CPU cannot run would kill the runner (SIGILL)
         targets.check_runnable(tvm_target, "kernels tuned on this machine (tune for a board with --rpc-tracker)")
     builder = measure.builder_for(preset, remote=rpc is not None)  # a missing cross compiler fails here
-    runner = measure.make_runner(preset, rpc)  # so do an unreachable tracker and an unfit board
     cm = calibrated.load(calibrated_model) if isinstance(calibrated_model, str) else calibrated_model
+    runner = measure.make_runner(preset, rpc)  # an unreachable tracker or an unfit board fails here
     shape = [batch, *cm.preprocessing["input_size"]]
     key = log_mod.workload_key(cm.arch["name"], cm.config.w_bits, cm.config.a_bits, batch, preset)
     output = output or os.path.join("tuning_logs", log_mod.default_name(key))
