@@ -22,6 +22,7 @@ import os
 import tvm
 from tvm.s_tir.meta_schedule.database import JSONDatabase
 
+from ..deploy.artifact import sha256
 from ..errors import ReqError
 from tvm.s_tir import Schedule
 
@@ -33,16 +34,8 @@ SEARCH = "search"
 FORMAT = 1
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def accepted_hashes(log_dir: str) -> dict[str, str]:
-    return {name: file_sha256(os.path.join(log_dir, name)) for name in ACCEPTED}
+    return {name: sha256(os.path.join(log_dir, name)) for name in ACCEPTED}
 
 
 def open_accepted(log_dir: str) -> JSONDatabase:
