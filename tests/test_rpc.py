@@ -212,7 +212,11 @@ def test_tune_over_the_tracker_times_the_trials_on_the_board(loopback, capsys, t
     assert result["where"] == "rpc" and result["trials_this_run"] >= 1
     assert sum(r["trials"] for r in result["kernels"]) == result["trials_this_run"]
     loopback.services.wait(key_is_free(loopback.tracker, KEY), "the server back at the tracker", START_SECONDS)
-    # one server reached directly, one trial
+
+
+@pytest.mark.slow
+def test_tune_on_one_server_reached_directly(loopback, capsys, tmp_path):
+    """--rpc HOST:PORT: MetaSchedule's RPC runner with our session factory (no tracker); one trial."""
     code, out, err, _ = run_cli(capsys, ["tune", loopback.cal, "--trials", "1", "-o", str(tmp_path / "direct"),
                                          "--rpc", loopback.server, "--json", "--quiet"])
     assert code == 0, err

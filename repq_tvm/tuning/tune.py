@@ -135,7 +135,7 @@ def _search(task: Task, trials: int, target, search_db, builder, runner, work_di
         task_scheduler="round-robin")
 
 
-def _choose(task: Task, target, search_db, builder, runner, default_s: float):
+def _choose(task: Task, target, search_db, builder, runner):
     """(accepted record or None, verdict dict): the fastest verified candidate if it beats the default."""
     if not search_db.has_workload(task.mod):
         return None, {"verdict": "default kept: no trials"}
@@ -170,7 +170,8 @@ def _choose(task: Task, target, search_db, builder, runner, default_s: float):
 def tune(calibrated_model, target: str = "host", trials: int = 200, output: str | None = None, batch: int = 1,
          rpc: dict | None = None, progress=print, seed: int = 1) -> dict:
     """Tune a calibrated model (`.repq` path or `CalibratedModel`) for a preset and batch size; returns the
-    tuning manifest.  ``rpc`` = {"tracker": "HOST:PORT", "key": KEY, "timeout": s} measures on a board."""
+    tuning manifest.  ``rpc`` = {"tracker": "HOST:PORT", "key": KEY, "timeout": s} (or {"host": "HOST:PORT"}
+    for one server) measures on a board."""
     from .. import calibrated, targets
     from ..passes.pipeline import lower_to_kernels
 
@@ -242,7 +243,7 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
             why = f"under {MIN_SHARE:.0%} of the run time" if shares[i] < MIN_SHARE else "no trials left in the budget"
             record, info = None, {"verdict": f"default kept: {why}"}
         else:
-            record, info = _choose(task, tvm_target, search_db, builder, runner, defaults[i])
+            record, info = _choose(task, tvm_target, search_db, builder, runner)
         if record is not None:
             workload = accepted_db.commit_workload(task.mod)
             accepted_db.commit_tuning_record(TuningRecord(record.trace, workload, record.run_secs, tvm_target,
