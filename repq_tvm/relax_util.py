@@ -141,3 +141,38 @@ def emitted(bb: relax.BlockBuilder, emit) -> relax.Expr:
         return expr
 
     return inline(out)
+
+
+def lower_with_bias(mod: tvm.IRModule, biased, plain, parts, bias_of, emit) -> tuple[tvm.IRModule, int]:
+    """Two `tvm.relax.dpl` rewrites per Relax function, for kernels that can absorb a constant bias add.
+
+    First `biased` (an `add` of a `plain` match and a constant): where `parts(match)` accepts the match, the
+    matched call has no other use, and `bias_of(add, parts)` returns the bias in the kernel's form (None: the
+    add stays a float op), `emit(bb, parts, bias)` replaces the add; then `plain`, every match left, with no
+    bias.  Returns the module (dead code dropped) and the number of kernels emitted.
+    """
+    from tvm.relax.dpl import rewrite_call
+
+    bb, count = relax.BlockBuilder(mod), [0]
+
+    def lower(found, bias):
+        count[0] += 1
+        return emitted(bb, lambda: emit(bb, found, bias))
+
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        uses = var_uses(func)
+
+        def with_bias(add, m):
+            found = parts(m)
+            bias = None if found is None or uses.get(add.args[0]) != 1 else bias_of(add, found)
+            return add if bias is None else lower(found, bias)  # refused: `without_bias` still lowers the call
+
+        def without_bias(call, m):
+            found = parts(m)
+            return call if found is None else lower(found, None)
+
+        func = rewrite_call(biased, calls_only(with_bias), func)
+        bb.update_func(gv, rewrite_call(plain, calls_only(without_bias), func))
+    return relax.transform.DeadCodeElimination()(bb.get()), count[0]

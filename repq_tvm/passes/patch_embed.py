@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ..relax_util import calls_only, code_bits, const_array, emitted, var_uses
+from ..relax_util import code_bits, const_array, lower_with_bias
 from .quantized_linear import _shape, qdense_call
 
 
@@ -56,6 +56,12 @@ def _parts(m):
     return xq.args[0], w_codes, s_w, z_w, float(s_a.reshape(())), int(z_a.reshape(())), m[_CODES], p
 
 
+def _bias(add, _parts):
+    """The add's constant [1, N, 1, 1] as the kernel's bias [N] (else None)."""
+    bias = const_array(add.args[1])
+    return bias.reshape(-1) if bias.ndim == 4 and bias.shape[0] == 1 and bias.shape[2:] == (1, 1) else None
+
+
 def _emit(bb, target, kernels, q, w_codes, s_w, z_w, s_a, z_a, q_value, p, bias):
     """The kernel call replacing one conv: codes as patch rows, `qdense_call`, result back in NCHW."""
     op = relax.op
@@ -86,29 +92,8 @@ class LowerPatchEmbed:
         self.target, self.rewritten = target, 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        bb, kernels = relax.BlockBuilder(mod), {}
-        self.rewritten = 0
-
-        def lower(parts, bias):
-            self.rewritten += 1
-            return emitted(bb, lambda: _emit(bb, self.target, kernels, *parts, bias))
-
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function):
-                continue
-            uses = var_uses(func)
-
-            def with_bias(add, m):
-                parts, bias = _parts(m), const_array(add.args[1])
-                if (parts is None or uses.get(add.args[0]) != 1 or bias.ndim != 4 or bias.shape[0] != 1
-                        or bias.shape[2:] != (1, 1)):
-                    return add  # the bias stays a float add; `without_bias` still lowers the conv
-                return lower(parts, bias.reshape(-1))
-
-            def without_bias(conv, m):
-                parts = _parts(m)
-                return conv if parts is None else lower(parts, None)
-
-            func = rewrite_call(_BIASED, calls_only(with_bias), func)
-            bb.update_func(gv, rewrite_call(_CONV, calls_only(without_bias), func))
-        return relax.transform.DeadCodeElimination()(bb.get())
+        kernels = {}
+        mod, self.rewritten = lower_with_bias(
+            mod, _BIASED, _CONV, _parts, _bias,
+            lambda bb, parts, bias: _emit(bb, self.target, kernels, *parts, bias))
+        return mod

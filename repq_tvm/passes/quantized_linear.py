@@ -22,11 +22,11 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ..relax_util import code_bits
 from ..relax_util import const_array as _const
-from ..relax_util import calls_only, emitted, scheduled_kernel, var_uses
+from ..relax_util import lower_with_bias, scheduled_kernel
 
 def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
@@ -106,6 +106,12 @@ def _parts(m):
     return xq.args[0], w_codes, s_w, z_w, float(s_a.reshape(())), int(z_a.reshape(())), m[_CODES]
 
 
+def _bias(add, parts):
+    """The add's constant as the kernel's bias: 1-D, one value per output channel (else None)."""
+    bias = _const(add.args[1])
+    return bias if bias.ndim == 1 and bias.shape[0] == parts[1].shape[0] else None
+
+
 def _emit(bb, target, kernels, q, w_codes, s_w, z_w, s_a, z_a, q_value, bias):
     """The kernel call replacing one linear: codes flattened to [M, K], `qdense_call`, result back in shape."""
     w = w_codes.astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
@@ -133,28 +139,8 @@ class LowerQuantizedLinear:
         self.target, self.rewritten = target, 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        bb, kernels = relax.BlockBuilder(mod), {}
-        self.rewritten = 0
-
-        def lower(parts, bias):
-            self.rewritten += 1
-            return emitted(bb, lambda: _emit(bb, self.target, kernels, *parts, bias))
-
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function):
-                continue
-            uses = var_uses(func)
-
-            def with_bias(add, m):
-                parts, bias = _parts(m), _const(add.args[1])
-                if parts is None or uses.get(add.args[0]) != 1 or bias.ndim != 1 or bias.shape[0] != parts[1].shape[0]:
-                    return add  # the bias stays a float add; `without_bias` still lowers the matmul
-                return lower(parts, bias)
-
-            def without_bias(matmul, m):
-                parts = _parts(m)
-                return matmul if parts is None else lower(parts, None)
-
-            func = rewrite_call(_BIASED, calls_only(with_bias), func)
-            bb.update_func(gv, rewrite_call(_LINEAR, calls_only(without_bias), func))
-        return relax.transform.DeadCodeElimination()(bb.get())
+        kernels = {}
+        mod, self.rewritten = lower_with_bias(
+            mod, _BIASED, _LINEAR, _parts, _bias,
+            lambda bb, parts, bias: _emit(bb, self.target, kernels, *parts, bias))
+        return mod
