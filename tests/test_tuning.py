@@ -45,19 +45,27 @@ def spec_of(M, N, K, variant, bits_a, bits_w) -> dict:
     return spaces.spec_of(sch.mod["main"])
 
 
-@pytest.mark.parametrize("shape", SPECS, ids=lambda s: f"{s[3]}-{s[0]}x{s[1]}x{s[2]}-a{s[4]}w{s[5]}")
-def test_sampled_qdense_candidates_match_their_definition_bit_for_bit(shape):
-    spec = spec_of(*shape)
+def assert_sampled_candidates_match(spec: dict, target, seeds: int, stride: int, per_seed: int | None = None,
+                                    key=lambda sch, rows: rows):
+    """Design spaces sampled with ``seeds`` seeds, every ``stride``-th space (offset by the seed, at most
+    ``per_seed``): each candidate equals the definition bit for bit, and ``key`` (of the trace and its sampled
+    rows) takes more than one value: the decisions are really sampled."""
     definition = tvm.IRModule({"main": spaces.definition(spec)})
     seen = set()
-    for seed in range(3):
+    for seed in range(seeds):
         candidates = spaces.design_spaces(Schedule(definition, seed=seed + 1))
         assert len(candidates) >= 2
-        for sch in candidates[seed::4][:2]:  # a few structures per seed
-            rows = int(next(iter(sch.trace.decisions.values())))
-            seen.add((str(sch.trace).count("reorder"), rows))
-            assert verify.check(sch, definition, TARGETS[shape[3]], seed=seed) is None, str(sch.trace)
-    assert len(seen) > 1  # the decisions are really sampled
+        for sch in candidates[seed::stride][:per_seed]:
+            seen.add(key(sch, int(next(iter(sch.trace.decisions.values())))))
+            assert verify.check(sch, definition, target, seed=seed) is None, str(sch.trace)
+    assert len(seen) > 1
+
+
+@pytest.mark.parametrize("shape", SPECS, ids=lambda s: f"{s[3]}-{s[0]}x{s[1]}x{s[2]}-a{s[4]}w{s[5]}")
+def test_sampled_qdense_candidates_match_their_definition_bit_for_bit(shape):
+    # a few structures per seed; distinct by loop order as well as rows
+    assert_sampled_candidates_match(spec_of(*shape), TARGETS[shape[3]], seeds=3, stride=4, per_seed=2,
+                                    key=lambda sch, rows: (str(sch.trace).count("reorder"), rows))
 
 
 def test_default_schedule_from_the_spec_is_the_hand_schedule():
@@ -91,17 +99,7 @@ def attn_v_spec(variant, Bt, M, N, D, parities, groups) -> dict:
 
 @pytest.mark.parametrize("shape", ATTN_V_SHAPES, ids=lambda s: f"{s[0]}-{'x'.join(map(str, s[1:5]))}-p{s[5]}g{s[6]}")
 def test_sampled_attn_v_candidates_match_their_definition_bit_for_bit(shape):
-    spec = attn_v_spec(*shape)
-    definition = tvm.IRModule({"main": spaces.definition(spec)})
-    seen = set()
-    for seed in range(2):
-        candidates = spaces.design_spaces(Schedule(definition, seed=seed + 1))
-        assert len(candidates) >= 2  # one per lane-block count
-        for sch in candidates[seed::2]:
-            rows = int(next(iter(sch.trace.decisions.values())))
-            seen.add(rows)
-            assert verify.check(sch, definition, ATTN_V_TARGETS[shape[0]], seed=seed) is None, str(sch.trace)
-    assert len(seen) > 1  # the decisions are really sampled
+    assert_sampled_candidates_match(attn_v_spec(*shape), ATTN_V_TARGETS[shape[0]], seeds=2, stride=2)
 
 
 @pytest.mark.parametrize("variant", list(ATTN_V_TARGETS))
@@ -128,16 +126,7 @@ QBMM_SHAPES = [  # (variant, Bt, M, N, D, k layout)
 def test_sampled_qbmm_candidates_match_their_definition_bit_for_bit(shape):
     variant, Bt, M, N, D, layout = shape
     sch, _ = qb.schedule_qbmm(Bt, M, N, D, QBMM_TARGETS[variant], b_layout=layout, variant=variant, ref=True)
-    spec = spaces.spec_of(sch.mod["main"])
-    definition = tvm.IRModule({"main": spaces.definition(spec)})
-    seen = set()
-    for seed in range(2):
-        candidates = spaces.design_spaces(Schedule(definition, seed=seed + 1))
-        assert len(candidates) >= 2  # one per lane-block count
-        for sch in candidates[seed::2]:
-            seen.add(int(next(iter(sch.trace.decisions.values()))))
-            assert verify.check(sch, definition, QBMM_TARGETS[variant], seed=seed) is None, str(sch.trace)
-    assert len(seen) > 1  # the decisions are really sampled
+    assert_sampled_candidates_match(spaces.spec_of(sch.mod["main"]), QBMM_TARGETS[variant], seeds=2, stride=2)
 
 
 @pytest.mark.parametrize("variant", list(QBMM_TARGETS))

@@ -72,6 +72,14 @@ def _divisors(n: int, cap: int) -> list[int]:
     return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
 
 
+def _sampled_rows(sch: Schedule, rows: list[int], apply) -> Schedule:
+    """A copy of ``sch`` scheduled by ``apply(copy, mi)``, ``mi`` the rows per tile drawn uniformly from ``rows``
+    (a traced decision: the search redraws it)."""
+    s = sch.copy()
+    apply(s, s.sample_categorical(rows, [1 / len(rows)] * len(rows)))
+    return s
+
+
 class _QDense:
     """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth."""
 
@@ -100,16 +108,15 @@ class _QDense:
                 continue
             for depth in depths:
                 for order, parallel in structures:
-                    s = sch.copy()
-                    mi = s.sample_categorical(rows, [1 / len(rows)] * len(rows))
-                    qd.apply_tensorized(s, v, mi, nbi, depth, False, spec["compensate"], order, parallel)
-                    out.append(s)
+                    out.append(_sampled_rows(sch, rows, lambda s, mi: qd.apply_tensorized(
+                        s, v, mi, nbi, depth, False, spec["compensate"], order, parallel)))
         return out
 
     @staticmethod
     def searchable(spec: dict) -> bool:
         """The plain-loop fallback (aarch64 without dotprod) has no intrinsic core to tile around: not searched."""
         return qd.VARIANTS[spec["variant"]].tensorized
+
 
 class _AttnV:
     """`kernels.attn_v` (log√2 attention's attn @ V): rows per register tile among the divisors of the padded
@@ -134,16 +141,14 @@ class _AttnV:
         out = []
         for nbi in _divisors(d_blocks, budget // planes):
             rows = _divisors(m_p, budget // (planes * nbi))
-            s = sch.copy()
-            mi = s.sample_categorical(rows, [1 / len(rows)] * len(rows))
-            av.apply_schedule(s, spec["variant"], mi, nbi)
-            out.append(s)
+            out.append(_sampled_rows(sch, rows, lambda s, mi: av.apply_schedule(s, spec["variant"], mi, nbi)))
         return out
 
     @staticmethod
     def searchable(spec: dict) -> bool:
         """The plain-loop fallback (aarch64) has no intrinsic core to tile around: not searched."""
         return av.VARIANTS[spec["variant"]][1] is not None
+
 
 class _QBmm:
     """`kernels.qbmm` (q @ kᵀ; "vnni", "avx2_i16", "fallback": "neon_sdot" kernels carry no spec): rows per
@@ -167,10 +172,7 @@ class _QBmm:
         out = []
         for nbi in _divisors(n_blocks, budget):
             rows = _divisors(m_p, min(_MAX_ROWS, budget // nbi))
-            s = sch.copy()
-            mi = s.sample_categorical(rows, [1 / len(rows)] * len(rows))
-            qb.apply_schedule(s, spec, mi, nbi)
-            out.append(s)
+            out.append(_sampled_rows(sch, rows, lambda s, mi: qb.apply_schedule(s, spec, mi, nbi)))
         return out
 
     @staticmethod
