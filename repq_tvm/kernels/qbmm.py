@@ -208,36 +208,43 @@ def qbmm_vnni(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd", tiles=(3
 
 
 def qbmm_spec(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd", variant: str = "vnni",
-              tiles: tuple[int, int] = (3, 4)) -> dict:
-    """The kernel spec of the "vnni", "avx2_i16" and "fallback" variants: everything that determines the TE
-    compute, the tile it was padded for included (``m_tile`` rows, ``n_tile`` = lanes x blocks columns);
-    `repq_tvm.tuning.spaces` keys on it.  ("neon_sdot" has none: its hand schedule is not searched.)"""
-    if variant not in ("vnni", "avx2_i16", "fallback"):
-        raise ValueError(f"no spec for the {variant!r} variant")
+              tiles: tuple[int, int] = (3, 4), depth: int = SDOT_DEPTH) -> dict:
+    """The kernel spec: everything that determines the compute, the tile it was padded for included (``m_tile``
+    rows, ``n_tile`` = lanes x blocks columns; "neon_sdot" also its d tiles per step, ``depth``, which pads D);
+    `repq_tvm.tuning.spaces` keys on it."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     mi, nbi = tiles
-    return {"kind": "qbmm", "Bt": Bt, "M": M, "N": N, "D": D, "b_layout": b_layout, "variant": variant,
+    spec = {"kind": "qbmm", "Bt": Bt, "M": M, "N": N, "D": D, "b_layout": b_layout, "variant": variant,
             "m_tile": mi, "n_tile": spec_lanes(variant) * nbi}
+    return {**spec, "depth": depth} if variant == "neon_sdot" else spec
 
 
 def spec_lanes(variant: str) -> int:
     """int32 lanes of a lane block of the variant."""
-    return VNNI_LANES if variant == "vnni" else LANES
+    return {"vnni": VNNI_LANES, "neon_sdot": SDOT_LANES}.get(variant, LANES)
 
 
 def qbmm_func(spec: dict) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of a spec (`qbmm_spec`), carrying it as its ``repq.kernel`` attribute."""
-    compute = qbmm_vnni if spec["variant"] == "vnni" else qbmm
     tiles = (spec["m_tile"], spec["n_tile"] // spec_lanes(spec["variant"]))
-    tensors = compute(spec["Bt"], spec["M"], spec["N"], spec["D"], b_layout=spec["b_layout"], tiles=tiles)
-    return te.create_prim_func(tensors).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+    args = (spec["Bt"], spec["M"], spec["N"], spec["D"])
+    if spec["variant"] == "neon_sdot":
+        func = qbmm_sdot(*args, b_layout=spec["b_layout"], tiles=tiles, depth=spec["depth"])
+    else:
+        compute = qbmm_vnni if spec["variant"] == "vnni" else qbmm
+        func = te.create_prim_func(compute(*args, b_layout=spec["b_layout"], tiles=tiles))
+    return func.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 
 
-def apply_schedule(sch: Schedule, spec: dict, mi, nbi: int, ref: bool = False) -> Schedule:
+def apply_schedule(sch: Schedule, spec: dict, mi, nbi: int, ref: bool = False, order: str | None = None) -> Schedule:
     """The register-tiled schedule of the spec's variant on ``sch`` (holding its `qbmm_func`): tiles of ``mi``
     rows (an int or a sampled ExprRV dividing the padded rows) x ``nbi`` lane blocks (dividing N's padded
-    blocks)."""
+    blocks); ``order`` the sdot tile order (`sdot_order`)."""
     if spec["variant"] == "vnni":
         return _apply_vnni(sch, spec["D"], mi, nbi, ref)
+    if spec["variant"] == "neon_sdot":
+        return _apply_sdot(sch, mi, nbi, spec["depth"], order or sdot_order(spec["D"]), ref)
     return _apply_i16(sch, spec["variant"], spec["b_layout"], mi, nbi, ref)
 
 
@@ -399,14 +406,16 @@ def schedule_qbmm_sdot(Bt: int, M: int, N: int, D: int, *, b_layout: str = "nd",
     tile ends with a convert and a multiply.  ``order`` (default `sdot_order(D)`): "rows" puts row tiles
     outer, "cols" column tiles.  ``ref``: the plain-loop twin of the intrinsic (any CPU; the portable
     stand-in)."""
-    L, P = SDOT_LANES, SDOT_KPACK
     mi, nbi = tiles or default_tiles(M, "neon_sdot", N, D)
-    mi = min(mi, M)
-    depth, order = depth or SDOT_DEPTH, order or sdot_order(D)
+    spec = qbmm_spec(Bt, M, N, D, b_layout=b_layout, variant="neon_sdot", tiles=(min(mi, M), nbi),
+                     depth=depth or SDOT_DEPTH)
+    return apply_schedule(Schedule(qbmm_func(spec)), spec, spec["m_tile"], nbi, ref, order)
+
+
+def _apply_sdot(sch: Schedule, mi, nbi: int, depth: int, order: str, ref: bool) -> Schedule:
+    L, P = SDOT_LANES, SDOT_KPACK
     if order not in ("rows", "cols"):
         raise ValueError(f"order must be 'rows' or 'cols', got {order!r}")
-    func = qbmm_sdot(Bt, M, N, D, b_layout=b_layout, tiles=(mi, nbi), depth=depth)
-    sch = Schedule(func)
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     b, m, n = sch.get_loops(out)
     mo, mo_i = sch.split(m, [None, mi])

@@ -1,8 +1,7 @@
 """MetaSchedule search spaces of the hand-scheduled integer kernels.
 
 Every integer kernel the passes emit carries its definition as a JSON spec (PrimFunc attribute
-``repq.kernel``: `kernels.qdense.qdense_func`, `kernels.attn_v.attn_v_func`, `kernels.qbmm.qbmm_func`; not
-yet the Arm sdot q @ kᵀ).  From the spec this module rebuilds
+``repq.kernel``: `kernels.qdense.qdense_func`, `kernels.attn_v.attn_v_func`, `kernels.qbmm.qbmm_func`).  From the spec this module rebuilds
 
 - `definition`: the unscheduled PrimFunc (what the tuning database keys a workload on),
 - `default_schedule`: the hand schedule `compile` uses without a tuning log,
@@ -151,9 +150,9 @@ class _AttnV:
 
 
 class _QBmm:
-    """`kernels.qbmm` (q @ kᵀ; "vnni", "avx2_i16", "fallback": "neon_sdot" kernels carry no spec): rows per
-    register tile among the divisors of the padded rows within the register budget, one design space per
-    lane-block count dividing the padded N's blocks (the compute's padded N depends on ``n_tile`` only)."""
+    """`kernels.qbmm` (q @ kᵀ): rows per register tile among the divisors of the padded rows within the register
+    budget, one design space per lane-block count dividing the padded N's blocks (the compute's padded N
+    depends on ``n_tile`` only) and, for the Arm "neon_sdot", per tile order (row or column tiles outer)."""
 
     @staticmethod
     def definition(spec: dict) -> tvm.tirx.PrimFunc:
@@ -169,10 +168,12 @@ class _QBmm:
         m_p = ceil_to(spec["M"], spec["m_tile"])
         n_blocks = ceil_to(spec["N"], spec["n_tile"]) // lanes
         budget = _ACCUMULATORS[spec["variant"]]
+        orders = ("rows", "cols") if spec["variant"] == "neon_sdot" else (None,)
         out = []
         for nbi in _divisors(n_blocks, budget):
             rows = _divisors(m_p, min(_MAX_ROWS, budget // nbi))
-            out.append(_sampled_rows(sch, rows, lambda s, mi: qb.apply_schedule(s, spec, mi, nbi)))
+            for order in orders:
+                out.append(_sampled_rows(sch, rows, lambda s, mi: qb.apply_schedule(s, spec, mi, nbi, order=order)))
         return out
 
     @staticmethod

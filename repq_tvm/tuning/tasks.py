@@ -90,8 +90,7 @@ def indirect_loads(func: tvm.tirx.PrimFunc) -> bool:
 
 def tunable(func: tvm.tirx.PrimFunc) -> bool:
     """Integer kernels with a spec and float kernels not yet scheduled, except those with data-dependent
-    indexing (`indirect_loads`); hand kernels without a spec (the fused softmax → log√2 weights, the Arm
-    sdot q @ kᵀ) or without a search space (`spaces.searchable`: the plain-loop fallbacks) keep their schedule."""
+    indexing (`indirect_loads`); hand kernels without a spec (the fused softmax → log√2 weights) or without a search space (`spaces.searchable`: the plain-loop fallbacks) keep their schedule."""
     spec = spaces.spec_of(func)
     if spec is not None:
         return spaces.searchable(spec)
