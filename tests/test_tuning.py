@@ -20,9 +20,10 @@ from repq_tvm.cli import main
 from repq_tvm.deploy.runtime import Runner
 from repq_tvm.evaluate import load_batch, make_transform
 from repq_tvm.kernels import attn_v as av
+from repq_tvm.kernels import log_weights as lw
 from repq_tvm.kernels import qbmm as qb
 from repq_tvm.kernels import qdense as qd
-from repq_tvm.reference.ops import attn_frac_bits
+from repq_tvm.reference.ops import attn_frac_bits, attn_groups
 from repq_tvm.relax_util import scheduled_kernel
 from repq_tvm.tuning import log as log_mod
 from repq_tvm.tuning import spaces, tasks, verify
@@ -139,6 +140,39 @@ def test_qbmm_default_schedule_from_the_spec_is_the_emitted_kernel(variant):
         assert spec["kind"] == "qbmm" and spec["variant"] == variant
         tvm.ir.assert_structural_equal(scheduled_kernel(spaces.default_schedule(spec), name), func)
         assert tasks.tunable(func) == (variant != "fallback")
+
+
+LOG_WEIGHTS = [  # (shape, attention bits, softmax fused, target): DeiT-Small's heads and the ViT fixture's
+    ((6, 197, 197), 8, True, qd.X86_VNNI_TARGET),
+    ((4, 65, 65), 4, False, qd.X86_AVX2_TARGET),
+]
+
+
+def log_weights(shape, bits, softmax, target, scale=0.0123):
+    return lw.log_weights_primfunc(shape, scale, bits, True, 14, attn_groups(bits, 14), tvm.target.Target(target),
+                                   softmax=softmax)
+
+
+@pytest.mark.parametrize("case", LOG_WEIGHTS, ids=lambda c: f"{'x'.join(map(str, c[0]))}-b{c[1]}-softmax{c[2]}")
+def test_sampled_log_weights_candidates_match_their_definition(case):
+    func, _ = log_weights(*case)
+    assert_sampled_candidates_match(spaces.spec_of(func), case[3], seeds=2, stride=1)
+
+
+def test_log_weights_of_every_layer_share_one_task_on_the_emitted_schedule():
+    func, name = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET)
+    other_scale, _ = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET, scale=0.02)
+    other_bits, _ = log_weights((4, 65, 65), 4, True, qd.X86_AVX2_TARGET)
+    key = tasks.group_key(tasks.definition_of(func))
+    assert tasks.group_key(tasks.definition_of(other_scale)) == key != tasks.group_key(tasks.definition_of(other_bits))
+    spec = spaces.spec_of(func)
+    emitted = scheduled_kernel(spaces.default_schedule(spec), name).with_attr("op_pattern", 8)
+    tvm.ir.assert_structural_equal(emitted, func)
+    assert tasks.tunable(func)
+    # a schedule of another layer's thresholds is not this kernel: most codes move
+    definition = tvm.IRModule({"main": spaces.definition(spec)})
+    wrong = spaces.default_schedule(spaces.spec_of(other_scale))
+    assert verify.check(wrong, definition, qd.X86_AVX2_TARGET).endswith("of outputs differ from the definition")
 
 
 def test_replay_swaps_intrinsics_both_ways():

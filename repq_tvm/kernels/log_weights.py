@@ -18,6 +18,7 @@ expression tree was copied into every use and LLVM took minutes on one model.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -29,6 +30,11 @@ from ..reference.ops import attn_planes, sqrt2_weight
 from ..relax_util import scheduled_kernel
 from ..targets import target_has
 from .attn_v import padded_tokens
+
+
+# codes and weights per vector step: one zmm on AVX-512; two ymm on AVX2, where the 197-token rows of DeiT-Small
+# ran 1.7x faster than in one ymm (0.50 against 0.88 ms per 6x197x197 call, Zen 3, 2 threads)
+VECTOR = 16
 
 
 def code_thresholds(scale: float, sqrt2: bool) -> tuple[int, list[int]]:
@@ -63,17 +69,26 @@ def _code(x, i, m: int, offset: int, thresholds: list[int], top: int):
     return tvm.tirx.Select(dead, -1, tvm.tirx.max(raw, 0))
 
 
-def log_weights_primfunc(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, target, *,
-                         softmax: bool = False):
-    """Scheduled PrimFunc ``main(x, w)`` (see the module docstring) and a unique name for it."""
-    bt, rows, n = shape
+def log_weights_spec(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, target, *,
+                     softmax: bool = False) -> dict:
+    """The kernel spec: everything that determines the compute (`log_weights_func`); ``lanes`` (the vector
+    width of the target) pads the fused softmax's reductions to whole vectors.  `repq_tvm.tuning.spaces`
+    keys on it."""
+    return {"kind": "log_weights", "shape": [int(d) for d in shape], "scale": float(np.float32(scale)),
+            "bits": bits, "sqrt2": bool(sqrt2), "f": f, "groups": groups, "softmax": bool(softmax),
+            "lanes": 16 if target_has(target, "avx512f") else 8}
+
+
+def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
+    """The unscheduled PrimFunc ``main(x, w)`` of a spec, carrying it as its ``repq.kernel`` attribute."""
+    bt, rows, n = spec["shape"]
+    sqrt2, f, groups, lanes = spec["sqrt2"], spec["f"], spec["groups"], spec["lanes"]
     m = 2 if sqrt2 else 1
-    offset, thresholds = code_thresholds(scale, sqrt2)
-    top, parities, r_f = 2 ** bits - 1, m, sqrt2_weight(f)
+    offset, thresholds = code_thresholds(spec["scale"], sqrt2)
+    top, parities, r_f = 2 ** spec["bits"] - 1, m, sqrt2_weight(f)
     planes, n_p = attn_planes(parities, groups), padded_tokens(n)
-    lanes = 16 if target_has(target, "avx512f") else 8
     x = te.placeholder((bt, rows, n), "float32", name="x")
-    if softmax:  # topi.nn.fast_softmax's stages, the two reductions padded to whole vectors (see the schedule)
+    if spec["softmax"]:  # topi.nn.fast_softmax's stages, the two reductions padded to whole vectors (see the schedule)
         n_r = -(-n // lanes) * lanes
         k1, k2 = te.reduce_axis((0, n_r), name="k1"), te.reduce_axis((0, n_r), name="k2")
         lowest = tvm.tirx.min_value("float32")
@@ -105,16 +120,31 @@ def log_weights_primfunc(shape, scale: float, bits: int, sqrt2: bool, f: int, gr
                                tvm.tirx.Select(g1, w1, 0)).astype("int16")
 
     w = te.compute((bt, planes, rows, n_p), weight, name="w")
-    sch = Schedule(te.create_prim_func([x, w]))
+    return te.create_prim_func([x, w]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+
+
+def apply_schedule(sch: Schedule, spec: dict, rows=1, vector: int | None = None, unroll=None) -> Schedule:
+    """Rows of ``rows`` per parallel task (an int or a sampled ExprRV dividing Bt x M; 1 is the hand schedule),
+    the codes and weights in vectors of ``vector`` lanes (default `VECTOR`, at least the spec's), ``unroll`` (None, or an int /
+    ExprRV) as the task loop's ``pragma_auto_unroll_max_step``.  The reductions keep the spec's lanes: their
+    padding is in the compute."""
+    lanes = spec["lanes"]
+    vector = vector or max(VECTOR, lanes)
     blk = sch.get_sblock("w")
     b, pl, r, t = sch.get_loops(blk)
     sch.reorder(b, r, pl, t)
     task = sch.fuse(b, r)
+    anchor, depth = task, 1  # the row loop the stages go under, and how many loops lead to it
+    if not (isinstance(rows, int) and rows == 1):
+        (task, anchor), depth = sch.split(task, [None, rows]), 2
     sch.parallel(task)
-    sch.vectorize(sch.split(t, [None, lanes])[1])
+    if unroll is not None:
+        sch.annotate(task, "pragma_auto_unroll_max_step", unroll)
+        sch.annotate(task, "pragma_unroll_explicit", 1)
+    sch.vectorize(sch.split(t, [None, vector])[1])
     cb = sch.get_sblock("codes")
-    sch.compute_at(cb, task, preserve_unit_loops=True)
-    if softmax:  # per row, in order: max, e (row buffer), sum; p is recomputed inside the codes loop
+    sch.compute_at(cb, anchor, preserve_unit_loops=True)
+    if spec["softmax"]:  # per row, in order: max, e (row buffer), sum; p is recomputed inside the codes loop
         sch.compute_inline(sch.get_sblock("prob"))
         sch.compute_inline(sch.get_sblock("delta"))
         # max and sum as `lanes` partial results (rfactor), vectorized: a serial float reduction waits on
@@ -126,20 +156,31 @@ def log_weights_primfunc(shape, scale: float, bits: int, sqrt2: bool, f: int, gr
             partial[name] = sch.rfactor(lane, 2)
         for blk_s in (sch.get_sblock("sum"), partial["sum"], sch.get_sblock("T_fast_exp"), sch.get_sblock("max"),
                       partial["max"]):  # consumers first
-            sch.compute_at(blk_s, task, preserve_unit_loops=True)
+            sch.compute_at(blk_s, anchor, preserve_unit_loops=True)
         for is_rf, blk_s in ((True, partial["max"]), (True, partial["sum"]), (False, sch.get_sblock("T_fast_exp"))):
             # compute_at leaves unit loops around the ones that count
-            loops = [lp for lp in sch.get_loops(blk_s)[1:] if int(sch.get(lp).extent) > 1]
+            loops = [lp for lp in sch.get_loops(blk_s)[depth:] if int(sch.get(lp).extent) > 1]
             if not is_rf:
                 sch.vectorize(sch.split(loops[0], [None, lanes])[1])
             else:  # rf blocks: the lane loop first, then the outer reduction (if any): lanes innermost
                 if len(loops) == 2:
                     sch.reorder(loops[1], loops[0])
                 sch.vectorize(loops[0])
-    sch.vectorize(sch.split(sch.get_loops(cb)[-1], [None, lanes])[1])
+    sch.vectorize(sch.split(sch.get_loops(cb)[-1], [None, vector])[1])
+    return sch
+
+
+def default_schedule(spec: dict) -> Schedule:
+    """The hand schedule: one row per parallel task, vectors of `VECTOR` lanes (or the target's width)."""
+    return apply_schedule(Schedule(log_weights_func(spec)), spec)
+
+
+def log_weights_primfunc(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, target, *,
+                         softmax: bool = False):
+    """Scheduled PrimFunc ``main(x, w)`` (see the module docstring) and a unique name for it."""
+    spec = log_weights_spec(shape, scale, bits, sqrt2, f, groups, target, softmax=softmax)
+    bt, rows, n = shape
     kind = ("softmax_" if softmax else "") + ("sqrt2" if sqrt2 else "log2")
     name = f"repq_log_weights_{kind}_{bt}x{rows}x{n}_b{bits}_g{groups}_f{f}"
     # opaque (8): FuseOps must not pull the reshape of p into this hand-scheduled kernel
-    return scheduled_kernel(sch, name).with_attr("op_pattern", 8), name
-
-
+    return scheduled_kernel(default_schedule(spec), name).with_attr("op_pattern", 8), name

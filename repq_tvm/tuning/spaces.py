@@ -23,6 +23,7 @@ import tvm_ffi
 from tvm.s_tir import Schedule
 
 from ..kernels import attn_v as av
+from ..kernels import log_weights as lw
 from ..kernels import qbmm as qb
 from ..kernels import qdense as qd
 from ..kernels.packing import ceil_to
@@ -42,7 +43,7 @@ def spec_of(func: tvm.tirx.PrimFunc) -> dict | None:
 
 
 def _kind(spec: dict):
-    kinds = {"qdense": _QDense, "attn_v": _AttnV, "qbmm": _QBmm}
+    kinds = {"qdense": _QDense, "attn_v": _AttnV, "qbmm": _QBmm, "log_weights": _LogWeights}
     if spec.get("kind") not in kinds:
         raise ValueError(f"no search space for kernel kind {spec.get('kind')!r}")
     return kinds[spec["kind"]]
@@ -59,6 +60,16 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
 def searchable(spec: dict) -> bool:
     """Whether the kernel of this spec has a search space (else it keeps its hand schedule)."""
     return _kind(spec).searchable(spec)
+
+
+def exact(spec: dict) -> bool:
+    """Whether every candidate must equal the definition bit for bit (else: on all but a few outputs)."""
+    return _kind(spec).exact
+
+
+def schedule_key(spec: dict) -> dict:
+    """The spec less what no schedule depends on: kernels with equal keys share a task and its schedule."""
+    return {k: v for k, v in spec.items() if k not in _kind(spec).free}
 
 
 def design_spaces(sch: Schedule) -> list[Schedule]:
@@ -81,6 +92,8 @@ def _sampled_rows(sch: Schedule, rows: list[int], apply) -> Schedule:
 
 class _QDense:
     """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth."""
+
+    exact, free = True, ()
 
     @staticmethod
     def definition(spec: dict) -> tvm.tirx.PrimFunc:
@@ -122,6 +135,8 @@ class _AttnV:
     rows within the register budget (planes x rows x blocks accumulators), one design space per lane-block
     count dividing the padded D's blocks (the compute's padded D depends on the spec's ``d_tile`` only)."""
 
+    exact, free = True, ()
+
     @staticmethod
     def definition(spec: dict) -> tvm.tirx.PrimFunc:
         return av.attn_v_func(spec)
@@ -154,6 +169,8 @@ class _QBmm:
     budget, one design space per lane-block count dividing the padded N's blocks (the compute's padded N
     depends on ``n_tile`` only) and, for the Arm "neon_sdot", per tile order (row or column tiles outer)."""
 
+    exact, free = True, ()
+
     @staticmethod
     def definition(spec: dict) -> tvm.tirx.PrimFunc:
         return qb.qbmm_func(spec)
@@ -180,6 +197,40 @@ class _QBmm:
     def searchable(spec: dict) -> bool:
         """The plain-loop fallback has no intrinsic core to tile around: not searched."""
         return spec["variant"] != "fallback"
+
+
+class _LogWeights:
+    """`kernels.log_weights` (the fused softmax → log√2 codes → power-of-two weights): rows per parallel task and
+    the task loop's unroll limit sampled, one design space per vector width of the codes and weights (the
+    target's, twice that, `log_weights.VECTOR`).  Not bit for bit against the definition: the hand schedule already sums the
+    softmax in `lanes` partial sums, which moves a code where p sits on a code boundary.  The quantizer's
+    scale only sets integer thresholds, so the kernels of all layers share one schedule."""
+
+    exact, free = False, ("scale",)
+
+    @staticmethod
+    def definition(spec: dict) -> tvm.tirx.PrimFunc:
+        return lw.log_weights_func(spec)
+
+    @staticmethod
+    def default(spec: dict, ref: bool = False) -> Schedule:
+        return lw.default_schedule(spec)
+
+    @staticmethod
+    def spaces(sch: Schedule, spec: dict) -> list[Schedule]:
+        bt, rows, _ = spec["shape"]
+        counts, unrolls = _divisors(bt * rows, _MAX_ROWS), [0, 16, 64]
+        out = []
+        for vector in sorted({spec["lanes"], 2 * spec["lanes"], lw.VECTOR}):
+            s = sch.copy()
+            r = s.sample_categorical(counts, [1 / len(counts)] * len(counts))
+            u = s.sample_categorical(unrolls, [1 / len(unrolls)] * len(unrolls))
+            out.append(lw.apply_schedule(s, spec, r, vector, u))
+        return out
+
+    @staticmethod
+    def searchable(spec: dict) -> bool:
+        return True
 
 
 def replay(func: tvm.tirx.PrimFunc, trace, ref: bool) -> Schedule:

@@ -10,6 +10,8 @@ schedule, or the float rules (`passes.float_schedules`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import tvm
@@ -65,7 +67,12 @@ def definition_of(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
 
 def group_key(definition: tvm.IRModule) -> int:
     """Kernels equal up to their float constants share a task and a schedule: e.g. the twelve LayerNorm →
-    quantize kernels of a ViT differ only in their quantizer's scale, which no schedule depends on."""
+    quantize kernels of a ViT differ only in their quantizer's scale, which no schedule depends on.  Kernels
+    built from a spec: equal `spaces.schedule_key` (the log√2 weights of every layer, whatever their scale)."""
+    spec = spaces.spec_of(definition["main"])
+    if spec is not None:
+        digest = hashlib.sha256(json.dumps(spaces.schedule_key(spec), sort_keys=True).encode()).hexdigest()
+        return int(digest[:16], 16)
     func = tvm_ffi.structural_map(definition["main"], [(tvm.tirx.FloatImm, lambda x: tvm.tirx.FloatImm(str(x.ty), 1.0))])
     return tvm_ffi.structural_hash(func)
 
@@ -89,8 +96,8 @@ def indirect_loads(func: tvm.tirx.PrimFunc) -> bool:
 
 
 def tunable(func: tvm.tirx.PrimFunc) -> bool:
-    """Integer kernels with a spec and float kernels not yet scheduled, except those with data-dependent
-    indexing (`indirect_loads`); hand kernels without a spec (the fused softmax → log√2 weights) or without a search space (`spaces.searchable`: the plain-loop fallbacks) keep their schedule."""
+    """Kernels with a spec and a search space (not the plain-loop fallbacks: `spaces.searchable`) and float
+    kernels not yet scheduled, except those with data-dependent indexing (`indirect_loads`)."""
     spec = spaces.spec_of(func)
     if spec is not None:
         return spaces.searchable(spec)

@@ -5,7 +5,8 @@ candidate is run on seeded inputs and compared with its *definition*, the unsche
 for this CPU with TVM's plain lowering: the same TE compute the kernel tests tie to
 `repq_tvm.reference.ops`.  Integer kernels must match bit for bit (epilogue scale 1 and bias 0, so the
 float output is the int32 sum itself), float kernels within float32 reordering error, their code outputs
-off by at most one on a few elements.
+off by at most one on a few elements, the log√2 weights (integer outputs of a float softmax) equal on all
+but 0.1%.
 
 A candidate for a target this CPU cannot run (an aarch64 board, VNNI on an AVX2 host) is checked here
 too: its trace is replayed with every repq tensor intrinsic swapped for its plain-loop twin
@@ -113,8 +114,11 @@ def check(sch: Schedule, definition: tvm.IRModule, target, seed: int = 0) -> str
     except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built or run is rejected
         return f"cannot build or run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     out = len(args) - 1
-    if spec is not None:  # integer kernel: bit for bit, its float output is the exact sum here
+    if spec is not None and spaces.exact(spec):  # integer kernel: bit for bit, its output is the exact sum here
         return _integer_verdict(want[out], got[out], exact=True)
+    if spec is not None:  # integer outputs of float sums (`spaces._LogWeights`): equal but on a few
+        bad = float((want[out] != got[out]).mean())
+        return None if bad <= 1e-3 else f"{bad:.2%} of outputs differ from the definition"
     return _float_verdict(want[out], got[out])
 
 
