@@ -89,8 +89,8 @@ def test_fast_gelu_matches_pytorch():
 
 
 def test_layer_norm_sums_are_vector_partials_and_match_numpy():
-    """The mean's row sum runs as a vector of partial sums (rfactor) where the reduction is not padded; the
-    LayerNorm still matches a float64 NumPy one to float32 rounding."""
+    """Both row sums (the mean's and the variance's) run as vectors of partial sums (rfactor); the LayerNorm
+    still matches a float64 NumPy one to float32 rounding."""
     target = host_target()
     for channels in (96, 384, 768):
         rng = np.random.default_rng(channels)
@@ -103,7 +103,7 @@ def test_layer_norm_sums_are_vector_partials_and_match_numpy():
             bb.emit_func_output(out)
         mod = fuse_and_schedule(bb.get(), target)
         source = "\n".join(f.script() for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
-        assert "x_sum_rf" in source and "T.vectorized" in source
+        assert "x_sum_rf" in source and "x_var_sum_rf" in source and "T.vectorized" in source
         data = (rng.standard_normal((1, 49, channels)) * 3 + 1).astype(np.float32)
         ex = tvm.compile(mod, target=target, relax_pipeline=lower_pipeline(target))
         got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
