@@ -69,6 +69,12 @@ def test_attention_logits_run_on_sdot(built):
     assert names and all(name.startswith("repq_qbmm_neon_sdot_") for name in names), names
 
 
+def test_attention_times_v_runs_on_udot(built):
+    """The preset's attn @ V kernels are the udot variant (so the qemu comparison below covers them)."""
+    names = kernel_symbols(os.path.join(built[1], "model.so"), "repq_attn_v")
+    assert names and all(name.startswith("repq_attn_v_neon_udot_") for name in names), names
+
+
 def test_manifest_records_the_cross_compile(built):
     manifest = json.load(open(os.path.join(built[1], "manifest.json")))
     assert manifest["target"]["name"] == TARGET

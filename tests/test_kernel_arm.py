@@ -7,7 +7,8 @@
 - The aarch64 build: `sdot` (indexed form) in the kernel's innermost loop, no `smlal` and no stack traffic
   there; the `aarch64-neon` preset (no dot product) keeps the widening-multiply fallback (`smlal`, no `sdot`).
 - Whole model: `repq-tvm compile --target aarch64-neon-dotprod` of the calibrated ViT fixture has only sdot
-  linears (objdump of model.so); `--target aarch64-neon` has none.
+  linears and q @ kᵀ and udot attn @ V (objdump of model.so; `test_kernel_attn_v_arm.py` has that kernel's
+  tests); `--target aarch64-neon` has no dot product at all.
 - Slow (`-m slow`, needs the arm64 sysroot of `make aarch64-sysroot`): the real sdot kernels run under
   qemu-aarch64-static, bit for bit against the reference.
 - Attention logits q @ kᵀ (`kernels.qbmm`, variant `neon_sdot`): the same three levels, through the stand-in on
@@ -257,6 +258,11 @@ def test_whole_model_linears_use_sdot(fixture_repq, tmp_path):
         hot = max(_objdump_loops(body), key=lambda loop: loop.count("sdot"))
         assert hot.count("sdot") >= 32 and "smlal" not in hot, (name, hot)
         assert not re.search(r"^st\S*\s.*\[sp", hot, re.M), f"{name}: registers spilled in the hot loop"
+    attn_v = {name: body for name, body in funcs.items() if name.startswith("repq_attn_v")}
+    assert attn_v and all(name.startswith("repq_attn_v_neon_udot_") for name in attn_v), sorted(attn_v)  # attn @ V
+    for name, body in attn_v.items():  # both weight bands' token loops: indexed udot, no spills
+        hot = max(_objdump_loops(body), key=lambda loop: loop.count("udot"))
+        assert hot.count("udot") >= 40 and "smlal" not in hot and "[sp" not in hot, (name, hot)
     for name, body in dense.items():
         assert len(re.findall(r"\tsdot\t", body)) >= 16, name
         assert not re.search(r"\t(smlal2?|smull2?)\tv", body), name  # (a scalar smull may index)

@@ -15,13 +15,15 @@ Computes exactly `repq_tvm.reference.ops.attn_v_acc` for a batch of heads:
 A right shift by s is a multiply by 2^−s: with F ≤ 14 fractional bits the weights are exact int16 powers
 of two, and attn @ V runs on the int16 dot product of the target, like a matmul:
 
-==============  ==========================================  ======================================
-variant         inner step (per row, 2 tokens, lanes of d)  targets
-==============  ==========================================  ======================================
-``vnni_i16``    vpdpwssd zmm (16 lanes)                     AVX-512 VNNI
-``avx2_i16``    vpmaddwd + vpaddd ymm (8 lanes)             AVX2
-``fallback``    plain loops (LLVM: smull/smlal on NEON)     anything else (aarch64)
-==============  ==========================================  ======================================
+==============  ==================================================  ======================================
+variant         inner step (per row)                                targets
+==============  ==================================================  ======================================
+``vnni_i16``    vpdpwssd zmm: 2 tokens x 16 lanes of d              AVX-512 VNNI
+``avx2_i16``    vpmaddwd + vpaddd ymm: 2 tokens x 8 lanes           AVX2
+``neon_udot``   indexed udot (u8 x u8): 4 tokens x 4 lanes, once    aarch64 with dot product (``dotprod``)
+                per weight band (two bands: 2 udot per 16 MACs)
+``fallback``    plain loops (LLVM: smull/smlal on NEON)             anything else (aarch64 without dotprod)
+==============  ==================================================  ======================================
 
 It replaced a kernel of right shifts and adds (one vpsrlvd + vpaddd per 16 MACs, both parities computed
 for every token): 5.3 ms of DeiT-Small's 28 ms on a Zen 4, 7% of the int8 peak.  Both parities still
@@ -31,6 +33,21 @@ Schedule (the `qbmm` int16 one, plus the parity axis inside the register tile): 
 centre V to int16 and pack it ``[D/L, Np/2, L, 2]``, then register tiles of rows x parities x lane blocks
 whose int32 accumulators stay in registers over the whole token loop; the epilogue combines the two
 parities of a tile and scales to float.
+
+``neon_udot``: Arm's dot product is 8-bit only (``udot``: u8 x u8, 16 MACs, exact).  Any weight 0 ≤ W < 2^15
+is ``W = 2^7·hi + lo`` with the bytes ``hi = W >> 7`` (≤ 181 for round(√2·2^14), the largest weight) and
+``lo = W & 127``, so with raw V codes (no centring)
+``Σ_n W·(v − z) = 2^7·Σ_n hi·v + Σ_n lo·v − z·Σ_n W``.  Per batch V is packed ``[D/4, Np/4, 4 lanes of d,
+4 tokens]`` u8 (Np a multiple of 8, zeros in the padding); per row tile the kernel splits its weight rows into
+the two bands and sums them (``Σ_{n<N} W``).  A register tile's accumulators run the hi band's udot loop, are
+shifted left by 7 and less ``z·Σ_n W`` (the lo loop's start value), then run the lo band's loop: the
+accumulators of one band, no more registers than one int16 dot product.  When every weight fits a byte
+(F ≤ 7, `weight_bands`) the weights are the one band ``lo = W``.  No int32 intermediate exceeds the bound
+`attn_v` already checks: 2^7·Σ hi·v ≤ Σ W·v < N·(2^b − 1)·round(√2·2^F) < 2^31, and likewise z·Σ W.  Tiles
+(llvm-mca, no ARM hardware: `default_tiles`): 20 q accumulators, 2 blocks of 4 lanes x 10 / 5 / 3 rows for
+1 / 2 / 3 planes; a step loads two V tiles per block and 8 weight bytes per row and plane, read lane by lane
+by the indexed ``udot v.4s, v.16b, v.4b[j]``.  The token loop runs at 15-16 useful (int16-equivalent) MACs
+per cycle in the estimate, the two bands halving udot's 32 (README "ARM (aarch64)").
 """
 
 from __future__ import annotations
@@ -41,26 +58,35 @@ import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
+from tvm.script import tirx as T
 
 from ..reference.ops import ATTN_EXTRA_BITS, SQRT2_FIXED, SQRT2_Q, attn_planes, sqrt2_weight
 from ..relax_util import scheduled_kernel
 from ..targets import as_target, check_runnable, target_has
+from .intrinsics_arm import register_intrinsics as register_arm_intrinsics
+from .intrinsics_arm import udot_intrin
 from .intrinsics_x86 import i16_intrin, ref_name, register_intrinsics, vnni_i16_intrin
 from .packing import ceil_to
 
 KPACK = 2  # tokens per int16 pair
+UDOT_KPACK, UDOT_DEPTH = 4, 2  # udot: 4 tokens per 32-bit lane; 2 token tiles (one 8-byte load) per step
+HI_SHIFT = 7  # the udot bands: W = (W >> 7)·2^7 + (W & 127)
 # variant -> (int32 lanes per vector, tensor intrinsic or None for plain loops, (rows, lane blocks) per tile)
 VARIANTS = {
     "vnni_i16": (16, vnni_i16_intrin, (3, 4)),
     "avx2_i16": (8, i16_intrin, (3, 2)),
+    "neon_udot": (4, udot_intrin, (10, 2)),
     "fallback": (4, None, (2, 4)),
 }
 
 
 def variant_for(target) -> str:
-    """"vnni_i16" on AVX-512 VNNI targets, "avx2_i16" on AVX2, else "fallback"."""
+    """"vnni_i16" on AVX-512 VNNI targets, "avx2_i16" on AVX2, "neon_udot" on aarch64 with the dot-product
+    extension (LLVM ``dotprod``), else "fallback"."""
     if target_has(target, "avx512vnni"):
         return "vnni_i16"
+    if target_has(target, "dotprod"):
+        return "neon_udot"
     return "avx2_i16" if target_has(target, "avx2") else "fallback"
 
 
@@ -69,30 +95,70 @@ def padded_tokens(n: int) -> int:
     return ceil_to(n, KPACK)
 
 
-# accumulator vectors a register tile may hold: 32 zmm (VNNI) / 32 q (NEON) less operands, 16 ymm (AVX2)
-ACCUMULATORS = {"vnni_i16": 24, "avx2_i16": 12, "fallback": 24}
+def weight_bands(f: int, groups: int) -> int:
+    """u8 bands of the weights in the udot variant: 1 when every weight fits a byte (the largest is 2^F, or
+    round(√2·2^F) with group 1: F ≤ 7), else 2 (hi = W >> 7 ≤ 181 and lo = W & 127)."""
+    return 1 if (sqrt2_weight(f) if groups == 2 else 1 << f) < 256 else 2
+
+
+# accumulator vectors a register tile may hold: 32 zmm (VNNI) / 32 q (NEON) less operands, 16 ymm (AVX2);
+# udot: 20 q accumulators, 4 V tiles and the rows' 8-byte band loads (llvm-mca: 24 accumulators spill)
+ACCUMULATORS = {"vnni_i16": 24, "avx2_i16": 12, "neon_udot": 20, "fallback": 24}
 
 
 def default_tiles(M: int, variant: str, planes: int = 2) -> tuple[int, int]:
     """(rows, lane blocks): the variant's, rows lowered until planes x rows x blocks accumulators fit the
     registers (3 planes x 3 rows x 4 blocks = 36 zmm spilled: 0.32 ms against 0.25 at 2 rows, DeiT-S heads,
-    Zen 4) and to M, else the size in (max/2, max] wasting the fewest clamped rows."""
+    Zen 4) and to M, else the size in (max/2, max] wasting the fewest clamped rows.
+
+    neon_udot: the most rows whose padding is within 2% of the fewest (llvm-mca, Cortex-A76 model: 3 rows of
+    2 planes 13.7 useful MACs/cycle, 5 rows 15.9): 3 planes x 3 rows, 2 x 5, 1 x 10, all x 2 blocks."""
     mi, nbi = VARIANTS[variant][2]
     mi = max(1, min(mi, ACCUMULATORS[variant] // (planes * nbi)))
     if M <= mi:
         return M, nbi
-    return min(range(mi, mi // 2, -1), key=lambda t: ceil_to(M, t) - M), nbi
+    options = range(mi, mi // 2, -1)
+    if variant == "neon_udot":
+        fewest = min(ceil_to(M, t) for t in options)
+        return next(t for t in options if ceil_to(M, t) <= 1.02 * fewest), nbi
+    return min(options, key=lambda t: ceil_to(M, t) - M), nbi
+
+
+def _check_args(N: int, parities: int, groups: int, f: int, v_bits: int) -> None:
+    """Refuse what the kernel cannot compute exactly.  The bound N·(2^b − 1)·round(√2·2^F) < 2^31 covers every
+    int32 sum of both formulations: Σ W·(v − z) (int16), and udot's Σ W·v, z·Σ W, 2^7·Σ hi·v ≤ Σ W·v and the
+    partial sums between them (all weights ≤ round(√2·2^F), codes and z ≤ 2^b − 1)."""
+    if parities not in (1, 2) or groups not in (1, 2) or not 1 <= f <= 14 or not 1 <= v_bits <= 8:
+        raise ValueError(f"parities {parities}, groups {groups}, F {f}, V bits {v_bits}: need 1 or 2, 1 or 2, "
+                         "[1, 14], [1, 8]")
+    if N * ((1 << v_bits) - 1) * sqrt2_weight(f) >= 1 << 31:
+        raise ValueError(f"{N} tokens of {v_bits}-bit V with F={f} could overflow int32 (see attn_frac_bits)")
+
+
+def _acc_total(acc, b, m, d, planes: int, parities: int, f: int):
+    """int64 acc of output (b, m, d) from the int32 plane sums ``acc[b, plane, m, d]`` (`reference.ops.attn_term`);
+    ``acc`` a TE tensor or a TIR buffer."""
+    g, q = ATTN_EXTRA_BITS, SQRT2_Q - ATTN_EXTRA_BITS
+
+    def term(pl):
+        s = acc[b, pl, m, d].astype("int64")
+        if pl >= parities:
+            return s << (g - f - 1)
+        if pl == 0:
+            return s << g
+        return (s * tvm.tirx.const(SQRT2_FIXED, "int64") + tvm.tirx.const(1 << (q - 1), "int64")) >> q
+
+    out = term(0)
+    for pl in range(1, planes):
+        out = out + term(pl)
+    return out
 
 
 def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14, v_bits: int = 8,
            lanes: int = 16, tiles=(3, 4), epilogue: bool = True) -> list[te.Tensor]:
     """TE compute ``[W, V, zp, scale, out]`` (``[W, V, zp, out]`` with the int64 acc when not ``epilogue``);
     W has ``groups * parities`` planes (`reference.ops.attn_weights`)."""
-    if parities not in (1, 2) or groups not in (1, 2) or not 1 <= f <= 14 or not 1 <= v_bits <= 8:
-        raise ValueError(f"parities {parities}, groups {groups}, F {f}, V bits {v_bits}: need 1 or 2, 1 or 2, "
-                         "[1, 14], [1, 8]")
-    if N * ((1 << v_bits) - 1) * sqrt2_weight(f) >= 1 << 31:
-        raise ValueError(f"{N} tokens of {v_bits}-bit V with F={f} could overflow int32 (see attn_frac_bits)")
+    _check_args(N, parities, groups, f, v_bits)
     mi, nbi = tiles
     n_p, m_p, d_p = padded_tokens(N), ceil_to(M, mi), ceil_to(D, lanes * nbi)
     planes = attn_planes(parities, groups)
@@ -116,27 +182,115 @@ def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 
         name="acc",
     )
 
-    g, q = ATTN_EXTRA_BITS, SQRT2_Q - ATTN_EXTRA_BITS
-
-    def term(b, pl, m, d):  # `reference.ops.attn_term`
-        s = acc[b, pl, m, d].astype("int64")
-        if pl >= parities:
-            return s << (g - f - 1)
-        if pl == 0:
-            return s << g
-        return (s * tvm.tirx.const(SQRT2_FIXED, "int64") + tvm.tirx.const(1 << (q - 1), "int64")) >> q
-
     def total(b, m, d):
-        out = term(b, 0, m, d)
-        for pl in range(1, planes):
-            out = out + term(b, pl, m, d)
-        return out
+        return _acc_total(acc, b, m, d, planes, parities, f)
 
     if not epilogue:
-        return [W, V, zp, te.compute((Bt, M, D), lambda b, m, d: total(b, m, d), name="out")]
+        return [W, V, zp, te.compute((Bt, M, D), total, name="out")]
     scale = te.placeholder((1,), "float32", name="scale")
     out = te.compute((Bt, M, D), lambda b, m, d: total(b, m, d).astype("float32") * scale[0], name="out")
     return [W, V, zp, scale, out]
+
+
+def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14,
+                v_bits: int = 8, tiles=(3, 2), epilogue: bool = True) -> tvm.tirx.PrimFunc:
+    """PrimFunc of the "neon_udot" variant (module docstring) with `attn_v`'s inputs and outputs:
+    ``main(W, V, zp, scale, out)``, or ``main(W, V, zp, out)`` with the int64 acc when not ``epilogue``.
+
+    Stages: ``vb`` V packed [Bt, Dp/4, Np/4, 4, 4] u8 (0 in the padding); ``whi = W >> 7`` and ``wlo = W & 127``
+    [Bt, planes, Mp, Np] u8 (padded rows repeat row M − 1, tokens past W's end 0: V is 0 past N);
+    ``wsum = Σ_{n<N} W``; ``hi = Σ_n whi·v``; ``acc`` from ``(hi << 7) − z·wsum`` plus ``Σ_n wlo·v``; ``out``.
+    One band (``wlo = W``, no whi / hi) when every weight fits a byte (`weight_bands`).  The weights must be
+    ≥ 0 (`reference.ops.attn_weights`).  TVMScript: `te.create_prim_func` drops a reduction's init value.
+    """
+    _check_args(N, parities, groups, f, v_bits)
+    L, P = VARIANTS["neon_udot"][0], UDOT_KPACK
+    mi, nbi = tiles
+    planes, two = attn_planes(parities, groups), weight_bands(f, groups) == 2
+    n_w, n_p, m_p, d_p = padded_tokens(N), ceil_to(N, P * UDOT_DEPTH), ceil_to(M, mi), ceil_to(D, L * nbi)
+    lo_mask = (1 << HI_SHIFT) - 1 if two else 255
+    pad_v = n_p != N or d_p != D
+
+    @T.macro
+    def dot_products(W, V, zp, acc):
+        wlo = T.sblock_alloc_buffer((Bt, planes, m_p, n_p), "uint8")
+        wsum = T.sblock_alloc_buffer((Bt, planes, m_p), "int32")
+        vb = T.sblock_alloc_buffer((Bt, d_p // L, n_p // P, L, P), "uint8")
+        if two:
+            whi = T.sblock_alloc_buffer((Bt, planes, m_p, n_p), "uint8")
+            hi = T.sblock_alloc_buffer((Bt, planes, m_p, d_p), "int32")
+        for b, db, nb, ln, k in T.grid(Bt, d_p // L, n_p // P, L, P):
+            with T.sblock("vb"):
+                vb_, vdb, vnb, vl, vk = T.axis.remap("SSSSS", [b, db, nb, ln, k])
+                if pad_v:
+                    vb[vb_, vdb, vnb, vl, vk] = T.if_then_else(
+                        vnb * P + vk < N and vdb * L + vl < D,
+                        V[vb_, T.min(vnb * P + vk, N - 1), T.min(vdb * L + vl, D - 1)], T.uint8(0))
+                else:
+                    vb[vb_, vdb, vnb, vl, vk] = V[vb_, vnb * P + vk, vdb * L + vl]
+        if two:
+            for b, p, m, n in T.grid(Bt, planes, m_p, n_p):
+                with T.sblock("whi"):
+                    vb_, vp, vm, vn = T.axis.remap("SSSS", [b, p, m, n])
+                    w = T.meta_var(W[vb_, vp, T.min(vm, M - 1), T.min(vn, n_w - 1)])
+                    whi[vb_, vp, vm, vn] = T.if_then_else(vn < n_w, T.Cast("uint8", w >> T.int16(HI_SHIFT)),
+                                                          T.uint8(0))
+        for b, p, m, n in T.grid(Bt, planes, m_p, n_p):
+            with T.sblock("wlo"):
+                vb_, vp, vm, vn = T.axis.remap("SSSS", [b, p, m, n])
+                w = T.meta_var(W[vb_, vp, T.min(vm, M - 1), T.min(vn, n_w - 1)])
+                wlo[vb_, vp, vm, vn] = T.if_then_else(vn < n_w, T.Cast("uint8", w & T.int16(lo_mask)), T.uint8(0))
+        for b, p, m, n in T.grid(Bt, planes, m_p, n_p):  # whole vectors of tokens (`_apply_udot` sums 8 a time)
+            with T.sblock("wsum"):
+                vb_, vp, vm, vn = T.axis.remap("SSSR", [b, p, m, n])
+                with T.init():
+                    wsum[vb_, vp, vm] = 0
+                wsum[vb_, vp, vm] = wsum[vb_, vp, vm] + T.if_then_else(
+                    vn < N, T.Cast("int32", W[vb_, vp, T.min(vm, M - 1), T.min(vn, N - 1)]), 0)
+        if two:
+            for b, p, m, d, n in T.grid(Bt, planes, m_p, d_p, n_p):
+                with T.sblock("hi"):
+                    vb_, vp, vm, vd, vn = T.axis.remap("SSSSR", [b, p, m, d, n])
+                    with T.init():
+                        hi[vb_, vp, vm, vd] = 0
+                    hi[vb_, vp, vm, vd] = hi[vb_, vp, vm, vd] + T.Cast("int32", whi[vb_, vp, vm, vn]) * T.Cast(
+                        "int32", vb[vb_, vd // L, vn // P, vd % L, vn % P])
+        for b, p, m, d, n in T.grid(Bt, planes, m_p, d_p, n_p):
+            with T.sblock("acc"):
+                vb_, vp, vm, vd, vn = T.axis.remap("SSSSR", [b, p, m, d, n])
+                with T.init():  # the start value: its reads are hidden from tensorize (`_apply_udot`)
+                    if two:
+                        acc[vb_, vp, vm, vd] = (hi[vb_, vp, vm, vd] << HI_SHIFT) - zp[0] * wsum[vb_, vp, vm]
+                    else:
+                        acc[vb_, vp, vm, vd] = 0 - zp[0] * wsum[vb_, vp, vm]
+                acc[vb_, vp, vm, vd] = acc[vb_, vp, vm, vd] + T.Cast("int32", wlo[vb_, vp, vm, vn]) * T.Cast(
+                    "int32", vb[vb_, vd // L, vn // P, vd % L, vn % P])
+
+    acc_shape, w_shape = (Bt, planes, m_p, d_p), (Bt, planes, M, n_w)
+    if epilogue:
+        @T.prim_func(s_tir=True)
+        def main(W: T.Buffer(w_shape, "int16"), V: T.Buffer((Bt, N, D), "uint8"), zp: T.Buffer((1,), "int32"),
+                 scale: T.Buffer((1,), "float32"), out: T.Buffer((Bt, M, D), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            acc = T.sblock_alloc_buffer(acc_shape, "int32")
+            dot_products(W, V, zp, acc)
+            for b, m, d in T.grid(Bt, M, D):
+                with T.sblock("out"):
+                    vb_, vm, vd = T.axis.remap("SSS", [b, m, d])
+                    total = T.meta_var(_acc_total(acc, vb_, vm, vd, planes, parities, f))
+                    out[vb_, vm, vd] = T.Cast("float32", total) * scale[0]
+    else:
+        @T.prim_func(s_tir=True)
+        def main(W: T.Buffer(w_shape, "int16"), V: T.Buffer((Bt, N, D), "uint8"), zp: T.Buffer((1,), "int32"),
+                 out: T.Buffer((Bt, M, D), "int64")):
+            T.func_attr({"tirx.noalias": True})
+            acc = T.sblock_alloc_buffer(acc_shape, "int32")
+            dot_products(W, V, zp, acc)
+            for b, m, d in T.grid(Bt, M, D):
+                with T.sblock("out"):
+                    vb_, vm, vd = T.axis.remap("SSS", [b, m, d])
+                    out[vb_, vm, vd] = _acc_total(acc, vb_, vm, vd, planes, parities, f)
+    return main
 
 
 def attn_v_spec(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14,
@@ -153,15 +307,21 @@ def attn_v_spec(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: i
 def attn_v_func(spec: dict) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of a spec (`attn_v_spec`), carrying it as its ``repq.kernel`` attribute."""
     lanes = VARIANTS[spec["variant"]][0]
-    tensors = attn_v(spec["Bt"], spec["M"], spec["N"], spec["D"], parities=spec["parities"], groups=spec["groups"],
-                     f=spec["f"], v_bits=spec["v_bits"], lanes=lanes,
-                     tiles=(spec["m_tile"], spec["d_tile"] // lanes), epilogue=spec["epilogue"])
-    return te.create_prim_func(tensors).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+    shape = spec["Bt"], spec["M"], spec["N"], spec["D"]
+    kw = {"parities": spec["parities"], "groups": spec["groups"], "f": spec["f"], "v_bits": spec["v_bits"],
+          "tiles": (spec["m_tile"], spec["d_tile"] // lanes), "epilogue": spec["epilogue"]}
+    if spec["variant"] == "neon_udot":
+        func = attn_v_udot(*shape, **kw)
+    else:
+        func = te.create_prim_func(attn_v(*shape, lanes=lanes, **kw))
+    return func.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 
 
 def apply_schedule(sch: Schedule, variant: str, mi, nbi: int, ref: bool = False) -> Schedule:
     """The register-tiled schedule on ``sch`` (holding an `attn_v_func`): tiles of ``mi`` rows (an int or a
     sampled ExprRV dividing the padded rows) x ``nbi`` lane blocks (dividing the padded D's blocks)."""
+    if variant == "neon_udot":
+        return _apply_udot(sch, mi, nbi, ref)
     lanes, intrin, _ = VARIANTS[variant]
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     # driven from out (its epilogue reads both parities of a tile): tiles of mi rows x nbi*lanes columns
@@ -196,6 +356,62 @@ def apply_schedule(sch: Schedule, variant: str, mi, nbi: int, ref: bool = False)
     return sch
 
 
+def _apply_udot(sch: Schedule, mi, nbi: int, ref: bool) -> Schedule:
+    """`apply_schedule` of "neon_udot" (stages: `attn_v_udot`): per batch pack V; per row tile its weight bands
+    and row sums (in L1 across the row's column tiles); per tile the hi band's udot loop, then the lo band's on
+    the same accumulators (q registers), then the epilogue.  A step of a band loop loads 8 bytes of each row
+    and feeds them to its ``nbi`` x `UDOT_DEPTH` indexed ``udot v.4s, v.16b, v.4b[j]`` (no broadcast)."""
+    spec = json.loads(sch.mod["main"].attrs["repq.kernel"])
+    two = weight_bands(spec["f"], spec["groups"]) == 2
+    bands, splits = (["hi", "acc"], ["wlo", "whi"]) if two else (["acc"], ["wlo"])
+    lanes = VARIANTS["neon_udot"][0]
+    b, m, d = sch.get_loops(sch.get_sblock("out"))
+    mo, mo_i = sch.split(m, [None, mi])
+    do, do_i = sch.split(d, [None, nbi * lanes])
+    sch.reorder(b, mo, do, mo_i, do_i)
+    sch.vectorize(sch.split(do_i, [None, lanes])[1])
+    for name in reversed(bands):  # acc first: hi then lands before its consumer
+        sch.compute_at(sch.get_sblock(name), do, preserve_unit_loops=True)
+    for name in ["wsum", *splits]:
+        sch.compute_at(sch.get_sblock(name), mo, preserve_unit_loops=True)
+    for name in splits:  # 8 weights a vector; only the last 8 may pass W's end (partitioned off)
+        n_o, n_i = sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, UDOT_KPACK * UDOT_DEPTH])
+        sch.vectorize(n_i)
+        sch.annotate(n_o, "pragma_loop_partition_hint", 1)
+    n_o, n_i = sch.split(sch.get_loops(sch.get_sblock("wsum"))[-1], [None, UDOT_KPACK * UDOT_DEPTH])
+    *_, rf_o, rf_i = sch.get_loops(sch.rfactor(n_i, 0))  # row sums: 8 partial sums a row, in one vector
+    sch.vectorize(rf_i)
+    sch.annotate(rf_o, "pragma_loop_partition_hint", 1)
+    sch.compute_at(sch.get_sblock("vb"), b, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(sch.get_sblock("vb"))[-1])
+    sch.annotate(do, "pragma_loop_partition_hint", 1)  # ragged D: only the last column tile checks
+    sch.parallel(b)
+    register_arm_intrinsics()
+    for name in bands:
+        _tensorize_band(sch, name, nbi, ref)
+    return sch
+
+
+def _tensorize_band(sch: Schedule, name: str, nbi: int, ref: bool) -> None:
+    """Block ``name``'s token loop on the udot intrinsic: steps of `UDOT_DEPTH` x `UDOT_KPACK` tokens outermost,
+    planes, rows and lane blocks unrolled inside."""
+    block = sch.get_sblock(name)
+    p, m_i, d_t, n = sch.get_loops(block)[-4:]
+    nb_i, lane = sch.split(d_t, [nbi, VARIANTS["neon_udot"][0]])
+    step, kd, k = sch.split(n, [None, UDOT_DEPTH, UDOT_KPACK])
+    sch.reorder(step, p, m_i, nb_i, kd, lane, k)
+    init = sch.decompose_reduction(block, step)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if name == "acc":  # tensorize compares the reads with the intrinsic's: the start value's are the init's
+        reads = sch.get(block).reads
+        sch.unsafe_hide_buffer_access(block, "read", [i for i, r in enumerate(reads)
+                                                      if r.source.name in ("hi", "zp", "wsum")])
+    intrin = udot_intrin(UDOT_DEPTH)
+    sch.tensorize(kd, ref_name(intrin) if ref else intrin)
+    for loop in (p, m_i, nb_i):
+        sch.unroll(loop)
+
+
 def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     """The hand schedule of a spec: the tile its compute was padded for (`schedule_attn_v`)."""
     lanes = VARIANTS[spec["variant"]][0]
@@ -211,6 +427,8 @@ def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = 
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     if variant == "vnni_i16" and not ref and not target_has(target, "avx512vnni"):
         raise ValueError("the vnni_i16 variant needs a target with avx512vnni (or ref=True)")
+    if variant == "neon_udot" and not ref and not target_has(target, "dotprod"):
+        raise ValueError("the neon_udot variant needs an aarch64 target with dotprod (or ref=True)")
     mi, nbi = tiles or default_tiles(M, variant, attn_planes(parities, groups))
     spec = attn_v_spec(Bt, M, N, D, parities=parities, groups=groups, f=f, v_bits=v_bits, variant=variant,
                        tiles=(min(mi, M), nbi), epilogue=epilogue)

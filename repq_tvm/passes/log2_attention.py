@@ -17,8 +17,8 @@ and emits
         F = attn_frac_bits(N, b) ≤ 14: the fewer V bits or tokens, the more fractional bits fit int32
 
 The kernel (`repq_tvm.kernels.attn_v`) computes `reference.ops.attn_v_acc` exactly: per parity an int16 dot
-product Σ_n w·(v − z_v) in int32 (vpdpwssd on AVX-512 VNNI, vpmaddwd on AVX2, smlal on NEON), one √2
-fixed-point multiply and one float multiply per output.
+product Σ_n w·(v − z_v) in int32 (vpdpwssd on AVX-512 VNNI, vpmaddwd on AVX2, udot on two byte bands of w with
+Arm's dot product, smlal on other NEON), one √2 fixed-point multiply and one float multiply per output.
 Other uses of the log quantizer (if any) keep the original call.
 """
 
