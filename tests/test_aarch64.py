@@ -195,6 +195,6 @@ def test_aarch64_under_qemu_matches_x86(built, tmp_path):
           f"max |diff| {per_image.max():.2e}, median {np.median(per_image):.2e}, share < 1e-4 {exact_share:.3f}, "
           f"bit-identical {np.array_equal(arm, ref)}; "
           f"qemu wall {wall:.1f} s (load {info['load_seconds']} s, run {info['run_seconds']} s)")
-    assert (arm.argmax(1) == ref.argmax(1)).all()
-    assert exact_share >= 0.9, exact_share
-    assert per_image.max() < 0.5, per_image.max()
+    # integer kernels are exact and every float sum adds its partials in the same order on both builds
+    # (`float_schedules.PARTIALS`, `log_weights.VECTOR`): the logits are equal, not merely close
+    assert np.array_equal(arm, ref), f"max |diff| {per_image.max():.3g} on {(per_image > 0).sum()} images"

@@ -82,13 +82,15 @@ def test_only_kernels_with_a_search_space_are_tuned():
     assert not tasks.tunable(_take) and tasks.tunable(_scale)  # data-dependent indexing: not timed on random data
 
 
-ATTN_V_TARGETS = {"vnni_i16": qd.X86_VNNI_TARGET, "avx2_i16": qd.X86_AVX2_TARGET, "fallback": qd.AARCH64_NEON_TARGET}
+ATTN_V_TARGETS = {"vnni_i16": qd.X86_VNNI_TARGET, "avx2_i16": qd.X86_AVX2_TARGET, "neon_udot": qd.AARCH64_TARGET,
+                  "fallback": qd.AARCH64_NEON_TARGET}
 ATTN_V_SHAPES = [  # (variant, Bt, M, N, D, parities, groups): DeiT-Small's heads and the ViT fixture's
     ("vnni_i16", 6, 197, 197, 64, 2, 1),
     ("vnni_i16", 4, 65, 65, 32, 1, 2),
     ("avx2_i16", 6, 197, 197, 64, 1, 2),
     ("avx2_i16", 4, 65, 65, 32, 2, 1),
     ("vnni_i16", 4, 65, 65, 32, 2, 2),  # three planes
+    ("neon_udot", 4, 65, 65, 32, 2, 1),  # two u8 weight bands (F = 14)
 ]
 
 

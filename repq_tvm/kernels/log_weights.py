@@ -28,12 +28,12 @@ from tvm.s_tir import Schedule
 
 from ..reference.ops import attn_planes, sqrt2_weight
 from ..relax_util import scheduled_kernel
-from ..targets import target_has
 from .attn_v import padded_tokens
 
 
-# codes and weights per vector step: one zmm on AVX-512; two ymm on AVX2, where the 197-token rows of DeiT-Small
-# ran 1.7x faster than in one ymm (0.50 against 0.88 ms per 6x197x197 call, Zen 3, 2 threads)
+# codes, weights and partial sums per vector step on every target: one zmm on AVX-512; two ymm on AVX2, where
+# the 197-token rows of DeiT-Small ran 1.7x faster than in one ymm (0.50 against 0.88 ms per 6x197x197 call,
+# Zen 3, 2 threads)
 VECTOR = 16
 
 
@@ -69,14 +69,15 @@ def _code(x, i, m: int, offset: int, thresholds: list[int], top: int):
     return tvm.tirx.Select(dead, -1, tvm.tirx.max(raw, 0))
 
 
-def log_weights_spec(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, target, *,
+def log_weights_spec(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, *,
                      softmax: bool = False) -> dict:
-    """The kernel spec: everything that determines the compute (`log_weights_func`); ``lanes`` (the vector
-    width of the target) pads the fused softmax's reductions to whole vectors.  `repq_tvm.tuning.spaces`
+    """The kernel spec: everything that determines the compute (`log_weights_func`); ``lanes`` (`VECTOR` on
+    every target, so the softmax sums add in the same order on x86 and aarch64 builds) pads the fused
+    softmax's reductions to whole vectors.  `repq_tvm.tuning.spaces`
     keys on it."""
     return {"kind": "log_weights", "shape": [int(d) for d in shape], "scale": float(np.float32(scale)),
             "bits": bits, "sqrt2": bool(sqrt2), "f": f, "groups": groups, "softmax": bool(softmax),
-            "lanes": 16 if target_has(target, "avx512f") else 8}
+            "lanes": VECTOR}
 
 
 def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
@@ -177,8 +178,9 @@ def default_schedule(spec: dict) -> Schedule:
 
 def log_weights_primfunc(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, target, *,
                          softmax: bool = False):
-    """Scheduled PrimFunc ``main(x, w)`` (see the module docstring) and a unique name for it."""
-    spec = log_weights_spec(shape, scale, bits, sqrt2, f, groups, target, softmax=softmax)
+    """Scheduled PrimFunc ``main(x, w)`` (see the module docstring) and a unique name for it.  The kernel is the
+    same for every ``target`` (LLVM splits its 16-lane vectors to the target's registers)."""
+    spec = log_weights_spec(shape, scale, bits, sqrt2, f, groups, softmax=softmax)
     bt, rows, n = shape
     kind = ("softmax_" if softmax else "") + ("sqrt2" if sqrt2 else "log2")
     name = f"repq_log_weights_{kind}_{bt}x{rows}x{n}_b{bits}_g{groups}_f{f}"
