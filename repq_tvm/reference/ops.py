@@ -13,7 +13,7 @@ The integer program (issue 3) computes exactly this:
   s = ⌈c/2⌉) becomes the exact int16 weight 2^(F − s) in the sum of its parity p = c mod 2 (`attn_weights`),
   with F = attn_frac_bits(N, b_v) ≤ 14 (2^14 fits int16, and no sum over N tokens of b_v-bit V leaves int32).
   S_p[m, d] = Σ_n w_p[m, n]·(v[n, d] − z_v) exactly in int32 (`attn_v_acc`: one int16 dot product,
-  vpdpwssd / vpmaddwd / smlal), then one fixed-point √2 multiply per output, rounded to nearest with
+  vpdpwssd / vpmaddwd / smlal, or udot on the weights' two bytes), then one fixed-point √2 multiply per output, rounded to nearest with
   G = ATTN_EXTRA_BITS more fractional bits: acc = (S_0 << G) + ((S_1 · SQRT2_FIXED + 2^(Q−G−1)) >> (Q−G)) in
   int64 (< 2^62); out = float32(acc) · float32(s_attn·s_v / 2^(F+G)). The √2 product keeps 2^−(F+G) of
   s_attn·s_v: float32's own rounding of the output is coarser, as in the float model.

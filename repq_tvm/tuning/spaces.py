@@ -202,7 +202,7 @@ class _QBmm:
 class _LogWeights:
     """`kernels.log_weights` (the fused softmax → log√2 codes → power-of-two weights): rows per parallel task and
     the task loop's unroll limit sampled, one design space per vector width of the codes and weights (the
-    target's, twice that, `log_weights.VECTOR`).  Not bit for bit against the definition: the hand schedule already sums the
+    spec's lanes, twice that).  Not bit for bit against the definition: the hand schedule already sums the
     softmax in `lanes` partial sums, which moves a code where p sits on a code boundary.  The quantizer's
     scale only sets integer thresholds, so the kernels of all layers share one schedule."""
 
@@ -221,7 +221,7 @@ class _LogWeights:
         bt, rows, _ = spec["shape"]
         counts, unrolls = _divisors(bt * rows, _MAX_ROWS), [0, 16, 64]
         out = []
-        for vector in sorted({spec["lanes"], 2 * spec["lanes"], lw.VECTOR}):
+        for vector in (spec["lanes"], 2 * spec["lanes"]):
             s = sch.copy()
             r = s.sample_categorical(counts, [1 / len(counts)] * len(counts))
             u = s.sample_categorical(unrolls, [1 / len(unrolls)] * len(unrolls))
