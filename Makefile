@@ -17,8 +17,10 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/repq-tvm demo
 
+# one pytest-xdist worker per core of a CI runner (2); whole test files per worker, so module fixtures build once
+TEST_WORKERS ?= 2
 test: setup aarch64-tools
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/accuracy_table.py

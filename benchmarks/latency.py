@@ -6,7 +6,9 @@
 Quick run: `python benchmarks/latency.py --models deit_tiny_patch16_224 --batches 1 --rounds 5`.
 
 Engines (`--engines`, comma-separated names; `all` by default):
-  repq-tvm          RepQ-ViT W{bits}/A{bits} integer artifact, `compile --target host` (untuned), one per `--bits`
+  repq-tvm          RepQ-ViT W{bits}/A{bits} integer artifact, `compile --target host`, one per `--bits`; with
+                    `--tuning-logs DIR`, compiled with `DIR/<model>-w<b>a<b>-b<batch>-<host preset>` where that log
+                    exists (a `repq-tvm tune` folder: the committed `tuning_logs/`), untuned otherwise
   pytorch-fp32      timm model, eager, torch.no_grad
   ort-fp32          ONNX Runtime on the FP32 ONNX export (torch.onnx, dynamic batch axis)
   ort-int8          ONNX Runtime on ORT's own static quantization of that file: `quant_pre_process`, then
@@ -71,10 +73,10 @@ LABELS = {
 CALIB_SIZE = 32
 
 
-def label(engine: str, ov_default: str | None = None) -> str:
+def label(engine: str, ov_default: str | None = None, tuned: bool = False) -> str:
     if engine.startswith("repq-tvm-w"):
         bits = engine.split("-w")[1].split("a")[0]
-        return f"repq-tvm W{bits}/A{bits} integer artifact (untuned)"
+        return f"repq-tvm W{bits}/A{bits} integer artifact ({'tuned' if tuned else 'untuned'})"
     if engine == "openvino-default" and ov_default:
         return f"OpenVINO default precision ({ov_default})"
     return LABELS.get(engine, engine)
@@ -141,7 +143,7 @@ class ModelBench:
     """Everything built once per model (calibrated files, ONNX files, quantized models); engines per batch."""
 
     def __init__(self, name: str, bits: list[int], batches: list[int], engines: set[str], threads: int,
-                 work: str, log):
+                 work: str, log, tuning_logs: str | None = None):
         import torch
 
         from repq_tvm import models
@@ -161,6 +163,8 @@ class ModelBench:
         self.calib = calibration_images(self.arch)
         self.input_shape = list(self.calib.shape[1:])
         self.artifacts: dict[tuple[int, int], str] = {}  # (bits, batch) -> artifact folder
+        self.tuning_logs = tuning_logs
+        self.tuned: dict[tuple[int, int], str] = {}  # (bits, batch) -> the tuning log folder's name
         self.repq_qdq: dict[int, str] = {}  # batch -> our QDQ export (W8)
         self.ov_default_precision = None
         self._build_repq()
@@ -196,11 +200,15 @@ class ModelBench:
             for batch in self.batches:
                 if want_repq:
                     out = os.path.join(self.work, f"repq_w{bits}a{bits}_b{batch}")
-                    self.log(f"  compiling the W{bits}/A{bits} artifact, batch {batch} (untuned, --target host)")
-                    stats = self._timed(f"repq-tvm-w{bits}a{bits}-b{batch}",
-                                        lambda: api.compile_artifact(cm, out, target="host", batch=batch))
+                    tuning_log = self._tuning_log(bits, batch)
+                    self.log(f"  compiling the W{bits}/A{bits} artifact, batch {batch} (--target host, "
+                             f"{'tuning log ' + os.path.basename(tuning_log) if tuning_log else 'untuned'})")
+                    stats = self._timed(f"repq-tvm-w{bits}a{bits}-b{batch}", lambda: api.compile_artifact(
+                        cm, out, target="host", batch=batch, tuning_log=tuning_log))
                     if stats is not None:
                         self.artifacts[(bits, batch)] = out
+                        if tuning_log:
+                            self.tuned[(bits, batch)] = os.path.basename(tuning_log)
                         self.target = stats.get("target")
                         self.sizes[f"repq-tvm-w{bits}a{bits}-b{batch} model.so"] = file_size(
                             os.path.join(out, "model.so"))
@@ -210,6 +218,15 @@ class ModelBench:
                     if self._timed(f"repq-qdq-export-b{batch}", lambda: api.export_onnx(cm, out, batch=batch)):
                         self.repq_qdq[batch] = out
                         self.sizes[f"repq-tvm QDQ ONNX W8/A8 b{batch}"] = file_size(out)
+
+    def _tuning_log(self, bits: int, batch: int) -> str | None:
+        """The log `repq-tvm tune` would have named for this model, bits, batch and host preset, if it exists."""
+        from repq_tvm import targets
+
+        if not self.tuning_logs:
+            return None
+        path = os.path.join(self.tuning_logs, f"{self.name}-w{bits}a{bits}-b{batch}-{targets.host_name()}")
+        return path if os.path.isdir(path) else None
 
     def _build_onnx(self) -> None:
         import torch
@@ -516,9 +533,10 @@ def markdown_table(record: dict, p90: bool = False) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ov_default = record.get("openvino", {}).get("default_inference_precision")
     for e in engines:
-        cells = [label(e, ov_default)]
-        for m, b in cols:
-            r = record["results"][f"{m}/b{b}"]["engines"].get(e)
+        rows = [record["results"][f"{m}/b{b}"]["engines"].get(e) for m, b in cols]
+        tuned = [bool(r.get("tuning_log")) for r in rows if r is not None]
+        cells = [label(e, ov_default, tuned=bool(tuned) and all(tuned))]
+        for r in rows:
             if r is None:
                 cells.append("–")
                 continue
@@ -527,7 +545,8 @@ def markdown_table(record: dict, p90: bool = False) -> str:
                 continue
             value = f"{r['median_ms']:.1f}" if b == 1 else f"{r['images_per_s']:.1f}"
             ratio = r.get("ratio_to_repq_tvm_w8a8")
-            cells.append(value + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+            mixed = any(tuned) and not all(tuned) and r.get("tuning_log")
+            cells.append(value + (" tuned" if mixed else "") + (f" ({ratio:.2f}x)" if ratio is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -602,6 +621,8 @@ def main() -> None:
                         "at most SECONDS per model and batch for each")
     p.add_argument("--quiet-threshold", type=float, default=0.15)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--tuning-logs", metavar="DIR", help="compile repq-tvm with the tuning log of each model, bits, "
+                   "batch and host preset found here (e.g. tuning_logs); untuned where there is none")
     p.add_argument("--replot", action="store_true", help="only redraw latency.png (and the table) from latency.json")
     args = p.parse_args()
     if args.replot:
@@ -638,7 +659,7 @@ def main() -> None:
             f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in (
                 ("models", args.models), ("batches", args.batches), ("bits", args.bits), ("rounds", args.rounds),
                 ("engines", sorted(wanted) if "all" not in args.engines else "all"), ("threads", args.threads),
-                ("wait-quiet", args.wait_quiet))),
+                ("wait-quiet", args.wait_quiet))) + (f" --tuning-logs {args.tuning_logs}" if args.tuning_logs else ""),
         "results": {}, "sizes_bytes": {}, "errors": {}, "build_seconds": {},
     }
     log(f"CPU {cpu.get('model_name')} ({cpu.get('microarchitecture', 'family ' + str(cpu.get('family')))}), "
@@ -659,7 +680,7 @@ def main() -> None:
             log(f"[{mi + 1}/{len(args.models)}] {model}: building engines")
             mwork = os.path.join(work, model)
             os.makedirs(mwork)
-            bench = ModelBench(model, args.bits, args.batches, wanted, args.threads, mwork, log)
+            bench = ModelBench(model, args.bits, args.batches, wanted, args.threads, mwork, log, args.tuning_logs)
             for batch in args.batches:
                 log(f"[{mi + 1}/{len(args.models)}] {model} batch {batch}: engines")
                 engines = bench.engines(batch)
@@ -679,6 +700,9 @@ def main() -> None:
                 add_ratios(results, batch, base)
                 for name, c in cosine.items():
                     results[name]["logits_cosine_vs_pytorch_fp32"] = c
+                for (bits, b), log_name in bench.tuned.items():
+                    if b == batch and f"repq-tvm-w{bits}a{bits}" in results:
+                        results[f"repq-tvm-w{bits}a{bits}"]["tuning_log"] = log_name
                 record["results"][f"{model}/b{batch}"] = {
                     "model": model, "batch": batch, "engines": results, "other_load_before": quiet,
                     **{k: round(v, 3) for k, v in timed.items()}}

@@ -1,11 +1,58 @@
 """Shared fixtures: small random-weight models (fast, no files), a seeded calibration batch and one compiled
 ViT fixture artifact."""
 
+import fcntl
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from repq_tvm import models
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one TVM thread each (set before repq_tvm's import sizes
+    # the pool to every CPU). Two workers whose fork-join pools each want both cores slowed the tests that run
+    # artifacts 2x; tests of the pool itself start fresh interpreters without this variable. Unbound: a pool of
+    # one thread pins the main thread (and every child it starts) to CPU 0, all workers to the same core.
+    os.environ["TVM_NUM_THREADS"] = "1"
+    os.environ["TVM_BIND_THREADS"] = "0"
+
+from repq_tvm import models  # noqa: E402
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker's PyTorch keeps one thread as well: two workers whose intra-op pools each
+    spin on every core slowed the calibration-heavy tests 3-5x."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+def built_once(tmp_path_factory, name: str, build) -> str:
+    """The folder `build(folder)` filled, once per test run: under pytest-xdist the first worker to ask builds it
+    under a file lock and the others wait for it and reuse it (the compiles are the suite's slowest setup)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(str(folder))
+            (folder / ".done").touch()
+    return str(folder)
+
+
+# The slowest test files, slowest first (measured serially on an AVX2 Zen 3, in s: 220, 205, 166, 154, 114, 87, 78,
+# 74, 62). pytest-xdist hands out whole files in collection order: the long ones first, the short ones fill in.
+SLOWEST_FIRST = ("test_compile", "test_kernel_arm", "test_tuning", "test_cli_fuzz", "test_timm_models", "test_rpc",
+                 "test_frontends", "test_atomic", "test_fixtures")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -14,11 +61,38 @@ def vit_host_build(tmp_path_factory):
     `host`: one build for every test that only reads an artifact (copy it before changing it)."""
     from repq_tvm.cli import main
 
-    root = tmp_path_factory.mktemp("vit_host")
-    cal, art = str(root / "m.repq"), str(root / "art")
-    assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
-    assert main(["compile", cal, "--target", "host", "-o", art, "--quiet"]) == 0
-    return cal, art
+    def build(root):
+        assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", f"{root}/m.repq", "--quiet"]) == 0
+        assert main(["compile", f"{root}/m.repq", "--target", "host", "-o", f"{root}/art", "--quiet"]) == 0
+
+    root = built_once(tmp_path_factory, "vit_host", build)
+    return f"{root}/m.repq", f"{root}/art"
+
+
+@pytest.fixture(scope="session")
+def vit_aarch64_build(tmp_path_factory, vit_host_build):
+    """(calibrated file, artifact folder): the same calibrated file cross-compiled for `aarch64-neon-dotprod`
+    (fails with what to install when the cross compiler is missing). Read-only, as `vit_host_build`."""
+    from repq_tvm import targets
+    from repq_tvm.cli import main
+    from repq_tvm.deploy import cross
+
+    compiler = targets.load("aarch64-neon-dotprod")["cross_compiler"]
+    if shutil.which(compiler) is None:
+        pytest.fail(f"{compiler} is not installed: run `make aarch64-tools` (Debian {cross.debian_package(compiler)})")
+    cal = vit_host_build[0]
+
+    def build(root):
+        assert main(["compile", cal, "--target", "aarch64-neon-dotprod", "-o", f"{root}/art", "--quiet"]) == 0
+
+    return cal, f"{built_once(tmp_path_factory, 'vit_aarch64', build)}/art"
+
+
+def calibrated_logits(model: torch.nn.Module, x: torch.Tensor, chunk: int = 100):
+    """The calibrated (fake-quant) model's logits, `chunk` images at a time: its elementwise quantizers run 2x
+    faster on chunks that stay in cache than on 1,000 images at once."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)]).numpy()
 
 
 @pytest.fixture(autouse=True)

@@ -33,16 +33,8 @@ EM_AARCH64 = 183
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    preset = targets.load(TARGET)
-    if shutil.which(preset["cross_compiler"]) is None:
-        pytest.fail(f"{preset['cross_compiler']} is not installed: run `make aarch64-tools` "
-                    f"(Debian {cross.debian_package(preset['cross_compiler'])})")
-    root = tmp_path_factory.mktemp("aarch64")
-    cal, art = str(root / "vit_w4a4.repq"), str(root / "art-aarch64")
-    assert main(["calibrate", "--model", "vit_cifar10", "-o", cal, "--quiet"]) == 0
-    assert main(["compile", cal, "--target", TARGET, "-o", art, "--quiet"]) == 0
-    return cal, art
+def built(vit_aarch64_build):
+    return vit_aarch64_build
 
 
 def elf_machine(path: str) -> int:
@@ -169,14 +161,12 @@ QEMU_IMAGES = 32
 
 
 @pytest.mark.slow
-def test_aarch64_under_qemu_matches_x86(built, tmp_path):
+def test_aarch64_under_qemu_matches_x86(built, vit_host_build):
     sysroot = os.path.abspath(qemu.default_sysroot())
     if not os.path.isdir(sysroot):
         pytest.fail(f"no aarch64 sysroot at {sysroot}: run `make aarch64-sysroot` "
                     f"(or point {qemu.SYSROOT_ENV} at one)")
-    cal, art = built
-    host_art = str(tmp_path / "art-host")
-    assert main(["compile", cal, "--target", "host", "-o", host_art, "--quiet"]) == 0
+    art, host_art = built[1], vit_host_build[1]  # one calibrated file, built for aarch64 and for this host
     runner = Runner(host_art)
     source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
     idx = np.linspace(0, len(source) - 1, QEMU_IMAGES).astype(int)  # spread over all classes

@@ -1,6 +1,5 @@
 """The .repq file: exact round trip, and a clear error for anything that is not one."""
 
-import json
 
 import pytest
 import torch

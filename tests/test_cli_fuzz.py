@@ -29,7 +29,6 @@ import pytest
 
 from repq_tvm import api, cli
 
-CALIB_SIZE = 8
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 HAS_PROC = os.path.isdir("/proc/self")
 EXE = os.path.join(os.path.dirname(sys.executable), "repq-tvm")
@@ -307,12 +306,8 @@ def _cwd_in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def values(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    cal, art = str(root / "vit_w4a4.repq"), str(root / "art")
-    api.calibrate_to_file("vit_cifar10", cal, w_bits=4, a_bits=4, calib_size=CALIB_SIZE, progress=False)
-    api.compile_artifact(cal, art, target="host", batch=1)
-    return Values(root, cal, art)
+def values(tmp_path_factory, vit_host_build):
+    return Values(tmp_path_factory.mktemp("fuzz"), *vit_host_build)
 
 
 def _stop(*_a, **_k):

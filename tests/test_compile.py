@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from repq_tvm import calibrated, data, models
@@ -16,6 +15,8 @@ from repq_tvm.cli import main
 from repq_tvm.deploy.runtime import Runner
 from repq_tvm.errors import ReqError
 from repq_tvm.evaluate import load_batch, make_transform
+
+from conftest import calibrated_logits
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,7 @@ def test_artifact_agrees_with_calibrated_model(route, request):
     assert json.load(open(os.path.join(art, "manifest.json")))["compile"]["frontend"] == ("onnx" if "onnx" in route else "torch")
     source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
     x, y = load_batch(source, np.arange(len(source)), make_transform(cm.preprocessing))
-    with torch.no_grad():
-        ref = cm.model(x).numpy()
+    ref = calibrated_logits(cm.model, x)
     out = runner.predict(x.numpy())
     agree = (out.argmax(1) == ref.argmax(1)).mean()
     assert agree >= 0.99, agree
@@ -212,8 +212,7 @@ def test_export_onnx_runs_in_onnxruntime(built, tmp_path):
     x, _ = load_batch(source, np.arange(50), make_transform(cm.preprocessing))
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = np.concatenate([sess.run(["y"], {"x": x[i:i + 1].numpy()})[0] for i in range(len(x))])
-    with torch.no_grad():
-        ref = cm.model(x).numpy()
+    ref = calibrated_logits(cm.model, x)
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98
     assert (np.abs(out - ref).max(1) < 1e-4).mean() >= 0.9
 
@@ -261,8 +260,7 @@ def test_other_fixtures_and_bit_widths_agree(fixture, bits, tmp_path, request):
     source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
     n = len(source) if (fixture, bits) == ("vit_cifar10", 8) else 300
     x, _ = load_batch(source, np.arange(n), make_transform(cm.preprocessing))
-    with torch.no_grad():
-        ref = cm.model(x).numpy()
+    ref = calibrated_logits(cm.model, x)
     out = runner.predict(x.numpy())
     per_image = np.abs(out - ref).max(1)
     rel = per_image / ref.std(1)

@@ -227,15 +227,6 @@ def _objdump_loops(body: str) -> list[str]:
     return loops
 
 
-@pytest.fixture(scope="module")
-def fixture_repq(tmp_path_factory):
-    from repq_tvm.cli import main
-
-    path = str(tmp_path_factory.mktemp("arm") / "vit_w4a4.repq")
-    assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", path, "--quiet"]) == 0
-    return path
-
-
 def _compile(repq: str, target: str, out: str) -> dict[str, str]:
     from repq_tvm.cli import main
 
@@ -246,8 +237,8 @@ def _compile(repq: str, target: str, out: str) -> dict[str, str]:
     return _functions(os.path.join(out, "model.so"))
 
 
-def test_whole_model_linears_use_sdot(fixture_repq, tmp_path):
-    funcs = _compile(fixture_repq, "aarch64-neon-dotprod", str(tmp_path / "art"))
+def test_whole_model_linears_use_sdot(vit_aarch64_build):
+    funcs = _functions(os.path.join(vit_aarch64_build[1], "model.so"))
     dense = {name: body for name, body in funcs.items() if name.startswith("repq_qdense")}
     # qkv, proj, fc1, fc2 (4 shapes), the head and the 8-bit patch embedding
     assert len(dense) >= 6 and all(name.startswith("repq_qdense_neon_sdot_") for name in dense), sorted(dense)
@@ -274,8 +265,8 @@ def test_whole_model_linears_use_sdot(fixture_repq, tmp_path):
         assert "[sp" not in k_loop, f"{name}: registers spilled in the k loop"
 
 
-def test_whole_model_on_plain_neon_has_no_sdot(fixture_repq, tmp_path):
-    funcs = _compile(fixture_repq, "aarch64-neon", str(tmp_path / "art-neon"))
+def test_whole_model_on_plain_neon_has_no_sdot(vit_host_build, tmp_path):
+    funcs = _compile(vit_host_build[0], "aarch64-neon", str(tmp_path / "art-neon"))
     dense = {name: body for name, body in funcs.items() if name.startswith("repq_qdense")}
     assert dense and all(name.startswith("repq_qdense_fallback_") for name in dense), sorted(dense)
     qk = [name for name in funcs if name.startswith("repq_qbmm")]

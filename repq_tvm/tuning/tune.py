@@ -223,7 +223,10 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
     ms_logs = tempfile.mkdtemp(prefix="repq-ms-logs-")
     rows, ran, search_s = [], 0, 0.0
     order = sorted(range(len(task_list)), key=lambda i: -shares[i])
+    spare = 0  # trials a task left when its space ran out of distinct candidates: they go to the next task
     for n, i in enumerate(order, 1):
+        if spare and timed[i] and shares[i] >= MIN_SHARE and task_list[i].name not in previous:
+            plan[i], spare = plan[i] + spare, 0
         task, planned = task_list[i], plan[i]
         label = f"[{n}/{len(task_list)}] {task.name}"
         done = _trials_done(search_db, task)
@@ -236,6 +239,7 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
                     _Progress(label, planned, done, defaults[i], progress))
             now = _trials_done(search_db, task)
             ran, exhausted = ran + now - done, now < planned  # the search found no more distinct candidates
+            spare += max(0, planned - now) if exhausted else 0
             search_s += time.time() - t0
         if not timed[i]:
             record, info = None, {"verdict": "default kept: its default failed to build or run"}
