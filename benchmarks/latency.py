@@ -222,10 +222,12 @@ class ModelBench:
     def _tuning_log(self, bits: int, batch: int) -> str | None:
         """The log `repq-tvm tune` would have named for this model, bits, batch and host preset, if it exists."""
         from repq_tvm import targets
+        from repq_tvm.tuning import log
 
         if not self.tuning_logs:
             return None
-        path = os.path.join(self.tuning_logs, f"{self.name}-w{bits}a{bits}-b{batch}-{targets.host_name()}")
+        key = log.workload_key(self.name, bits, bits, batch, targets.load("host"))
+        path = os.path.join(self.tuning_logs, log.default_name(key))
         return path if os.path.isdir(path) else None
 
     def _build_onnx(self) -> None:

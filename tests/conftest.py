@@ -62,24 +62,31 @@ def vit_host_build(tmp_path_factory):
     from repq_tvm.cli import main
 
     def build(root):
-        assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", f"{root}/m.repq", "--quiet"]) == 0
+        assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "-o", f"{root}/m.repq",
+                     "--quiet"]) == 0
         assert main(["compile", f"{root}/m.repq", "--target", "host", "-o", f"{root}/art", "--quiet"]) == 0
 
     root = built_once(tmp_path_factory, "vit_host", build)
     return f"{root}/m.repq", f"{root}/art"
 
 
+def require_cross_compiler(target: str) -> None:
+    """Fail (not skip: the aarch64 tests are part of the default suite) with what to install."""
+    from repq_tvm import targets
+    from repq_tvm.deploy import cross
+
+    compiler = targets.load(target)["cross_compiler"]
+    if shutil.which(compiler) is None:
+        pytest.fail(f"{compiler} is not installed: run `make aarch64-tools` (Debian {cross.debian_package(compiler)})")
+
+
 @pytest.fixture(scope="session")
 def vit_aarch64_build(tmp_path_factory, vit_host_build):
     """(calibrated file, artifact folder): the same calibrated file cross-compiled for `aarch64-neon-dotprod`
     (fails with what to install when the cross compiler is missing). Read-only, as `vit_host_build`."""
-    from repq_tvm import targets
     from repq_tvm.cli import main
-    from repq_tvm.deploy import cross
 
-    compiler = targets.load("aarch64-neon-dotprod")["cross_compiler"]
-    if shutil.which(compiler) is None:
-        pytest.fail(f"{compiler} is not installed: run `make aarch64-tools` (Debian {cross.debian_package(compiler)})")
+    require_cross_compiler("aarch64-neon-dotprod")
     cal = vit_host_build[0]
 
     def build(root):

@@ -32,11 +32,6 @@ TARGET = "aarch64-neon-dotprod"
 EM_AARCH64 = 183
 
 
-@pytest.fixture(scope="module")
-def built(vit_aarch64_build):
-    return vit_aarch64_build
-
-
 def elf_machine(path: str) -> int:
     with open(path, "rb") as f:
         head = f.read(20)
@@ -45,8 +40,8 @@ def elf_machine(path: str) -> int:
     return struct.unpack_from("<H", head, 18)[0]  # e_machine
 
 
-def test_library_is_an_aarch64_elf(built):
-    assert elf_machine(os.path.join(built[1], "model.so")) == EM_AARCH64
+def test_library_is_an_aarch64_elf(vit_aarch64_build):
+    assert elf_machine(os.path.join(vit_aarch64_build[1], "model.so")) == EM_AARCH64
 
 
 def kernel_symbols(so: str, prefix: str) -> set[str]:
@@ -55,33 +50,33 @@ def kernel_symbols(so: str, prefix: str) -> set[str]:
     return {name for name in re.findall(r"\s(\S+)$", table, re.M) if name.startswith(prefix)}
 
 
-def test_attention_logits_run_on_sdot(built):
+def test_attention_logits_run_on_sdot(vit_aarch64_build):
     """The preset's q @ kT kernels are the sdot variant (so the qemu comparison below covers them)."""
-    names = kernel_symbols(os.path.join(built[1], "model.so"), "repq_qbmm")
+    names = kernel_symbols(os.path.join(vit_aarch64_build[1], "model.so"), "repq_qbmm")
     assert names and all(name.startswith("repq_qbmm_neon_sdot_") for name in names), names
 
 
-def test_attention_times_v_runs_on_udot(built):
+def test_attention_times_v_runs_on_udot(vit_aarch64_build):
     """The preset's attn @ V kernels are the udot variant (so the qemu comparison below covers them)."""
-    names = kernel_symbols(os.path.join(built[1], "model.so"), "repq_attn_v")
+    names = kernel_symbols(os.path.join(vit_aarch64_build[1], "model.so"), "repq_attn_v")
     assert names and all(name.startswith("repq_attn_v_neon_udot_") for name in names), names
 
 
-def test_manifest_records_the_cross_compile(built):
-    manifest = json.load(open(os.path.join(built[1], "manifest.json")))
+def test_manifest_records_the_cross_compile(vit_aarch64_build):
+    manifest = json.load(open(os.path.join(vit_aarch64_build[1], "manifest.json")))
     assert manifest["target"]["name"] == TARGET
     build = manifest["build"]
     assert build["cross_compiled"] is True and build["compiler"] == "aarch64-linux-gnu-gcc"
     assert build["host"] == "x86_64" and build["compiler_version"].startswith("aarch64-linux-gnu-gcc")
 
 
-def test_run_on_x86_is_refused_naming_the_runner(built, capsys, tmp_path):
+def test_run_on_x86_is_refused_naming_the_runner(vit_aarch64_build, capsys, tmp_path):
     img = tmp_path / "img.png"
     from PIL import Image
 
     Image.fromarray(np.load(models.fixture_file(models.FIXTURE_EVAL_DATA))["images"][0]).save(img)
     capsys.readouterr()
-    assert main(["run", built[1], str(img)]) == 2
+    assert main(["run", vit_aarch64_build[1], str(img)]) == 2
     err = capsys.readouterr().err
     assert "built for aarch64" in err and "qemu-aarch64-static" in err and len(err.strip().splitlines()) == 1
 
@@ -108,7 +103,7 @@ def test_preset_without_cross_compiler_is_refused():
         cross.fcompile_for(preset)
 
 
-def test_qemu_helper_errors(built, tmp_path, monkeypatch):
+def test_qemu_helper_errors(vit_aarch64_build, tmp_path, monkeypatch):
     with pytest.raises(ReqError, match="no aarch64 sysroot at .*make aarch64-sysroot"):
         qemu.check_sysroot(str(tmp_path / "none"))
     (tmp_path / "half" / "usr" / "bin").mkdir(parents=True)
@@ -116,7 +111,7 @@ def test_qemu_helper_errors(built, tmp_path, monkeypatch):
         qemu.check_sysroot(str(tmp_path / "half"))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ReqError, match="qemu-aarch64-static is not on PATH.*qemu-user-static"):
-        qemu.run_under_qemu(built[1], np.zeros((1, 3, 32, 32), np.float32), sysroot=str(tmp_path / "none"))
+        qemu.run_under_qemu(vit_aarch64_build[1], np.zeros((1, 3, 32, 32), np.float32), sysroot=str(tmp_path / "none"))
 
 
 def test_device_runner_needs_no_repq_tvm_or_torch():
@@ -126,7 +121,7 @@ def test_device_runner_needs_no_repq_tvm_or_torch():
     assert imports <= {"argparse", "hashlib", "json", "os", "platform", "sys", "time", "numpy", "tvm"}, imports
 
 
-def test_device_runner_checks_hash_and_architecture(built, tmp_path):
+def test_device_runner_checks_hash_and_architecture(vit_aarch64_build, tmp_path):
     """device_run.py on this x86 machine: the aarch64 library is refused before TVM is even imported."""
     inp, out = tmp_path / "x.npy", tmp_path / "y.npy"
     np.save(inp, np.zeros((2, 3, 32, 32), np.float32))
@@ -136,10 +131,10 @@ def test_device_runner_checks_hash_and_architecture(built, tmp_path):
                               capture_output=True, text=True, timeout=120)
         return proc.returncode, proc.stderr.strip()
 
-    code, err = device_run(built[1])
+    code, err = device_run(vit_aarch64_build[1])
     assert code == 2 and "built for aarch64-neon-dotprod" in err and "this machine is x86_64" in err, err
     tampered = tmp_path / "tampered"
-    shutil.copytree(built[1], tampered)
+    shutil.copytree(vit_aarch64_build[1], tampered)
     lib = bytearray((tampered / "model.so").read_bytes())
     lib[100] ^= 0xFF
     (tampered / "model.so").write_bytes(bytes(lib))
@@ -161,12 +156,12 @@ QEMU_IMAGES = 32
 
 
 @pytest.mark.slow
-def test_aarch64_under_qemu_matches_x86(built, vit_host_build):
+def test_aarch64_under_qemu_matches_x86(vit_aarch64_build, vit_host_build):
     sysroot = os.path.abspath(qemu.default_sysroot())
     if not os.path.isdir(sysroot):
         pytest.fail(f"no aarch64 sysroot at {sysroot}: run `make aarch64-sysroot` "
                     f"(or point {qemu.SYSROOT_ENV} at one)")
-    art, host_art = built[1], vit_host_build[1]  # one calibrated file, built for aarch64 and for this host
+    art, host_art = vit_aarch64_build[1], vit_host_build[1]  # one calibrated file, for aarch64 and this host
     runner = Runner(host_art)
     source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
     idx = np.linspace(0, len(source) - 1, QEMU_IMAGES).astype(int)  # spread over all classes

@@ -25,7 +25,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import extreme_codes
+from conftest import extreme_codes, require_cross_compiler
 from repq_tvm import targets
 from repq_tvm.kernels import packing as P
 from repq_tvm.kernels import qbmm as QK
@@ -230,9 +230,7 @@ def _objdump_loops(body: str) -> list[str]:
 def _compile(repq: str, target: str, out: str) -> dict[str, str]:
     from repq_tvm.cli import main
 
-    preset = targets.load(target)
-    if shutil.which(preset["cross_compiler"]) is None:
-        pytest.fail(f"{preset['cross_compiler']} is not installed: run `make aarch64-tools`")
+    require_cross_compiler(target)
     assert main(["compile", repq, "--target", target, "-o", out, "--quiet"]) == 0
     return _functions(os.path.join(out, "model.so"))
 
