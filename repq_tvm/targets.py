@@ -48,7 +48,7 @@ FEATURES = (
 )
 # `host`: per architecture, the presets to try, best first; the first this CPU can run is picked
 HOST_PRESETS = {
-    "x86_64": ("x86_64-avx512-vnni", "x86_64-avx2"),
+    "x86_64": ("x86_64-amx", "x86_64-avx512-vnni", "x86_64-avx2"),
     "aarch64": ("aarch64-neon-dotprod", "aarch64-neon"),
 }
 _ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}

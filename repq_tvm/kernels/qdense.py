@@ -8,6 +8,9 @@ loop, parallel over tiles) whose inner ``[lanes, kpack]`` step is one tensor int
 ==========  =============  ==============================  ===========================================
 variant     a x w          weight layout                   target / exactness
 ==========  =============  ==============================  ===========================================
+amx         u8 x s8        [N/16, K/4, 16, 4] int8         AMX-INT8 (`qdense_amx`: tdpbusd tiles, its own
+                                                           TVMScript kernel); always exact; with the
+                                                           epilogue and shapes `qdense_amx.fits` only
 vnni        u8 x s8        [N/16, K/4, 16, 4] int8         AVX512-VNNI; always exact
 avx2_u8s8   u8 x s8        [N/8, K/4, 8, 4] int8           AVX2; exact iff 2*depth*max(a)*max|w| <= 32767
 avx2_i16    s16 x s16      [N/8, K/2, 8, 2] int16          AVX2; exact for 8-bit codes; a is a - a_zp
@@ -36,7 +39,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from ..targets import as_target, check_runnable, target_has, tvm_target
-from . import packing
+from . import packing, qdense_amx
 from .intrinsics_arm import SDOT_DEPTHS, sdot_intrin
 from .intrinsics_arm import register_intrinsics as register_arm_intrinsics
 from .intrinsics_x86 import (
@@ -106,6 +109,7 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in (
+        Variant("amx", 16, 4, "uint8", "int8", "amx-int8"),
         Variant("vnni", 16, 4, "uint8", "int8", "avx512vnni"),
         Variant("avx2_u8s8", 8, 4, "uint8", "int8", "avx2"),
         Variant("avx2_i16", 8, 2, "int16", "int16", "avx2"),
@@ -122,13 +126,16 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
     return tvm_target("host", num_cores)
 
 
-def choose_variant(target, bits_a: int = 8, bits_w: int = 8) -> Variant:
+def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, int, int] | None = None) -> Variant:
     """The fastest variant ``target`` can run that is exact for these code widths.
 
-    VNNI if the target has it; on AVX2 the u8 x s8 path when vpmaddubsw cannot saturate (~1.5x
+    AMX for a kernel of ``shape`` (M, N, K; only kernels with the epilogue pass one) the AMX blocking
+    takes (`qdense_amx.fits`), when the target has AMX-INT8; else VNNI if the target has it; on AVX2 the u8 x s8 path when vpmaddubsw cannot saturate (~1.5x
     faster than int16 on Zen 3: half the instructions per MAC), else int16; aarch64 with the
     dot-product extension gets sdot; anything else (e.g. Cortex-A72/A53) the plain fallback.
     """
+    if shape is not None and target_has(target, "amx-int8") and qdense_amx.fits(*shape):
+        return VARIANTS["amx"]
     for name in ("vnni", "avx2_u8s8", "avx2_i16", "neon_sdot"):
         v = VARIANTS[name]
         if target_has(target, v.feature) and v.exact(bits_a, bits_w):
@@ -187,9 +194,15 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of a kernel spec (the dict `schedule_qdense` makes), carrying the spec as its
     ``repq.kernel`` attribute: tuning rebuilds a kernel's definition from it (`repq_tvm.tuning.spaces`)."""
     v = VARIANTS[spec["variant"]]
+    if v.name == "amx":
+        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"]), spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
                      compensate=spec["compensate"])
-    return te.create_prim_func(tensors).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+    return _with_spec(te.create_prim_func(tensors), spec)
+
+
+def _with_spec(func: tvm.tirx.PrimFunc, spec: dict) -> tvm.tirx.PrimFunc:
+    return func.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -313,6 +326,8 @@ def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, co
 def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     """The hand schedule of a kernel spec (`qdense_func`): default tiles and depth, as `schedule_qdense`."""
     v = VARIANTS[spec["variant"]]
+    if v.name == "amx":  # one hand-written kernel: ``ref`` is its plain-loop emulation
+        return Schedule(_with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=ref), spec))
     depth = v.max_depth(spec["bits_a"], spec["bits_w"], spec["K"])
     mi, nbi = default_tiles(spec["M"], spec["N"], v, depth)
     func = qdense_func(spec)
@@ -437,11 +452,13 @@ def schedule_qdense(
     (`packing.weight_offset`); returns it as the last element.
     """
     if variant == "auto":
-        v = choose_variant(target, bits_a, bits_w)
+        v = choose_variant(target, bits_a, bits_w, (M, N, K) if epilogue and compensate is not False else None)
     elif variant in VARIANTS:
         v = VARIANTS[variant]
     else:
         raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
+    if v.name == "amx":
+        return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate)
     if compensate is None:
         compensate = bits_w >= 8 and v.w_dtype == "int8"
     if compensate and v.w_dtype != "int8":
@@ -471,6 +488,22 @@ def schedule_qdense(
     else:
         sch = schedule_fallback(func, v, mi, nbi, compensate)
     return sch, v, (mi, nbi, depth), compensate
+
+
+def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate):
+    """`schedule_qdense` for the AMX kernel: always compensated, always with the epilogue (`qdense_amx`)."""
+    v = VARIANTS["amx"]
+    packing.code_bounds(bits_a, bits_w)  # validates
+    if not epilogue or compensate is False:
+        raise ValueError("the amx qdense exists only compensated and with the float epilogue")
+    if not qdense_amx.fits(M, N, K):
+        raise ValueError(f"amx qdense needs M >= {qdense_amx.ROWS}, N % {qdense_amx.COLS} == 0 and K padded to 4 "
+                         f"a multiple of {qdense_amx.K_STEP}, got {M}x{N}x{K}")
+    if not ref and not target_has(target, v.feature):
+        raise ValueError(f"target {as_target(target)} lacks {v.feature} needed by amx")
+    spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": "amx", "bits_a": bits_a, "bits_w": bits_w,
+            "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS}
+    return default_schedule(spec, ref), v, (qdense_amx.ROWS, qdense_amx.COLS // v.lanes, 1), True
 
 
 def build_qdense(

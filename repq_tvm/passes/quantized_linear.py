@@ -9,7 +9,7 @@ Matches, in the canonical form (see `repq_tvm.frontends`):
 and emits one call of the target's scheduled `repq_tvm.kernels.qdense` kernel, computing
 acc = Σ_k (q − z_a)(W − z_w) exactly in int32 and y = float(acc)·(s_a·s_w[n]) + bias[n] in its
 epilogue. Weights are centred (W − z_w), packed for the target's dot instruction and folded with the
-zero-point correction and scales at compile time; the variant (VNNI, AVX2 u8·s8 or int16, Arm sdot,
+zero-point correction and scales at compile time; the variant (AMX tiles, VNNI, AVX2 u8·s8 or int16, Arm sdot,
 plain vector loops) is the fastest one that is exact for these bit widths. sdot takes s8 activations:
 codes of at most 7 bits as they are, 8-bit codes as q − 128, with 128·Σ_k w folded into the zero-point
 constant (`packing.activation_shift`). 8-bit weights centred on their
@@ -52,8 +52,9 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
     m, k = _shape(q)
     n = w.shape[0]
     bits_w = weight_bits(w)
-    v = choose_variant(target, bits_a, bits_w)
-    compensate = v.w_dtype == "int8" and packing.needs_offset(w)  # 8-bit codes: w - z_w beyond int8
+    v = choose_variant(target, bits_a, bits_w, (m, n, k))
+    # 8-bit codes: w - z_w beyond int8; the AMX kernel always takes the offsets (zeros where they fit)
+    compensate = v.name == "amx" or (v.w_dtype == "int8" and packing.needs_offset(w))
     key = (m, n, k, bits_a, bits_w, compensate)
     if key not in kernels:
         sch, v, _, _ = schedule_qdense(m, n, k, target, bits_a=bits_a, bits_w=bits_w, epilogue=True,

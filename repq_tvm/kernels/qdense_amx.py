@@ -1,0 +1,149 @@
+"""AMX-INT8 quantized dense (Sapphire Rapids and newer Xeons): `tdpbusd` on 16 x 64-byte tiles.
+
+Why: one `tdpbusd` multiplies a 16 x 64 u8 tile by a 64 x 16 s8 tile into 16 x 16 int32 accumulators,
+16,384 MACs, where a `vpdpbusd` zmm does 64: on a 2-core Sapphire Rapids the VNNI linears of DeiT-Small sit
+near the vpdpbusd peak and this kernel runs the same shapes well past it (`benchmarks/kernel_dense.py`).
+
+Same operands and epilogue as `qdense`'s vnni variant: A ``[M, Kp]`` u8 codes, W ``[N/16, Kp/4, 16, 4]`` s8
+(the VNNI packing is AMX's B layout: a 16-column x 64-k tile is ``W[nb, 16 kt : 16 kt + 16]``, 1 KB in
+64-byte rows), the per-channel compensation ``comp[n] * sum_k A[m, k]`` (weights offset into int8,
+`packing.weight_offset`; zeros when they fit) and the float epilogue
+``(acc + comp[n] * asum[m] - zp_wsum[n]) * scale[n] + bias[n]``.  Only that form (always compensated,
+always with the epilogue) exists: it is the one the compiler emits, and the row sums cost 1/N of the MACs.
+
+Blocking: 2 x 2 accumulator tiles (32 rows x 32 columns, tmm0-3), two A tiles (tmm4-5) and two B tiles
+(tmm6-7) per 64-deep k step: all 8 tile registers.  Tasks run in parallel over 32-column blocks; each loads
+the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, stays in L1).  Ragged M: the
+last row block starts at M - 32, recomputing rows the previous block stored and storing the same values
+again (no padding, no masks).  Shapes the blocking cannot take (`fits`: M < 32, N % 32, Kp % 64) use vnni.
+
+Linux gives a process AMX state only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``,
+else the first tile instruction is SIGILL): the kernel asks on every call (one syscall, well under a
+microsecond against tens of microseconds of work), so an artifact needs nothing from the runtime.
+
+``emulate=True`` builds the same kernel with the tile instructions replaced by plain loops on tile-shaped
+buffers (same blocking, same indices, same epilogue): it runs on any CPU, so the kernel's indexing is
+tested bit for bit where AMX is missing; the instructions themselves are checked in the assembly.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+ROWS, COLS, K_STEP = 32, 32, 64  # one block: 2 x 2 tiles of 16 rows x 16 int32 columns, k step of 64 bytes
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def fits(M: int, N: int, K: int) -> bool:
+    """True if the AMX blocking takes this shape: at least one 32-row block, whole 32-column blocks, K
+    padded to 4 a multiple of 64 (the k step)."""
+    return M >= ROWS and N % COLS == 0 and -(-K // 4) * 4 % K_STEP == 0
+
+
+def _intrin(name: str, *args):
+    """A call of the LLVM intrinsic ``llvm.x86.<name>`` (tile numbers must be immediates: unrolled loops)."""
+    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False):
+    """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, out)`` (signature of `qdense.qdense` with
+    compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU)."""
+    if not fits(M, N, K):
+        raise ValueError(f"AMX qdense needs M >= {ROWS}, N % {COLS} == 0 and K % {K_STEP} == 0, got {M}x{N}x{K}")
+    Kp = -(-K // 4) * 4
+    n_blocks, m_blocks, k_steps = N // COLS, -(-M // ROWS), Kp // K_STEP
+    # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
+    ta_shape, tb_shape, tc_shape = ((2, 16, 64), (2, 16, 64), (4, 16, 16)) if emulate else ((1,), (1,), (1,))
+
+    @T.macro
+    def ask_permission():
+        if not emulate:
+            T.evaluate(T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
+                                     T.int64(_XFEATURE_XTILEDATA)))
+
+    @T.macro
+    def configure(cfg):
+        if not emulate:  # palette 1, 8 tiles of 16 rows x 64 bytes
+            for i in range(64):
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for t in T.unroll(8):
+                cfg[16 + 2 * t] = T.uint8(64)
+                cfg[48 + t] = T.uint8(16)
+            T.evaluate(_intrin("ldtilecfg", T.address_of(cfg[0])))
+
+    @T.macro
+    def zero(tc):
+        if emulate:
+            for c, r, j in T.grid(4, 16, 16):
+                tc[c, r, j] = 0
+        else:
+            for c in T.unroll(4):
+                T.evaluate(_intrin("tilezero", T.int8(c)))
+
+    @T.macro
+    def load(A, W, ta, tb, m0, nb, kt):
+        if emulate:
+            for i, r, j in T.grid(2, 16, 64):
+                ta[i, r, j] = A[m0 + 16 * i + r, kt * 64 + j]
+            for i, r, j in T.grid(2, 16, 64):
+                tb[i, r, j] = W[nb * 2 + i, kt * 16 + r, j // 4, j % 4]
+        else:
+            for i in T.unroll(2):
+                T.evaluate(_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[m0 + 16 * i, kt * 64]), T.int64(Kp)))
+            for i in T.unroll(2):
+                T.evaluate(_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[nb * 2 + i, kt * 16, 0, 0]), T.int64(64)))
+
+    @T.macro
+    def dot(ta, tb, tc):
+        if emulate:  # tdpbusd: C[m, n] += sum_{r, q} A[m, 4r + q] * B[r, 4n + q]
+            for c, m, n, r, q in T.grid(4, 16, 16, 16, 4):
+                tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
+                    "int32", tb[c % 2, r, 4 * n + q])
+        else:
+            for c in T.unroll(4):
+                T.evaluate(_intrin("tdpbusd", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
+
+    @T.macro
+    def store(tc, C):
+        if emulate:
+            for c, r, j in T.grid(4, 16, 16):
+                C[(c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
+        else:
+            for c in T.unroll(4):
+                T.evaluate(_intrin("tilestored64", T.int8(c), T.address_of(C[(c // 2) * 16, (c % 2) * 16]), T.int64(COLS * 4)))
+
+    @T.prim_func
+    def main(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
+             comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"), scale: T.Buffer((N,), "float32"),
+             bias: T.Buffer((N,), "float32"), out: T.Buffer((M, N), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        asum = T.alloc_buffer((M,), "int32")
+        ask_permission()
+        for m in T.parallel(M):
+            asum[m] = 0
+            for k in range(Kp):
+                asum[m] = asum[m] + T.Cast("int32", A[m, k])
+        for nb in T.parallel(n_blocks):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            C = T.alloc_buffer((ROWS, COLS), "int32", scope="local")
+            ta = T.alloc_buffer(ta_shape, "uint8", scope="local")
+            tb = T.alloc_buffer(tb_shape, "int8", scope="local")
+            tc = T.alloc_buffer(tc_shape, "int32", scope="local")
+            configure(cfg)
+            for mb in range(m_blocks):
+                m0 = T.min(mb * ROWS, M - ROWS)
+                zero(tc)
+                for kt in range(k_steps):
+                    load(A, W, ta, tb, m0, nb, kt)
+                    dot(ta, tb, tc)
+                store(tc, C)
+                for r in range(ROWS):
+                    for j in T.vectorized(COLS):
+                        out[m0 + r, nb * COLS + j] = T.Cast(
+                            "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
+                        ) * scale[nb * COLS + j] + bias[nb * COLS + j]
+            if not emulate:
+                T.evaluate(_intrin("tilerelease"))
+
+    return main
