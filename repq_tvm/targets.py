@@ -203,7 +203,8 @@ def host_name(flags=None, machine=None) -> str:
     for name in tried:
         if runnable_reason(load(name), flags=flags, machine=machine) is None:
             return name
-    cannot = f", which cannot run {' or '.join(tried)}" if tried else ""
+    listed = ", ".join(tried[:-1]) + " or " + tried[-1] if len(tried) > 1 else "".join(tried)
+    cannot = f", which cannot run {listed}" if tried else ""
     raise ReqError(f"no target preset fits this machine ({arch}{cannot}); "
                    f"choose one of {', '.join(available())} or a preset file")
 

@@ -43,7 +43,7 @@ def write_preset(tmp_path, content, name="mine.json") -> str:
 # --- presets -------------------------------------------------------------------------------------
 def test_presets_cover_x86_and_arm():
     names = targets.available()
-    assert {"x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod", "aarch64-neon"} <= set(names)
+    assert {"x86_64-amx", "x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod", "aarch64-neon"} <= set(names)
     arm = targets.load("aarch64-neon-dotprod")
     assert arm["tvm_target"]["mtriple"] == "aarch64-linux-gnu" and "+dotprod" in arm["tvm_target"]["mattr"]
     assert arm["cross_compiler"] == "aarch64-linux-gnu-gcc"
@@ -129,11 +129,14 @@ def test_missing_user_preset_file(tmp_path):
 # --- the host and the runnable check -------------------------------------------------------------
 # (machine, CPU flags) -> host preset, and the presets that CPU cannot run with a phrase of the reason
 ARM_CODE = {"aarch64-neon-dotprod": "aarch64 code", "aarch64-neon": "aarch64 code"}
-X86_CODE = {"x86_64-avx2": "x86_64 code", "x86_64-avx512-vnni": "x86_64 code"}
+X86_CODE = {"x86_64-avx2": "x86_64 code", "x86_64-avx512-vnni": "x86_64 code", "x86_64-amx": "x86_64 code"}
+NO_AMX = {"x86_64-amx": "needs AMX-TILE, AMX-INT8, AMX-BF16"}
 MACHINES = {
-    "zen3-avx2": ("x86_64", ZEN3, "x86_64-avx2", {"x86_64-avx512-vnni": "needs AVX-512F, AVX-512 VNNI", **ARM_CODE}),
-    "zen4-vnni": ("x86_64", ZEN4, "x86_64-avx512-vnni", ARM_CODE),
-    "sapphire-rapids-amx": ("AMD64", SAPPHIRE_RAPIDS, "x86_64-avx512-vnni", ARM_CODE),
+    "zen3-avx2": ("x86_64", ZEN3, "x86_64-avx2", {"x86_64-avx512-vnni": "needs AVX-512F, AVX-512 VNNI",
+                                                  "x86_64-amx": "needs AVX-512F, AVX-512 VNNI, AMX-TILE",
+                                                  **ARM_CODE}),
+    "zen4-vnni": ("x86_64", ZEN4, "x86_64-avx512-vnni", {**NO_AMX, **ARM_CODE}),
+    "sapphire-rapids-amx": ("AMD64", SAPPHIRE_RAPIDS, "x86_64-amx", ARM_CODE),
     "neoverse-n1": ("aarch64", NEOVERSE_N1, "aarch64-neon-dotprod", X86_CODE),
     "cortex-a53-no-dotprod": ("aarch64", CORTEX_A53, "aarch64-neon",
                               {"aarch64-neon-dotprod": "needs Arm dot product (dotprod)", **X86_CODE}),
@@ -170,7 +173,7 @@ def test_no_preset_fits(monkeypatch):
             targets.host_name(CORTEX_A53, "aarch64")
     with pytest.raises(ReqError, match=r"no target preset fits this machine \(riscv64\)"):
         targets.host_name(set(), "riscv64")
-    with pytest.raises(ReqError, match="which cannot run x86_64-avx512-vnni or x86_64-avx2"):
+    with pytest.raises(ReqError, match="which cannot run x86_64-amx, x86_64-avx512-vnni or x86_64-avx2"):
         targets.host_name(BASE_X86, "x86_64")
 
 
