@@ -17,10 +17,13 @@ family            one step of one accumulator (vector width)                 MAC
 ``avx2_i16``      vpmaddwd + vpaddd (ymm), s16 x s16 -> s32                  16           avx2
 ``vnni_i16``      vpdpwssd (zmm), s16 x s16 -> s32 (log√2 attention)         32           avx512f, avx512_vnni
 ``fp32_fma``      vfmadd231ps (zmm; ymm without AVX-512F), for reference     16 (8)       fma (+ avx512f)
+``amx``           tdpbusd on 2 x 2 accumulator tiles (16 x 16 s32 each, k 64) 65,536      amx_tile, amx_int8
+                  (the AMX qdense's inner step, operand tiles held)
 ================  =========================================================  ===========  ================
 
 A family's kernel is checked to contain its instruction (`missing_instructions`) before it is timed.
-AMX is not measured: no kernel of the project uses it.
+The AMX family is its own kernel (`_amx_kernels`: the tile configuration and the permission request of
+`kernels.qdense_amx`, the A and B tiles loaded once, then only `tdpbusd`s).
 
 Every family is timed on 1 thread (a serial loop) and on TVM's thread pool (one task per pool thread:
 `runtime.NumThreads`, sized by `threads.configure`: every available CPU unless ``TVM_NUM_THREADS`` says).
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # which instruction family each int8_dot value of a target preset stands for
-TARGET_FAMILY = {"vnni": "vnni", "avx2": "avx2_u8s8"}
+TARGET_FAMILY = {"amx": "amx", "vnni": "vnni", "avx2": "avx2_u8s8"}
 _WORDS = 64  # distinct activation words per row cycled through L1 (step & 63)
 
 
@@ -68,6 +71,8 @@ _VNNI = {"kind": "llvm", "mtriple": _X86, "mcpu": "cascadelake"}
 _AVX512 = {"kind": "llvm", "mtriple": _X86, "mcpu": "skylake-avx512"}
 _FLAG_AVX2, _FLAG_FMA = ("avx2", "AVX2"), ("fma", "FMA")
 _FLAG_AVX512F, _FLAG_VNNI = ("avx512f", "AVX-512F"), ("avx512_vnni", "AVX-512 VNNI")
+_AMX = {"kind": "llvm", "mtriple": _X86, "mcpu": "sapphirerapids"}
+_FLAGS_AMX = (("amx_tile", "AMX-TILE"), ("amx_int8", "AMX-INT8"))
 
 FAMILIES = {
     f.name: f
@@ -84,11 +89,14 @@ FAMILIES = {
                (("vpdpwssd", "%zmm"),)),
         Family("fp32_fma", "vfmadd231ps zmm (fp32, reference)", (_FLAG_FMA, _FLAG_AVX512F), _AVX512, 16, 1, 1, 4, 3,
                (("vfmadd", "ps", "%zmm"),)),
+        # one step: 4 tdpbusd, each 16 x 16 outputs x 64 products (lanes = a tile's 256 int32 outputs)
+        Family("amx", "tdpbusd tiles (u8 x s8 -> s32, 16 x 16 x 64 per instruction)", _FLAGS_AMX, _AMX, 256, 64, 1,
+               2, 2, (("tdpbusd", "%tmm"),)),
         Family("fp32_fma_ymm", "vfmadd231ps ymm (fp32, reference)", (_FLAG_FMA, _FLAG_AVX2), _AVX2, 8, 1, 1, 6, 2,
                (("vfmadd", "ps", "%ymm"),)),
     )
 }
-DEFAULT_FAMILIES = ("vnni", "vnni_i16", "avx2_u8s8", "avx2_u8s8_d1", "avx2_i16", "fp32_fma")
+DEFAULT_FAMILIES = ("amx", "vnni", "vnni_i16", "avx2_u8s8", "avx2_u8s8_d1", "avx2_i16", "fp32_fma")
 _I16 = ("avx2_i16", "vnni_i16")  # int16 weights: two bytes per element
 
 
@@ -197,9 +205,53 @@ def _step(fam: Family, A, W, acc, r: int, b: int, it):
                                    W.vload([w_at(0)], dtype=f"float32x{lanes}"), old, dtype=f"float32x{lanes}")
 
 
+def _amx_kernels(fam: Family):
+    """`_kernels` for AMX: per task the tile configuration, A (tmm4-5) and B (tmm6-7) tiles loaded once, then
+    ``iters`` steps of 4 `tdpbusd` into the accumulator tiles tmm0-3, stored to C at the end."""
+    from tvm.script import tirx as T
+
+    from ..kernels.qdense_amx import _intrin, load_tile_config, request_amx
+
+    a_len = w_len = 2 * 16 * 64
+    width = 4 * 16 * 16
+
+    def build(parallel: bool):
+        loop = T.parallel if parallel else T.serial
+
+        @T.prim_func
+        def peak(a: T.handle, w: T.handle, c: T.handle, iters: T.int32):
+            T.func_attr({"tirx.noalias": True})
+            tasks = T.int32()
+            A = T.match_buffer(a, (a_len,), "uint8")
+            W = T.match_buffer(w, (w_len,), "int8")
+            C = T.match_buffer(c, (tasks, width), "int32")
+            request_amx()
+            for t in loop(tasks):
+                cfg = T.alloc_buffer((64,), "uint8", scope="local")
+                load_tile_config(cfg)
+                for i in T.unroll(4):
+                    T.evaluate(_intrin("tilezero", T.int8(i)))
+                for i in T.unroll(2):
+                    T.evaluate(_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[i * 1024]), T.int64(64)))
+                    T.evaluate(_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[i * 1024]), T.int64(64)))
+                for _ in range(iters):
+                    for i in T.unroll(4):
+                        T.evaluate(_intrin("tdpbusd", T.int8(i), T.int8(4 + i // 2), T.int8(6 + i % 2)))
+                for i in T.unroll(4):
+                    T.evaluate(_intrin("tilestored64", T.int8(i), T.address_of(C[t, i * 256]), T.int64(64)))
+                T.evaluate(_intrin("tilerelease"))
+
+        return peak
+
+    return build(False), build(True), a_len, w_len, width, "int32"
+
+
 def _kernels(fam: Family):
     """``(serial, parallel)`` PrimFuncs ``(A, W, C, iters)``: C is [tasks, accumulator words]."""
     from tvm.script import tirx as T
+
+    if fam.name == "amx":
+        return _amx_kernels(fam)
 
     n_acc = fam.rows * fam.blocks
     width = n_acc * fam.lanes

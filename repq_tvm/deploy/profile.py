@@ -38,7 +38,7 @@ from .runtime import Runner
 _BUILTIN_PREFIXES = ("vm.builtin.", "relax.")
 INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_attn_v")
 # kernel name prefix -> instruction family of the variant named in it (others: the target's int8 family)
-_VARIANT_FAMILY = (("repq_qdense_vnni_", "vnni"), ("repq_qdense_avx2_u8s8_", "avx2_u8s8"),
+_VARIANT_FAMILY = (("repq_qdense_amx_", "amx"), ("repq_qdense_vnni_", "vnni"), ("repq_qdense_avx2_u8s8_", "avx2_u8s8"),
                    ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_vnni_", "vnni"),
                    ("repq_qbmm_avx2_i16_", "avx2_i16"), ("repq_attn_v_avx2_i16_", "avx2_i16"),
                    ("repq_attn_v_vnni_i16_", "vnni_i16"))

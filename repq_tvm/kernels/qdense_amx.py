@@ -45,6 +45,26 @@ def _intrin(name: str, *args):
     return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
 
 
+@T.macro
+def request_amx():
+    """``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`` (idempotent; see the module docstring)."""
+    T.evaluate(T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
+                             T.int64(_XFEATURE_XTILEDATA)))
+
+
+@T.macro
+def load_tile_config(cfg):
+    """``ldtilecfg`` of palette 1 with all 8 tiles 16 rows x 64 bytes (``cfg``: a 64-byte local buffer).
+    The configuration is per thread: every parallel task loads it before its first tile instruction."""
+    for i in range(64):
+        cfg[i] = T.uint8(0)
+    cfg[0] = T.uint8(1)
+    for t in T.unroll(8):
+        cfg[16 + 2 * t] = T.uint8(64)
+        cfg[48 + t] = T.uint8(16)
+    T.evaluate(_intrin("ldtilecfg", T.address_of(cfg[0])))
+
+
 def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False):
     """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, out)`` (signature of `qdense.qdense` with
     compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU)."""
@@ -58,19 +78,12 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False):
     @T.macro
     def ask_permission():
         if not emulate:
-            T.evaluate(T.call_extern("int64", "syscall", T.int64(_SYS_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
-                                     T.int64(_XFEATURE_XTILEDATA)))
+            request_amx()
 
     @T.macro
     def configure(cfg):
-        if not emulate:  # palette 1, 8 tiles of 16 rows x 64 bytes
-            for i in range(64):
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for t in T.unroll(8):
-                cfg[16 + 2 * t] = T.uint8(64)
-                cfg[48 + t] = T.uint8(16)
-            T.evaluate(_intrin("ldtilecfg", T.address_of(cfg[0])))
+        if not emulate:
+            load_tile_config(cfg)
 
     @T.macro
     def zero(tc):
