@@ -290,7 +290,7 @@ def test_graph_rewrite_through_the_stand_in_matches_the_host_build(tmp_path, mon
         built.append(args[:3])
         return schedule(*args, **{**kw, "variant": "neon_sdot", "ref": True})
 
-    monkeypatch.setattr(Q, "choose_variant", lambda target, bits_a=8, bits_w=8: Q.VARIANTS["neon_sdot"])
+    monkeypatch.setattr(Q, "choose_variant", lambda target, bits_a=8, bits_w=8, shape=None: Q.VARIANTS["neon_sdot"])
     monkeypatch.setattr(Q, "schedule_qdense", sdot_stand_in)
     api.compile_artifact(repq, str(tmp_path / "sdot"), target="host")
     assert len(built) >= 6  # one kernel per linear shape and the patch embedding

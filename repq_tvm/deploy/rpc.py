@@ -254,7 +254,8 @@ def remote_problem(preset: dict, machine: dict) -> str | None:
     """Why the remote cannot run code built for `preset` (None: it can, or the remote cannot tell).
 
     The architecture comes from the remote's LLVM triple; CPU features from the CPU LLVM names there, looked up
-    in this machine's LLVM (an unnamed "generic" CPU, as under qemu-user, is not checked).
+    in this machine's LLVM (an unnamed "generic" CPU, as under qemu-user, is not checked), or, when it is the
+    CPU LLVM names on this machine, from this machine's /proc/cpuinfo flags.
     """
     from .. import targets
 
@@ -270,6 +271,11 @@ def remote_problem(preset: dict, machine: dict) -> str | None:
 
     if not codegen.llvm_is_valid_cpu(cpu, machine["triple"]):
         return None
+    if cpu == codegen.llvm_get_system_cpu() and remote_arch == targets.host_arch():
+        # the CPU LLVM names here too: this machine's own flags say more than the name (a VM can report a
+        # model number whose CPU lacks features the hypervisor passes through, e.g. AMX as "rocketlake")
+        reason = targets.runnable_reason(preset)
+        return None if reason is None else f"{reason.replace('this CPU', 'the remote CPU (as this one)')}"
     remote = {"kind": "llvm", "mtriple": machine["triple"], "mcpu": cpu}
     missing = [name for feature, _, name in targets.FEATURES
                if targets.target_has(preset, feature) and not targets.target_has(remote, feature)]

@@ -39,6 +39,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from ..targets import as_target, check_runnable, target_has, tvm_target
+from . import epilogue as epilogue_ops
 from . import packing, qdense_amx
 from .intrinsics_arm import SDOT_DEPTHS, sdot_intrin
 from .intrinsics_arm import register_intrinsics as register_arm_intrinsics
@@ -146,14 +147,16 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, i
 # --- compute ---------------------------------------------------------------------------------
 def qdense(
     M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1,
-    compensate: bool = False,
+    compensate: bool = False, gelu_codes: tuple[float, int, int] | None = None,
 ) -> list[te.Tensor]:
     """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) out]`` in ``variant``'s layouts.
 
     ``m_tile > 1`` computes the accumulator on ``ceil(M/m_tile)*m_tile`` rows (tensorize cannot take
     the tail predicate a ragged M split makes); the extra rows are discarded.  ``compensate`` adds
     ``comp[n] * asum[m]`` (``asum`` = the row sums of A, computed in the kernel) to the accumulator:
-    the weights were offset by ``comp`` to fit int8 (`packing.weight_offset`).
+    the weights were offset by ``comp`` to fit int8 (`packing.weight_offset`).  ``gelu_codes`` (scale, zero
+    point, top code; with the epilogue) stores the uint8 codes of GELU of the float result instead of it
+    (`epilogue.gelu_codes`).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     L, P = v.lanes, v.kpack
@@ -182,11 +185,11 @@ def qdense(
     zp_wsum = te.placeholder((N,), "int32", name="zp_wsum")
     scale = te.placeholder((N,), "float32", name="scale")
     bias = te.placeholder((N,), "float32", name="bias")
-    out = te.compute(
-        (M, N),
-        lambda m, n: (total(m, n) - zp_wsum[n]).astype("float32") * scale[n] + bias[n],
-        name="out",
-    )
+    def value(m, n):
+        y = (total(m, n) - zp_wsum[n]).astype("float32") * scale[n] + bias[n]
+        return y if gelu_codes is None else epilogue_ops.gelu_codes(y, *gelu_codes)
+
+    out = te.compute((M, N), value, name="out")
     return [*inputs, zp_wsum, scale, bias, out]
 
 
@@ -194,10 +197,11 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of a kernel spec (the dict `schedule_qdense` makes), carrying the spec as its
     ``repq.kernel`` attribute: tuning rebuilds a kernel's definition from it (`repq_tvm.tuning.spaces`)."""
     v = VARIANTS[spec["variant"]]
+    gelu_codes = spec.get("gelu_codes")
     if v.name == "amx":
-        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"]), spec)
+        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], gelu_codes=gelu_codes), spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
-                     compensate=spec["compensate"])
+                     compensate=spec["compensate"], gelu_codes=gelu_codes)
     return _with_spec(te.create_prim_func(tensors), spec)
 
 
@@ -327,7 +331,9 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     """The hand schedule of a kernel spec (`qdense_func`): default tiles and depth, as `schedule_qdense`."""
     v = VARIANTS[spec["variant"]]
     if v.name == "amx":  # one hand-written kernel: ``ref`` is its plain-loop emulation
-        return Schedule(_with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=ref), spec))
+        func = qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=ref,
+                                          gelu_codes=spec.get("gelu_codes"))
+        return Schedule(_with_spec(func, spec))
     depth = v.max_depth(spec["bits_a"], spec["bits_w"], spec["K"])
     mi, nbi = default_tiles(spec["M"], spec["N"], v, depth)
     func = qdense_func(spec)
@@ -344,8 +350,9 @@ class QDense:
     """
 
     def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable,
-                 compensate: bool = False):
+                 compensate: bool = False, gelu_codes: tuple | None = None):
         self.M, self.N, self.K, self.epilogue, self.compensate = M, N, K, epilogue, compensate
+        self.gelu_codes = gelu_codes
         self.variant, self.bits_a, self.bits_w, self.ref, self.tiles = variant, *bits, ref, tiles
         self.Kp = ceil_to(K, variant.kpack)
         self.target, self.executable = target, executable
@@ -411,7 +418,7 @@ class QDense:
         """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias)."""
         if len(rest) != 1 + self.compensate + 3 * self.epilogue:
             raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias])")
-        dtype = np.float32 if self.epilogue else np.int32
+        dtype = np.uint8 if self.gelu_codes else np.float32 if self.epilogue else np.int32
         arrays = [a, *rest, np.empty((self.M, self.N), dtype)]
         return [
             x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x))
@@ -440,6 +447,7 @@ def schedule_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
+    gelu_codes: tuple[float, int, int] | None = None,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -449,8 +457,13 @@ def schedule_qdense(
     ``tiles`` = (rows, lane blocks) and ``depth`` (int16 pre-accumulation of u8 x s8) default to
     `default_tiles` and `Variant.max_depth`.  ``compensate`` (default: 8-bit weights on an int8
     variant) adds the in-kernel row-sum correction for weights offset into int8
-    (`packing.weight_offset`); returns it as the last element.
+    (`packing.weight_offset`); returns it as the last element.  ``gelu_codes`` = (scale, zero point, top
+    code) fuses GELU and the next quantizer into the epilogue (uint8 output, `epilogue.gelu_codes`).
     """
+    if gelu_codes is not None:
+        if not epilogue:
+            raise ValueError("gelu_codes needs the float epilogue (epilogue=True)")
+        gelu_codes = (float(np.float32(gelu_codes[0])), int(gelu_codes[1]), int(gelu_codes[2]))  # a float32 scale
     if variant == "auto":
         v = choose_variant(target, bits_a, bits_w, (M, N, K) if epilogue and compensate is not False else None)
     elif variant in VARIANTS:
@@ -458,7 +471,7 @@ def schedule_qdense(
     else:
         raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
     if v.name == "amx":
-        return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate)
+        return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes)
     if compensate is None:
         compensate = bits_w >= 8 and v.w_dtype == "int8"
     if compensate and v.w_dtype != "int8":
@@ -482,6 +495,8 @@ def schedule_qdense(
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": v.name, "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1}
+    if gelu_codes is not None:
+        spec["gelu_codes"] = list(gelu_codes)
     func = qdense_func(spec)
     if v.tensorized:
         sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)
@@ -490,7 +505,7 @@ def schedule_qdense(
     return sch, v, (mi, nbi, depth), compensate
 
 
-def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate):
+def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes):
     """`schedule_qdense` for the AMX kernel: always compensated, always with the epilogue (`qdense_amx`)."""
     v = VARIANTS["amx"]
     packing.code_bounds(bits_a, bits_w)  # validates
@@ -503,6 +518,8 @@ def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate):
         raise ValueError(f"target {as_target(target)} lacks {v.feature} needed by amx")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": "amx", "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS}
+    if gelu_codes is not None:
+        spec["gelu_codes"] = list(gelu_codes)
     return default_schedule(spec, ref), v, (qdense_amx.ROWS, qdense_amx.COLS // v.lanes, 1), True
 
 
@@ -510,10 +527,11 @@ def build_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
+    gelu_codes: tuple[float, int, int] | None = None,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments)."""
     sch, v, tiles, compensate = schedule_qdense(
         M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
-        tiles=tiles, depth=depth, compensate=compensate)
+        tiles=tiles, depth=depth, compensate=compensate, gelu_codes=gelu_codes)
     exe = tvm.compile(sch.mod, target=as_target(target))
-    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate)
+    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from . import epilogue
+
 ROWS, COLS, K_STEP = 32, 32, 64  # one block: 2 x 2 tiles of 16 rows x 16 int32 columns, k step of 64 bytes
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
@@ -65,14 +67,21 @@ def load_tile_config(cfg):
     T.evaluate(_intrin("ldtilecfg", T.address_of(cfg[0])))
 
 
-def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False):
+def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None):
     """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, out)`` (signature of `qdense.qdense` with
-    compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU)."""
+    compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU).
+    ``gelu_codes`` (scale, zero point, top): ``out`` holds the uint8 codes of GELU of the result
+    (`epilogue.gelu_codes`)."""
     if not fits(M, N, K):
         raise ValueError(f"AMX qdense needs M >= {ROWS}, N % {COLS} == 0 and K % {K_STEP} == 0, got {M}x{N}x{K}")
     Kp = -(-K // 4) * 4
     n_blocks, m_blocks, k_steps = N // COLS, -(-M // ROWS), Kp // K_STEP
     # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
+    out_dtype = "float32" if gelu_codes is None else "uint8"
+
+    def tail(y):
+        return y if gelu_codes is None else epilogue.gelu_codes(y, *gelu_codes)
+
     ta_shape, tb_shape, tc_shape = ((2, 16, 64), (2, 16, 64), (4, 16, 16)) if emulate else ((1,), (1,), (1,))
 
     @T.macro
@@ -129,7 +138,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False):
     @T.prim_func
     def main(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
              comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"), scale: T.Buffer((N,), "float32"),
-             bias: T.Buffer((N,), "float32"), out: T.Buffer((M, N), "float32")):
+             bias: T.Buffer((N,), "float32"), out: T.Buffer((M, N), out_dtype)):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         asum = T.alloc_buffer((M,), "int32")
         ask_permission()
@@ -153,9 +162,9 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False):
                 store(tc, C)
                 for r in range(ROWS):
                     for j in T.vectorized(COLS):
-                        out[m0 + r, nb * COLS + j] = T.Cast(
+                        out[m0 + r, nb * COLS + j] = tail(T.Cast(
                             "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
-                        ) * scale[nb * COLS + j] + bias[nb * COLS + j]
+                        ) * scale[nb * COLS + j] + bias[nb * COLS + j])
             if not emulate:
                 T.evaluate(_intrin("tilerelease"))
 

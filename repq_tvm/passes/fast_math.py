@@ -14,13 +14,15 @@ import math
 from tvm import relax, te, topi
 
 
-def _gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    def compute(x: te.Tensor) -> te.Tensor:
-        half = 0.5
-        erf = topi.fast_erf(topi.multiply(x, 1 / math.sqrt(2)))
-        return topi.multiply(x, topi.add(half, topi.multiply(erf, half)))
+def gelu(x: te.Tensor) -> te.Tensor:
+    """GELU with TVM's polynomial erf (also inlined into qdense epilogues: `kernels.epilogue`)."""
+    half = 0.5
+    erf = topi.fast_erf(topi.multiply(x, 1 / math.sqrt(2)))
+    return topi.multiply(x, topi.add(half, topi.multiply(erf, half)))
 
-    return bb.call_te(compute, call.args[0], primfunc_name_hint="gelu")
+
+def _gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
 
 
 def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:

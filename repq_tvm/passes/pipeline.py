@@ -3,6 +3,7 @@
     1. import          calibrated model → canonical fake-quant Relax (torch.export or ONNX frontend)
     2. integer passes  each rewrites one quantized pattern into a scheduled integer kernel:
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
+                         gelu_codes_epilogue qdense → GELU → quantize → qdense storing the uint8 codes
                          patch_embed       stride = kernel conv     → qdense on patch rows
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
@@ -26,6 +27,7 @@ from ..errors import ReqError
 from ..frontends import lower_log_quant
 from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
+from .gelu_codes_epilogue import FuseGeluCodesEpilogue
 from .log2_attention import LowerLog2Attention
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
@@ -34,6 +36,7 @@ from .quantized_qk import LowerQuantizedQK
 # (IR dump name, pass class taking the target, compile-stats key counting its rewrites), in order
 INTEGER_PASSES = (
     ("integer-linear", LowerQuantizedLinear, "integer_linears"),
+    ("gelu-codes-epilogue", FuseGeluCodesEpilogue, "fused_gelu_codes"),
     ("integer-patch-embed", LowerPatchEmbed, "integer_patch_embeds"),
     ("integer-qk", LowerQuantizedQK, "integer_qk"),
     ("log2-attention", LowerLog2Attention, "log2_attention"),

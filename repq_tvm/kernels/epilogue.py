@@ -1,0 +1,54 @@
+"""Elementwise tails a qdense kernel can apply to its float output before storing it: GELU → uint8 codes.
+
+Why: fc1's float output (197 x 1536 x 4 bytes in DeiT-Small) went to memory, and a separate kernel read it back
+for GELU and the next quantizer.  Fused, fc1 stores the 1-byte codes fc2 reads, straight from its accumulators.
+
+The expressions are the unfused path's own: GELU is `passes.fast_math.gelu` (TVM's polynomial erf) and the
+codes are TVM's legalization of ``relax.quantize`` (``clip(round(x / s) + z, 0, 255)``, then the canonical
+``clip(q, 0, 2^b − 1)`` of b-bit codes), written as one scalar expression with the same operations in the
+same order, so a fused kernel stores exactly the codes the unfused kernels did (checked bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+
+# TVM's `fast_erf_float_expr` (topi.fast_erf, float32): erf(x) ~ x·P(x²)/Q(x²) on x clamped to [-4, 4]
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _f32(v: float):
+    return tvm.tirx.const(v, "float32")
+
+
+def fast_erf(x):
+    """TVM's polynomial erf as a scalar expression, operation for operation (`tests/test_epilogue.py` checks
+    it against `topi.fast_erf` bit for bit)."""
+    xc = tvm.tirx.max(tvm.tirx.min(x, _f32(4.0)), _f32(-4.0))
+
+    def horner(coefficients):
+        acc = xc * xc * _f32(coefficients[0]) + _f32(coefficients[1])
+        for c in coefficients[2:]:
+            acc = xc * xc * acc + _f32(c)
+        return acc
+
+    return xc * horner(_ERF_P) / horner(_ERF_Q)
+
+
+def gelu(y):
+    """`passes.fast_math.gelu` on a scalar expression: ``y · (½ + erf(y/√2)·½)``."""
+    return y * (_f32(0.5) + fast_erf(y * _f32(1 / math.sqrt(2))) * _f32(0.5))
+
+
+def gelu_codes(y, scale: float, zp: int, top: int):
+    """uint8 code of ``gelu(y)`` under the layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
+    q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(gelu(y) / _f32(scale)) + _f32(float(zp)), _f32(255.0)), _f32(0.0))
+    code = q.astype("uint8")
+    if top < 255:
+        code = tvm.tirx.min(code, tvm.tirx.const(top, "uint8"))
+    return code

@@ -1,0 +1,131 @@
+"""GELU → quantize fused into the qdense epilogue: same codes as the unfused ops, kernel by kernel and pass-wise."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, te
+
+from repq_tvm import targets
+from repq_tvm.frontends import canonical
+from repq_tvm.kernels import epilogue
+from repq_tvm.kernels import qdense as Q
+from repq_tvm.passes.fast_math import gelu
+from repq_tvm.passes.gelu_codes_epilogue import FuseGeluCodesEpilogue
+from repq_tvm.passes.quantized_linear import LowerQuantizedLinear
+from repq_tvm.relax_util import scheduled_kernel
+from test_pass_quantized_linear import case, linear_module, run
+
+HOST = Q.host_target(1)
+FLAGS = targets.host_flags()
+
+
+def _compile_te(fn, n: int, out_dtype: str):
+    x = te.placeholder((n,), "float32", name="x")
+    return tvm.compile(te.create_prim_func([x, fn(x)]), target=HOST), out_dtype
+
+
+def _apply(compiled, values: np.ndarray) -> np.ndarray:
+    fn, dtype = compiled
+    out = tvm.runtime.tensor(np.zeros(values.size, dtype))
+    fn(tvm.runtime.tensor(values.astype(np.float32).ravel()), out)
+    return out.numpy()
+
+
+def test_scalar_gelu_and_codes_are_the_unfused_ops_bit_for_bit():
+    """`epilogue.gelu` is `fast_math.gelu` (topi's erf) and `gelu_codes` TVM's quantize legalization + clip."""
+    v = np.concatenate([np.random.default_rng(0).normal(0, 3, 1 << 15), [0, -0.0, 4.5, -4.5, 1e-30, 60, -60]])
+    n = v.size
+    scalar = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.gelu(x[i])), n, "float32")
+    tensor = _compile_te(gelu, n, "float32")
+    assert np.array_equal(_apply(scalar, v).view(np.int32), _apply(tensor, v).view(np.int32))
+    s, z = np.float32(0.0123), 19
+    for top in (255, 15):
+        codes = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.gelu_codes(x[i], float(s), z, top)),
+                            n, "uint8")
+        g = _apply(tensor, v)
+        expected = np.clip(np.clip(np.round(g / s) + np.float32(z), 0, 255), 0, top).astype(np.uint8)
+        assert np.array_equal(_apply(codes, v), expected)
+
+
+def _kernels():
+    out = [("vnni", True), ("amx", True)]  # portable stand-ins: any CPU
+    if "avx2" in FLAGS:
+        out.append(("avx2_i16", False))
+    if "avx512_vnni" in FLAGS:
+        out.append(("vnni", False))
+    if {"amx_tile", "amx_int8"} <= FLAGS:
+        out.append(("amx", False))
+    return out
+
+
+@pytest.mark.parametrize("variant,ref", _kernels(), ids=lambda p: str(p))
+def test_fused_kernel_stores_the_codes_of_the_unfused_output(variant, ref):
+    M, N, K, codes = 65, 96, 128, (0.0173, 23, 255)
+    target = targets.tvm_target("x86_64-amx", 1) if variant == "amx" and not ref else HOST
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (M, K), dtype=np.uint8)
+    w = (rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))).astype(np.int16)
+    w_scale = rng.uniform(1e-4, 1e-3, N).astype(np.float32)
+    bias = rng.normal(0, 1, N).astype(np.float32)
+    outs = []
+    for fused in (None, codes):
+        kernel = Q.build_qdense(M, N, K, target, variant=variant, epilogue=True, ref=ref, gelu_codes=fused)
+        params = kernel.epilogue_params(w, w_scale, 0.02, 120, bias)
+        outs.append(kernel(kernel.prepare_activation(a, 120), *kernel.weight_args(w), *params))
+    assert outs[1].dtype == np.uint8 and len(np.unique(outs[1])) > 20
+    tail = _compile_te(lambda x: te.compute((M * N,), lambda i: epilogue.gelu_codes(x[i], *codes)), M * N, "uint8")
+    np.testing.assert_array_equal(outs[1].ravel(), _apply(tail, outs[0]))
+
+
+def gelu_module(bits: int, double_use: bool = False):
+    """x → codes → linear → GELU → the next layer's quantizer (dequantized: the module's float output)."""
+    x, w_codes, s_w, z_w, s_a, z_a, bias = case(bits, n=64, k=64, tokens=(1, 40))
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            xh = bb.emit(canonical.uniform_qdq(xv, s_a, z_a, bits))
+            wh = bb.emit(canonical.weight_dq(relax.const(w_codes.astype(np.uint8)), relax.const(s_w),
+                                             relax.const(z_w.astype(np.uint8))))
+            y = bb.emit(relax.op.matmul(xh, relax.op.permute_dims(wh, [1, 0]), out_dtype="float32"))
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            g = bb.emit(relax.op.nn.gelu(y))
+            out = bb.emit(canonical.uniform_qdq(g, 0.021, 17, bits))
+            if double_use:
+                out = bb.emit(relax.op.add(out, g))
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
+    return bb.get(), x
+
+
+def _ops(mod) -> list[str]:
+    return [b.value.op.name for b in mod["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pass_before_after(bits):
+    mod, x = gelu_module(bits)
+    before = LowerQuantizedLinear(HOST)(mod)
+    fuse = FuseGeluCodesEpilogue(HOST)
+    after = fuse(before)
+    assert fuse.rewritten == 1
+    assert "relax.nn.gelu" in _ops(before) and "relax.nn.gelu" not in _ops(after)
+    assert "relax.quantize" not in _ops(after)[-3:]  # the GELU's quantizer went into the kernel
+    (gv,) = [gv for gv in after.get_global_vars() if gv.name_hint.endswith("_gelu0")]
+    old = next(gv for gv in before.get_global_vars() if gv.name_hint.startswith("repq_qdense"))
+    spec = __import__("json").loads(str(before[old].attrs["repq.kernel"]))
+    sch, _, _, _ = Q.schedule_qdense(spec["M"], spec["N"], spec["K"], HOST, bits_a=bits, bits_w=spec["bits_w"],
+                                     variant=spec["variant"], epilogue=True, compensate=spec["compensate"],
+                                     gelu_codes=(0.021, 17, 2 ** bits - 1))
+    tvm.ir.assert_structural_equal(after[gv], scheduled_kernel(sch, gv.name_hint))
+    assert old not in after.get_global_vars()  # the float-output kernel is gone
+    np.testing.assert_array_equal(run(after, x), run(before, x))
+
+
+def test_pass_leaves_a_gelu_with_another_reader():
+    mod, _ = gelu_module(8, double_use=True)
+    before = LowerQuantizedLinear(HOST)(mod)
+    fuse = FuseGeluCodesEpilogue(HOST)
+    after = fuse(before)
+    assert fuse.rewritten == 0
+    tvm.ir.assert_structural_equal(after, before)
