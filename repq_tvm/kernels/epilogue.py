@@ -52,3 +52,12 @@ def gelu_codes(y, scale: float, zp: int, top: int):
     if top < 255:
         code = tvm.tirx.min(code, tvm.tirx.const(top, "uint8"))
     return code
+
+
+def tail(y, codes: tuple | None = None, res=None):
+    """What a qdense epilogue stores for its float result ``y``: ``res + y`` (a residual add: IEEE addition
+    commutes, so either operand order of the add it replaces), `gelu_codes` (``codes`` = scale, zero point,
+    top), or ``y``."""
+    if res is not None:
+        return res + y
+    return y if codes is None else gelu_codes(y, *codes)

@@ -147,7 +147,7 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, i
 # --- compute ---------------------------------------------------------------------------------
 def qdense(
     M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1,
-    compensate: bool = False, gelu_codes: tuple[float, int, int] | None = None,
+    compensate: bool = False, gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
 ) -> list[te.Tensor]:
     """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) out]`` in ``variant``'s layouts.
 
@@ -156,7 +156,7 @@ def qdense(
     ``comp[n] * asum[m]`` (``asum`` = the row sums of A, computed in the kernel) to the accumulator:
     the weights were offset by ``comp`` to fit int8 (`packing.weight_offset`).  ``gelu_codes`` (scale, zero
     point, top code; with the epilogue) stores the uint8 codes of GELU of the float result instead of it
-    (`epilogue.gelu_codes`).
+    (`epilogue.gelu_codes`); ``residual`` takes one more input ``res`` [M, N] float32 and stores ``res + y``.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     L, P = v.lanes, v.kpack
@@ -185,23 +185,25 @@ def qdense(
     zp_wsum = te.placeholder((N,), "int32", name="zp_wsum")
     scale = te.placeholder((N,), "float32", name="scale")
     bias = te.placeholder((N,), "float32", name="bias")
+    res = te.placeholder((M, N), "float32", name="res") if residual else None
+
     def value(m, n):
         y = (total(m, n) - zp_wsum[n]).astype("float32") * scale[n] + bias[n]
-        return y if gelu_codes is None else epilogue_ops.gelu_codes(y, *gelu_codes)
+        return epilogue_ops.tail(y, gelu_codes, res[m, n] if residual else None)
 
     out = te.compute((M, N), value, name="out")
-    return [*inputs, zp_wsum, scale, bias, out]
+    return [*inputs, zp_wsum, scale, bias, *([res] if residual else []), out]
 
 
 def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of a kernel spec (the dict `schedule_qdense` makes), carrying the spec as its
     ``repq.kernel`` attribute: tuning rebuilds a kernel's definition from it (`repq_tvm.tuning.spaces`)."""
     v = VARIANTS[spec["variant"]]
-    gelu_codes = spec.get("gelu_codes")
+    tails = {"gelu_codes": spec.get("gelu_codes"), "residual": bool(spec.get("residual"))}
     if v.name == "amx":
-        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], gelu_codes=gelu_codes), spec)
+        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], **tails), spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
-                     compensate=spec["compensate"], gelu_codes=gelu_codes)
+                     compensate=spec["compensate"], **tails)
     return _with_spec(te.create_prim_func(tensors), spec)
 
 
@@ -332,7 +334,7 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     v = VARIANTS[spec["variant"]]
     if v.name == "amx":  # one hand-written kernel: ``ref`` is its plain-loop emulation
         func = qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=ref,
-                                          gelu_codes=spec.get("gelu_codes"))
+                                          gelu_codes=spec.get("gelu_codes"), residual=bool(spec.get("residual")))
         return Schedule(_with_spec(func, spec))
     depth = v.max_depth(spec["bits_a"], spec["bits_w"], spec["K"])
     mi, nbi = default_tiles(spec["M"], spec["N"], v, depth)
@@ -350,9 +352,9 @@ class QDense:
     """
 
     def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable,
-                 compensate: bool = False, gelu_codes: tuple | None = None):
+                 compensate: bool = False, gelu_codes: tuple | None = None, residual: bool = False):
         self.M, self.N, self.K, self.epilogue, self.compensate = M, N, K, epilogue, compensate
-        self.gelu_codes = gelu_codes
+        self.gelu_codes, self.residual = gelu_codes, residual
         self.variant, self.bits_a, self.bits_w, self.ref, self.tiles = variant, *bits, ref, tiles
         self.Kp = ceil_to(K, variant.kpack)
         self.target, self.executable = target, executable
@@ -415,9 +417,9 @@ class QDense:
                 raise ValueError(f"|weight| exceeds {w_max} (bits_w={self.bits_w})")
 
     def _args(self, a, *rest):
-        """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias)."""
-        if len(rest) != 1 + self.compensate + 3 * self.epilogue:
-            raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias])")
+        """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res]."""
+        if len(rest) != 1 + self.compensate + 3 * self.epilogue + self.residual:
+            raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias, [res]])")
         dtype = np.uint8 if self.gelu_codes else np.float32 if self.epilogue else np.int32
         arrays = [a, *rest, np.empty((self.M, self.N), dtype)]
         return [
@@ -447,7 +449,7 @@ def schedule_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
-    gelu_codes: tuple[float, int, int] | None = None,
+    gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -458,11 +460,14 @@ def schedule_qdense(
     `default_tiles` and `Variant.max_depth`.  ``compensate`` (default: 8-bit weights on an int8
     variant) adds the in-kernel row-sum correction for weights offset into int8
     (`packing.weight_offset`); returns it as the last element.  ``gelu_codes`` = (scale, zero point, top
-    code) fuses GELU and the next quantizer into the epilogue (uint8 output, `epilogue.gelu_codes`).
+    code) fuses GELU and the next quantizer into the epilogue (uint8 output, `epilogue.gelu_codes`);
+    ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection).
     """
+    if (gelu_codes is not None or residual) and not epilogue:
+        raise ValueError("gelu_codes and residual need the float epilogue (epilogue=True)")
+    if gelu_codes is not None and residual:
+        raise ValueError("one tail per kernel: gelu_codes or residual")
     if gelu_codes is not None:
-        if not epilogue:
-            raise ValueError("gelu_codes needs the float epilogue (epilogue=True)")
         gelu_codes = (float(np.float32(gelu_codes[0])), int(gelu_codes[1]), int(gelu_codes[2]))  # a float32 scale
     if variant == "auto":
         v = choose_variant(target, bits_a, bits_w, (M, N, K) if epilogue and compensate is not False else None)
@@ -471,7 +476,7 @@ def schedule_qdense(
     else:
         raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
     if v.name == "amx":
-        return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes)
+        return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual)
     if compensate is None:
         compensate = bits_w >= 8 and v.w_dtype == "int8"
     if compensate and v.w_dtype != "int8":
@@ -494,9 +499,8 @@ def schedule_qdense(
     if n_tiles % nbi:
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": v.name, "bits_a": bits_a, "bits_w": bits_w,
-            "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1}
-    if gelu_codes is not None:
-        spec["gelu_codes"] = list(gelu_codes)
+            "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1,
+            **_tail_spec(gelu_codes, residual)}
     func = qdense_func(spec)
     if v.tensorized:
         sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)
@@ -505,7 +509,13 @@ def schedule_qdense(
     return sch, v, (mi, nbi, depth), compensate
 
 
-def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes):
+def _tail_spec(gelu_codes, residual: bool) -> dict:
+    """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys)."""
+    return {**({"gelu_codes": list(gelu_codes)} if gelu_codes is not None else {}),
+            **({"residual": True} if residual else {})}
+
+
+def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual):
     """`schedule_qdense` for the AMX kernel: always compensated, always with the epilogue (`qdense_amx`)."""
     v = VARIANTS["amx"]
     packing.code_bounds(bits_a, bits_w)  # validates
@@ -517,9 +527,7 @@ def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, ge
     if not ref and not target_has(target, v.feature):
         raise ValueError(f"target {as_target(target)} lacks {v.feature} needed by amx")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": "amx", "bits_a": bits_a, "bits_w": bits_w,
-            "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS}
-    if gelu_codes is not None:
-        spec["gelu_codes"] = list(gelu_codes)
+            "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS, **_tail_spec(gelu_codes, residual)}
     return default_schedule(spec, ref), v, (qdense_amx.ROWS, qdense_amx.COLS // v.lanes, 1), True
 
 
@@ -527,11 +535,11 @@ def build_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
-    gelu_codes: tuple[float, int, int] | None = None,
+    gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments)."""
     sch, v, tiles, compensate = schedule_qdense(
         M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
-        tiles=tiles, depth=depth, compensate=compensate, gelu_codes=gelu_codes)
+        tiles=tiles, depth=depth, compensate=compensate, gelu_codes=gelu_codes, residual=residual)
     exe = tvm.compile(sch.mod, target=as_target(target))
-    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes)
+    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual)

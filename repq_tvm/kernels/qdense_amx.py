@@ -67,11 +67,12 @@ def load_tile_config(cfg):
     T.evaluate(_intrin("ldtilecfg", T.address_of(cfg[0])))
 
 
-def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None):
-    """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, out)`` (signature of `qdense.qdense` with
+def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None,
+                    residual: bool = False):
+    """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, [res,] out)`` (signature of `qdense.qdense` with
     compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU).
-    ``gelu_codes`` (scale, zero point, top): ``out`` holds the uint8 codes of GELU of the result
-    (`epilogue.gelu_codes`)."""
+    The tails of `epilogue.tail`: ``gelu_codes`` (scale, zero point, top): ``out`` holds the uint8 codes of
+    GELU of the result; ``residual``: ``out = res + result``."""
     if not fits(M, N, K):
         raise ValueError(f"AMX qdense needs M >= {ROWS}, N % {COLS} == 0 and K % {K_STEP} == 0, got {M}x{N}x{K}")
     Kp = -(-K // 4) * 4
@@ -79,8 +80,8 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
     # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
     out_dtype = "float32" if gelu_codes is None else "uint8"
 
-    def tail(y):
-        return y if gelu_codes is None else epilogue.gelu_codes(y, *gelu_codes)
+    def tail(y, res, m, n):
+        return epilogue.tail(y, gelu_codes, None if res is None else res[m, n])
 
     ta_shape, tb_shape, tc_shape = ((2, 16, 64), (2, 16, 64), (4, 16, 16)) if emulate else ((1,), (1,), (1,))
 
@@ -135,11 +136,8 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
             for c in T.unroll(4):
                 T.evaluate(_intrin("tilestored64", T.int8(c), T.address_of(C[(c // 2) * 16, (c % 2) * 16]), T.int64(COLS * 4)))
 
-    @T.prim_func
-    def main(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
-             comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"), scale: T.Buffer((N,), "float32"),
-             bias: T.Buffer((N,), "float32"), out: T.Buffer((M, N), out_dtype)):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+    @T.macro
+    def body(A, W, comp, zp_wsum, scale, bias, res, out):
         asum = T.alloc_buffer((M,), "int32")
         ask_permission()
         for m in T.parallel(M):
@@ -164,8 +162,27 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                     for j in T.vectorized(COLS):
                         out[m0 + r, nb * COLS + j] = tail(T.Cast(
                             "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
-                        ) * scale[nb * COLS + j] + bias[nb * COLS + j])
+                        ) * scale[nb * COLS + j] + bias[nb * COLS + j], res, m0 + r, nb * COLS + j)
             if not emulate:
                 T.evaluate(_intrin("tilerelease"))
+
+    # TVMScript signatures are fixed: one function per parameter list, the same body
+    if residual:
+        @T.prim_func
+        def main_res(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
+                     comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"),
+                     scale: T.Buffer((N,), "float32"), bias: T.Buffer((N,), "float32"),
+                     res: T.Buffer((M, N), "float32"), out: T.Buffer((M, N), out_dtype)):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            body(A, W, comp, zp_wsum, scale, bias, res, out)
+
+        return main_res
+
+    @T.prim_func
+    def main(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
+             comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"), scale: T.Buffer((N,), "float32"),
+             bias: T.Buffer((N,), "float32"), out: T.Buffer((M, N), out_dtype)):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        body(A, W, comp, zp_wsum, scale, bias, None, out)
 
     return main

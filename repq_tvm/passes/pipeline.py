@@ -4,6 +4,7 @@
     2. integer passes  each rewrites one quantized pattern into a scheduled integer kernel:
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
                          gelu_codes_epilogue qdense → GELU → quantize → qdense storing the uint8 codes
+                         residual_epilogue  x + qdense               → qdense adding x in its epilogue
                          patch_embed       stride = kernel conv     → qdense on patch rows
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
@@ -32,11 +33,13 @@ from .log2_attention import LowerLog2Attention
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
 from .quantized_qk import LowerQuantizedQK
+from .residual_epilogue import FuseResidualEpilogue
 
 # (IR dump name, pass class taking the target, compile-stats key counting its rewrites), in order
 INTEGER_PASSES = (
     ("integer-linear", LowerQuantizedLinear, "integer_linears"),
     ("gelu-codes-epilogue", FuseGeluCodesEpilogue, "fused_gelu_codes"),
+    ("residual-epilogue", FuseResidualEpilogue, "fused_residual_adds"),
     ("integer-patch-embed", LowerPatchEmbed, "integer_patch_embeds"),
     ("integer-qk", LowerQuantizedQK, "integer_qk"),
     ("log2-attention", LowerLog2Attention, "log2_attention"),

@@ -126,8 +126,9 @@ class _QDense:
 
     @staticmethod
     def searchable(spec: dict) -> bool:
-        """The plain-loop fallback (aarch64 without dotprod) has no intrinsic core to tile around: not searched."""
-        return qd.VARIANTS[spec["variant"]].tensorized
+        """The plain-loop fallback (aarch64 without dotprod) has no intrinsic core to tile around, the AMX kernel
+        is one fixed blocking of all eight tile registers (`kernels.qdense_amx`): neither is searched."""
+        return qd.VARIANTS[spec["variant"]].tensorized and spec["variant"] != "amx"
 
 
 class _AttnV:

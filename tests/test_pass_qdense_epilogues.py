@@ -1,4 +1,4 @@
-"""GELU → quantize fused into the qdense epilogue: same codes as the unfused ops, kernel by kernel and pass-wise."""
+"""qdense epilogue tails (GELU → codes, residual add): the same values as the unfused ops, kernel by kernel and pass-wise."""
 
 import numpy as np
 import pytest
@@ -129,3 +129,66 @@ def test_pass_leaves_a_gelu_with_another_reader():
     after = fuse(before)
     assert fuse.rewritten == 0
     tvm.ir.assert_structural_equal(after, before)
+
+
+# --- the residual add (`passes.residual_epilogue`) ------------------------------------------------------
+@pytest.mark.parametrize("variant,ref", _kernels(), ids=lambda p: str(p))
+def test_residual_kernel_adds_the_input_to_the_unfused_output(variant, ref):
+    M, N, K = 65, 96, 128
+    target = targets.tvm_target("x86_64-amx", 1) if variant == "amx" and not ref else HOST
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (M, K), dtype=np.uint8)
+    w = (rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))).astype(np.int16)
+    res = rng.normal(0, 3, (M, N)).astype(np.float32)
+    outs = []
+    for residual in (False, True):
+        kernel = Q.build_qdense(M, N, K, target, variant=variant, epilogue=True, ref=ref, residual=residual)
+        params = kernel.epilogue_params(w, np.full(N, 5e-4, np.float32), 0.02, 120,
+                                        np.linspace(-1, 1, N, dtype=np.float32))
+        outs.append(kernel(kernel.prepare_activation(a, 120), *kernel.weight_args(w), *params,
+                           *([res] if residual else [])))
+    np.testing.assert_array_equal(outs[1], res + outs[0])
+
+
+def residual_module(bits: int, swapped: bool = False):
+    """x → codes → linear (+ bias) → x + linear (a residual connection) → output."""
+    x, w_codes, s_w, z_w, s_a, z_a, bias = case(bits, n=64, k=64, tokens=(1, 40))
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            xh = bb.emit(canonical.uniform_qdq(xv, s_a, z_a, bits))
+            wh = bb.emit(canonical.weight_dq(relax.const(w_codes.astype(np.uint8)), relax.const(s_w),
+                                             relax.const(z_w.astype(np.uint8))))
+            y = bb.emit(relax.op.matmul(xh, relax.op.permute_dims(wh, [1, 0]), out_dtype="float32"))
+            y = bb.emit(relax.op.add(y, relax.const(bias)))
+            out = bb.emit_output(bb.emit(relax.op.add(y, xv) if swapped else relax.op.add(xv, y)))
+        bb.emit_func_output(out)
+    return bb.get(), x
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_residual_pass_before_after(swapped):
+    from repq_tvm.passes.residual_epilogue import FuseResidualEpilogue
+
+    mod, x = residual_module(8, swapped)
+    before = LowerQuantizedLinear(HOST)(mod)
+    fuse = FuseResidualEpilogue(HOST)
+    after = fuse(before)
+    assert fuse.rewritten == 1 and "relax.add" not in _ops(after) and "relax.add" in _ops(before)
+    (gv,) = [gv for gv in after.get_global_vars() if gv.name_hint.endswith("_res0")]
+    old = next(gv for gv in before.get_global_vars() if gv.name_hint.startswith("repq_qdense"))
+    spec = __import__("json").loads(str(before[old].attrs["repq.kernel"]))
+    sch, _, _, _ = Q.schedule_qdense(spec["M"], spec["N"], spec["K"], HOST, bits_a=8, bits_w=spec["bits_w"],
+                                     variant=spec["variant"], epilogue=True, compensate=spec["compensate"],
+                                     residual=True)
+    tvm.ir.assert_structural_equal(after[gv], scheduled_kernel(sch, gv.name_hint))
+    assert old not in after.get_global_vars()
+    np.testing.assert_array_equal(run(after, x), run(before, x))
+
+
+def test_one_tail_per_kernel():
+    with pytest.raises(ValueError, match="one tail per kernel: gelu_codes or residual"):
+        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, residual=True, gelu_codes=(0.1, 3, 255))
+    with pytest.raises(ValueError, match="gelu_codes and residual need the float epilogue"):
+        Q.schedule_qdense(65, 96, 128, HOST, residual=True)
