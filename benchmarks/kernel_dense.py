@@ -1,9 +1,11 @@
-"""TVM integer dense (AVX2 u8 x s8 and int16 variants, or VNNI) vs torch fp32 ``x @ w.T`` on ViT shapes.
+"""TVM integer dense (AVX2 u8 x s8 and int16 variants, or VNNI, and AMX where the CPU has it) vs torch fp32
+``x @ w.T`` on ViT shapes.
 
 Why: the int8 path only pays off if it beats the float matmul it replaces.  Everything is timed in
 one process, interleaved round by round (the machine is shared: a fixed order would hand one
-kernel the quiet moments), with the same thread count for TVM and torch.  Every TVM result is
-checked bit for bit first.
+kernel the quiet moments), with the same thread count for TVM and torch.  Every kernel runs with its
+float epilogue at unit scale (the compiler's form, and the only one the AMX kernel has), so its output is
+float32(acc): checked bit for bit first.
 
     TVM_NUM_THREADS=1 python benchmarks/kernel_dense.py            # all shapes, 1 thread
     python benchmarks/kernel_dense.py --threads 2 --shapes 197x384x384
@@ -44,10 +46,13 @@ def main() -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     target = Q.host_target(args.threads)
     vnni = targets.tvm_target("x86_64-avx512-vnni", args.threads)
+    amx = targets.tvm_target("x86_64-amx", args.threads)
     if targets.runnable_reason(vnni) is None:
         kernels = [("vnni", vnni, 8, 8)]
     else:
         kernels = [("avx2_u8s8", target, bits_a, bits_w), ("avx2_i16", target, 8, 8)]
+    if targets.runnable_reason(amx) is None:
+        kernels.insert(0, ("amx", amx, 8, 8))
     rng = np.random.default_rng(0)
 
     def timed(fn, number):
@@ -61,20 +66,25 @@ def main() -> None:
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, "
           f"median of {args.rounds} interleaved rounds, ms per call")
     head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
-    head += "".join(f"{'torch/' + n.split('(')[0]:>18s}" for n in names) + f"{'GMAC/s':>8s}"
+    head += "".join(f"{'torch/' + n.split('(')[0]:>18s}" for n in names)
+    head += "".join(f"{n.split('(')[0] + ' GMAC/s':>8s}" for n in names)
     print(head)
     for M, N, K in shapes:
         runs = []
         for variant, tgt, ba, bw in kernels:
-            kern = Q.build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw)
+            if variant == "amx" and not Q.qdense_amx.fits(M, N, K):
+                runs.append(None)
+                continue
+            kern = Q.build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True)
             a_max, w_max = 2**ba - 1, (127 if bw >= 8 else 2**bw - 1)
             a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
-            w = rng.integers(-w_max, w_max + 1, (N, K)).astype(np.dtype(kern.variant.w_dtype))
+            w = rng.integers(-w_max, w_max + 1, (N, K))
             a_zp = 0 if variant != "avx2_i16" else a_max // 2
-            call = kern._args(kern.prepare_activation(a, a_zp), kern.pack_weight(w))
+            unit = (np.zeros(N, np.int32), np.ones(N, np.float32), np.zeros(N, np.float32))
+            call = kern._args(kern.prepare_activation(a, a_zp), *kern.weight_args(w), *unit)
             fn = kern.function()
             fn(*call)
-            exact = (a.astype(np.float64) - a_zp) @ w.astype(np.float64).T  # exact below 2**53
+            exact = ((a.astype(np.int64) - a_zp) @ w.astype(np.int64).T).astype(np.float32)  # float32(acc)
             assert np.array_equal(call[-1].numpy(), exact), f"{variant} {M}x{N}x{K} not exact"
             runs.append(lambda fn=fn, call=call: fn(*call))
         x, wt = torch.randn(M, K), torch.randn(N, K)
@@ -83,11 +93,12 @@ def main() -> None:
         times = [[] for _ in runs]
         for _ in range(args.rounds):
             for i, fn in enumerate(runs):
-                times[i].append(timed(fn, number))
-        med = [float(np.median(t)) * 1e3 for t in times]
+                if fn is not None:
+                    times[i].append(timed(fn, number))
+        med = [float(np.median(t)) * 1e3 if t else float("nan") for t in times]
         row = f"{f'{M}x{N}x{K}':>16s}" + "".join(f"{t:20.3f}" for t in med[:-1]) + f"{med[-1]:12.3f}"
         row += "".join(f"{med[-1] / t:17.2f}x" for t in med[:-1])
-        print(row + f"{M * N * K / med[0] / 1e6:8.1f}", flush=True)
+        print(row + "".join(f"{M * N * K / t / 1e6:8.1f}" for t in med[:-1]), flush=True)
 
 
 if __name__ == "__main__":
