@@ -67,7 +67,7 @@ def main() -> None:
           f"median of {args.rounds} interleaved rounds, ms per call")
     head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
     head += "".join(f"{'torch/' + n.split('(')[0]:>18s}" for n in names)
-    head += "".join(f"{n.split('(')[0] + ' GMAC/s':>8s}" for n in names)
+    head += "".join(f"{n.split('(')[0] + ' GMAC/s':>14s}" for n in names)
     print(head)
     for M, N, K in shapes:
         runs = []
@@ -91,6 +91,9 @@ def main() -> None:
         runs.append(lambda: x @ wt.T)
         number = max(1, int(3e6 / (M * N * K) * 10))  # ~0.3-3 ms per measurement
         times = [[] for _ in runs]
+        for fn in runs:  # warm-up (thread pools start, caches fill): the first shape measured 30x slow without
+            if fn is not None:
+                timed(fn, number)
         for _ in range(args.rounds):
             for i, fn in enumerate(runs):
                 if fn is not None:
@@ -98,7 +101,7 @@ def main() -> None:
         med = [float(np.median(t)) * 1e3 if t else float("nan") for t in times]
         row = f"{f'{M}x{N}x{K}':>16s}" + "".join(f"{t:20.3f}" for t in med[:-1]) + f"{med[-1]:12.3f}"
         row += "".join(f"{med[-1] / t:17.2f}x" for t in med[:-1])
-        print(row + "".join(f"{M * N * K / t / 1e6:8.1f}" for t in med[:-1]), flush=True)
+        print(row + "".join(f"{M * N * K / t / 1e6:14.1f}" for t in med[:-1]), flush=True)
 
 
 if __name__ == "__main__":
