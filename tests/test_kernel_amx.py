@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import tvm
 
 from conftest import extreme_codes
 from repq_tvm import targets
@@ -71,7 +72,6 @@ def test_epilogue_matches_numpy_and_the_vnni_stand_in(mode):
 def test_assembly_has_the_tile_instructions_in_order():
     """AT&T ``tdpbusd src2, src1, dst``: src1 (u8) must be an A tile (tmm4/5), src2 (s8) a B tile (tmm6/7)."""
     sch, v, _, _ = Q.schedule_qdense(197, 384, 384, AMX_TARGET, variant="amx", epilogue=True)
-    import tvm
 
     asm = tvm.compile(sch.mod, target=AMX_TARGET).mod.inspect_source("asm")
     dots = re.findall(r"tdpbusd\s+%tmm(\d),\s*%tmm(\d),\s*%tmm(\d)", asm)
@@ -107,3 +107,32 @@ def test_native_kernel_refuses_to_run_without_amx(monkeypatch):
     kernel = Q.build_qdense(32, 32, 64, AMX_TARGET, variant="amx", epilogue=True)
     with pytest.raises(targets.NotRunnable, match="needs AMX-TILE, AMX-INT8"):
         kernel.function()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qkv_codes_are_the_split_and_quantized_output(mode):
+    """The qkv tail stores, per q/k/v, the codes of the float output's [B, heads, tokens, D] slice."""
+    from tvm import te
+
+    from repq_tvm.kernels import epilogue
+
+    B, tokens, heads, D, K = 2, 65, 4, 32, 128
+    M, N = B * tokens, 3 * heads * D
+    a, w = extreme_codes(M, N, K, 8, 8, seed=9)
+    rng = np.random.default_rng(10)
+    params = (np.zeros(N, np.int32), np.full(N, 2e-6, np.float32), rng.normal(0, 1, N).astype(np.float32))
+    cfg = {"tokens": tokens, "heads": heads, "codes": [(0.05, 120, 255), (0.04, 100, 255), (0.03, 130, 15)]}
+    plain = _build(M, N, K, 8, 8, mode)
+    y = plain(plain.prepare_activation(a), *plain.weight_args(w), *params)
+    target = AMX_TARGET if mode == "native" else Q.host_target(1)
+    fused = Q.build_qdense(M, N, K, target, variant="amx", epilogue=True, ref=mode == "emulated", qkv_codes=cfg)
+    out = fused(fused.prepare_activation(a), *fused.weight_args(w), *params)
+    split = y.reshape(B, tokens, 3, heads, D).transpose(2, 0, 3, 1, 4)  # [3, B, heads, tokens, D]
+    x = te.placeholder((split[0].size,), "float32")
+    for i, codes in enumerate(cfg["codes"]):
+        f = tvm.compile(te.create_prim_func([x, te.compute(x.shape, lambda j: epilogue.codes(x[j], *codes))]),
+                        target=Q.host_target(1))
+        expected = tvm.runtime.tensor(np.zeros(split[i].size, np.uint8))
+        f(tvm.runtime.tensor(np.ascontiguousarray(split[i]).ravel()), expected)
+        np.testing.assert_array_equal(out[i].ravel(), expected.numpy())
+    assert len(np.unique(out[0])) > 100 and out[2].max() <= 15

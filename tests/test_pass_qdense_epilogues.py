@@ -188,7 +188,38 @@ def test_residual_pass_before_after(swapped):
 
 
 def test_one_tail_per_kernel():
-    with pytest.raises(ValueError, match="one tail per kernel: gelu_codes or residual"):
+    with pytest.raises(ValueError, match="one tail per kernel: gelu_codes, residual or qkv_codes"):
         Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, residual=True, gelu_codes=(0.1, 3, 255))
-    with pytest.raises(ValueError, match="gelu_codes and residual need the float epilogue"):
+    with pytest.raises(ValueError, match="gelu_codes, residual and qkv_codes need the float epilogue"):
         Q.schedule_qdense(65, 96, 128, HOST, residual=True)
+
+
+# --- the q/k/v codes (`passes.qkv_codes_epilogue`, AMX kernels) ------------------------------------------
+def test_qkv_pass_on_the_vit_fixture(vit_host_build, tmp_path, monkeypatch):
+    """Built for x86_64-amx (on any CPU) with and without the pass: every block's qkv stores its q/k/v codes
+    (no split or quantize kernels left); on an AMX CPU the logits are the same bit for bit."""
+    import json
+    import subprocess
+
+    from repq_tvm import api
+    from repq_tvm.passes import pipeline
+
+    cal = vit_host_build[0]
+    api.compile_artifact(cal, str(tmp_path / "fused"), target="x86_64-amx", progress=False)
+    stats = json.load(open(tmp_path / "fused" / "manifest.json"))["compile"]
+    assert stats["fused_qkv_codes"] == 6  # one per block
+    symbols = subprocess.run(["nm", "-D", str(tmp_path / "fused" / "model.so")], capture_output=True, text=True,
+                             check=True).stdout
+    assert symbols.count("_qkv0") >= 1 and "strided_slice" not in symbols
+    monkeypatch.setattr(pipeline, "INTEGER_PASSES", [p for p in pipeline.INTEGER_PASSES if p[0] != "qkv-codes-epilogue"])
+    api.compile_artifact(cal, str(tmp_path / "plain"), target="x86_64-amx", progress=False)
+    plain_symbols = subprocess.run(["nm", "-D", str(tmp_path / "plain" / "model.so")], capture_output=True,
+                                   text=True, check=True).stdout
+    assert "strided_slice" in plain_symbols
+    if {"amx_tile", "amx_int8"} <= FLAGS:
+        from repq_tvm.deploy.runtime import Runner
+
+        fused, plain = Runner(str(tmp_path / "fused")), Runner(str(tmp_path / "plain"))
+        x = np.random.default_rng(0).standard_normal((4, *fused.input_shape[1:])).astype(np.float32)
+        np.testing.assert_array_equal(np.concatenate([fused(x[i:i + 1]) for i in range(4)]),
+                                      np.concatenate([plain(x[i:i + 1]) for i in range(4)]))

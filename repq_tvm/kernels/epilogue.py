@@ -45,13 +45,18 @@ def gelu(y):
     return y * (_f32(0.5) + fast_erf(y * _f32(1 / math.sqrt(2))) * _f32(0.5))
 
 
-def gelu_codes(y, scale: float, zp: int, top: int):
-    """uint8 code of ``gelu(y)`` under the layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
-    q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(gelu(y) / _f32(scale)) + _f32(float(zp)), _f32(255.0)), _f32(0.0))
+def codes(y, scale: float, zp: int, top: int):
+    """uint8 code of ``y`` under the layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
+    q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(y / _f32(scale)) + _f32(float(zp)), _f32(255.0)), _f32(0.0))
     code = q.astype("uint8")
     if top < 255:
         code = tvm.tirx.min(code, tvm.tirx.const(top, "uint8"))
     return code
+
+
+def gelu_codes(y, scale: float, zp: int, top: int):
+    """uint8 code of ``gelu(y)`` under the layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
+    return codes(gelu(y), scale, zp, top)
 
 
 def tail(y, codes: tuple | None = None, res=None):

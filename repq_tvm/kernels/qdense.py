@@ -201,7 +201,8 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     v = VARIANTS[spec["variant"]]
     tails = {"gelu_codes": spec.get("gelu_codes"), "residual": bool(spec.get("residual"))}
     if v.name == "amx":
-        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], **tails), spec)
+        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], **tails,
+                                                     qkv_codes=spec.get("qkv_codes")), spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
                      compensate=spec["compensate"], **tails)
     return _with_spec(te.create_prim_func(tensors), spec)
@@ -334,7 +335,8 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     v = VARIANTS[spec["variant"]]
     if v.name == "amx":  # one hand-written kernel: ``ref`` is its plain-loop emulation
         func = qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=ref,
-                                          gelu_codes=spec.get("gelu_codes"), residual=bool(spec.get("residual")))
+                                          gelu_codes=spec.get("gelu_codes"), residual=bool(spec.get("residual")),
+                                          qkv_codes=spec.get("qkv_codes"))
         return Schedule(_with_spec(func, spec))
     depth = v.max_depth(spec["bits_a"], spec["bits_w"], spec["K"])
     mi, nbi = default_tiles(spec["M"], spec["N"], v, depth)
@@ -352,9 +354,10 @@ class QDense:
     """
 
     def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable,
-                 compensate: bool = False, gelu_codes: tuple | None = None, residual: bool = False):
+                 compensate: bool = False, gelu_codes: tuple | None = None, residual: bool = False,
+                 qkv_codes: dict | None = None):
         self.M, self.N, self.K, self.epilogue, self.compensate = M, N, K, epilogue, compensate
-        self.gelu_codes, self.residual = gelu_codes, residual
+        self.gelu_codes, self.residual, self.qkv_codes = gelu_codes, residual, qkv_codes
         self.variant, self.bits_a, self.bits_w, self.ref, self.tiles = variant, *bits, ref, tiles
         self.Kp = ceil_to(K, variant.kpack)
         self.target, self.executable = target, executable
@@ -420,8 +423,12 @@ class QDense:
         """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res]."""
         if len(rest) != 1 + self.compensate + 3 * self.epilogue + self.residual:
             raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias, [res]])")
-        dtype = np.uint8 if self.gelu_codes else np.float32 if self.epilogue else np.int32
-        arrays = [a, *rest, np.empty((self.M, self.N), dtype)]
+        dtype = np.uint8 if self.gelu_codes or self.qkv_codes else np.float32 if self.epilogue else np.int32
+        outs = [np.empty((self.M, self.N), dtype)]
+        if self.qkv_codes:  # q, k, v: [B, heads, tokens, D] each
+            t, h = self.qkv_codes["tokens"], self.qkv_codes["heads"]
+            outs = [np.empty((self.M // t, h, t, self.N // (3 * h)), dtype) for _ in range(3)]
+        arrays = [a, *rest, *outs]
         return [
             x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(x))
             for x in arrays
@@ -432,7 +439,7 @@ class QDense:
         self._check_codes(a, rest[0] if rest else None)
         args = self._args(a, *rest)
         self.function()(*args)
-        return args[-1].numpy()
+        return np.stack([x.numpy() for x in args[-3:]]) if self.qkv_codes else args[-1].numpy()
 
     def time(self, a, *rest, runs: int = 50, number: int = 10) -> np.ndarray:
         """Seconds per call for ``runs`` repeats of ``number`` calls each (time_evaluator)."""
@@ -449,7 +456,7 @@ def schedule_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
-    gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
+    gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -461,12 +468,13 @@ def schedule_qdense(
     variant) adds the in-kernel row-sum correction for weights offset into int8
     (`packing.weight_offset`); returns it as the last element.  ``gelu_codes`` = (scale, zero point, top
     code) fuses GELU and the next quantizer into the epilogue (uint8 output, `epilogue.gelu_codes`);
-    ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection).
+    ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes`` (AMX
+    only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention kernels' layout.
     """
-    if (gelu_codes is not None or residual) and not epilogue:
-        raise ValueError("gelu_codes and residual need the float epilogue (epilogue=True)")
-    if gelu_codes is not None and residual:
-        raise ValueError("one tail per kernel: gelu_codes or residual")
+    if (gelu_codes is not None or residual or qkv_codes is not None) and not epilogue:
+        raise ValueError("gelu_codes, residual and qkv_codes need the float epilogue (epilogue=True)")
+    if (gelu_codes is not None) + residual + (qkv_codes is not None) > 1:
+        raise ValueError("one tail per kernel: gelu_codes, residual or qkv_codes")
     if gelu_codes is not None:
         gelu_codes = (float(np.float32(gelu_codes[0])), int(gelu_codes[1]), int(gelu_codes[2]))  # a float32 scale
     if variant == "auto":
@@ -476,7 +484,10 @@ def schedule_qdense(
     else:
         raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
     if v.name == "amx":
-        return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual)
+        return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual,
+                             qkv_codes)
+    if qkv_codes is not None:
+        raise ValueError(f"qkv_codes needs the amx variant, not {v.name}")
     if compensate is None:
         compensate = bits_w >= 8 and v.w_dtype == "int8"
     if compensate and v.w_dtype != "int8":
@@ -515,7 +526,7 @@ def _tail_spec(gelu_codes, residual: bool) -> dict:
             **({"residual": True} if residual else {})}
 
 
-def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual):
+def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual, qkv_codes=None):
     """`schedule_qdense` for the AMX kernel: always compensated, always with the epilogue (`qdense_amx`)."""
     v = VARIANTS["amx"]
     packing.code_bounds(bits_a, bits_w)  # validates
@@ -528,6 +539,9 @@ def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, ge
         raise ValueError(f"target {as_target(target)} lacks {v.feature} needed by amx")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": "amx", "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS, **_tail_spec(gelu_codes, residual)}
+    if qkv_codes is not None:
+        spec["qkv_codes"] = {"tokens": int(qkv_codes["tokens"]), "heads": int(qkv_codes["heads"]),
+                             "codes": [[float(np.float32(s)), int(z), int(t)] for s, z, t in qkv_codes["codes"]]}
     return default_schedule(spec, ref), v, (qdense_amx.ROWS, qdense_amx.COLS // v.lanes, 1), True
 
 
@@ -535,11 +549,12 @@ def build_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
-    gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
+    gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments)."""
     sch, v, tiles, compensate = schedule_qdense(
         M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
-        tiles=tiles, depth=depth, compensate=compensate, gelu_codes=gelu_codes, residual=residual)
+        tiles=tiles, depth=depth, compensate=compensate, gelu_codes=gelu_codes, residual=residual, qkv_codes=qkv_codes)
     exe = tvm.compile(sch.mod, target=as_target(target))
-    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual)
+    return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual,
+                  qkv_codes)

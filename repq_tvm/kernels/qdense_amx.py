@@ -68,17 +68,29 @@ def load_tile_config(cfg):
 
 
 def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None,
-                    residual: bool = False):
+                    residual: bool = False, qkv_codes: dict | None = None):
     """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, [res,] out)`` (signature of `qdense.qdense` with
     compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU).
     The tails of `epilogue.tail`: ``gelu_codes`` (scale, zero point, top): ``out`` holds the uint8 codes of
-    GELU of the result; ``residual``: ``out = res + result``."""
+    GELU of the result; ``residual``: ``out = res + result``.  ``qkv_codes`` ({"tokens", "heads", "codes": three
+    (scale, zero point, top)}): the result is a fused q/k/v projection ``[B·tokens, 3·heads·D]``; ``out`` is
+    three outputs ``q, k, v`` ``[B, heads, tokens, D]`` uint8 (in place of ``out``), each the codes under its own
+    quantizer, in the layout the attention kernels read (`passes.qkv_codes_epilogue`)."""
     if not fits(M, N, K):
         raise ValueError(f"AMX qdense needs M >= {ROWS}, N % {COLS} == 0 and K % {K_STEP} == 0, got {M}x{N}x{K}")
     Kp = -(-K // 4) * 4
     n_blocks, m_blocks, k_steps = N // COLS, -(-M // ROWS), Kp // K_STEP
     # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
-    out_dtype = "float32" if gelu_codes is None else "uint8"
+    out_dtype = "float32" if gelu_codes is None and qkv_codes is None else "uint8"
+    out_shape = (M, N)
+    if qkv_codes is not None:
+        tokens, heads = qkv_codes["tokens"], qkv_codes["heads"]
+        dim = N // (3 * heads)
+        if M % tokens or N % (3 * heads) or dim % COLS:
+            raise ValueError(f"qkv codes need M = B x {tokens} tokens and N = 3 x {heads} heads x D with D % {COLS} "
+                             f"== 0, got {M}x{N}")
+        out_shape = (M // tokens, heads, tokens, dim)
+        qkv = [tuple(c) for c in qkv_codes["codes"]]
 
     def tail(y, res, m, n):
         return epilogue.tail(y, gelu_codes, None if res is None else res[m, n])
@@ -137,6 +149,17 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 T.evaluate(_intrin("tilestored64", T.int8(c), T.address_of(C[(c // 2) * 16, (c % 2) * 16]), T.int64(COLS * 4)))
 
     @T.macro
+    def qkv_row(out, C, comp, asum, zp_wsum, scale, bias, m0, r, nb, which, q_scale, q_zp, q_top):  # out: q, k or v
+        """Row r of the block's codes if column block nb belongs to q, k or v = ``which``: head h = its columns //
+        D, dims from its columns % D; row m0 + r = image b, token t."""
+        if nb * COLS // (heads * dim) == which:
+            for j in T.vectorized(COLS):
+                out[(m0 + r) // tokens, nb * COLS % (heads * dim) // dim, (m0 + r) % tokens,
+                    nb * COLS % dim + j] = epilogue.codes(T.Cast(
+                        "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
+                    ) * scale[nb * COLS + j] + bias[nb * COLS + j], q_scale, q_zp, q_top)
+
+    @T.macro
     def body(A, W, comp, zp_wsum, scale, bias, res, out):
         asum = T.alloc_buffer((M,), "int32")
         ask_permission()
@@ -158,21 +181,41 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                     load(A, W, ta, tb, m0, nb, kt)
                     dot(ta, tb, tc)
                 store(tc, C)
-                for r in range(ROWS):
-                    for j in T.vectorized(COLS):
-                        out[m0 + r, nb * COLS + j] = tail(T.Cast(
-                            "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
-                        ) * scale[nb * COLS + j] + bias[nb * COLS + j], res, m0 + r, nb * COLS + j)
+                if qkv_codes is None:
+                    for r in range(ROWS):
+                        for j in T.vectorized(COLS):
+                            out[m0 + r, nb * COLS + j] = tail(T.Cast(
+                                "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
+                            ) * scale[nb * COLS + j] + bias[nb * COLS + j], res, m0 + r, nb * COLS + j)
+                else:
+                    for r in range(ROWS):  # one branch per q, k, v: its quantizer's constants, as the unfused ops
+                        qkv_row(out[0], C, comp, asum, zp_wsum, scale, bias, m0, r, nb, 0, qkv[0][0], qkv[0][1],
+                                qkv[0][2])
+                        qkv_row(out[1], C, comp, asum, zp_wsum, scale, bias, m0, r, nb, 1, qkv[1][0], qkv[1][1],
+                                qkv[1][2])
+                        qkv_row(out[2], C, comp, asum, zp_wsum, scale, bias, m0, r, nb, 2, qkv[2][0], qkv[2][1],
+                                qkv[2][2])
             if not emulate:
                 T.evaluate(_intrin("tilerelease"))
 
     # TVMScript signatures are fixed: one function per parameter list, the same body
+    if qkv_codes is not None:
+        @T.prim_func
+        def main_qkv(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
+                     comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"),
+                     scale: T.Buffer((N,), "float32"), bias: T.Buffer((N,), "float32"),
+                     q: T.Buffer(out_shape, "uint8"), k: T.Buffer(out_shape, "uint8"), v: T.Buffer(out_shape, "uint8")):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            body(A, W, comp, zp_wsum, scale, bias, None, (q, k, v))
+
+        return main_qkv
+
     if residual:
         @T.prim_func
         def main_res(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
                      comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"),
                      scale: T.Buffer((N,), "float32"), bias: T.Buffer((N,), "float32"),
-                     res: T.Buffer((M, N), "float32"), out: T.Buffer((M, N), out_dtype)):
+                     res: T.Buffer((M, N), "float32"), out: T.Buffer(out_shape, out_dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             body(A, W, comp, zp_wsum, scale, bias, res, out)
 
@@ -181,7 +224,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
     @T.prim_func
     def main(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
              comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"), scale: T.Buffer((N,), "float32"),
-             bias: T.Buffer((N,), "float32"), out: T.Buffer((M, N), out_dtype)):
+             bias: T.Buffer((N,), "float32"), out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         body(A, W, comp, zp_wsum, scale, bias, None, out)
 

@@ -8,6 +8,7 @@
                          patch_embed       stride = kernel conv     → qdense on patch rows
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
+                         qkv_codes_epilogue qkv → split → quantize ×3 → AMX qdense storing the q/k/v codes
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time)
     4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
                        float kernels (`float_schedules`)
@@ -32,6 +33,7 @@ from .gelu_codes_epilogue import FuseGeluCodesEpilogue
 from .log2_attention import LowerLog2Attention
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
+from .qkv_codes_epilogue import FuseQKVCodesEpilogue
 from .quantized_qk import LowerQuantizedQK
 from .residual_epilogue import FuseResidualEpilogue
 
@@ -43,6 +45,7 @@ INTEGER_PASSES = (
     ("integer-patch-embed", LowerPatchEmbed, "integer_patch_embeds"),
     ("integer-qk", LowerQuantizedQK, "integer_qk"),
     ("log2-attention", LowerLog2Attention, "log2_attention"),
+    ("qkv-codes-epilogue", FuseQKVCodesEpilogue, "fused_qkv_codes"),  # after q@kᵀ took k without its transpose
 )
 
 

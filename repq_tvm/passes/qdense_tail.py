@@ -20,7 +20,7 @@ def plain_qdense_spec(mod: tvm.IRModule, call: relax.Call) -> dict | None:
         return None
     spec = json.loads(str(attrs["repq.kernel"]))
     plain = spec.get("kind") == "qdense" and spec.get("epilogue") and not spec.get("gelu_codes") \
-        and not spec.get("residual")
+        and not spec.get("residual") and not spec.get("qkv_codes")
     return spec if plain else None
 
 
@@ -44,9 +44,10 @@ class FusedKernels:
             self.cache[key] = self.bb.add_func(scheduled_kernel(sch, name), name)
         return self.cache[key]
 
-    def finish(self) -> tvm.IRModule:
-        """The builder's module without dead bindings and without the replaced kernels no call uses now."""
-        out = relax.transform.DeadCodeElimination()(self.bb.get())
+    def finish(self, mod: tvm.IRModule | None = None) -> tvm.IRModule:
+        """The builder's module (or ``mod``) without dead bindings and without the replaced kernels no call
+        uses now."""
+        out = relax.transform.DeadCodeElimination()(mod if mod is not None else self.bb.get())
         for gv in self.replaced - _called(out):
             del out[gv]
         return out
