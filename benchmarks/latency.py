@@ -103,6 +103,8 @@ def cpu_info() -> dict:
         info["microarchitecture"] = "Zen 4"  # family 19h model 11h Genoa / a0h Bergamo
     elif info.get("vendor") == "AuthenticAMD" and info.get("family") == "25":
         info["microarchitecture"] = "Zen 3 / Zen 4 (family 19h)"
+    elif info.get("vendor") == "GenuineIntel" and "amx_int8" in flags:  # VMs may report another model number
+        info["microarchitecture"] = "Sapphire Rapids or newer (AMX)"
     return info
 
 
@@ -538,7 +540,7 @@ def markdown_table(record: dict, p90: bool = False) -> str:
         rows = [record["results"][f"{m}/b{b}"]["engines"].get(e) for m, b in cols]
         tuned = [bool(r.get("tuning_log")) for r in rows if r is not None]
         cells = [label(e, ov_default, tuned=bool(tuned) and all(tuned))]
-        for r in rows:
+        for (_, b), r in zip(cols, rows):
             if r is None:
                 cells.append("–")
                 continue
@@ -595,8 +597,8 @@ def plot(record: dict, path: str) -> None:
             ax.margins(y=0.12)
     cpu = record["cpu"]
     fig.suptitle(f"{cpu.get('model_name')} ({cpu.get('microarchitecture', '?')}), {record['threads']} threads, "
-                 f"{record['rounds']} interleaved rounds\nlabels: engine time / repq-tvm W8/A8 time (same run); "
-                 f"openvino-default = {ov_default}", fontsize=9)
+                 f"{record['rounds']} interleaved rounds\nlabels: engine time / repq-tvm W8/A8 time (same run)"
+                 + (f"; openvino-default = {ov_default}" if ov_default else ""), fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

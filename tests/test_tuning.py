@@ -271,7 +271,10 @@ def test_tuned_artifact_matches_the_untuned_one(tuned):
     cal, art, log_dir, tuned_art = tuned
     manifest = json.load(open(os.path.join(log_dir, "tuning.json")))
     accepted = [r for r in manifest["kernels"] if r["verdict"] == "accepted"]
-    assert accepted and sum(r["trials"] for r in manifest["kernels"]) >= 16
+    # every trial is spent unless the searched tasks ran out of candidates (on AMX CPUs the linears are fixed
+    # kernels, and the fixture's few float tasks have small spaces)
+    spent = sum(r["trials"] for r in manifest["kernels"])
+    assert accepted and (spent >= 16 or all(r["exhausted"] for r in manifest["kernels"] if r["trials"])), manifest
     assert manifest["key"]["model"] == "vit_cifar10" and manifest["trials_per_minute"] > 0
     compiled = json.load(open(os.path.join(tuned_art, "manifest.json")))["compile"]
     assert compiled["tuning_log"]["tuned_kernels"] >= len(accepted)

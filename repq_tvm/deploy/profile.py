@@ -131,12 +131,18 @@ def _shape(a) -> tuple[int, ...]:
 def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
     """Multiply-accumulates of one call of an integer kernel, from its argument shapes (None: not one).
 
-    qdense ``(A [M, K], W, ..., out [M, N])``: M*N*K (K as the kernel runs it, padded to its k-pack);
+    qdense ``(A [M, K], W, ..., out [M, N])``: M*N*K (K as the kernel runs it, padded to its k-pack; a fused
+    qkv projection has three outputs ``[B, H, T, D]``: N = 3·H·D);
     qbmm ``(A [Bt, M, D], B, zp, scale, out [Bt, M, N])``: Bt*M*N*D; attention ``(W [Bt, planes, M, Np],
     V [Bt, N, D], zp, scale, out [Bt, M, D])``: the useful Bt*M*N*D (the kernel runs one dot product per plane).
     """
     if symbol.startswith("repq_qdense"):
-        (m, k), (m2, n) = shapes[0], shapes[-1]
+        (m, k), out = shapes[0], shapes[-1]
+        if len(out) == 4:  # the q/k/v codes of a fused qkv projection: three [B, H, T, D] outputs
+            b, h, t, d = out
+            m2, n = b * t, 3 * h * d
+        else:
+            m2, n = out
         return m * n * k if m == m2 else None
     if symbol.startswith("repq_qbmm"):
         (bt, m, d), (_, _, n) = shapes[0], shapes[-1]
