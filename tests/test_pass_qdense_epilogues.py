@@ -13,7 +13,7 @@ from repq_tvm.passes.fast_math import gelu
 from repq_tvm.passes.gelu_codes_epilogue import FuseGeluCodesEpilogue
 from repq_tvm.passes.quantized_linear import LowerQuantizedLinear
 from repq_tvm.relax_util import scheduled_kernel
-from test_pass_quantized_linear import case, linear_module, run
+from test_pass_quantized_linear import case, run
 
 HOST = Q.host_target(1)
 FLAGS = targets.host_flags()
@@ -77,8 +77,8 @@ def test_fused_kernel_stores_the_codes_of_the_unfused_output(variant, ref):
     np.testing.assert_array_equal(outs[1].ravel(), _apply(tail, outs[0]))
 
 
-def gelu_module(bits: int, double_use: bool = False):
-    """x → codes → linear → GELU → the next layer's quantizer (dequantized: the module's float output)."""
+def linear_then(bits: int, tail):
+    """x → codes → linear (+ bias) → ``tail(bb, x, y)``, the module's output; returns (module, x's values)."""
     x, w_codes, s_w, z_w, s_a, z_a, bias = case(bits, n=64, k=64, tokens=(1, 40))
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
@@ -89,13 +89,20 @@ def gelu_module(bits: int, double_use: bool = False):
                                              relax.const(z_w.astype(np.uint8))))
             y = bb.emit(relax.op.matmul(xh, relax.op.permute_dims(wh, [1, 0]), out_dtype="float32"))
             y = bb.emit(relax.op.add(y, relax.const(bias)))
-            g = bb.emit(relax.op.nn.gelu(y))
-            out = bb.emit(canonical.uniform_qdq(g, 0.021, 17, bits))
-            if double_use:
-                out = bb.emit(relax.op.add(out, g))
-            out = bb.emit_output(out)
+            out = bb.emit_output(tail(bb, xv, y))
         bb.emit_func_output(out)
     return bb.get(), x
+
+
+def gelu_module(bits: int, double_use: bool = False):
+    """x → codes → linear → GELU → the next layer's quantizer (dequantized: the module's float output)."""
+
+    def tail(bb, _x, y):
+        g = bb.emit(relax.op.nn.gelu(y))
+        out = bb.emit(canonical.uniform_qdq(g, 0.021, 17, bits))
+        return bb.emit(relax.op.add(out, g)) if double_use else out
+
+    return linear_then(bits, tail)
 
 
 def _ops(mod) -> list[str]:
@@ -152,19 +159,7 @@ def test_residual_kernel_adds_the_input_to_the_unfused_output(variant, ref):
 
 def residual_module(bits: int, swapped: bool = False):
     """x → codes → linear (+ bias) → x + linear (a residual connection) → output."""
-    x, w_codes, s_w, z_w, s_a, z_a, bias = case(bits, n=64, k=64, tokens=(1, 40))
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            xh = bb.emit(canonical.uniform_qdq(xv, s_a, z_a, bits))
-            wh = bb.emit(canonical.weight_dq(relax.const(w_codes.astype(np.uint8)), relax.const(s_w),
-                                             relax.const(z_w.astype(np.uint8))))
-            y = bb.emit(relax.op.matmul(xh, relax.op.permute_dims(wh, [1, 0]), out_dtype="float32"))
-            y = bb.emit(relax.op.add(y, relax.const(bias)))
-            out = bb.emit_output(bb.emit(relax.op.add(y, xv) if swapped else relax.op.add(xv, y)))
-        bb.emit_func_output(out)
-    return bb.get(), x
+    return linear_then(bits, lambda bb, x, y: bb.emit(relax.op.add(y, x) if swapped else relax.op.add(x, y)))
 
 
 @pytest.mark.parametrize("swapped", [False, True])

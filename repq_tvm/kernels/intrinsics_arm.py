@@ -34,7 +34,7 @@ import functools
 
 from tvm.script import tirx as T
 
-from .intrinsics_x86 import _dot_desc, ref_name, register_with_twins
+from .intrinsics_x86 import _dot_desc, register_with_twins
 
 SDOT_DEPTHS = (1, 2, 4)  # also udot's
 _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"

@@ -10,6 +10,8 @@ Same operands and epilogue as `qdense`'s vnni variant: A ``[M, Kp]`` u8 codes, W
 `packing.weight_offset`; zeros when they fit) and the float epilogue
 ``(acc + comp[n] * asum[m] - zp_wsum[n]) * scale[n] + bias[n]``.  Only that form (always compensated,
 always with the epilogue) exists: it is the one the compiler emits, and the row sums cost 1/N of the MACs.
+After it, the tails the epilogue passes fuse: `epilogue.tail` (GELU → codes, a residual add) or the q/k/v
+codes of a qkv projection (``qkv_codes``).
 
 Blocking: 2 x 2 accumulator tiles (32 rows x 32 columns, tmm0-3), two A tiles (tmm4-5) and two B tiles
 (tmm6-7) per 64-deep k step: all 8 tile registers.  Tasks run in parallel over 32-column blocks; each loads
