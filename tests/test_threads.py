@@ -17,7 +17,8 @@ def _pool_size(env_extra: dict, cpus=None, code: str = "") -> str:
     was imported: a TVM pool shrunk to fewer threads in this process pins the main thread, and children inherit
     that mask) and print its pool size."""
     cpus = cpus or CPUS
-    env = {k: v for k, v in os.environ.items() if k not in threads.ENV_VARS}
+    # without the thread-count variables, and without the TVM_BIND_THREADS=0 of the test workers (conftest)
+    env = {k: v for k, v in os.environ.items() if k not in (*threads.ENV_VARS, "TVM_BIND_THREADS")}
     env.update(env_extra)
     script = code or "import repq_tvm\nfrom repq_tvm.deploy import threads\nprint(threads.pool_threads())"
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
@@ -59,6 +60,19 @@ except ReqError as exc:
     assert lines[1] == (f"TVM's thread pool started with {n} thread(s) in this process and cannot grow to {n + 1}: "
                         f"set TVM_NUM_THREADS={n + 1} before the first run")
     assert lines[2] == "threads must be in [1, 1024], got 0"
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs to see a shrunk pool pin its process")
+def test_a_shrunk_pool_leaves_the_process_on_all_its_cpus():
+    """configure(1) used to bind the caller to CPU 0 (TVM binds a shrunk pool), for the rest of the process."""
+    code = """
+import os
+from repq_tvm.deploy import threads
+for n in (None, 1, None):
+    threads.configure(n)
+    print(sorted(os.sched_getaffinity(0)))
+"""
+    assert _pool_size({}, code=code).splitlines() == [str(CPUS)] * 3
 
 
 @pytest.fixture(scope="module")

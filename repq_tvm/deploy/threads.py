@@ -56,6 +56,11 @@ def configure(threads: int | None = None) -> int:
     TVM reads the variable when its pool starts (the pool's size for good) and at every parallel launch, and
     `runtime.config_threadpool` sets how many of the pool's workers run. So a started pool can use fewer of
     its workers, or again all of them, but not more: asking for more is an error, not a silent slowdown.
+
+    A pool configured to fewer threads than the CPUs binds its threads, the caller's own included, to the
+    first CPUs: ``configure(1)`` left the whole process (PyTorch, everything after it, even a pool grown back
+    to all CPUs) on CPU 0.  So below the CPU count this sets ``TVM_BIND_THREADS=0`` (no binding) unless the
+    user set that variable.
     """
     import tvm
 
@@ -65,6 +70,8 @@ def configure(threads: int | None = None) -> int:
         raise ReqError(f"threads must be in [1, {MAX_THREADS}], got {threads}")
     else:
         _set(threads)
+        if threads < available_cpus():
+            os.environ.setdefault("TVM_BIND_THREADS", "0")
     pool_threads()  # starts the pool if needed, sized by the variable
     tvm.get_global_func("runtime.config_threadpool")(_BIG_CORES, threads or 0)  # 0: as many as the variable says
     n = pool_threads()
