@@ -275,7 +275,7 @@ def remote_problem(preset: dict, machine: dict) -> str | None:
         # the CPU LLVM names here too: this machine's own flags say more than the name (a VM can report a
         # model number whose CPU lacks features the hypervisor passes through, e.g. AMX as "rocketlake")
         reason = targets.runnable_reason(preset)
-        return None if reason is None else f"{reason.replace('this CPU', 'the remote CPU (as this one)')}"
+        return None if reason is None else f"{reason} (the remote's CPU is the one LLVM names here, {cpu})"
     remote = {"kind": "llvm", "mtriple": machine["triple"], "mcpu": cpu}
     missing = [name for feature, _, name in targets.FEATURES
                if targets.target_has(preset, feature) and not targets.target_has(remote, feature)]

@@ -1,4 +1,5 @@
-"""Elementwise tails a qdense kernel can apply to its float output before storing it: GELU → uint8 codes.
+"""Elementwise tails a qdense kernel can apply to its float output before storing it: GELU → uint8 codes,
+a residual add, the uint8 codes of a quantizer (q/k/v of a fused qkv projection, `qdense_amx`).
 
 Why: fc1's float output (197 x 1536 x 4 bytes in DeiT-Small) went to memory, and a separate kernel read it back
 for GELU and the next quantizer.  Fused, fc1 stores the 1-byte codes fc2 reads, straight from its accumulators.
@@ -27,7 +28,7 @@ def _f32(v: float):
 
 
 def fast_erf(x):
-    """TVM's polynomial erf as a scalar expression, operation for operation (`tests/test_epilogue.py` checks
+    """TVM's polynomial erf as a scalar expression, operation for operation (`tests/test_pass_qdense_epilogues.py` checks
     it against `topi.fast_erf` bit for bit)."""
     xc = tvm.tirx.max(tvm.tirx.min(x, _f32(4.0)), _f32(-4.0))
 

@@ -131,8 +131,9 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, i
     """The fastest variant ``target`` can run that is exact for these code widths.
 
     AMX for a kernel of ``shape`` (M, N, K; only kernels with the epilogue pass one) the AMX blocking
-    takes (`qdense_amx.fits`), when the target has AMX-INT8; else VNNI if the target has it; on AVX2 the u8 x s8 path when vpmaddubsw cannot saturate (~1.5x
-    faster than int16 on Zen 3: half the instructions per MAC), else int16; aarch64 with the
+    takes (`qdense_amx.fits`), when the target has AMX-INT8; else VNNI if the target has it; on AVX2 the
+    u8 x s8 path when vpmaddubsw cannot saturate (~1.5x faster than int16 on Zen 3: half the instructions
+    per MAC), else int16; aarch64 with the
     dot-product extension gets sdot; anything else (e.g. Cortex-A72/A53) the plain fallback.
     """
     if shape is not None and target_has(target, "amx-int8") and qdense_amx.fits(*shape):
@@ -199,13 +200,20 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of a kernel spec (the dict `schedule_qdense` makes), carrying the spec as its
     ``repq.kernel`` attribute: tuning rebuilds a kernel's definition from it (`repq_tvm.tuning.spaces`)."""
     v = VARIANTS[spec["variant"]]
-    tails = {"gelu_codes": spec.get("gelu_codes"), "residual": bool(spec.get("residual"))}
     if v.name == "amx":
-        return _with_spec(qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], **tails,
-                                                     qkv_codes=spec.get("qkv_codes")), spec)
+        return _amx_func(spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
-                     compensate=spec["compensate"], **tails)
+                     compensate=spec["compensate"], gelu_codes=spec.get("gelu_codes"),
+                     residual=bool(spec.get("residual")))
     return _with_spec(te.create_prim_func(tensors), spec)
+
+
+def _amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
+    """The AMX kernel of a spec (one hand-written kernel: its definition and its schedule)."""
+    func = qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=emulate,
+                                      gelu_codes=spec.get("gelu_codes"), residual=bool(spec.get("residual")),
+                                      qkv_codes=spec.get("qkv_codes"))
+    return _with_spec(func, spec)
 
 
 def _with_spec(func: tvm.tirx.PrimFunc, spec: dict) -> tvm.tirx.PrimFunc:
@@ -333,11 +341,8 @@ def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, co
 def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     """The hand schedule of a kernel spec (`qdense_func`): default tiles and depth, as `schedule_qdense`."""
     v = VARIANTS[spec["variant"]]
-    if v.name == "amx":  # one hand-written kernel: ``ref`` is its plain-loop emulation
-        func = qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=ref,
-                                          gelu_codes=spec.get("gelu_codes"), residual=bool(spec.get("residual")),
-                                          qkv_codes=spec.get("qkv_codes"))
-        return Schedule(_with_spec(func, spec))
+    if v.name == "amx":  # ``ref``: its plain-loop emulation
+        return Schedule(_amx_func(spec, emulate=ref))
     depth = v.max_depth(spec["bits_a"], spec["bits_w"], spec["K"])
     mi, nbi = default_tiles(spec["M"], spec["N"], v, depth)
     func = qdense_func(spec)
@@ -475,8 +480,6 @@ def schedule_qdense(
         raise ValueError("gelu_codes, residual and qkv_codes need the float epilogue (epilogue=True)")
     if (gelu_codes is not None) + residual + (qkv_codes is not None) > 1:
         raise ValueError("one tail per kernel: gelu_codes, residual or qkv_codes")
-    if gelu_codes is not None:
-        gelu_codes = (float(np.float32(gelu_codes[0])), int(gelu_codes[1]), int(gelu_codes[2]))  # a float32 scale
     if variant == "auto":
         v = choose_variant(target, bits_a, bits_w, (M, N, K) if epilogue and compensate is not False else None)
     elif variant in VARIANTS:
@@ -511,7 +514,7 @@ def schedule_qdense(
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": v.name, "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1,
-            **_tail_spec(gelu_codes, residual)}
+            **_tail_spec(gelu_codes, residual, None)}
     func = qdense_func(spec)
     if v.tensorized:
         sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)
@@ -520,10 +523,18 @@ def schedule_qdense(
     return sch, v, (mi, nbi, depth), compensate
 
 
-def _tail_spec(gelu_codes, residual: bool) -> dict:
-    """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys)."""
-    return {**({"gelu_codes": list(gelu_codes)} if gelu_codes is not None else {}),
-            **({"residual": True} if residual else {})}
+def _tail_spec(gelu_codes, residual: bool, qkv_codes) -> dict:
+    """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys);
+    quantizer scales as the float32 values the kernels compute with."""
+    codes = lambda c: [float(np.float32(c[0])), int(c[1]), int(c[2])]  # noqa: E731
+    if gelu_codes is not None:
+        return {"gelu_codes": codes(gelu_codes)}
+    if residual:
+        return {"residual": True}
+    if qkv_codes is not None:
+        return {"qkv_codes": {"tokens": int(qkv_codes["tokens"]), "heads": int(qkv_codes["heads"]),
+                              "codes": [codes(c) for c in qkv_codes["codes"]]}}
+    return {}
 
 
 def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual, qkv_codes=None):
@@ -538,10 +549,8 @@ def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, ge
     if not ref and not target_has(target, v.feature):
         raise ValueError(f"target {as_target(target)} lacks {v.feature} needed by amx")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": "amx", "bits_a": bits_a, "bits_w": bits_w,
-            "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS, **_tail_spec(gelu_codes, residual)}
-    if qkv_codes is not None:
-        spec["qkv_codes"] = {"tokens": int(qkv_codes["tokens"]), "heads": int(qkv_codes["heads"]),
-                             "codes": [[float(np.float32(s)), int(z), int(t)] for s, z, t in qkv_codes["codes"]]}
+            "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS,
+            **_tail_spec(gelu_codes, residual, qkv_codes)}
     return default_schedule(spec, ref), v, (qdense_amx.ROWS, qdense_amx.COLS // v.lanes, 1), True
 
 

@@ -69,6 +69,21 @@ def load_tile_config(cfg):
     T.evaluate(_intrin("ldtilecfg", T.address_of(cfg[0])))
 
 
+@T.macro
+def zero_accumulators():
+    """tilezero tmm0-3, the 2 x 2 accumulator tiles."""
+    for c in T.unroll(4):
+        T.evaluate(_intrin("tilezero", T.int8(c)))
+
+
+@T.macro
+def dot_2x2():
+    """One k step of the 2 x 2 blocking: accumulator c (tmm0-3) += A tile c // 2 (tmm4-5, u8) x B tile c % 2
+    (tmm6-7, s8)."""
+    for c in T.unroll(4):
+        T.evaluate(_intrin("tdpbusd", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
+
+
 def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None,
                     residual: bool = False, qkv_codes: dict | None = None):
     """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, [res,] out)`` (signature of `qdense.qdense` with
@@ -79,7 +94,8 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
     three outputs ``q, k, v`` ``[B, heads, tokens, D]`` uint8 (in place of ``out``), each the codes under its own
     quantizer, in the layout the attention kernels read (`passes.qkv_codes_epilogue`)."""
     if not fits(M, N, K):
-        raise ValueError(f"AMX qdense needs M >= {ROWS}, N % {COLS} == 0 and K % {K_STEP} == 0, got {M}x{N}x{K}")
+        raise ValueError(f"amx qdense needs M >= {ROWS}, N % {COLS} == 0 and K padded to 4 a multiple of {K_STEP}, "
+                         f"got {M}x{N}x{K}")
     Kp = -(-K // 4) * 4
     n_blocks, m_blocks, k_steps = N // COLS, -(-M // ROWS), Kp // K_STEP
     # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
@@ -93,6 +109,10 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                              f"== 0, got {M}x{N}")
         out_shape = (M // tokens, heads, tokens, dim)
         qkv = [tuple(c) for c in qkv_codes["codes"]]
+
+    def result(C, comp, asum, zp_wsum, scale, bias, r, m, n):
+        """The float epilogue of accumulator C[r, n mod 32] of output row m, column n (`qdense.qdense`'s)."""
+        return T.Cast("float32", C[r, n % COLS] + comp[n] * asum[m] - zp_wsum[n]) * scale[n] + bias[n]
 
     def tail(y, res, m, n):
         return epilogue.tail(y, gelu_codes, None if res is None else res[m, n])
@@ -115,8 +135,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
             for c, r, j in T.grid(4, 16, 16):
                 tc[c, r, j] = 0
         else:
-            for c in T.unroll(4):
-                T.evaluate(_intrin("tilezero", T.int8(c)))
+            zero_accumulators()
 
     @T.macro
     def load(A, W, ta, tb, m0, nb, kt):
@@ -138,8 +157,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
                     "int32", tb[c % 2, r, 4 * n + q])
         else:
-            for c in T.unroll(4):
-                T.evaluate(_intrin("tdpbusd", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
+            dot_2x2()
 
     @T.macro
     def store(tc, C):
@@ -157,9 +175,8 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
         if nb * COLS // (heads * dim) == which:
             for j in T.vectorized(COLS):
                 out[(m0 + r) // tokens, nb * COLS % (heads * dim) // dim, (m0 + r) % tokens,
-                    nb * COLS % dim + j] = epilogue.codes(T.Cast(
-                        "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
-                    ) * scale[nb * COLS + j] + bias[nb * COLS + j], q_scale, q_zp, q_top)
+                    nb * COLS % dim + j] = epilogue.codes(
+                        result(C, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), q_scale, q_zp, q_top)
 
     @T.macro
     def body(A, W, comp, zp_wsum, scale, bias, res, out):
@@ -186,9 +203,9 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 if qkv_codes is None:
                     for r in range(ROWS):
                         for j in T.vectorized(COLS):
-                            out[m0 + r, nb * COLS + j] = tail(T.Cast(
-                                "float32", C[r, j] + comp[nb * COLS + j] * asum[m0 + r] - zp_wsum[nb * COLS + j]
-                            ) * scale[nb * COLS + j] + bias[nb * COLS + j], res, m0 + r, nb * COLS + j)
+                            out[m0 + r, nb * COLS + j] = tail(
+                                result(C, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), res, m0 + r,
+                                nb * COLS + j)
                 else:
                     for r in range(ROWS):  # one branch per q, k, v: its quantizer's constants, as the unfused ops
                         qkv_row(out[0], C, comp, asum, zp_wsum, scale, bias, m0, r, nb, 0, qkv[0][0], qkv[0][1],

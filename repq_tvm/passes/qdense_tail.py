@@ -13,7 +13,7 @@ from ..relax_util import scheduled_kernel
 
 def plain_qdense_spec(mod: tvm.IRModule, call: relax.Call) -> dict | None:
     """The spec of the qdense kernel ``call`` (a ``call_tir``) runs, if it has the float epilogue and no tail
-    fused yet (`kernels.qdense`: ``gelu_codes``, ``residual``); else None."""
+    fused yet (`kernels.qdense`: ``gelu_codes``, ``residual``, ``qkv_codes``); else None."""
     func = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
     attrs = getattr(func, "attrs", None)
     if attrs is None or "repq.kernel" not in attrs:

@@ -91,15 +91,15 @@ def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
         else:
             if len(slices) == 3 and all(r is not None for r in roots):
                 plans.append({"y": y, "call": call, "spec": spec, "skip": skip + chain, "roots": roots,
-                              "codes": codes, "qkv": {"tokens": T, "heads": H, "codes": codes}, "shape": (B, H, T, D)})
+                              "qkv": {"tokens": T, "heads": H, "codes": codes}, "shape": (B, H, T, D)})
     return plans
 
 
 @mutator
 class _Fuse(PyExprMutator):
-    def __init__(self, mod, plans: dict, kernels: FusedKernels):
+    def __init__(self, mod, plans: dict, target):
         super().__init__(mod)
-        self.plans, self.kernels = plans, kernels  # plans: by y, for every function
+        self.plans, self.kernels = plans, FusedKernels(self.builder_, target, "qkv")  # plans: by y, every function
         self.skip = {v for p in plans.values() for v in p["skip"] + p["roots"]}
 
     def visit_var_binding_(self, binding):
@@ -131,8 +131,6 @@ class FuseQKVCodesEpilogue:
         if not plans:
             return mod
         self.rewritten = len(plans)
-        fuse = _Fuse(mod, plans, None)
-        fuse.kernels = FusedKernels(fuse.builder_, self.target, "qkv")
-        mod = rewrite_functions(fuse, mod)
-        return fuse.kernels.finish(mod)
+        fuse = _Fuse(mod, plans, self.target)
+        return fuse.kernels.finish(rewrite_functions(fuse, mod))
 
