@@ -31,8 +31,8 @@ def main() -> None:
     import torch
 
     from repq_tvm import targets
-    from repq_tvm.kernels.attn_v import AttnV
     from repq_tvm.reference import ops
+    from repq_tvm.testing.attn_v import AttnV
 
     torch.set_num_threads(args.threads)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES

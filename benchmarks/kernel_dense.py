@@ -40,6 +40,7 @@ def main() -> None:
 
     from repq_tvm import targets
     from repq_tvm.kernels import qdense as Q
+    from repq_tvm.testing.qdense import build_qdense
 
     torch.set_num_threads(args.threads)
     bits_a, bits_w = map(int, args.bits.split(","))
@@ -75,7 +76,7 @@ def main() -> None:
             if variant == "amx" and not Q.qdense_amx.fits(M, N, K):
                 runs.append(None)
                 continue
-            kern = Q.build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True)
+            kern = build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True)
             a_max, w_max = 2**ba - 1, (127 if bw >= 8 else 2**bw - 1)
             a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
             w = rng.integers(-w_max, w_max + 1, (N, K))

@@ -2,8 +2,8 @@
 peak (no ARM hardware here).
 
 Why an estimate: this project has no ARM machine, and timings under qemu mean nothing.  Each kernel is built
-for an aarch64 preset exactly as `repq-tvm compile` builds it (`build_qdense`, default tiles), cross-linked,
-disassembled; the innermost loop with the most vector MACs (the k loop) goes through llvm-mca, and
+for an aarch64 preset exactly as `repq-tvm compile` builds it (`testing.qdense.build_qdense`, default tiles),
+cross-linked, disassembled; the innermost loop with the most vector MACs (the k loop) goes through llvm-mca, and
 
     MACs/cycle = vector MACs in the loop body / llvm-mca cycles per iteration (200 iterations)
 
@@ -12,17 +12,17 @@ instruction; scalar multiplies (address arithmetic) count 0.  The sdot peak of a
 SIMD pipes (Cortex-A76, Neoverse N1) is 2 x 16 = 32 MACs/cycle.  It is a steady-state estimate of the
 loop alone: no cache misses, no epilogue, no threads.
 
-q @ kT (`kernels.qbmm`, `QBmm` as the graph pass builds it, k in rows): the same, on the innermost loop with
-the most MACs.  With a head dim of 64 that is the d loop (sdot and loads only; each tile's start value and
-epilogue, 3 SIMD instructions per 4 outputs, run outside it); with 32 LLVM unrolls the d loop and the hot
-loop is a whole register tile, epilogue included ("converts" > 0 in the row).
+q @ kT (`kernels.qbmm`, `testing.qbmm.QBmm` as the graph pass builds it, k in rows): the same, on the innermost loop
+with the most MACs.  With a head dim of 64 that is the d loop (sdot and loads only; each tile's start value and
+epilogue, 3 SIMD instructions per 4 outputs, run outside it); with 32 LLVM unrolls the d loop and the hot loop is a
+whole register tile, epilogue included ("converts" > 0 in the row).
 
-attn @ V of the log√2 attention (`kernels.attn_v`, `AttnV` as the graph pass builds it, attention and V codes of
-4 bits: 2 weight planes; 8 bits: 3 planes): the token loop.  Its "useful" MACs/cycle count the int16-equivalent
-multiply-accumulates W·v: with the udot variant's two weight bands each is done twice, so they are the loop's udot
-MACs halved (peak 16); the smlal fallback does each once.  With ``--whole`` (needs the arm64 sysroot of
-`make aarch64-sysroot`) it also estimates the whole kernel, preparation and epilogue included: the kernel runs once
-under qemu-aarch64-static (one thread, zero inputs: its control flow does not depend on the data), which counts
+attn @ V of the log√2 attention (`kernels.attn_v`, `testing.attn_v.AttnV` as the graph pass builds it, attention and
+V codes of 4 bits: 2 weight planes; 8 bits: 3 planes): the token loop.  Its "useful" MACs/cycle count the
+int16-equivalent multiply-accumulates W·v: with the udot variant's two weight bands each is done twice, so they are
+the loop's udot MACs halved (peak 16); the smlal fallback does each once.  With ``--whole`` (needs the arm64 sysroot
+of `make aarch64-sysroot`) it also estimates the whole kernel, preparation and epilogue included: the kernel runs
+once under qemu-aarch64-static (one thread, zero inputs: its control flow does not depend on the data), which counts
 the executions of every translation block (`qemu -d exec,nochain`) of the library; each block's llvm-mca cycles
 times its count, summed, divide the useful MACs planes·Bt·M·N·D of the unpadded shape.
 
@@ -198,6 +198,7 @@ def attn_v_rows(preset_name: str, shapes, cpus, llvm_mca: str, tmp: str, sysroot
     from repq_tvm import targets
     from repq_tvm.kernels import attn_v as AV
     from repq_tvm.reference import ops
+    from repq_tvm.testing.attn_v import AttnV
 
     preset = targets.load(preset_name)
     fcompile = tvm.support.cc.cross_compiler(preset["cross_compiler"])
@@ -207,7 +208,7 @@ def attn_v_rows(preset_name: str, shapes, cpus, llvm_mca: str, tmp: str, sysroot
             f = ops.attn_frac_bits(N, bits)
             groups = ops.attn_groups(bits, f)
             planes = ops.attn_planes(2, groups)
-            kernel = AV.AttnV(Bt, M, N, D, targets.tvm_target(preset), groups=groups, f=f, v_bits=bits)
+            kernel = AttnV(Bt, M, N, D, targets.tvm_target(preset), groups=groups, f=f, v_bits=bits)
             so = os.path.join(tmp, f"attn_v_{preset_name}_{Bt}x{M}x{N}x{D}_a{bits}.so")
             kernel.executable.export_library(so, fcompile=fcompile)
             bands = AV.weight_bands(f, groups) if kernel.variant == "neon_udot" else 1
@@ -274,7 +275,8 @@ def main() -> None:
 
     from repq_tvm import targets
     from repq_tvm.kernels import qbmm as QK
-    from repq_tvm.kernels import qdense as Q
+    from repq_tvm.testing.qbmm import QBmm
+    from repq_tvm.testing.qdense import build_qdense
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="repq-mca-") as tmp:
@@ -284,8 +286,8 @@ def main() -> None:
             for M, N, K in shapes:
                 for bits in args.bits:
                     bits_a, bits_w = map(int, bits.split(","))
-                    kernel = Q.build_qdense(M, N, K, targets.tvm_target(preset), bits_a=bits_a, bits_w=bits_w,
-                                            epilogue=True)
+                    kernel = build_qdense(M, N, K, targets.tvm_target(preset), bits_a=bits_a, bits_w=bits_w,
+                                          epilogue=True)
                     so = os.path.join(tmp, f"k{len(rows)}.so")
                     kernel.executable.export_library(so, fcompile=fcompile)
                     row = {"preset": preset_name, "kernel": "dense", "shape": f"{M}x{N}x{K}",
@@ -301,7 +303,7 @@ def main() -> None:
                           f"({', '.join(f'{k} {v}' for k, v in row['ops'].items())}), {row['macs']} MACs, "
                           f"{row['spills']} stack refs -> MACs/cycle {figures}  [peak {SDOT_PEAK}]", flush=True)
             for Bt, M, N, D in qk_shapes:
-                kernel = QK.QBmm(Bt, M, N, D, targets.tvm_target(preset))
+                kernel = QBmm(Bt, M, N, D, targets.tvm_target(preset))
                 so = os.path.join(tmp, f"k{len(rows)}.so")
                 kernel.executable.export_library(so, fcompile=fcompile)
                 tiles = QK.default_tiles(M, kernel.variant, N, D) if kernel.variant == "neon_sdot" else None

@@ -29,9 +29,9 @@ def main() -> None:
     import torch
 
     from repq_tvm import targets
-    from repq_tvm.kernels.qbmm import QBmm
     from repq_tvm.kernels.qdense import host_target
     from repq_tvm.reference import ops
+    from repq_tvm.testing.qbmm import QBmm
 
     torch.set_num_threads(args.threads)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES

@@ -17,6 +17,7 @@ from repq_tvm import targets
 from repq_tvm.kernels import packing as P
 from repq_tvm.kernels import qdense as Q
 from repq_tvm.kernels import qdense_amx
+from repq_tvm.testing.qdense import build_qdense
 
 AMX_TARGET = targets.tvm_target("x86_64-amx", 1)
 HAS_AMX = {"amx_tile", "amx_int8"} <= targets.host_flags()
@@ -31,8 +32,8 @@ def _build(M, N, K, bits_a, bits_w, mode):
     if mode == "native" and not HAS_AMX:
         pytest.skip("this CPU lacks amx_int8: the AMX kernel is checked through its emulation and its asm")
     target = AMX_TARGET if mode == "native" else Q.host_target(1)
-    return Q.build_qdense(M, N, K, target, variant="amx", bits_a=bits_a, bits_w=bits_w, epilogue=True,
-                          ref=mode == "emulated")
+    return build_qdense(M, N, K, target, variant="amx", bits_a=bits_a, bits_w=bits_w, epilogue=True,
+                        ref=mode == "emulated")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -59,7 +60,7 @@ def test_epilogue_matches_numpy_and_the_vnni_stand_in(mode):
     bias = rng.normal(0, 1, N).astype(np.float32)
     outs = []
     for kernel in (_build(M, N, K, 8, 8, mode),
-                   Q.build_qdense(M, N, K, Q.host_target(1), variant="vnni", epilogue=True, ref=True)):
+                   build_qdense(M, N, K, Q.host_target(1), variant="vnni", epilogue=True, ref=True)):
         params = kernel.epilogue_params(w, w_scale, a_scale, a_zp, bias)
         outs.append(kernel(kernel.prepare_activation(a), *kernel.weight_args(w), *params))
     acc = (a.astype(np.float64) - a_zp) @ w.astype(np.float64).T
@@ -104,7 +105,7 @@ def test_refusals_name_the_reason():
 def test_native_kernel_refuses_to_run_without_amx(monkeypatch):
     """A CPU without AMX gets the runnable check's message, not SIGILL."""
     monkeypatch.setattr(targets, "host_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
-    kernel = Q.build_qdense(32, 32, 64, AMX_TARGET, variant="amx", epilogue=True)
+    kernel = build_qdense(32, 32, 64, AMX_TARGET, variant="amx", epilogue=True)
     with pytest.raises(targets.NotRunnable, match="needs AMX-TILE, AMX-INT8"):
         kernel.function()
 
@@ -125,7 +126,7 @@ def test_qkv_codes_are_the_split_and_quantized_output(mode):
     plain = _build(M, N, K, 8, 8, mode)
     y = plain(plain.prepare_activation(a), *plain.weight_args(w), *params)
     target = AMX_TARGET if mode == "native" else Q.host_target(1)
-    fused = Q.build_qdense(M, N, K, target, variant="amx", epilogue=True, ref=mode == "emulated", qkv_codes=cfg)
+    fused = build_qdense(M, N, K, target, variant="amx", epilogue=True, ref=mode == "emulated", qkv_codes=cfg)
     out = fused(fused.prepare_activation(a), *fused.weight_args(w), *params)
     split = y.reshape(B, tokens, 3, heads, D).transpose(2, 0, 3, 1, 4)  # [3, B, heads, tokens, D]
     x = te.placeholder((split[0].size,), "float32")

@@ -33,6 +33,8 @@ from repq_tvm.kernels import qdense as Q
 from repq_tvm.kernels.intrinsics_arm import SDOT_DEPTHS, register_intrinsics, sdot_intrin
 from repq_tvm.kernels.intrinsics_x86 import ref_name
 from repq_tvm.reference import ops
+from repq_tvm.testing.qbmm import QBmm
+from repq_tvm.testing.qdense import build_qdense
 
 OBJDUMP = "aarch64-linux-gnu-objdump"
 # (M, N, K): ViT fixture shapes, DeiT-Small-like, and ragged ones (M below/not a multiple of a tile, N not a
@@ -55,8 +57,8 @@ def _operands(M, N, K, bits_a, bits_w, seed=0):
 
 def _ref_kernel(M, N, K, bits_a, bits_w, **kw):
     """The sdot schedule with the plain-loop intrinsic, compiled for this host."""
-    return Q.build_qdense(M, N, K, Q.host_target(1), variant="neon_sdot", bits_a=bits_a, bits_w=bits_w,
-                          ref=True, **kw)
+    return build_qdense(M, N, K, Q.host_target(1), variant="neon_sdot", bits_a=bits_a, bits_w=bits_w,
+                        ref=True, **kw)
 
 
 # --- operands, variant choice, tiles ------------------------------------------------------------
@@ -180,7 +182,7 @@ def _sdot_loop(asm: str) -> str:
 @pytest.mark.parametrize("bits_a,bits_w,epilogue", [(4, 4, False), (4, 4, True), (8, 8, True), (8, 4, True)])
 def test_aarch64_kernel_loop_is_sdot(bits_a, bits_w, epilogue):
     """The k loop of the aarch64 kernel: one indexed sdot per accumulator and tile, nothing widening, no spills."""
-    kernel = Q.build_qdense(197, 1536, 384, Q.AARCH64_TARGET, bits_a=bits_a, bits_w=bits_w, epilogue=epilogue)
+    kernel = build_qdense(197, 1536, 384, Q.AARCH64_TARGET, bits_a=bits_a, bits_w=bits_w, epilogue=epilogue)
     assert kernel.schedule == "neon_sdot" and kernel.compensate is (bits_w == 8)
     rows, blocks, depth = kernel.tiles
     loop = _sdot_loop(kernel.asm())
@@ -194,7 +196,7 @@ def test_aarch64_kernel_loop_is_sdot(bits_a, bits_w, epilogue):
 
 
 def test_neon_preset_keeps_the_widening_fallback():
-    kernel = Q.build_qdense(197, 384, 384, Q.AARCH64_NEON_TARGET, bits_a=4, bits_w=4, epilogue=True)
+    kernel = build_qdense(197, 384, 384, Q.AARCH64_NEON_TARGET, bits_a=4, bits_w=4, epilogue=True)
     asm = kernel.asm()
     assert kernel.schedule == "fallback"
     assert "smlal" in asm and "sdot" not in asm and "udot" not in asm
@@ -359,7 +361,7 @@ def test_qk_sdot_tiles_fit_the_registers():
 def test_qk_sdot_is_exact(Bt, M, N, D, layout):
     """The sdot schedule's stand-in (q − 128, packed k − 128, zero-point terms as the accumulators' start
     value, plain-loop sdot twin) against the integer reference, bit for bit, for 4..8-bit codes."""
-    kern = QK.QBmm(Bt, M, N, D, Q.host_target(1), b_layout=layout, variant="neon_sdot", ref=True)
+    kern = QBmm(Bt, M, N, D, Q.host_target(1), b_layout=layout, variant="neon_sdot", ref=True)
     assert kern.variant == "neon_sdot"
     for bits in (4, 5, 6, 7, 8):
         q, k, zps = _qk_codes(Bt, M, N, D, bits)
@@ -396,7 +398,7 @@ def test_aarch64_qk_hot_loop_is_sdot(shape):
     """The aarch64-neon-dotprod build of q @ kT: the innermost loop with the most sdot has only indexed sdot
     as arithmetic on the accumulators (rows x blocks x depth of them per d step, or per tile when LLVM unrolls
     the d loop), nothing widening and no stores to the stack; it refuses to run on this host."""
-    kern = QK.QBmm(*shape, Q.AARCH64_TARGET)
+    kern = QBmm(*shape, Q.AARCH64_TARGET)
     assert kern.variant == "neon_sdot"
     asm, loops = _qk_asm_loops(kern)
     hot = max(loops, key=lambda body: body.count("sdot"))
@@ -414,7 +416,7 @@ def test_aarch64_qk_hot_loop_is_sdot(shape):
 
 def test_aarch64_neon_qk_keeps_the_widening_fallback():
     for shape in ((6, 197, 197, 64), (4, 65, 65, 32)):
-        kern = QK.QBmm(*shape, Q.AARCH64_NEON_TARGET)
+        kern = QBmm(*shape, Q.AARCH64_NEON_TARGET)
         asm = kern.executable.mod.inspect_source("asm")
         assert kern.variant == "fallback"
         assert "smlal" in asm and "sdot" not in asm and "udot" not in asm
@@ -493,7 +495,7 @@ def test_sdot_kernels_under_qemu_are_exact(tmp_path):
              ((33, 1000, 190), 8, 4, {}), ((23, 48, 160), 8, 8, {"depth": 4})]
     calls, expected = [], []
     for i, ((M, N, K), bits_a, bits_w, kw) in enumerate(cases):
-        kernel = Q.build_qdense(M, N, K, Q.AARCH64_TARGET, bits_a=bits_a, bits_w=bits_w, **kw)
+        kernel = build_qdense(M, N, K, Q.AARCH64_TARGET, bits_a=bits_a, bits_w=bits_w, **kw)
         a, w = _operands(M, N, K, bits_a, bits_w, seed=i)
         calls.append((kernel.executable, [kernel.prepare_activation(a), *kernel.weight_args(w),
                                           np.zeros((M, N), np.int32)]))
@@ -510,7 +512,7 @@ def test_sdot_qk_kernels_under_qemu_are_exact(tmp_path):
              (4, 65, 65, 32, "dn", 8), (3, 13, 11, 7, "nd", 6)]
     calls, expected = [], []
     for Bt, M, N, D, layout, bits in cases:
-        kern = QK.QBmm(Bt, M, N, D, Q.AARCH64_TARGET, b_layout=layout)
+        kern = QBmm(Bt, M, N, D, Q.AARCH64_TARGET, b_layout=layout)
         assert kern.variant == "neon_sdot"
         q, k, zps = _qk_codes(Bt, M, N, D, bits)
         kk = k if layout == "nd" else np.ascontiguousarray(k.transpose(0, 2, 1))

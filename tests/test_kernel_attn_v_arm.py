@@ -23,6 +23,7 @@ from repq_tvm.kernels import qdense as Q
 from repq_tvm.kernels.intrinsics_arm import SDOT_DEPTHS, register_intrinsics, udot_intrin
 from repq_tvm.kernels.intrinsics_x86 import ref_name
 from repq_tvm.reference import ops
+from repq_tvm.testing.attn_v import AttnV
 from test_kernel_arm import _inner_loops, _run_under_qemu
 
 HOST = Q.host_target(1)
@@ -48,8 +49,8 @@ def _operands(seed, shape, bits, sqrt2, v_bits, f):
 
 
 def _stand_in(shape, parities, groups, f, v_bits, **kw):
-    return av.AttnV(*shape, HOST, parities=parities, groups=groups, f=f, v_bits=v_bits, variant="neon_udot", ref=True,
-                    **kw)
+    return AttnV(*shape, HOST, parities=parities, groups=groups, f=f, v_bits=v_bits, variant="neon_udot", ref=True,
+                 **kw)
 
 
 # --- bands, variant choice, tiles ---------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_aarch64_hot_loop_is_udot(shape, groups):
     """The aarch64-neon-dotprod build: the innermost loop with the most udot is indexed udot (planes x rows x
     blocks x depth of them per step) on 8-byte weight loads and V tiles, nothing widening, no stack traffic; the
     kernel refuses to run on this host."""
-    kernel = av.AttnV(*shape, Q.AARCH64_TARGET, groups=groups)
+    kernel = AttnV(*shape, Q.AARCH64_TARGET, groups=groups)
     assert kernel.variant == "neon_udot"
     planes = ops.attn_planes(2, groups)
     rows, blocks = av.default_tiles(shape[1], "neon_udot", planes)
@@ -189,8 +190,8 @@ def test_udot_kernels_under_qemu_are_exact(tmp_path):
     for bits, sqrt2, v_bits, shape, f in cases:
         groups, w, v, zps = _operands(bits + f, shape, bits, sqrt2, v_bits, f)
         parities = 2 if sqrt2 else 1
-        kernel = av.AttnV(*shape, Q.AARCH64_TARGET, parities=parities, groups=groups, f=f, v_bits=v_bits,
-                          epilogue=False)
+        kernel = AttnV(*shape, Q.AARCH64_TARGET, parities=parities, groups=groups, f=f, v_bits=v_bits,
+                       epilogue=False)
         assert kernel.variant == "neon_udot"
         for z_v in zps:
             calls.append((kernel.executable, [x.numpy() for x in kernel.args(w, v, z_v)]))

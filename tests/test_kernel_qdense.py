@@ -17,6 +17,7 @@ from repq_tvm import targets
 from repq_tvm.kernels import packing as P
 from repq_tvm.kernels import qdense as Q
 from repq_tvm.kernels.intrinsics_x86 import register_intrinsics
+from repq_tvm.testing.qdense import build_qdense
 
 SHAPES = [
     (65, 384, 128),
@@ -57,7 +58,7 @@ def _operands(M, N, K, variant, bits_a, bits_w, seed=0):
 
 def _build(M, N, K, variant, bits_a, bits_w, ref, **kw):
     """`build_qdense` for the host; 8-bit weights on int8 variants get the compensation by default."""
-    return Q.build_qdense(
+    return build_qdense(
         M, N, K, _target(variant, ref), variant=variant, bits_a=bits_a, bits_w=bits_w, ref=ref, **kw
     )
 
@@ -109,13 +110,13 @@ def test_choose_variant_by_target_and_bits():
 
 def test_saturating_u8s8_is_refused():
     with pytest.raises(ValueError, match="not exact"):
-        Q.build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=8, bits_w=8)
+        build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=8, bits_w=8)
     with pytest.raises(ValueError, match="not exact"):
-        Q.build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=8, bits_w=6, depth=2)
+        build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=8, bits_w=6, depth=2)
     with pytest.raises(ValueError, match="no depth-8"):
-        Q.build_qdense(16, 16, 32, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=4, bits_w=4, depth=8)
+        build_qdense(16, 16, 32, Q.X86_AVX2_TARGET, variant="avx2_u8s8", bits_a=4, bits_w=4, depth=8)
     with pytest.raises(ValueError, match="lacks avx2"):
-        Q.build_qdense(16, 16, 16, Q.AARCH64_TARGET, variant="avx2_i16")
+        build_qdense(16, 16, 16, Q.AARCH64_TARGET, variant="avx2_i16")
 
 
 def test_u8s8_bound_is_real_and_checked_at_call():
@@ -145,7 +146,7 @@ def test_weight_offset_moves_8bit_rows_into_int8():
 
 def test_compensation_needs_an_int8_variant():
     with pytest.raises(ValueError, match="no compensation"):
-        Q.build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_i16", compensate=True)
+        build_qdense(16, 16, 16, Q.X86_AVX2_TARGET, variant="avx2_i16", compensate=True)
 
 
 # --- bit exactness -----------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def _inner_loop(asm: str, instruction: str) -> str:
     ],
 )
 def test_avx2_assembly(variant, bits, must, must_not):
-    kernel = Q.build_qdense(197, 384, 384, Q.X86_AVX2_TARGET, bits_a=bits[0], bits_w=bits[1])
+    kernel = build_qdense(197, 384, 384, Q.X86_AVX2_TARGET, bits_a=bits[0], bits_w=bits[1])
     assert kernel.variant.name == variant
     loop = _inner_loop(kernel.asm(), must[0])
     for instr in must:
@@ -229,7 +230,7 @@ def test_avx2_assembly(variant, bits, must, must_not):
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_vnni_assembly_uses_vpdpbusd(bits_w, compensate, epilogue):
     """W4 and W8 (compensated) both keep vpdpbusd on zmm, with the accumulators in registers."""
-    kernel = Q.build_qdense(197, 384, 384, Q.X86_VNNI_TARGET, bits_w=bits_w, epilogue=epilogue)
+    kernel = build_qdense(197, 384, 384, Q.X86_VNNI_TARGET, bits_w=bits_w, epilogue=epilogue)
     assert kernel.schedule == "vnni" and kernel.compensate is compensate
     loop = _inner_loop(kernel.asm(), "vpdpbusd")
     per_step = kernel.tiles[0] * kernel.tiles[1]  # one per accumulator (LLVM may unroll k)
@@ -242,7 +243,7 @@ def test_vnni_activation_is_the_unsigned_operand():
 
     Without VNNI hardware this is what catches swapped operands (which would compute garbage).
     """
-    asm = Q.build_qdense(197, 384, 384, Q.X86_VNNI_TARGET).asm()
+    asm = build_qdense(197, 384, 384, Q.X86_VNNI_TARGET).asm()
     broadcast = set(re.findall(r"vpbroadcastd\s+\S.*,\s*(%zmm\d+)\s*$", asm, re.M))
     src2 = re.findall(r"vpdpbusd\s+\S.*,\s*(%zmm\d+),\s*%zmm\d+\s*$", asm, re.M)
     assert broadcast and src2 and set(src2) <= broadcast
@@ -253,7 +254,7 @@ def test_aarch64_fallback_compiles_to_an_object(tmp_path, bits_w):
     """Any host cross-builds the aarch64 kernel for NEON without dot product (W8: compensated): NEON
     widening multiply-adds, an aarch64 ELF object, and a refusal to run it here.  (The dot-product
     kernel: tests/test_kernel_arm.py.)"""
-    kernel = Q.build_qdense(197, 384, 384, Q.AARCH64_NEON_TARGET, bits_a=6, bits_w=bits_w, epilogue=True)
+    kernel = build_qdense(197, 384, 384, Q.AARCH64_NEON_TARGET, bits_a=6, bits_w=bits_w, epilogue=True)
     assert kernel.schedule == "fallback" and kernel.compensate is (bits_w == 8)
     asm = kernel.asm()
     assert "smlal" in asm and "smlal2" in asm, "the NEON widening multiply-accumulate is missing"
@@ -270,7 +271,7 @@ def test_unsupported_cpu_refuses_instead_of_crashing(monkeypatch):
     dying of SIGILL."""
     avx2_only = frozenset(f for f in HOST_FLAGS if not f.startswith(("avx512", "amx"))) | {"avx2", "fma"}
     monkeypatch.setattr(targets, "host_flags", lambda: avx2_only)
-    kernel = Q.build_qdense(16, 16, 4, Q.X86_VNNI_TARGET)
+    kernel = build_qdense(16, 16, 4, Q.X86_VNNI_TARGET)
     with pytest.raises(RuntimeError, match="AVX-512.*this CPU lacks"):
         kernel.function()
 

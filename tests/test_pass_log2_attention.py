@@ -10,10 +10,11 @@ from tvm import relax
 
 from repq_tvm import targets
 from repq_tvm.frontends import canonical
-from repq_tvm.kernels.attn_v import AttnV, attn_v, schedule_attn_v
+from repq_tvm.kernels.attn_v import attn_v, schedule_attn_v
 from repq_tvm.kernels.qdense import AARCH64_NEON_TARGET, X86_AVX2_TARGET
 from repq_tvm.passes.log2_attention import LowerLog2Attention, attn_v_call, log_weights
 from repq_tvm.reference import ops
+from repq_tvm.testing.attn_v import AttnV
 
 TARGET = X86_AVX2_TARGET  # the x86_64-avx2 preset
 VNNI = targets.tvm_target("x86_64-avx512-vnni")

@@ -13,6 +13,7 @@ from repq_tvm.passes.fast_math import gelu
 from repq_tvm.passes.gelu_codes_epilogue import FuseGeluCodesEpilogue
 from repq_tvm.passes.quantized_linear import LowerQuantizedLinear
 from repq_tvm.relax_util import scheduled_kernel
+from repq_tvm.testing.qdense import build_qdense
 from test_pass_quantized_linear import case, run
 
 HOST = Q.host_target(1)
@@ -69,7 +70,7 @@ def test_fused_kernel_stores_the_codes_of_the_unfused_output(variant, ref):
     bias = rng.normal(0, 1, N).astype(np.float32)
     outs = []
     for fused in (None, codes):
-        kernel = Q.build_qdense(M, N, K, target, variant=variant, epilogue=True, ref=ref, gelu_codes=fused)
+        kernel = build_qdense(M, N, K, target, variant=variant, epilogue=True, ref=ref, gelu_codes=fused)
         params = kernel.epilogue_params(w, w_scale, 0.02, 120, bias)
         outs.append(kernel(kernel.prepare_activation(a, 120), *kernel.weight_args(w), *params))
     assert outs[1].dtype == np.uint8 and len(np.unique(outs[1])) > 20
@@ -149,7 +150,7 @@ def test_residual_kernel_adds_the_input_to_the_unfused_output(variant, ref):
     res = rng.normal(0, 3, (M, N)).astype(np.float32)
     outs = []
     for residual in (False, True):
-        kernel = Q.build_qdense(M, N, K, target, variant=variant, epilogue=True, ref=ref, residual=residual)
+        kernel = build_qdense(M, N, K, target, variant=variant, epilogue=True, ref=ref, residual=residual)
         params = kernel.epilogue_params(w, np.full(N, 5e-4, np.float32), 0.02, 120,
                                         np.linspace(-1, 1, N, dtype=np.float32))
         outs.append(kernel(kernel.prepare_activation(a, 120), *kernel.weight_args(w), *params,

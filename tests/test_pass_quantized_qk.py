@@ -6,10 +6,11 @@ import tvm
 from tvm import relax
 
 from repq_tvm.frontends import canonical
-from repq_tvm.kernels.qbmm import QBmm, schedule_qbmm
+from repq_tvm.kernels.qbmm import schedule_qbmm
 from repq_tvm.kernels.qdense import AARCH64_NEON_TARGET, AARCH64_TARGET, X86_AVX2_TARGET
 from repq_tvm.passes.quantized_qk import LowerQuantizedQK, qbmm_call
 from repq_tvm.reference import ops
+from repq_tvm.testing.qbmm import QBmm
 
 TARGET = X86_AVX2_TARGET  # the x86_64-avx2 preset
 GENERIC_X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}  # no AVX2: the plain-loop fallback

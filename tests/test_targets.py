@@ -78,7 +78,7 @@ def test_corrupt_preset(tmp_path, monkeypatch):
 
 
 def test_user_preset_file_is_loaded_and_compiles_a_kernel(tmp_path):
-    from repq_tvm.kernels.qdense import build_qdense
+    from repq_tvm.testing.qdense import build_qdense
 
     path = write_preset(tmp_path, VALID)
     assert targets.load(path) == VALID

@@ -2,11 +2,12 @@
 
 Modules: `packing` (NumPy layouts and epilogue constants, no TVM import), `intrinsics_x86`
 (tensor intrinsics: VNNI, AVX2 u8 x s8 and int16), `intrinsics_arm` (Arm dot product: sdot),
-`qdense` (compute, schedules, `build_qdense`).
+`qdense` (compute, schedules).  The modules hold computes, schedules and PrimFunc builders only; the
+NumPy-callable harnesses compiled from them, for tests and benchmarks, are in `repq_tvm.testing`.
 The names below are loaded lazily so `packing` stays importable without paying for TVM.
 """
 
-_QDENSE = ("build_qdense", "choose_variant", "QDense", "VARIANTS", "host_target")
+_QDENSE = ("choose_variant", "VARIANTS", "host_target")
 _PACKING = ("pack_weight", "unpack_weight", "pad_activation", "center_activation", "epilogue_params",
             "reference", "u8s8_is_exact")
 __all__ = [*_QDENSE, *_PACKING]

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
 from ..relax_util import scheduled_kernel
-from ..targets import as_target, check_runnable, target_has
+from ..targets import target_has
 from .intrinsics_arm import register_intrinsics as register_arm_intrinsics
 from .intrinsics_arm import sdot_intrin
 from .intrinsics_x86 import i16_intrin, ref_name, register_intrinsics, vnni_intrin
@@ -521,32 +520,3 @@ def qbmm_primfunc(Bt: int, M: int, N: int, D: int, target, *, b_layout: str = "n
     name = f"repq_qbmm_{variant}_{Bt}x{M}x{N}x{D}_{b_layout}"
     func = scheduled_kernel(sch, name)
     return func, name
-
-
-class QBmm:
-    """A compiled kernel callable with NumPy arrays: ``k(a, b, z_a, z_b, scale) -> float32 [Bt, M, N]``."""
-
-    def __init__(self, Bt, M, N, D, target, b_layout="nd", tiles=None, variant=None, ref=False):
-        self.shape, self.target, self.b_layout = (Bt, M, N, D), target, b_layout
-        sch, self.variant = schedule_qbmm(Bt, M, N, D, target, b_layout=b_layout, tiles=tiles, variant=variant,
-                                          ref=ref)
-        self.executable = tvm.compile(sch.mod, target=as_target(target))
-        self._fn = None
-
-    def args(self, a, b, z_a: int, z_b: int, scale: float = 1.0) -> list:
-        Bt, M, N, _ = self.shape
-        arrays = [a, b, np.array([z_a, z_b], np.int32), np.array([scale], np.float32),
-                  np.empty((Bt, M, N), np.float32)]
-        return [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in arrays]
-
-    def function(self):
-        """The runtime function ``main(A, B, zp, scale, out)``; refuses code this CPU cannot run."""
-        if self._fn is None:
-            check_runnable(self.target, "kernel")
-            self._fn = self.executable.jit()["main"]
-        return self._fn
-
-    def __call__(self, a, b, z_a: int, z_b: int, scale: float = 1.0) -> np.ndarray:
-        args = self.args(a, b, z_a, z_b, scale)
-        self.function()(*args)
-        return args[-1].numpy()
