@@ -555,6 +555,20 @@ def markdown_table(record: dict, p90: bool = False) -> str:
     return "\n".join(lines)
 
 
+def size_table(record: dict) -> str:
+    """Sizes on disk (MB) per model: FP32 (the ONNX export), the repq-tvm artifacts' libraries per bit width
+    (batch 1; 4-bit weights are stored two per byte), and the INT8 files of the other engines."""
+    cols = [("FP32 ONNX", "FP32 (ONNX)")]
+    cols += [(f"repq-tvm-w{b}a{b}-b1 model.so", f"repq-tvm W{b}/A{b} model.so") for b in record["bits"]]
+    cols += [("ORT INT8 QDQ ONNX", "ORT INT8 (QDQ ONNX)"), ("OpenVINO INT8 IR (xml+bin)", "OpenVINO INT8 (IR)")]
+    sizes = record.get("sizes_bytes", {})
+    cols = [(k, name) for k, name in cols if any(k in s for s in sizes.values())]
+    lines = ["| model | " + " | ".join(name for _, name in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for model, s in sizes.items():
+        lines.append(f"| {model} | " + " | ".join(f"{s[k] / 1e6:.1f}" if k in s else "–" for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
 def plot(record: dict, path: str) -> None:
     import matplotlib
 
@@ -635,6 +649,7 @@ def main() -> None:
         plot(record, os.path.join(args.out, "latency.png"))
         print(markdown_table(record))
         print(markdown_table(record, p90=True))
+        print(size_table(record))
         return
     wanted = set(ENGINES) if "all" in args.engines else set(args.engines)
     unknown = wanted - set(ENGINES)
@@ -739,6 +754,7 @@ def main() -> None:
         pass
     record["markdown"] = markdown_table(record)
     record["markdown_p90"] = markdown_table(record, p90=True)
+    record["markdown_sizes"] = size_table(record)
     record["total_seconds"] = round(time.perf_counter() - t_all)
     save()
     print()
@@ -751,8 +767,7 @@ def main() -> None:
     print(record["markdown_p90"])
     print()
     print("sizes on disk (MB):")
-    for model, sizes in record["sizes_bytes"].items():
-        print(f"  {model}: " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sizes.items()))
+    print(record["markdown_sizes"])
     if record["errors"]:
         print("failed:")
         for k, v in record["errors"].items():

@@ -105,6 +105,7 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     """
     from . import atomic, calibrated, limits, targets
     from .deploy import artifact, cross
+    from .passes.load_time_weights import FUNCTION as LOAD_TIME_FUNCTION
     from .passes.pipeline import compile_model
 
     if batch < 1:
@@ -132,6 +133,8 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     fields = {"model": cm.arch["name"], "w_bits": cm.config.w_bits, "a_bits": cm.config.a_bits,
               "method": cm.info.get("method"), "target": preset, "input_shape": shape,
               "preprocessing": cm.preprocessing, "classes": _class_names(cm.arch), "compile": stats}
+    if stats.get("load_time_weights"):  # `passes.load_time_weights`: the runtime calls it once, at load
+        fields["load_time"] = LOAD_TIME_FUNCTION
     artifact.write(output, executable, fields, fcompile=fcompile)
     return {"output": output, "target": preset["name"], **stats}
 

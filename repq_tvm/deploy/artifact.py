@@ -3,7 +3,9 @@
     DIR/model.so        the Relax VM executable (exported library)
     DIR/manifest.json   model, bits, target preset, input shape, preprocessing, class names, TVM
                         version, how the library was linked (cross-compiled or not), and the SHA-256
-                        of every other file
+                        of every other file; "load_time" (when present) names the library function to
+                        call once at load, whose results follow the input in every ``main`` call
+                        (the unpacked 4-bit weights, `passes.load_time_weights`)
 
 Loading checks the manifest's format, every file hash (a tampered or truncated file is refused) and
 that this machine can run the target the library was built for.
@@ -74,6 +76,8 @@ def _check_fields(manifest: dict, path: str) -> None:
     if manifest["preprocessing"]["input_size"] != shape[1:]:
         raise ReqError(f"artifact manifest {path} is damaged: preprocessing input_size "
                        f"{manifest['preprocessing']['input_size']} differs from input_shape {shape}")
+    if not isinstance(manifest.get("load_time", ""), str):
+        raise ReqError(f"artifact manifest {path} is damaged: load_time must be a function name")
     classes = manifest.get("classes")
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise ReqError(f"artifact manifest {path} is damaged: classes must be a list of names")

@@ -84,7 +84,10 @@ def run(art_dir, x, verify=True):
     if x.ndim != 4 or tuple(x.shape[1:]) != shape[1:]:
         raise DeviceError(f"input shape {tuple(x.shape)} does not match the artifact's [N, {', '.join(map(str, shape[1:]))}]")
     lib = tvm.runtime.load_module(os.path.join(art_dir, manifest["library"]))
-    main = relax.VirtualMachine(lib, tvm.cpu())["main"]  # one lookup: each costs milliseconds
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    main = vm["main"]  # one lookup: each costs milliseconds
+    load_time = manifest.get("load_time")  # packed weights, unpacked once (mirrors repq_tvm/deploy/runtime.py)
+    weights = tuple(vm[load_time]()) if load_time else ()
     t1 = time.time()
     b, outs = shape[0], []
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -93,7 +96,7 @@ def run(art_dir, x, verify=True):
         pad = b - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-        outs.append(main(tvm.runtime.tensor(chunk)).numpy()[: b - pad])
+        outs.append(main(tvm.runtime.tensor(chunk), *weights).numpy()[: b - pad])
     logits = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
     info = {"machine": platform.machine(), "tvm_version": tvm.__version__, "images": len(x),
             "threads": int(tvm.get_global_func("runtime.NumThreads")()),

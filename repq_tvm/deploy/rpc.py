@@ -330,9 +330,17 @@ class RemoteRunner:
                 self.device = self.session.cpu()
                 self.vm = relax.VirtualMachine(self._lib, self.device)
                 self._main = self.vm["main"]
+            load_time = self.manifest.get("load_time")  # packed weights: unpacked once, on the server
+            with remote_errors(f"calling {load_time} (load time)", where):
+                self.weights = self._remote_items(self.vm[load_time]()) if load_time else ()
         except BaseException:
             self.close()
             raise
+
+    def _remote_items(self, ref) -> tuple:
+        """The tensors of a tuple the remote VM returned: it stays there, an opaque handle here (not iterable)."""
+        size, item = self.session.get_function("ffi.ArraySize"), self.session.get_function("ffi.ArrayGetItem")
+        return tuple(item(ref, i) for i in range(int(size(ref))))
 
     def _upload(self, art_dir: str) -> float:
         """Send model.so (named by its hash) and load it there; the seconds it took."""
@@ -356,7 +364,7 @@ class RemoteRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         arg = self._input(x)
         with remote_errors("running the model", self.where):
-            return self._main(arg).numpy()
+            return self._main(arg, *self.weights).numpy()
 
     def latency(self, repeat: int = 50, warmup: int = 5, x: np.ndarray | None = None) -> dict:
         """Median / p90 / min ms of `repeat` single runs of the model timed on the remote by TVM's
@@ -366,16 +374,16 @@ class RemoteRunner:
         arg = self._input(x)
         with remote_errors("timing the model", self.where):
             for _ in range(warmup):
-                self._main(arg)
+                self._main(arg, *self.weights)
             timer = self.vm.time_evaluator("main", self.device, number=1, repeat=int(repeat))
-            t = np.array(timer(arg).results) * 1e3
+            t = np.array(timer(arg, *self.weights).results) * 1e3
         return {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min()),
                 "runs": len(t), "batch": self.input_shape[0], "threads": self.remote.get("threads"),
                 "method": "time_evaluator on the RPC server: one model run per sample, input already there"}
 
     def close(self) -> None:
         """Drop every handle into the session: the server ends it and takes the next client."""
-        for name in ("_main", "vm", "_lib", "device", "session"):
+        for name in ("weights", "_main", "vm", "_lib", "device", "session"):
             self.__dict__.pop(name, None)
 
     def __enter__(self):

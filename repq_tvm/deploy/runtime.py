@@ -46,13 +46,15 @@ class Runner:
         lib = _load_library(os.path.join(art_dir, library), self.manifest["files"][library])
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self._main = self.vm["main"]  # one lookup: each costs milliseconds
+        load_time = self.manifest.get("load_time")  # once per load: weights stored packed (see `artifact`)
+        self.weights = tuple(self.vm[load_time]()) if load_time else ()
         self.input_shape = tuple(self.manifest["input_shape"])
         self._tensor = tvm.runtime.tensor
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if tuple(x.shape) != self.input_shape:
             raise ReqError(f"input shape {tuple(x.shape)} does not match the artifact's {self.input_shape}")
-        return self._main(self._tensor(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        return self._main(self._tensor(np.ascontiguousarray(x, dtype=np.float32)), *self.weights).numpy()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits for any number of images: split into compiled-size batches, the last one padded."""

@@ -13,6 +13,8 @@ import math
 
 from tvm import relax, te, topi
 
+from .load_time_weights import FoldConstantsAtRunTime
+
 
 def gelu(x: te.Tensor) -> te.Tensor:
     """GELU with TVM's polynomial erf (also inlined into qdense epilogues: `kernels.epilogue`)."""
@@ -37,7 +39,7 @@ def legalize_passes() -> list:
     return [
         relax.transform.LegalizeOps(customize_legalize_map=LEGALIZE),
         relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
+        FoldConstantsAtRunTime(),  # TVM's FoldConstant everywhere but the load-time function
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]

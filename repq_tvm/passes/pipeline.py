@@ -9,7 +9,9 @@
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
                          qkv_codes_epilogue qkv → split → quantize ×3 → AMX qdense storing the q/k/v codes
-    3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time)
+    3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
+       load time       weight unpacking moved out of `main` into a function run once at load
+                       (`load_time_weights`: 4-bit weights stay nibbles in the library)
     4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
                        float kernels (`float_schedules`)
     5. build           TVM's CPU lowering + LLVM for the target
@@ -30,6 +32,7 @@ from ..frontends import lower_log_quant
 from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
 from .gelu_codes_epilogue import FuseGeluCodesEpilogue
+from .load_time_weights import HoistLoadTimeWeights
 from .log2_attention import LowerLog2Attention
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
@@ -118,6 +121,9 @@ def lower_to_kernels(model, input_shape, preset: dict, dump_dir: str | None = No
 
     progress("[3/5] lowering the remaining log quantizers to plain ops")
     mod = lower_log_quant(mod)
+    hoist = HoistLoadTimeWeights()
+    mod = hoist(mod)
+    stats["load_time_weights"] = hoist.hoisted
     _dump(dump_dir, index, "log-quant", mod)
 
     progress("[4/5] fusing and scheduling the float ops")

@@ -66,8 +66,7 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
     shift = v.a_shift(bits_a)
     zp_wsum, scale, bias = packing.epilogue_params(w, s_w.reshape(-1), s_a, zp, bias, a_shift=shift)
     offset = packing.weight_offset(w) if compensate else np.zeros(n, np.int32)
-    packed = packing.pack_weight(w - offset[:, None], v.lanes, v.kpack, np.dtype(v.w_dtype))
-    weights = [relax.const(packed), *([relax.const(offset)] if compensate else [])]
+    weights = [_weight_operand(bb, w - offset[:, None], v, kernels), *([relax.const(offset)] if compensate else [])]
     kp = packing.ceil_to(k, v.kpack)
     a = q
     if v.a_dtype == "int16":
@@ -80,6 +79,24 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
         a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, kp - k]))
     return bb.emit(relax.call_tir(gv, [a, *weights, relax.const(zp_wsum), relax.const(scale),
                                        relax.const(bias)], relax.TensorType((m, n), "float32")))
+
+
+def _weight_operand(bb: relax.BlockBuilder, w: np.ndarray, v, kernels: dict) -> relax.Expr:
+    """The kernel's packed weight operand: a constant, or for weights storable as nibbles (4-bit ones) the call
+    that unpacks them (`kernels.nibbles`; `passes.load_time_weights` moves it to load time)."""
+    from ..kernels import nibbles, packing
+
+    if not nibbles.packable(w):
+        return relax.const(packing.pack_weight(w, v.lanes, v.kpack, np.dtype(v.w_dtype)))
+    n, k = w.shape
+    key = ("unpack", n, k, v.lanes, v.kpack, v.w_dtype)
+    if key not in kernels:
+        func, name = nibbles.unpack_func(n, k, v.lanes, v.kpack, v.w_dtype)
+        kernels[key] = bb.add_func(func, name)
+    nib, base = nibbles.pack_nibbles(w)
+    shape = (packing.ceil_to(n, v.lanes) // v.lanes, packing.ceil_to(k, v.kpack) // v.kpack, v.lanes, v.kpack)
+    return bb.emit(relax.call_tir(kernels[key], [relax.const(nib), relax.const(base)],
+                                  relax.TensorType(shape, v.w_dtype)))
 
 
 # matmul(dequantize(q, s_a, z_a), permute_dims(dequantize(W_codes, s_w, z_w))) [+ bias]: the canonical linear
