@@ -7,7 +7,11 @@ from tvm import relax
 
 from repq_tvm.kernels import nibbles, packing
 from repq_tvm.kernels.qdense import host_target
-from repq_tvm.passes.load_time_weights import FUNCTION, FoldConstantsAtRunTime, HoistLoadTimeWeights
+from repq_tvm.passes.load_time_weights import (
+    FUNCTION,
+    FoldConstantsAtRunTime,
+    HoistLoadTimeWeights,
+)
 
 HOST = host_target(1)
 

@@ -260,14 +260,27 @@ def _build(func):
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)["main"]
 
 
-@pytest.mark.parametrize("bits,sqrt2", [(4, True), (8, True), (8, False)])
-def test_log_weights_kernel_matches_the_oracle_and_fuses_softmax_bit_for_bit(bits, sqrt2):
-    """Weights from p equal `attn_weights(log codes of p)`; from the logits (softmax fused) they equal the
-    weights of TVM's own fast_softmax of them, which the unfused graph computes (the fused sums run in
-    another order: p may differ in its last bit, a code only at a boundary; none on these seeded inputs)."""
-    from tvm import te, topi
+def _weights_of_codes(codes, dead, f, sqrt2, groups, n):
+    bt, m = codes.shape[:2]
+    out = np.zeros((bt, 2 + groups - 1 if sqrt2 else groups, m, n + 1), np.int16)
+    out[..., :n] = ops.attn_weights(codes, dead, f, sqrt2, groups)
+    return out
 
+
+def _run_log_weights(shape, s_attn, bits, sqrt2, f, groups, data, fused, planes_shape):
     from repq_tvm.kernels.log_weights import log_weights_primfunc
+
+    func, name = log_weights_primfunc(shape, s_attn, bits, sqrt2, f, groups, TARGET, softmax=fused)
+    assert name.startswith("repq_log_weights_softmax_" if fused else "repq_log_weights_")
+    out = tvm.runtime.tensor(np.full(planes_shape, 7, np.int16))
+    _build(func)(tvm.runtime.tensor(data), out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("bits,sqrt2", [(4, True), (8, True), (8, False)])
+def test_log_weights_kernel_matches_the_oracle(bits, sqrt2):
+    """Weights from p equal `attn_weights(log codes of p)` bit for bit."""
+    from tvm import te, topi
 
     bt, m, n, s_attn = 3, 7, 45, 0.3855
     f = ops.attn_frac_bits(n, 8)
@@ -279,17 +292,55 @@ def test_log_weights_kernel_matches_the_oracle_and_fuses_softmax_bit_for_bit(bit
     softmax(tvm.runtime.tensor(logits), p)
     p = p.numpy()
     codes, dead = ops.log_sqrt2_codes(p, s_attn, bits) if sqrt2 else _log2_codes(p, s_attn, bits)
-    expect = np.zeros((bt, 2 + groups - 1 if sqrt2 else groups, m, n + 1), np.int16)
-    expect[..., :n] = ops.attn_weights(codes, dead, f, sqrt2, groups)
+    expect = _weights_of_codes(codes, dead, f, sqrt2, groups, n)
     alive = expect[..., :n] != 0
     assert alive.any(1).mean() > 0.1 and alive.any((0, 2, 3)).all()  # a real test: every plane has weights
     assert (groups == 2) == (bits == 8)
-    for fused, data in ((False, p), (True, logits)):
-        func, name = log_weights_primfunc((bt, m, n), s_attn, bits, sqrt2, f, groups, TARGET, softmax=fused)
-        assert name.startswith("repq_log_weights_softmax_" if fused else "repq_log_weights_")
-        out = tvm.runtime.tensor(np.empty(expect.shape, np.int16))
-        _build(func)(tvm.runtime.tensor(data), out)
-        assert np.array_equal(out.numpy(), expect), (fused, int((out.numpy() != expect).sum()))
+    out = _run_log_weights((bt, m, n), s_attn, bits, sqrt2, f, groups, p, False, expect.shape)
+    assert np.array_equal(out, expect), int((out != expect).sum())
+
+
+@pytest.mark.parametrize("bits,sqrt2", [(4, True), (8, True), (8, False)])
+def test_fused_softmax_codes_are_the_exact_softmax_codes(bits, sqrt2):
+    """With the softmax fused the codes come from the logits in the log domain, round(m·log2(e)·(max − x) +
+    m·(log2 Σ + log2 s)): the exact softmax's codes up to float32 rounding, so they equal the float64 oracle's
+    wherever its value is not within 1e-4 of a rounding midpoint (a handful of the DeiT-sized rows' entries)."""
+    bt, m, n, s_attn = 2, 24, 197, 0.0037
+    f = ops.attn_frac_bits(n, 8)
+    groups = ops.attn_groups(bits, f, sqrt2)
+    logits = (np.random.default_rng(bits).standard_normal((bt, m, n)) * 3).astype(np.float32)
+    logits[0, 0] = -1e30  # a row of equal logits (p = 1/N) with absurd values: codes, no overflow
+    logits[0, 1, 5] = 1e30  # one huge logit: p = 1 there (code 0), every other entry dead
+    x = logits.astype(np.float64)
+    xm = x.max(-1, keepdims=True)
+    mult = 2 if sqrt2 else 1
+    raw = mult * ((xm - x) * np.log2(np.e) + np.log2(np.exp(x - xm).sum(-1, keepdims=True)) + np.log2(s_attn))
+    top = 2 ** bits - 1
+    near = np.abs(raw - np.floor(raw) - 0.5) < 1e-4
+    codes = np.clip(np.round(raw), 0, top).astype(np.int32)
+    expect = _weights_of_codes(codes, raw > top + 0.5, f, sqrt2, groups, n)
+    out = _run_log_weights((bt, m, n), s_attn, bits, sqrt2, f, groups, logits, True, expect.shape)
+    differ = (out[..., :n] != expect[..., :n]).any(1)  # [bt, m, n]: an entry whose weights differ in any plane
+    assert not (differ & ~near).any(), np.argwhere(differ & ~near)[:5]
+    assert near.mean() < 1e-3 and (expect[..., :n] != 0).any(1).mean() > 0.1
+    assert (out[..., n] == 0).all()  # the padding token
+    assert (out[0, :, 1, :n][:, np.arange(n) != 5] == 0).all() and out[0, 0, 1, 5] == (1 << f)
+
+
+def test_scalar_fast_exp_is_topi_fast_exp_bit_for_bit():
+    from tvm import te, topi
+
+    from repq_tvm.kernels import epilogue
+
+    v = np.concatenate([np.random.default_rng(0).normal(0, 30, 1 << 14), [0, -0.0, 88.5, -88.5, -1e30, 1e-30]])
+    v = v.astype(np.float32)
+    x = te.placeholder((v.size,), "float32")
+    outs = []
+    for y in (topi.math.fast_exp(x), te.compute((v.size,), lambda i: epilogue.fast_exp(x[i]))):
+        out = tvm.runtime.tensor(np.empty_like(v))
+        tvm.compile(te.create_prim_func([x, y]), target=TARGET)["main"](tvm.runtime.tensor(v), out)
+        outs.append(out.numpy())
+    assert np.array_equal(outs[0].view(np.int32), outs[1].view(np.int32))
 
 
 def test_pass_fuses_the_softmax_into_the_weights_kernel():

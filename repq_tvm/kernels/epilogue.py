@@ -27,6 +27,24 @@ def _f32(v: float):
     return tvm.tirx.const(v, "float32")
 
 
+# TVM's `fast_exp_float32` (topi.fast_exp): 2^n · P(f) with n = floor(x·log2 e + ½), f = x − n·ln 2
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def fast_exp(x):
+    """TVM's polynomial exp as a scalar expression, operation for operation (checked against `topi.fast_exp` bit for
+    bit in `tests/test_pass_log2_attention.py`); the log√2 attention's fused softmax sums it."""
+    xc = tvm.tirx.max(tvm.tirx.min(x, _f32(88.3762626647950)), _f32(-88.3762626647949))
+    n = tvm.tirx.floor(xc * _f32(1.44269504088896341) + _f32(0.5))
+    f = xc - n * _f32(0.6931471805599453)
+    y = _f32(_EXP_P[0])
+    for c in _EXP_P[1:]:
+        y = y * f + _f32(c)
+    y = y * f * f + f + _f32(1.0)
+    scale = tvm.tirx.reinterpret("float32", (n + _f32(127.0)).astype("int32") << 23)
+    return tvm.tirx.max(scale * y, x)
+
+
 def fast_erf(x):
     """TVM's polynomial erf as a scalar expression, operation for operation (`tests/test_pass_qdense_epilogues.py` checks
     it against `topi.fast_erf` bit for bit)."""

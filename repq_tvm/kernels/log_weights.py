@@ -3,17 +3,25 @@
     main(x, w):  x float32 [Bt, M, N]  the probabilities p (``softmax=False``) or the logits (``softmax=True``)
                  w int16 [Bt, planes, M, Np]  `reference.ops.attn_weights` of the log codes of p
 
-With ``softmax`` each row is done in one task: max, e = fast_exp(x − max) into a row buffer (TVM's
-`topi.fast_exp`, as `passes.fast_math` legalizes softmax), the sum, p = e / sum, then the codes and weights;
-the probabilities never go to memory.  Max and sum are taken as one vector of partial results (rfactor):
-the sum's order differs from the unfused graph's, so p can differ in its last bit, which moves a code only
-where p sits on a code boundary.  TVM's default schedule of the softmax alone took 4.5 of DeiT-Small's
-27 ms (Zen 4, 2 threads); this kernel with the weights takes 0.26 ms per call of 6x197x197, 3.2 ms a run.
+From p (``softmax=False``), codes come from p's float32 exponent and mantissa bits: no log per element (libm's
+logf does not vectorize and cost ~15 ns per attention entry), integer shifts, masks and compares against
+compile-time thresholds (`code_thresholds`), exactly the oracle's codes.
 
-Codes come from p's float32 exponent and mantissa bits: no log per element (libm's logf does not vectorize
-and cost ~15 ns per attention entry), integer shifts, masks and compares against compile-time thresholds
-(`code_thresholds`).  They go to a row buffer first, then each weight plane reads them: inlined, the code's
-expression tree was copied into every use and LLVM took minutes on one model.
+From the logits (``softmax=True``) no probability is formed: −m·log2(p/s) of the softmax is affine in the logit,
+
+    code = round(m·log2(e)·(max − x) + m·(log2 Σ + log2 s)),    Σ = Σ_n exp(x_n − max)
+
+so each row takes its max, the sum of TVM's `fast_exp` (as `passes.fast_math` legalizes softmax; max and sum
+as vectors of partial results, rfactor), one float64 log2 of the sum (`_code_bias`), then one multiply-add and
+a rounding per entry.  These are the exact softmax's codes up to float32 rounding in the log domain: they differ
+from the float64 oracle's only where its value lies within ~1e-5 of a rounding midpoint (where the unfused
+graph's float32 p, another rounding of the same number, can fall either way too).  Codes past 2^b − 1 are −1 (no
+weight), as the oracle's; an underflowing p, which the oracle drops as 0, has a code past every weight group.
+Why: computing p = exp / Σ and its bits read the logits through a per-lane clamped index LLVM scalarized, and took
+0.23 ms per DeiT-Small call of 6x197x197 (Sapphire Rapids, 2 threads); the affine codes take 0.18.
+
+Codes go to a row buffer first, then each weight plane reads them: inlined, the code's expression tree was
+copied into every use and LLVM took minutes on one model.
 """
 
 from __future__ import annotations
@@ -23,13 +31,13 @@ import math
 
 import numpy as np
 import tvm
-from tvm import te, topi
+from tvm import te
 from tvm.s_tir import Schedule
 
 from ..reference.ops import attn_planes, sqrt2_weight
 from ..relax_util import scheduled_kernel
+from . import epilogue
 from .attn_v import padded_tokens
-
 
 # codes, weights and partial sums per vector step on every target: one zmm on AVX-512; two ymm on AVX2, where
 # the 197-token rows of DeiT-Small ran 1.7x faster than in one ymm (0.50 against 0.88 ms per 6x197x197 call,
@@ -56,6 +64,22 @@ def code_thresholds(scale: float, sqrt2: bool) -> tuple[int, list[int]]:
         bound = (2.0 ** ((lf - k) / m) - 1.0) * 2 ** 23
         thresholds.append(int(min(max(math.floor(bound), -1), 2 ** 23)))
     return li - m, thresholds
+
+
+def _code_bias(total, m: int, scale: float):
+    """float32 m·(log2(total) + log2(s)) for a row's softmax sum ``total`` ≥ 1, computed in float64 from its
+    exponent and mantissa (log(M) = 2·atanh((M − 1)/(M + 1)), 9 series terms, error < 1e-11): no libm call, so
+    x86 and aarch64 builds agree bit for bit (their log2f may not), and once per row, not per entry."""
+    bits = tvm.tirx.reinterpret("int32", total)
+    mant = tvm.tirx.reinterpret("float32", (bits & 0x7FFFFF) | 0x3F800000).astype("float64")
+    u = (mant - 1.0) / (mant + 1.0)
+    u2 = u * u
+    series = tvm.tirx.const(2.0 / 17, "float64")
+    for k in (15, 13, 11, 9, 7, 5, 3, 1):
+        series = series * u2 + tvm.tirx.const(2.0 / k, "float64")
+    log2_total = ((bits >> 23) - 127).astype("float64") + u * series * tvm.tirx.const(1 / math.log(2), "float64")
+    return (tvm.tirx.const(float(m), "float64") * (log2_total + tvm.tirx.const(math.log2(scale), "float64"))
+            ).astype("float32")
 
 
 def _code(x, i, m: int, offset: int, thresholds: list[int], top: int):
@@ -89,21 +113,28 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
     top, parities, r_f = 2 ** spec["bits"] - 1, m, sqrt2_weight(f)
     planes, n_p = attn_planes(parities, groups), padded_tokens(n)
     x = te.placeholder((bt, rows, n), "float32", name="x")
-    if spec["softmax"]:  # topi.nn.fast_softmax's stages, the two reductions padded to whole vectors (see the schedule)
+    if spec["softmax"]:
         n_r = -(-n // lanes) * lanes
         k1, k2 = te.reduce_axis((0, n_r), name="k1"), te.reduce_axis((0, n_r), name="k2")
         lowest = tvm.tirx.min_value("float32")
         mx = te.compute((bt, rows), lambda b, r: te.max(
             tvm.tirx.Select(k1 < n, x[b, r, tvm.tirx.min(k1, n - 1)], lowest), axis=k1), name="max")
-        delta = te.compute((bt, rows, n_r), lambda b, r, t: x[b, r, tvm.tirx.min(t, n - 1)] - mx[b, r], name="delta")
-        e = topi.math.fast_exp(delta)
-        total = te.compute((bt, rows), lambda b, r: te.sum(
-            tvm.tirx.Select(k2 < n, e[b, r, k2], tvm.tirx.const(0, "float32")), axis=k2), name="sum")
-        p = te.compute((bt, rows, n), lambda b, r, t: e[b, r, t] / total[b, r], name="prob")
+        total = te.compute((bt, rows), lambda b, r: te.sum(tvm.tirx.Select(
+            k2 < n, epilogue.fast_exp(x[b, r, tvm.tirx.min(k2, n - 1)] - mx[b, r]), tvm.tirx.const(0, "float32")),
+            axis=k2), name="sum")
+        bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, spec["scale"]), name="bias")
+        slope = tvm.tirx.const(m * math.log2(math.e), "float32")
+
+        def code(b, r, t):  # round(m·log2(e)·(max − x) + bias), clamped before the cast: −1 past 2^b − 1
+            raw = (mx[b, r] - x[b, r, tvm.tirx.min(t, n - 1)]) * slope + bias[b, r]
+            c = tvm.tirx.round(tvm.tirx.min(raw, tvm.tirx.const(top + 1, "float32"))).astype("int32")
+            return tvm.tirx.Select(c > top, -1, tvm.tirx.max(c, 0))
+
+        codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(t < n, code(b, r, t), -1), name="codes")
     else:
         p = x
-    codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(
-        t < n, _code(p, (b, r, tvm.tirx.min(t, n - 1)), m, offset, thresholds, top), -1), name="codes")
+        codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(
+            t < n, _code(p, (b, r, tvm.tirx.min(t, n - 1)), m, offset, thresholds, top), -1), name="codes")
     one = tvm.tirx.const(1, "int32")
 
     def weight(b, plane, r, t):  # `reference.ops.attn_weights`
@@ -145,28 +176,22 @@ def apply_schedule(sch: Schedule, spec: dict, rows=1, vector: int | None = None,
     sch.vectorize(sch.split(t, [None, vector])[1])
     cb = sch.get_sblock("codes")
     sch.compute_at(cb, anchor, preserve_unit_loops=True)
-    if spec["softmax"]:  # per row, in order: max, e (row buffer), sum; p is recomputed inside the codes loop
-        sch.compute_inline(sch.get_sblock("prob"))
-        sch.compute_inline(sch.get_sblock("delta"))
+    if spec["softmax"]:  # per row, in order: max, sum (of exp, inlined), the log-domain bias of the codes
         # max and sum as `lanes` partial results (rfactor), vectorized: a serial float reduction waits on
-        # each add's latency (~0.26 of the 0.35 ms per DeiT-S call before)
+        # each add's latency
         partial = {}
         for name in ("max", "sum"):
             red = sch.get_loops(sch.get_sblock(name))[-1]
             _, lane = sch.split(red, [None, lanes])
             partial[name] = sch.rfactor(lane, 2)
-        for blk_s in (sch.get_sblock("sum"), partial["sum"], sch.get_sblock("T_fast_exp"), sch.get_sblock("max"),
+        for blk_s in (sch.get_sblock("bias"), sch.get_sblock("sum"), partial["sum"], sch.get_sblock("max"),
                       partial["max"]):  # consumers first
             sch.compute_at(blk_s, anchor, preserve_unit_loops=True)
-        for is_rf, blk_s in ((True, partial["max"]), (True, partial["sum"]), (False, sch.get_sblock("T_fast_exp"))):
-            # compute_at leaves unit loops around the ones that count
+        for blk_s in (partial["max"], partial["sum"]):
             loops = [lp for lp in sch.get_loops(blk_s)[depth:] if int(sch.get(lp).extent) > 1]
-            if not is_rf:
-                sch.vectorize(sch.split(loops[0], [None, lanes])[1])
-            else:  # rf blocks: the lane loop first, then the outer reduction (if any): lanes innermost
-                if len(loops) == 2:
-                    sch.reorder(loops[1], loops[0])
-                sch.vectorize(loops[0])
+            if len(loops) == 2:
+                sch.reorder(loops[1], loops[0])
+            sch.vectorize(loops[0])
     sch.vectorize(sch.split(sch.get_loops(cb)[-1], [None, vector])[1])
     return sch
 
