@@ -101,7 +101,8 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     `progress` receives one line per compiler phase; `dump_ir` is a folder for the IR after each phase.
     `tuning_log` is a folder from `repq-tvm tune` for this model, bit widths, batch and target (checked
     before compiling; its accepted kernels replace the defaults, the manifest records it and its hash).
-    Returns the compile stats with `output` and `target`.
+    Returns the compile stats with `output`, `target` and `library_bytes` (the size of the library, the
+    artifact's weights included: 4-bit ones two per byte, `load_time_weights` counts them).
     """
     from . import atomic, calibrated, limits, targets
     from .deploy import artifact, cross
@@ -136,7 +137,8 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     if stats.get("load_time_weights"):  # `passes.load_time_weights`: the runtime calls it once, at load
         fields["load_time"] = LOAD_TIME_FUNCTION
     artifact.write(output, executable, fields, fcompile=fcompile)
-    return {"output": output, "target": preset["name"], **stats}
+    library_bytes = os.path.getsize(os.path.join(output, artifact.LIBRARY))
+    return {"output": output, "target": preset["name"], **stats, "library_bytes": library_bytes}
 
 
 def tune(calibrated_model: str | CalibratedModel, *, target: str = "host", trials: int = 200,

@@ -70,13 +70,21 @@ def _stderr_progress(quiet: bool):
     return None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
+def artifact_size(result: dict) -> str:
+    """'model.so 1.6 MB' (and how many weight tensors it stores two per byte, when it does)."""
+    packed = result.get("load_time_weights", 0)
+    return f"model.so {result['library_bytes'] / 1e6:.1f} MB" + (
+        f", {packed} weight tensors stored two per byte" if packed else "")
+
+
 def cmd_compile(args) -> dict:
     result = api.compile_artifact(args.calibrated, args.output, target=args.target, batch=args.batch,
                                   frontend=args.frontend, dump_ir=args.dump_ir, progress=_stderr_progress(args.quiet),
                                   tuning_log=args.tuning_log)
     print(json.dumps(result) if args.json else f"wrote {args.output} for {result['target']} "
           f"(integer kernels: {result['integer_linears']} linear, {result['integer_patch_embeds']} patch embedding, "
-          f"{result['integer_qk']} q@kᵀ, {result['log2_attention']} log√2 attn@V; {result['compile_seconds']} s)")
+          f"{result['integer_qk']} q@kᵀ, {result['log2_attention']} log√2 attn@V; "
+          f"{artifact_size(result)}; {result['compile_seconds']} s)")
     return result
 
 

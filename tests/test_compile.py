@@ -100,7 +100,8 @@ def test_4bit_weights_are_stored_two_per_byte(built, tmp_path, monkeypatch):
     assert len(runner.weights) == manifest["compile"]["load_time_weights"] == 6 * 4 + 2  # linears, head, patches
     unpacked = sum(w.numpy().nbytes for w in runner.weights)
     monkeypatch.setattr(nibbles, "packable", lambda w: False)
-    api.compile_artifact(built[0], str(tmp_path / "bytes"))
+    stats = api.compile_artifact(built[0], str(tmp_path / "bytes"))
+    assert stats["load_time_weights"] == 0 and stats["library_bytes"] == os.path.getsize(tmp_path / "bytes" / "model.so")
     plain = Runner(str(tmp_path / "bytes"))
     assert "load_time" not in plain.manifest and plain.weights == ()
     saved = os.path.getsize(tmp_path / "bytes" / "model.so") - os.path.getsize(os.path.join(built[1], "model.so"))
@@ -108,6 +109,11 @@ def test_4bit_weights_are_stored_two_per_byte(built, tmp_path, monkeypatch):
     assert 0.35 * unpacked <= saved <= 0.55 * unpacked, (saved, unpacked)
     x = np.random.default_rng(0).standard_normal(runner.input_shape).astype(np.float32)
     np.testing.assert_array_equal(runner(x), plain(x))
+    from repq_tvm.cli import artifact_size  # what `repq-tvm compile` prints about it
+
+    assert artifact_size({"library_bytes": 1_604_432, "load_time_weights": 26}) == \
+        "model.so 1.6 MB, 26 weight tensors stored two per byte"
+    assert artifact_size(stats) == f"model.so {stats['library_bytes'] / 1e6:.1f} MB"
 
 
 def test_run_prints_top5(built, tmp_path, capsys):
