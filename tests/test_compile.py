@@ -252,6 +252,18 @@ def test_corrupt_manifest(tmp_path, capsys):
     assert "artifact manifest" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value,message", [(3, "load_time must be a function name"),
+                                           ("nope", "its library has no function 'nope'")])
+def test_manifest_with_a_wrong_load_time_function(built, tmp_path, capsys, value, message):
+    art = tmp_path / "art"
+    shutil.copytree(built[1], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps({**manifest, "load_time": value}))
+    assert main(["profile", str(art)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_vnni_artifact_really_uses_vpdpbusd(bits, built, vit_w8, tmp_path):
     """The whole model built for the VNNI preset (on any host): its linears are vpdpbusd loops, at W8

@@ -87,7 +87,10 @@ def run(art_dir, x, verify=True):
     vm = relax.VirtualMachine(lib, tvm.cpu())
     main = vm["main"]  # one lookup: each costs milliseconds
     load_time = manifest.get("load_time")  # packed weights, unpacked once (mirrors repq_tvm/deploy/runtime.py)
-    weights = tuple(vm[load_time]()) if load_time else ()
+    try:
+        weights = tuple(vm[load_time]()) if load_time else ()
+    except AttributeError:
+        raise DeviceError(f"artifact {art_dir} is damaged: its library has no function {load_time!r}") from None
     t1 = time.time()
     b, outs = shape[0], []
     x = np.ascontiguousarray(x, dtype=np.float32)

@@ -28,6 +28,20 @@ def _load_library(path: str, digest: str):
     return _MODULES[key]
 
 
+def load_time_values(vm, manifest: dict, art_dir: str) -> tuple:
+    """What the manifest's "load_time" function returns (the unpacked 4-bit weights, `artifact`), called once:
+    every ``main`` call takes them after the input.  () when the artifact has none."""
+    name = manifest.get("load_time")
+    if not name:
+        return ()
+    try:
+        function = vm[name]
+    except AttributeError:
+        raise ReqError(f"artifact {art_dir} is damaged: its library has no function {name!r} "
+                       "(the manifest's load_time)") from None
+    return tuple(function())
+
+
 class Runner:
     """A loaded artifact. `__call__` takes preprocessed float32 [B, 3, H, W] with the compiled batch size.
 
@@ -46,8 +60,7 @@ class Runner:
         lib = _load_library(os.path.join(art_dir, library), self.manifest["files"][library])
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self._main = self.vm["main"]  # one lookup: each costs milliseconds
-        load_time = self.manifest.get("load_time")  # once per load: weights stored packed (see `artifact`)
-        self.weights = tuple(self.vm[load_time]()) if load_time else ()
+        self.weights = load_time_values(self.vm, self.manifest, art_dir)
         self.input_shape = tuple(self.manifest["input_shape"])
         self._tensor = tvm.runtime.tensor
 
