@@ -204,8 +204,9 @@ class _LogWeights:
     """`kernels.log_weights` (the fused softmax → log√2 codes → power-of-two weights): rows per parallel task and
     the task loop's unroll limit sampled, one design space per vector width of the codes and weights (the
     spec's lanes, twice that).  Not bit for bit against the definition: the hand schedule already sums the
-    softmax in `lanes` partial sums, which moves a code where p sits on a code boundary.  The quantizer's
-    scale only sets integer thresholds, so the kernels of all layers share one schedule."""
+    softmax in `lanes` partial sums, which moves a code that sits at a rounding midpoint.  The quantizer's
+    scale only sets constants (integer thresholds, or the log-domain offset of the fused softmax's codes), so
+    the kernels of all layers share one schedule."""
 
     exact, free = False, ("scale",)
 
