@@ -78,7 +78,9 @@ def qmatmul_acc(a: np.ndarray, z_a: int, b: np.ndarray, z_b: int) -> np.ndarray:
 
 
 def log_sqrt2_codes(p: np.ndarray, scale, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes of the log√2 quantizer and the mask of entries that contribute nothing."""
+    """Codes of the log√2 quantizer and the mask of entries that contribute nothing.  (The compiled kernel that
+    fuses the softmax computes the same codes from the logits in the log domain, `kernels.log_weights`: equal
+    except where −2·log2(p/s) lies within float32 rounding of a midpoint.)"""
     p = np.asarray(p, np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         raw = np.round(np.float32(-2.0) * np.log2(p / np.float32(scale)))
