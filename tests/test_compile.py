@@ -94,8 +94,8 @@ def test_4bit_weights_are_stored_two_per_byte(built, tmp_path, monkeypatch):
     from repq_tvm import api
     from repq_tvm.kernels import nibbles
 
-    manifest = json.load(open(os.path.join(built[1], "manifest.json")))
     runner = Runner(built[1])
+    manifest = runner.manifest
     assert manifest["load_time"] == "unpack_weights"
     assert len(runner.weights) == manifest["compile"]["load_time_weights"] == 6 * 4 + 2  # linears, head, patches
     unpacked = sum(w.numpy().nbytes for w in runner.weights)
