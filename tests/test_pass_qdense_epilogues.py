@@ -48,6 +48,17 @@ def test_scalar_gelu_and_codes_are_the_unfused_ops_bit_for_bit():
         assert np.array_equal(_apply(codes, v), expected)
 
 
+def test_scalar_fast_exp_is_topi_fast_exp_bit_for_bit():
+    """`epilogue.fast_exp` (the fused softmax's exp, `kernels.log_weights`) is `topi.fast_exp` bit for bit."""
+    from tvm import topi
+
+    v = np.concatenate([np.random.default_rng(0).normal(0, 30, 1 << 14), [0, -0.0, 88.5, -88.5, -1e30, 1e-30]])
+    n = v.size
+    scalar = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.fast_exp(x[i])), n, "float32")
+    tensor = _compile_te(topi.math.fast_exp, n, "float32")
+    assert np.array_equal(_apply(scalar, v).view(np.int32), _apply(tensor, v).view(np.int32))
+
+
 def _kernels():
     out = [("vnni", True), ("amx", True)]  # portable stand-ins: any CPU
     if "avx2" in FLAGS:

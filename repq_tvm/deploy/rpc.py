@@ -330,9 +330,10 @@ class RemoteRunner:
                 self.device = self.session.cpu()
                 self.vm = relax.VirtualMachine(self._lib, self.device)
                 self._main = self.vm["main"]
-            load_time = self.manifest.get("load_time")  # packed weights: unpacked once, on the server
-            with remote_errors(f"calling {load_time} (load time)", where):
-                self.weights = self._remote_items(self.vm[load_time]()) if load_time else ()
+            load_time, self.weights = self.manifest.get("load_time"), ()  # packed weights: unpacked once, there
+            if load_time:
+                with remote_errors(f"calling {load_time} (load time)", where):
+                    self.weights = self._remote_items(self.vm[load_time]())
         except BaseException:
             self.close()
             raise

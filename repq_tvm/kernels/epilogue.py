@@ -1,5 +1,6 @@
 """Elementwise tails a qdense kernel can apply to its float output before storing it: GELU → uint8 codes,
-a residual add, the uint8 codes of a quantizer (q/k/v of a fused qkv projection, `qdense_amx`).
+a residual add, the uint8 codes of a quantizer (q/k/v of a fused qkv projection, `qdense_amx`); and TVM's
+`fast_exp` as a scalar expression, which the fused softmax of `log_weights` sums.
 
 Why: fc1's float output (197 x 1536 x 4 bytes in DeiT-Small) went to memory, and a separate kernel read it back
 for GELU and the next quantizer.  Fused, fc1 stores the 1-byte codes fc2 reads, straight from its accumulators.
@@ -33,7 +34,7 @@ _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.
 
 def fast_exp(x):
     """TVM's polynomial exp as a scalar expression, operation for operation (checked against `topi.fast_exp` bit for
-    bit in `tests/test_pass_log2_attention.py`); the log√2 attention's fused softmax sums it."""
+    bit in `tests/test_pass_qdense_epilogues.py`); the log√2 attention's fused softmax sums it."""
     xc = tvm.tirx.max(tvm.tirx.min(x, _f32(88.3762626647950)), _f32(-88.3762626647949))
     n = tvm.tirx.floor(xc * _f32(1.44269504088896341) + _f32(0.5))
     f = xc - n * _f32(0.6931471805599453)

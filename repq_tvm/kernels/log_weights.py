@@ -109,7 +109,6 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
     bt, rows, n = spec["shape"]
     sqrt2, f, groups, lanes = spec["sqrt2"], spec["f"], spec["groups"], spec["lanes"]
     m = 2 if sqrt2 else 1
-    offset, thresholds = code_thresholds(spec["scale"], sqrt2)
     top, parities, r_f = 2 ** spec["bits"] - 1, m, sqrt2_weight(f)
     planes, n_p = attn_planes(parities, groups), padded_tokens(n)
     x = te.placeholder((bt, rows, n), "float32", name="x")
@@ -132,9 +131,9 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
 
         codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(t < n, code(b, r, t), -1), name="codes")
     else:
-        p = x
+        offset, thresholds = code_thresholds(spec["scale"], sqrt2)
         codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(
-            t < n, _code(p, (b, r, tvm.tirx.min(t, n - 1)), m, offset, thresholds, top), -1), name="codes")
+            t < n, _code(x, (b, r, tvm.tirx.min(t, n - 1)), m, offset, thresholds, top), -1), name="codes")
     one = tvm.tirx.const(1, "int32")
 
     def weight(b, plane, r, t):  # `reference.ops.attn_weights`

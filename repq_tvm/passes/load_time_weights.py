@@ -1,6 +1,6 @@
 """Move the weight unpacking out of the inference: computed once when the artifact is loaded.
 
-Matches, in ``main`` after every other pass:
+Matches, in ``main`` after the integer passes and the log-quant lowering (`pipeline.lower_to_kernels`):
 
     w = call_tir(repq_unpack_…, (const, const))     a PrimFunc with the `kernels.nibbles.LOAD_TIME` attribute
 

@@ -86,17 +86,17 @@ def _weight_operand(bb: relax.BlockBuilder, w: np.ndarray, v, kernels: dict) -> 
     that unpacks them (`kernels.nibbles`; `passes.load_time_weights` moves it to load time)."""
     from ..kernels import nibbles, packing
 
+    packed = packing.pack_weight(w, v.lanes, v.kpack, np.dtype(v.w_dtype))  # also checks the values fit the dtype
     if not nibbles.packable(w):
-        return relax.const(packing.pack_weight(w, v.lanes, v.kpack, np.dtype(v.w_dtype)))
+        return relax.const(packed)
     n, k = w.shape
     key = ("unpack", n, k, v.lanes, v.kpack, v.w_dtype)
     if key not in kernels:
         func, name = nibbles.unpack_func(n, k, v.lanes, v.kpack, v.w_dtype)
         kernels[key] = bb.add_func(func, name)
     nib, base = nibbles.pack_nibbles(w)
-    shape = (packing.ceil_to(n, v.lanes) // v.lanes, packing.ceil_to(k, v.kpack) // v.kpack, v.lanes, v.kpack)
     return bb.emit(relax.call_tir(kernels[key], [relax.const(nib), relax.const(base)],
-                                  relax.TensorType(shape, v.w_dtype)))
+                                  relax.TensorType(packed.shape, v.w_dtype)))
 
 
 # matmul(dequantize(q, s_a, z_a), permute_dims(dequantize(W_codes, s_w, z_w))) [+ bias]: the canonical linear
