@@ -90,7 +90,7 @@ def test_manifest_describes_the_artifact(built):
 def test_4bit_weights_are_stored_two_per_byte(built, tmp_path, monkeypatch):
     """The W4 library holds the weights as nibbles, unpacked once at load (`passes.load_time_weights`): a build
     with them stored a byte each is larger by about half the unpacked weight bytes (less the per-row bases, the
-    unpack kernels and layout padding: 41% here), and gives the same logits."""
+    unpack kernels and layout padding: 41% on the AMX guest of 2026-12-02), and gives the same logits."""
     from repq_tvm import api
     from repq_tvm.kernels import nibbles
 

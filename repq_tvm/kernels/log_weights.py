@@ -17,8 +17,9 @@ a rounding per entry.  These are the exact softmax's codes up to float32 roundin
 from the float64 oracle's only where its value lies within ~1e-5 of a rounding midpoint (where the unfused
 graph's float32 p, another rounding of the same number, can fall either way too).  Codes past 2^b − 1 are −1 (no
 weight), as the oracle's; an underflowing p, which the oracle drops as 0, has a code past every weight group.
-Why: computing p = exp / Σ and its bits read the logits through a per-lane clamped index LLVM scalarized, and took
-0.23 ms per DeiT-Small call of 6x197x197 (Sapphire Rapids, 2 threads); the affine codes take 0.18.
+Why: computing p = exp / Σ and its bits read the logits through a per-lane clamped index LLVM scalarized: per
+DeiT-Small call of 6x197x197, 0.264 → 0.229 ms (standalone column of `repq-tvm profile` on the DeiT-S W8/A8
+artifacts compiled at f9fba36 and 362a0fa, Sapphire Rapids, 2 threads; 0.141 with whole 512-bit vectors).
 
 Codes go to a row buffer first, then each weight plane reads them: inlined, the code's expression tree was
 copied into every use and LLVM took minutes on one model.

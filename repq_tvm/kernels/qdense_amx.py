@@ -18,8 +18,9 @@ Blocking: 2 x 2 accumulator tiles (32 rows x 32 columns, tmm0-3), two A tiles (t
 the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, stays in L1), software-
 pipelined: the tile products of block mb are issued before the epilogue of block mb - 1, which reads the other
 half of a two-block C buffer, so the out-of-order core runs the epilogue's vector work while the tiles
-multiply (fc1 with its GELU → codes epilogue alone 0.178 → 0.163 ms, DeiT-Small 197x1536x384, Sapphire
-Rapids, 2 threads; ~1% of the whole model).  Ragged M: the
+multiply (fc1 with its GELU → codes epilogue, DeiT-Small 197x1536x384: 0.199 → 0.154 ms per call, the
+standalone column of `repq-tvm profile` on the artifacts compiled at cb6fc26 and e8395c2, Sapphire Rapids,
+2 threads; the whole model ~1% in an interleaved A/B, `benchmarks/compare_artifacts.py`).  Ragged M: the
 last row block starts at M - 32, recomputing rows the previous block stored and storing the same values
 again (no padding, no masks).  Shapes the blocking cannot take (`fits`: M < 32, N % 32, Kp % 64) use vnni.
 
