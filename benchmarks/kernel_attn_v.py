@@ -7,6 +7,7 @@ torch; each TVM result is checked bit for bit against `reference.ops.attn_v_acc`
 
     TVM_NUM_THREADS=1 python benchmarks/kernel_attn_v.py
     python benchmarks/kernel_attn_v.py --threads 2 --shapes 6x197x197x64
+    python benchmarks/kernel_attn_v.py --threads 2 --bits 8 --variants amx,vnni_i16   # side by side (AMX CPU)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, help="bits of the log codes (default 4)")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds; median and min are reported")
     ap.add_argument("--shapes", nargs="*", help="BtxMxNxD, default: DeiT-S and the ViT fixture")
+    ap.add_argument("--variants", default="", help="kernel variants, comma-separated (default: the host's)")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 
@@ -47,15 +49,16 @@ def main() -> None:
 
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, {args.bits}-bit codes, "
           f"{args.rounds} interleaved rounds, ms per call (median / min)")
-    print(f"{'Bt x M x N x D':>18s}{'int log√2':>18s}{'int log2':>18s}{'torch fp32':>18s}"
+    variants = [v or None for v in args.variants.split(",")]
+    print(f"{'Bt x M x N x D':>18s}{'variant':>10s}{'int log√2':>18s}{'int log2':>18s}{'torch fp32':>18s}"
           f"{'log√2/torch':>13s}{'log2/torch':>12s}")
-    for bt, m, n, d in shapes:
+    for (bt, m, n, d), variant in ((s, v) for s in shapes for v in variants):
         f = ops.attn_frac_bits(n, args.bits)
         runs = []
         for sqrt2 in (True, False):
             groups = ops.attn_groups(args.bits, f, sqrt2)
             kern = AttnV(bt, m, n, d, target, parities=2 if sqrt2 else 1, groups=groups, f=f, v_bits=args.bits,
-                         epilogue=False)
+                         epilogue=False, variant=variant)
             # codes of a softmax of random logits: realistic spread of shifts and dead entries
             logits = rng.standard_normal((bt, m, n)).astype(np.float32) * 3
             p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -81,7 +84,7 @@ def main() -> None:
                 times[i].append(timed(fn, number))
         med = [float(np.median(t)) * 1e3 for t in times]
         low = [float(np.min(t)) * 1e3 for t in times]
-        row = f"{f'{bt}x{m}x{n}x{d}':>18s}" + "".join(f"{md:10.3f} /{lo:6.3f}" for md, lo in zip(med, low))
+        row = f"{f'{bt}x{m}x{n}x{d}':>18s}{kern.variant:>10s}" + "".join(f"{md:10.3f} /{lo:6.3f}" for md, lo in zip(med, low))
         row += f"{med[0] / med[2]:12.2f}x{med[1] / med[2]:11.2f}x"
         print(row, flush=True)
 

@@ -210,7 +210,7 @@ def _amx_kernels(fam: Family):
     ``iters`` steps of 4 `tdpbusd` into the accumulator tiles tmm0-3, stored to C at the end."""
     from tvm.script import tirx as T
 
-    from ..kernels.qdense_amx import _intrin, dot_2x2, load_tile_config, request_amx, zero_accumulators
+    from ..kernels.qdense_amx import amx_intrin, dot_2x2, load_tile_config, request_amx, zero_accumulators
 
     a_len = w_len = 2 * 16 * 64
     width = 4 * 16 * 16
@@ -231,13 +231,13 @@ def _amx_kernels(fam: Family):
                 load_tile_config(cfg)
                 zero_accumulators()
                 for i in T.unroll(2):
-                    T.evaluate(_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[i * 1024]), T.int64(64)))
-                    T.evaluate(_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[i * 1024]), T.int64(64)))
+                    T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[i * 1024]), T.int64(64)))
+                    T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[i * 1024]), T.int64(64)))
                 for _ in range(iters):
                     dot_2x2()
                 for i in T.unroll(4):
-                    T.evaluate(_intrin("tilestored64", T.int8(i), T.address_of(C[t, i * 256]), T.int64(64)))
-                T.evaluate(_intrin("tilerelease"))
+                    T.evaluate(amx_intrin("tilestored64", T.int8(i), T.address_of(C[t, i * 256]), T.int64(64)))
+                T.evaluate(amx_intrin("tilerelease"))
 
         return peak
 

@@ -41,7 +41,7 @@ INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_attn_v")
 _VARIANT_FAMILY = (("repq_qdense_amx_", "amx"), ("repq_qdense_vnni_", "vnni"), ("repq_qdense_avx2_u8s8_", "avx2_u8s8"),
                    ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_vnni_", "vnni"),
                    ("repq_qbmm_avx2_i16_", "avx2_i16"), ("repq_attn_v_avx2_i16_", "avx2_i16"),
-                   ("repq_attn_v_vnni_i16_", "vnni_i16"))
+                   ("repq_attn_v_vnni_i16_", "vnni_i16"), ("repq_attn_v_amx_", "amx"))
 
 
 def _input(runner: Runner) -> np.ndarray:

@@ -23,6 +23,8 @@ variant         inner step (per row)                                targets
 ``neon_udot``   indexed udot (u8 x u8): 4 tokens x 4 lanes, once    aarch64 with dot product (``dotprod``)
                 per weight band (two bands: 2 udot per 16 MACs)
 ``fallback``    plain loops (LLVM: smull/smlal on NEON)             anything else (aarch64 without dotprod)
+``amx``         tdpbuud on u8 byte bands of the weights and raw V   AMX-INT8, M ≥ 32, D % 32 = 0, N ≥ 32
+                (`attn_v_amx`: 32 x 32 blocks, the udot split)
 ==============  ==================================================  ======================================
 
 It replaced a kernel of right shifts and adds (one vpsrlvd + vpaddd per 16 MACs, both parities computed
@@ -76,12 +78,18 @@ VARIANTS = {
     "avx2_i16": (8, i16_intrin, (3, 2)),
     "neon_udot": (4, udot_intrin, (10, 2)),
     "fallback": (4, None, (2, 4)),
+    "amx": (16, None, (32, 2)),  # its own TVMScript kernel (`attn_v_amx`): 32 rows x 2 blocks of 16 columns
 }
 
 
-def variant_for(target) -> str:
-    """"vnni_i16" on AVX-512 VNNI targets, "avx2_i16" on AVX2, "neon_udot" on aarch64 with the dot-product
+def variant_for(target, M: int | None = None, N: int | None = None, D: int | None = None) -> str:
+    """"amx" on AMX-INT8 targets for shapes (``M`` rows, ``N`` tokens, head dim ``D``) its blocking takes (`attn_v_amx.fits`),
+    "vnni_i16" on AVX-512 VNNI targets, "avx2_i16" on AVX2, "neon_udot" on aarch64 with the dot-product
     extension (LLVM ``dotprod``), else "fallback"."""
+    from . import attn_v_amx
+
+    if M is not None and target_has(target, "amx-int8") and attn_v_amx.fits(M, D, N):
+        return "amx"
     if target_has(target, "avx512vnni"):
         return "vnni_i16"
     if target_has(target, "dotprod"):
@@ -311,6 +319,8 @@ def attn_v_func(spec: dict) -> tvm.tirx.PrimFunc:
           "tiles": (spec["m_tile"], spec["d_tile"] // lanes), "epilogue": spec["epilogue"]}
     if spec["variant"] == "neon_udot":
         func = attn_v_udot(*shape, **kw)
+    elif spec["variant"] == "amx":
+        func = _amx_func(spec)
     else:
         func = te.create_prim_func(attn_v(*shape, lanes=lanes, **kw))
     return func.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
@@ -411,8 +421,20 @@ def _tensorize_band(sch: Schedule, name: str, nbi: int, ref: bool) -> None:
         sch.unroll(loop)
 
 
+def _amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
+    """The AMX kernel of a spec (hand-written: its definition is its schedule); ``emulate``: plain-loop tiles."""
+    from .attn_v_amx import attn_v_amx_func
+
+    return attn_v_amx_func(spec["Bt"], spec["M"], spec["N"], spec["D"], parities=spec["parities"],
+                           groups=spec["groups"], f=spec["f"], v_bits=spec["v_bits"], epilogue=spec["epilogue"],
+                           emulate=emulate)
+
+
 def default_schedule(spec: dict, ref: bool = False) -> Schedule:
-    """The hand schedule of a spec: the tile its compute was padded for (`schedule_attn_v`)."""
+    """The hand schedule of a spec: the tile its compute was padded for (`schedule_attn_v`); the AMX kernel as it
+    is (``ref``: its plain-loop emulation)."""
+    if spec["variant"] == "amx":
+        return Schedule(_amx_func(spec, emulate=ref).with_attr("repq.kernel", json.dumps(spec, sort_keys=True)))
     lanes = VARIANTS[spec["variant"]][0]
     return apply_schedule(Schedule(attn_v_func(spec)), spec["variant"], spec["m_tile"], spec["d_tile"] // lanes, ref)
 
@@ -421,9 +443,15 @@ def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = 
                     v_bits: int = 8, variant: str | None = None, tiles: tuple[int, int] | None = None,
                     ref: bool = False, epilogue: bool = True) -> tuple[Schedule, str]:
     """The scheduled kernel and its variant; ``ref`` swaps in the intrinsic's plain-loop twin (any CPU)."""
-    variant = variant or variant_for(target)
+    variant = variant or variant_for(target, M, N, D)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    if variant == "amx":
+        if not ref and not target_has(target, "amx-int8"):
+            raise ValueError("the amx variant needs a target with amx-int8 (or ref=True)")
+        spec = attn_v_spec(Bt, M, N, D, parities=parities, groups=groups, f=f, v_bits=v_bits, variant=variant,
+                           tiles=VARIANTS["amx"][2], epilogue=epilogue)
+        return default_schedule(spec, ref), variant
     if variant == "vnni_i16" and not ref and not target_has(target, "avx512vnni"):
         raise ValueError("the vnni_i16 variant needs a target with avx512vnni (or ref=True)")
     if variant == "neon_udot" and not ref and not target_has(target, "dotprod"):

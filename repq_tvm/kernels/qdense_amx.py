@@ -49,7 +49,7 @@ def fits(M: int, N: int, K: int) -> bool:
     return M >= ROWS and N % COLS == 0 and -(-K // 4) * 4 % K_STEP == 0
 
 
-def _intrin(name: str, *args):
+def amx_intrin(name: str, *args):
     """A call of the LLVM intrinsic ``llvm.x86.<name>`` (tile numbers must be immediates: unrolled loops)."""
     return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
 
@@ -71,14 +71,14 @@ def load_tile_config(cfg):
     for t in T.unroll(8):
         cfg[16 + 2 * t] = T.uint8(64)
         cfg[48 + t] = T.uint8(16)
-    T.evaluate(_intrin("ldtilecfg", T.address_of(cfg[0])))
+    T.evaluate(amx_intrin("ldtilecfg", T.address_of(cfg[0])))
 
 
 @T.macro
 def zero_accumulators():
     """tilezero tmm0-3, the 2 x 2 accumulator tiles."""
     for c in T.unroll(4):
-        T.evaluate(_intrin("tilezero", T.int8(c)))
+        T.evaluate(amx_intrin("tilezero", T.int8(c)))
 
 
 @T.macro
@@ -86,7 +86,7 @@ def dot_2x2():
     """One k step of the 2 x 2 blocking: accumulator c (tmm0-3) += A tile c // 2 (tmm4-5, u8) x B tile c % 2
     (tmm6-7, s8)."""
     for c in T.unroll(4):
-        T.evaluate(_intrin("tdpbusd", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
+        T.evaluate(amx_intrin("tdpbusd", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
 
 
 def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None,
@@ -151,9 +151,9 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 tb[i, r, j] = W[nb * 2 + i, kt * 16 + r, j // 4, j % 4]
         else:
             for i in T.unroll(2):
-                T.evaluate(_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[m0 + 16 * i, kt * 64]), T.int64(Kp)))
+                T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[m0 + 16 * i, kt * 64]), T.int64(Kp)))
             for i in T.unroll(2):
-                T.evaluate(_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[nb * 2 + i, kt * 16, 0, 0]), T.int64(64)))
+                T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[nb * 2 + i, kt * 16, 0, 0]), T.int64(64)))
 
     @T.macro
     def dot(ta, tb, tc):
@@ -171,7 +171,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 C[slot, (c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
         else:
             for c in T.unroll(4):
-                T.evaluate(_intrin("tilestored64", T.int8(c), T.address_of(C[slot, (c // 2) * 16, (c % 2) * 16]),
+                T.evaluate(amx_intrin("tilestored64", T.int8(c), T.address_of(C[slot, (c // 2) * 16, (c % 2) * 16]),
                                    T.int64(COLS * 4)))
 
     @T.macro
@@ -236,7 +236,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                        nb)
             finish(C, (m_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, M - ROWS, nb)
             if not emulate:
-                T.evaluate(_intrin("tilerelease"))
+                T.evaluate(amx_intrin("tilerelease"))
 
     # TVMScript signatures are fixed: one function per parameter list, the same body
     if qkv_codes is not None:
