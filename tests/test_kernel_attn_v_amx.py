@@ -4,13 +4,13 @@ natively where AMX exists; the tile instruction in its assembly on any CPU; whic
 import numpy as np
 import pytest
 import tvm
+from test_pass_log2_attention import random_codes
 
 from repq_tvm import targets
 from repq_tvm.kernels import attn_v as av
 from repq_tvm.kernels.attn_v_amx import attn_v_amx_func
 from repq_tvm.reference import ops
 from repq_tvm.testing.attn_v import AttnV
-from test_pass_log2_attention import random_codes
 
 AMX = targets.tvm_target("x86_64-amx", 1)
 HAS_AMX = {"amx_tile", "amx_int8"} <= targets.host_flags()

@@ -61,7 +61,13 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
-from ..reference.ops import ATTN_EXTRA_BITS, SQRT2_FIXED, SQRT2_Q, attn_planes, sqrt2_weight
+from ..reference.ops import (
+    ATTN_EXTRA_BITS,
+    SQRT2_FIXED,
+    SQRT2_Q,
+    attn_planes,
+    sqrt2_weight,
+)
 from ..relax_util import scheduled_kernel
 from ..targets import target_has
 from .intrinsics_arm import register_intrinsics as register_arm_intrinsics

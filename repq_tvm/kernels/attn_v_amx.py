@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..reference.ops import attn_planes
 from .attn_v import HI_SHIFT, _acc_total, _check_args, padded_tokens, weight_bands
 from .packing import ceil_to
 from .qdense_amx import COLS, K_STEP, ROWS, amx_intrin, load_tile_config, request_amx
-from ..reference.ops import attn_planes
 
 CHUNK = 32  # the weight split's vector width (int16 lanes per zmm)
 
