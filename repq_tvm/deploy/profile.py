@@ -36,12 +36,13 @@ from .runtime import Runner
 
 # VM bookkeeping calls that are not kernels
 _BUILTIN_PREFIXES = ("vm.builtin.", "relax.")
-INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_attn_v")
+INTEGER_PREFIXES = ("repq_qdense", "repq_qbmm", "repq_attn_v", "repq_attention")
 # kernel name prefix -> instruction family of the variant named in it (others: the target's int8 family)
 _VARIANT_FAMILY = (("repq_qdense_amx_", "amx"), ("repq_qdense_vnni_", "vnni"), ("repq_qdense_avx2_u8s8_", "avx2_u8s8"),
                    ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_vnni_", "vnni"),
                    ("repq_qbmm_avx2_i16_", "avx2_i16"), ("repq_attn_v_avx2_i16_", "avx2_i16"),
-                   ("repq_attn_v_vnni_i16_", "vnni_i16"), ("repq_attn_v_amx_", "amx"))
+                   ("repq_attn_v_vnni_i16_", "vnni_i16"), ("repq_attn_v_amx_", "amx"),
+                   ("repq_attention_amx_", "amx"))
 
 
 def _input(runner: Runner) -> np.ndarray:
@@ -134,7 +135,8 @@ def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
     qdense ``(A [M, K], W, ..., out [M, N])``: M*N*K (K as the kernel runs it, padded to its k-pack; a fused
     qkv projection has three outputs ``[B, H, T, D]``: N = 3·H·D);
     qbmm ``(A [Bt, M, D], B, zp, scale, out [Bt, M, N])``: Bt*M*N*D; attention ``(W [Bt, planes, M, Np],
-    V [Bt, N, D], zp, scale, out [Bt, M, D])``: the useful Bt*M*N*D (the kernel runs one dot product per plane).
+    V [Bt, N, D], zp, scale, out [Bt, M, D])``: the useful Bt*M*N*D (the kernel runs one dot product per plane);
+    the fused attention ``(q [Bt, M, D], k [Bt, N, D], ..., out [Bt, M, D])``: both products, 2*Bt*M*N*D.
     """
     if symbol.startswith("repq_qdense"):
         (m, k), out = shapes[0], shapes[-1]
@@ -150,6 +152,9 @@ def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
     if symbol.startswith("repq_attn_v"):
         (bt, n, _), (_, m, d) = shapes[1], shapes[-1]
         return bt * m * n * d
+    if symbol.startswith("repq_attention"):
+        (bt, m, d), (_, n, _) = shapes[0], shapes[1]
+        return 2 * bt * m * n * d
     return None
 
 

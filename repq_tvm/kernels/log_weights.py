@@ -94,6 +94,52 @@ def _code(x, i, m: int, offset: int, thresholds: list[int], top: int):
     return tvm.tirx.Select(dead, -1, tvm.tirx.max(raw, 0))
 
 
+def softmax_slope(m: int):
+    """float32 m·log2(e): the codes' slope in the logits."""
+    return tvm.tirx.const(m * math.log2(math.e), "float32")
+
+
+def softmax_code(mx, x, bias, slope, top: int):
+    """int32 log code of logit ``x`` in a row of max ``mx`` and code bias ``bias`` (`_code_bias`):
+    round(m·log2(e)·(max − x) + bias), clamped before the cast; −1 past 2^b − 1 (no weight)."""
+    raw = (mx - x) * slope + bias
+    c = tvm.tirx.round(tvm.tirx.min(raw, tvm.tirx.const(top + 1, "float32"))).astype("int32")
+    return tvm.tirx.Select(c > top, -1, tvm.tirx.max(c, 0))
+
+
+def plane_weight(c, plane, sqrt2: bool, f: int, groups: int):
+    """int16 weight of log code ``c`` (−1: none) in weight plane ``plane``: `reference.ops.attn_weights`."""
+    one, r_f, parities = tvm.tirx.const(1, "int32"), sqrt2_weight(f), 2 if sqrt2 else 1
+    s = (c + 1) >> 1 if sqrt2 else c
+    w0 = one << (f - tvm.tirx.max(tvm.tirx.min(s, f), 0))
+    g0 = tvm.tirx.all(c >= 0, s <= f, ((c & 1) if sqrt2 else 0) == plane)
+    if groups == 1:
+        return tvm.tirx.Select(g0, w0, 0).astype("int16")
+    rr = tvm.tirx.max(tvm.tirx.min(s - f - 1, f + 1), 0)
+    w1 = (tvm.tirx.Select((c & 1) == 1, (r_f + ((one << rr) >> 1)) >> rr, (one << f) >> rr) if sqrt2
+          else (one << f) >> rr)
+    g1 = tvm.tirx.all(c >= 0, s > f, s <= 2 * f + 1)
+    return tvm.tirx.Select(plane < parities, tvm.tirx.Select(g0, w0, 0), tvm.tirx.Select(g1, w1, 0)).astype("int16")
+
+
+def code_weight(c, sqrt2: bool, f: int, groups: int):
+    """(plane, weight) int32 of log code ``c``: the one plane where `plane_weight` is not 0 and that weight (0 when
+    there is none; the plane then is any).  For kernels that fill every plane from one weight computation."""
+    one, r_f, parities = tvm.tirx.const(1, "int32"), sqrt2_weight(f), 2 if sqrt2 else 1
+    s = (c + 1) >> 1 if sqrt2 else c
+    parity = (c & 1) if sqrt2 else tvm.tirx.const(0, "int32")
+    w0 = one << (f - tvm.tirx.max(tvm.tirx.min(s, f), 0))
+    g0 = tvm.tirx.all(c >= 0, s <= f)
+    if groups == 1:
+        return parity, tvm.tirx.Select(g0, w0, 0)
+    rr = tvm.tirx.max(tvm.tirx.min(s - f - 1, f + 1), 0)
+    w1 = (tvm.tirx.Select((c & 1) == 1, (r_f + ((one << rr) >> 1)) >> rr, (one << f) >> rr) if sqrt2
+          else (one << f) >> rr)
+    g1 = tvm.tirx.all(c >= 0, s > f, s <= 2 * f + 1)
+    return (tvm.tirx.Select(g0, parity, tvm.tirx.const(parities, "int32")),
+            tvm.tirx.Select(g0, w0, tvm.tirx.Select(g1, w1, 0)))
+
+
 def log_weights_spec(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, *,
                      softmax: bool = False) -> dict:
     """The kernel spec: everything that determines the compute (`log_weights_func`); ``lanes`` (`VECTOR` on
@@ -110,8 +156,7 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
     bt, rows, n = spec["shape"]
     sqrt2, f, groups, lanes = spec["sqrt2"], spec["f"], spec["groups"], spec["lanes"]
     m = 2 if sqrt2 else 1
-    top, parities, r_f = 2 ** spec["bits"] - 1, m, sqrt2_weight(f)
-    planes, n_p = attn_planes(parities, groups), padded_tokens(n)
+    top, planes, n_p = 2 ** spec["bits"] - 1, attn_planes(m, groups), padded_tokens(n)
     x = te.placeholder((bt, rows, n), "float32", name="x")
     if spec["softmax"]:
         n_r = -(-n // lanes) * lanes
@@ -123,33 +168,19 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
             k2 < n, epilogue.fast_exp(x[b, r, tvm.tirx.min(k2, n - 1)] - mx[b, r]), tvm.tirx.const(0, "float32")),
             axis=k2), name="sum")
         bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, spec["scale"]), name="bias")
-        slope = tvm.tirx.const(m * math.log2(math.e), "float32")
+        slope = softmax_slope(m)
 
-        def code(b, r, t):  # round(m·log2(e)·(max − x) + bias), clamped before the cast: −1 past 2^b − 1
-            raw = (mx[b, r] - x[b, r, tvm.tirx.min(t, n - 1)]) * slope + bias[b, r]
-            c = tvm.tirx.round(tvm.tirx.min(raw, tvm.tirx.const(top + 1, "float32"))).astype("int32")
-            return tvm.tirx.Select(c > top, -1, tvm.tirx.max(c, 0))
+        def code(b, r, t):
+            return softmax_code(mx[b, r], x[b, r, tvm.tirx.min(t, n - 1)], bias[b, r], slope, top)
 
         codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(t < n, code(b, r, t), -1), name="codes")
     else:
         offset, thresholds = code_thresholds(spec["scale"], sqrt2)
         codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(
             t < n, _code(x, (b, r, tvm.tirx.min(t, n - 1)), m, offset, thresholds, top), -1), name="codes")
-    one = tvm.tirx.const(1, "int32")
 
-    def weight(b, plane, r, t):  # `reference.ops.attn_weights`
-        c = codes[b, r, t]
-        s = (c + 1) >> 1 if sqrt2 else c
-        w0 = one << (f - tvm.tirx.max(tvm.tirx.min(s, f), 0))
-        g0 = tvm.tirx.all(c >= 0, s <= f, ((c & 1) if sqrt2 else 0) == plane)
-        if groups == 1:
-            return tvm.tirx.Select(g0, w0, 0).astype("int16")
-        rr = tvm.tirx.max(tvm.tirx.min(s - f - 1, f + 1), 0)
-        w1 = (tvm.tirx.Select((c & 1) == 1, (r_f + ((one << rr) >> 1)) >> rr, (one << f) >> rr) if sqrt2
-              else (one << f) >> rr)
-        g1 = tvm.tirx.all(c >= 0, s > f, s <= 2 * f + 1)
-        return tvm.tirx.Select(plane < parities, tvm.tirx.Select(g0, w0, 0),
-                               tvm.tirx.Select(g1, w1, 0)).astype("int16")
+    def weight(b, plane, r, t):
+        return plane_weight(codes[b, r, t], plane, sqrt2, f, groups)
 
     w = te.compute((bt, planes, rows, n_p), weight, name="w")
     return te.create_prim_func([x, w]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))

@@ -9,6 +9,7 @@
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
                          qkv_codes_epilogue qkv → split → quantize ×3 → AMX qdense storing the q/k/v codes
+                         fused_attention   q@kᵀ → log√2 weights → attn @ V kernels → one AMX attention kernel
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
        load time       weight unpacking moved out of `main` into a function run once at load
                        (`load_time_weights`: 4-bit weights stay nibbles in the library)
@@ -31,6 +32,7 @@ from ..errors import ReqError
 from ..frontends import lower_log_quant
 from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
+from .fused_attention import FuseAttention
 from .gelu_codes_epilogue import FuseGeluCodesEpilogue
 from .load_time_weights import HoistLoadTimeWeights
 from .log2_attention import LowerLog2Attention
@@ -49,6 +51,7 @@ INTEGER_PASSES = (
     ("integer-qk", LowerQuantizedQK, "integer_qk"),
     ("log2-attention", LowerLog2Attention, "log2_attention"),
     ("qkv-codes-epilogue", FuseQKVCodesEpilogue, "fused_qkv_codes"),  # after q@kᵀ took k without its transpose
+    ("fused-attention", FuseAttention, "fused_attention"),  # the three attention kernels of the passes above
 )
 
 

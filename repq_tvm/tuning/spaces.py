@@ -43,7 +43,7 @@ def spec_of(func: tvm.tirx.PrimFunc) -> dict | None:
 
 
 def _kind(spec: dict):
-    kinds = {"qdense": _QDense, "attn_v": _AttnV, "qbmm": _QBmm, "log_weights": _LogWeights}
+    kinds = {"qdense": _QDense, "attn_v": _AttnV, "qbmm": _QBmm, "log_weights": _LogWeights, "attention": _Attention}
     if spec.get("kind") not in kinds:
         raise ValueError(f"no search space for kernel kind {spec.get('kind')!r}")
     return kinds[spec["kind"]]
@@ -233,6 +233,33 @@ class _LogWeights:
     @staticmethod
     def searchable(spec: dict) -> bool:
         return True
+
+
+class _Attention:
+    """`kernels.attention_amx` (the fused AMX attention): hand-written TIR, one fixed blocking of the eight tile
+    registers, as the AMX qdense: not searched."""
+
+    exact, free = True, ()
+
+    @staticmethod
+    def definition(spec: dict) -> tvm.tirx.PrimFunc:
+        from ..kernels.attention_amx import attention_amx_func
+
+        return attention_amx_func(spec)
+
+    @staticmethod
+    def default(spec: dict, ref: bool = False) -> Schedule:
+        from ..kernels.attention_amx import attention_amx_func
+
+        return Schedule(attention_amx_func(spec, emulate=ref))
+
+    @staticmethod
+    def spaces(sch: Schedule, spec: dict) -> list[Schedule]:
+        return []
+
+    @staticmethod
+    def searchable(spec: dict) -> bool:
+        return False
 
 
 def replay(func: tvm.tirx.PrimFunc, trace, ref: bool) -> Schedule:

@@ -1,0 +1,300 @@
+"""The whole log√2 attention of a head in one AMX kernel: q @ kᵀ → softmax → log√2 codes → weights → attn @ V.
+
+Why: on a Sapphire Rapids the three kernels that do this one after another (`qbmm`'s vnni q @ kᵀ, the fused
+softmax of `log_weights`, `attn_v_amx`) took ~3.4 of DeiT-Small's ~9.5 ms, mostly moving their intermediates:
+float32 logits [Bt, M, N] written and read back, int16 weight planes [Bt, planes, M, Np] written, read and split
+into bytes.  Here a 32-row block of one head goes through all three steps while it sits in L1/L2.
+
+Each step is the unfused kernel's own arithmetic, so the result is theirs bit for bit (tested against them):
+
+1. logits of 32 rows x 32 keys on AMX (`tdpbusd`: q's u8 codes x ``k − 128`` as s8), then `qbmm`'s vnni
+   epilogue ``float32(acc + (128 − z_k)·Σ_d q − z_q·(Σ_d k − z_k·D))·scale`` (the int32 value is exact, so
+   equal whatever the order; ragged N: the last key block starts at N − 32);
+2. per row, `log_weights`' fused softmax: the max and the sum of `epilogue.fast_exp` as 16 partial lanes added
+   in the same order as its rfactor, `log_weights._code_bias`, `log_weights.softmax_code`;
+3. `log_weights.code_weight` (each code's plane and weight, as `log_weights.plane_weight`), split into `attn_v_amx`'s u8 bands with their row sums Σ W, and the
+   band products with V (`tdpbuud`) and their combination as in `attn_v_amx`.
+
+Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
+float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]
+(`attn_v`'s); out float32 ``[Bt, M, D]``.  Heads run in parallel; each packs its k, V and row sums first.
+Shapes it takes (`fits`): M ≥ 32 and N ≥ 32, D a multiple of 64 (the tile's k step over the head dim).
+
+``emulate=True``: plain loops on tile-shaped buffers instead of the tile instructions (any CPU).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from ..reference import ops
+from ..reference.ops import attn_planes
+from . import epilogue
+from .attn_v import HI_SHIFT, _acc_total, _check_args, weight_bands
+from .attn_v_amx import _PlaneSums
+from .log_weights import VECTOR, _code_bias, plane_weight, softmax_code, softmax_slope
+from .packing import ceil_to
+from .qdense_amx import COLS, K_STEP, ROWS, amx_intrin, load_tile_config, request_amx
+
+TABLE = 64  # byte-table entries: code + 1 for codes −1 (none) .. 62, one `vpermb` (AVX-512 VBMI) per 64 tokens
+
+
+def check_table(f: int, sqrt2: bool, groups: int) -> None:
+    """Refuse an F whose codes past the byte table have weights (`reference.ops.attn_weights`; the largest code
+    with one is 4F + 2 = 58 for log√2 at F = 14, 2F + 1 for log2)."""
+    codes = np.arange(TABLE - 1, 256)
+    if np.any(ops.attn_weights(codes[None], np.zeros((1, codes.size), bool), f, sqrt2, groups)):
+        raise ValueError(f"codes past {TABLE - 2} have weights at F = {f}: the byte table cannot hold them")
+
+
+def band_byte(w, band, bands: int):
+    """Byte ``band`` of weight w (int16 ≥ 0): with two bands `attn_v`'s split W = 2^7·hi + lo (band 0 hi, band 1
+    lo), with one w itself."""
+    if bands == 1:
+        return w
+    return tvm.tirx.Select(band == 0, w >> T.int16(HI_SHIFT), w & T.int16((1 << HI_SHIFT) - 1))
+
+
+def fits(M: int, N: int, D: int) -> bool:
+    """True if the blocking takes the shape (see the module docstring)."""
+    return M >= ROWS and N >= COLS and D % K_STEP == 0
+
+
+def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, sqrt2: bool, f: int, groups: int,
+                   v_bits: int) -> dict:
+    """The kernel spec (``scale``, ``bits``, ``sqrt2``, ``f``, ``groups``: the log quantizer's, as `log_weights`;
+    ``v_bits``: V's code width, as `attn_v`)."""
+    return {"kind": "attention", "Bt": Bt, "M": M, "N": N, "D": D, "scale": float(scale), "bits": bits,
+            "sqrt2": bool(sqrt2), "f": f, "groups": groups, "v_bits": v_bits, "variant": "amx"}
+
+
+def kernel_name(spec: dict) -> str:
+    kind = "sqrt2" if spec["sqrt2"] else "log2"
+    return (f"repq_attention_amx_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
+            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}")
+
+
+def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
+    """PrimFunc ``main(q, k, qk_zp, qk_scale, v, v_zp, v_scale, out)`` of a spec, carrying it as ``repq.kernel``."""
+    Bt, M, N, D = spec["Bt"], spec["M"], spec["N"], spec["D"]
+    sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
+    parities = 2 if sqrt2 else 1
+    _check_args(N, parities, groups, f, v_bits)
+    if not fits(M, N, D):
+        raise ValueError(f"amx attention needs M >= {ROWS}, N >= {COLS} and D % {K_STEP} == 0, got M={M}, N={N}, "
+                         f"D={D}")
+    if D * 255 * 255 * 2 >= 2 ** 31:
+        raise ValueError(f"depth {D} could overflow the int32 accumulator")
+    planes, bands = attn_planes(parities, groups), weight_bands(f, groups)
+    pb_count, kp, n_r, top = planes * bands, ceil_to(N, K_STEP), ceil_to(N, VECTOR), 2 ** spec["bits"] - 1
+    m_blocks, n_blocks, d_blocks, qk_steps, av_steps = -(-M // ROWS), -(-N // COLS), D // COLS, D // K_STEP, kp // K_STEP
+    check_table(f, sqrt2, groups)
+    lowest = tvm.tirx.min_value("float32")
+    slope = softmax_slope(parities)
+    emu = (2, 16, 64) if emulate else (1,)
+    emu_c = (4, 16, 16) if emulate else (1,)
+
+    @T.macro
+    def zero_tiles(tc):
+        if emulate:
+            for c, r, j in T.grid(4, 16, 16):
+                tc[c, r, j] = 0
+        else:
+            for c in T.unroll(4):
+                T.evaluate(amx_intrin("tilezero", T.int8(c)))
+
+    @T.macro
+    def dot_tiles(ta, tb, tc, instr):
+        """tc += ta x tb: 2 x 2 tiles (u8 A; B s8 for tdpbusd, u8 for tdpbuud)."""
+        if emulate:
+            for c, m, n, r, q in T.grid(4, 16, 16, 16, 4):
+                tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
+                    "int32", tb[c % 2, r, 4 * n + q])
+        else:
+            for c in T.unroll(4):
+                T.evaluate(amx_intrin(instr, T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
+
+    @T.macro
+    def store_tiles(tc, C, slot):
+        """The 2 x 2 accumulators into the 32 x 32 int32 block C[slot]."""
+        if emulate:
+            for c, r, j in T.grid(4, 16, 16):
+                C[slot, (c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
+        else:
+            for c in T.unroll(4):
+                T.evaluate(amx_intrin("tilestored64", T.int8(c), T.address_of(C[slot, (c // 2) * 16, (c % 2) * 16]),
+                                      T.int64(COLS * 4)))
+
+    @T.macro
+    def logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, m0):
+        """L[r, n] = the logits of rows m0 + r (`qbmm`'s vnni epilogue), key blocks of 32 (the last at N − 32)."""
+        for nb in range(n_blocks):
+            zero_tiles(tc)
+            for kt in range(qk_steps):
+                if emulate:
+                    for i, r, j in T.grid(2, 16, 64):
+                        ta[i, r, j] = q[b, m0 + 16 * i + r, kt * K_STEP + j]
+                    for i, r, j in T.grid(2, 16, 64):
+                        tbs[i, r, j] = kb[kt * 16 + r, T.min(nb * COLS, N - COLS) + 16 * i + j // 4, j % 4]
+                else:
+                    for i in T.unroll(2):
+                        T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
+                                              T.address_of(q[b, m0 + 16 * i, kt * K_STEP]), T.int64(D)))
+                    for i in T.unroll(2):
+                        T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
+                             T.address_of(kb[kt * 16, T.min(nb * COLS, N - COLS) + 16 * i, 0]), T.int64(N * 4)))
+                dot_tiles(ta, tbs, tc, "tdpbusd")
+            store_tiles(tc, Cq, 0)
+            for r in range(ROWS):
+                for j in T.vectorized(COLS):
+                    L[r, T.min(nb * COLS, N - COLS) + j] = T.Cast(
+                        "float32", Cq[0, r, j] + (128 - qk_zp[1]) * qsum[m0 + r] - kterm[T.min(nb * COLS, N - COLS) + j]
+                    ) * qk_scale[0]
+
+    @T.macro
+    def weights(L, codes, idx, tab, wb, wsum, bsum, part, ipart, row, r):
+        """Row r: softmax → codes (`log_weights`, same sums in the same order) → plane weights → u8 bands."""
+        for ln in T.vectorized(VECTOR):
+            part[ln] = lowest
+        for c in range(n_r // VECTOR):
+            for ln in T.vectorized(VECTOR):
+                part[ln] = T.max(part[ln], T.Select(c * VECTOR + ln < N, L[r, c * VECTOR + ln], lowest))
+        row[0] = lowest
+        for ln in range(VECTOR):
+            row[0] = T.max(row[0], part[ln])
+        for ln in T.vectorized(VECTOR):
+            part[ln] = T.float32(0)
+        for c in range(n_r // VECTOR):
+            for ln in T.vectorized(VECTOR):
+                part[ln] = part[ln] + T.Select(c * VECTOR + ln < N, epilogue.fast_exp(L[r, c * VECTOR + ln] - row[0]),
+                                               T.float32(0))
+        row[1] = T.float32(0)
+        for ln in range(VECTOR):
+            row[1] = row[1] + part[ln]
+        row[2] = _code_bias(row[1], parities, spec["scale"])
+        for c in range(n_r // VECTOR):
+            for ln in T.vectorized(VECTOR):
+                codes[c * VECTOR + ln] = T.Select(c * VECTOR + ln < N,
+                                                  softmax_code(row[0], L[r, c * VECTOR + ln], row[2], slope, top), -1)
+        for c in range(n_r // VECTOR):  # table index of each code: code + 1, every code past the table's 0
+            for ln in T.vectorized(VECTOR):
+                idx[c * VECTOR + ln] = T.Cast("uint8", T.min(codes[c * VECTOR + ln] + 1, TABLE - 1))
+        for pb in range(pb_count):
+            for c in range(kp // TABLE):
+                if emulate:
+                    for j in range(TABLE):
+                        wb[pb, r, c * TABLE + j] = tab[pb, idx[c * TABLE + j]]
+                else:
+                    wb[pb, r, T.ramp(c * TABLE, 1, TABLE)] = T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"),
+                        tab.vload([pb, 0], dtype="uint8x64"), idx.vload([c * TABLE], dtype="uint8x64"),
+                        dtype="uint8x64")
+            for ln in T.vectorized(VECTOR):  # the band's row sum, from the bytes just written (L1)
+                ipart[ln] = 0
+            for c in range(kp // VECTOR):
+                for ln in T.vectorized(VECTOR):
+                    ipart[ln] = ipart[ln] + T.Cast("int32", wb[pb, r, c * VECTOR + ln])
+            bsum[pb] = 0
+            for ln in range(VECTOR):
+                bsum[pb] = bsum[pb] + ipart[ln]
+        for p in range(planes):  # Σ_n W_p = 2^7·Σ hi + Σ lo
+            if bands == 2:
+                wsum[p, r] = (bsum[p * 2] << HI_SHIFT) + bsum[p * 2 + 1]
+            else:
+                wsum[p, r] = bsum[p]
+
+    @T.macro
+    def attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, m0):
+        """out rows m0.. = the band products with V combined (`attn_v_amx`), 32 columns of D at a time."""
+        for db in range(d_blocks):
+            for pb in range(pb_count):
+                zero_tiles(tc)
+                for kt in range(av_steps):
+                    if emulate:
+                        for i, r, j in T.grid(2, 16, 64):
+                            ta[i, r, j] = wb[pb, 16 * i + r, kt * K_STEP + j]
+                        for i, r, j in T.grid(2, 16, 64):
+                            tbu[i, r, j] = vp[kt * 16 + r, db * COLS + 16 * i + j // 4, j % 4]
+                    else:
+                        for i in T.unroll(2):
+                            T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
+                                                  T.address_of(wb[pb, 16 * i, kt * K_STEP]), T.int64(kp)))
+                        for i in T.unroll(2):
+                            T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(vp[kt * 16, db * COLS + 16 * i, 0]),
+                                 T.int64(D * 4)))
+                    dot_tiles(ta, tbu, tc, "tdpbuud")
+                store_tiles(tc, C, pb)
+            for r in range(ROWS):
+                for j in T.vectorized(COLS):
+                    total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0), b, r, j, planes, parities, f))
+                    out[b, m0 + r, db * COLS + j] = T.Cast("float32", total) * v_scale[0]
+
+    @T.prim_func
+    def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
+             qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
+             v_scale: T.Buffer((1,), "float32"), out: T.Buffer((Bt, M, D), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        if not emulate:
+            request_amx()
+        for b in T.parallel(Bt):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            kb = T.alloc_buffer((D // 4, N, 4), "int8", scope="local")  # k − 128, AMX's B layout (keys = columns)
+            kterm = T.alloc_buffer((N,), "int32", scope="local")
+            qsum = T.alloc_buffer((M,), "int32", scope="local")
+            vp = T.alloc_buffer((kp // 4, D, 4), "uint8", scope="local")  # V codes, B layout (tokens = k dim)
+            L = T.alloc_buffer((ROWS, n_r), "float32", scope="local")
+            codes = T.alloc_buffer((n_r,), "int32", scope="local")
+            idx = T.alloc_buffer((kp,), "uint8", scope="local")
+            tab = T.alloc_buffer((pb_count, TABLE), "uint8", scope="local")
+            bsum = T.alloc_buffer((pb_count,), "int32", scope="local")
+            ipart = T.alloc_buffer((VECTOR,), "int32", scope="local")
+            wb = T.alloc_buffer((pb_count, ROWS, kp), "uint8", scope="local")
+            wsum = T.alloc_buffer((planes, ROWS), "int32", scope="local")
+            row = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, code bias of the current row
+            part = T.alloc_buffer((VECTOR,), "float32", scope="local")
+            Cq = T.alloc_buffer((1, ROWS, COLS), "int32", scope="local")
+            C = T.alloc_buffer((pb_count, ROWS, COLS), "int32", scope="local")
+            ta = T.alloc_buffer(emu, "uint8", scope="local")
+            tbs = T.alloc_buffer(emu, "int8", scope="local")
+            tbu = T.alloc_buffer(emu, "uint8", scope="local")
+            tc = T.alloc_buffer(emu_c, "int32", scope="local")
+            if not emulate:
+                load_tile_config(cfg)
+            for n in range(N):
+                kterm[n] = 0
+                for d in range(D):
+                    kterm[n] = kterm[n] + T.Cast("int32", k[b, n, d])
+                kterm[n] = qk_zp[0] * (kterm[n] - qk_zp[1] * D)
+                for r, i in T.grid(D // 4, 4):
+                    kb[r, n, i] = T.Cast("int8", T.Cast("int32", k[b, n, 4 * r + i]) - 128)
+            for m in range(M):
+                qsum[m] = 0
+                for d in range(D):
+                    qsum[m] = qsum[m] + T.Cast("int32", q[b, m, d])
+            for r, d, i in T.grid(kp // 4, D, 4):
+                vp[r, d, i] = T.if_then_else(4 * r + i < N, v[b, T.min(4 * r + i, N - 1), d], T.uint8(0))
+            for pb, r in T.grid(pb_count, ROWS):  # tokens past n_r stay 0 (V is 0 there too)
+                for n in T.vectorized(kp):
+                    wb[pb, r, n] = T.uint8(0)
+            for r in range(ROWS):
+                for n in T.vectorized(n_r):
+                    L[r, n] = T.float32(0)
+            for n in range(n_r, kp):
+                idx[n] = T.uint8(0)
+            for pb, i in T.grid(pb_count, TABLE):  # code i − 1's byte in band pb % bands of plane pb // bands
+                tab[pb, i] = T.Cast("uint8", band_byte(plane_weight(i - 1, pb // bands, sqrt2, f, groups), pb % bands,
+                                                               bands))
+            for mb in range(m_blocks):
+                logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, T.min(mb * ROWS, M - ROWS))
+                for r in range(ROWS):
+                    weights(L, codes, idx, tab, wb, wsum, bsum, part, ipart, row, r)
+                attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, T.min(mb * ROWS, M - ROWS))
+            if not emulate:
+                T.evaluate(amx_intrin("tilerelease"))
+
+    return main.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+

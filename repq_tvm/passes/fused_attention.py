@@ -1,0 +1,117 @@
+"""Fuse a head's whole log√2 attention into one AMX kernel: q @ kᵀ → softmax → codes → weights → attn @ V.
+
+Matches, after `quantized_qk` and `log2_attention` have lowered the attention to three kernel calls:
+
+    y = call_tir(repq_qbmm_…, (q, k, qk_zp, qk_scale))            float32 [Bt, M, N], k in rows ("nd")
+    w = call_tir(repq_log_weights_softmax_…, (y [→ reshape]*,))   int16 weight planes, the softmax fused
+    o = call_tir(repq_attn_v_…, (w, v, v_zp, v_scale))            float32 [Bt, M, D]
+
+and replaces o by ``call_tir(repq_attention_amx_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale))``
+(`kernels.attention_amx`, the three kernels' arithmetic, bit for bit).  Why: the three kernels wrote and read
+their intermediates (float32 logits, int16 weight planes) through memory.  Only on targets with AMX-INT8 and
+shapes the kernel blocks (`attention_amx.fits`); where y or w has another reader the match is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
+
+from ..relax_util import calls_only, var_uses
+from ..targets import target_has
+from ..tuning.spaces import spec_of
+from .qdense_tail import _called
+
+_QK = is_op("relax.call_tir")(wildcard(), wildcard())
+_LOGITS = _QK | is_op("relax.reshape")(_QK, wildcard()) | is_op("relax.reshape")(
+    is_op("relax.reshape")(_QK, wildcard()), wildcard())
+_WEIGHTS = is_op("relax.call_tir")(wildcard(), is_tuple([_LOGITS]))
+_ATTN_V = is_op("relax.call_tir")(wildcard(), is_tuple([_WEIGHTS, wildcard(), is_const(), is_const()]))
+
+
+def _spec(mod: tvm.IRModule, call: relax.Call, kind: str) -> dict | None:
+    func = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
+    spec = spec_of(func) if isinstance(func, tvm.tirx.PrimFunc) else None
+    return spec if spec is not None and spec.get("kind") == kind else None
+
+
+def attention_spec_of(qk: dict, lw: dict, av: dict) -> dict | None:
+    """The fused kernel's spec from the three kernels' specs, or None when they are not one attention the AMX
+    kernel takes (k not in rows, the softmax not fused, shapes or quantizers that disagree)."""
+    from ..kernels import attention_amx
+
+    bt, m, n, d = qk["Bt"], qk["M"], qk["N"], qk["D"]
+    if (qk["b_layout"] != "nd" or not lw["softmax"] or lw["shape"] != [bt, m, n]
+            or [av["Bt"], av["M"], av["N"], av["D"]] != [bt, m, n, d] or not av["epilogue"]
+            or av["parities"] != (2 if lw["sqrt2"] else 1) or av["groups"] != lw["groups"] or av["f"] != lw["f"]
+            or not attention_amx.fits(m, n, d)):
+        return None
+    return attention_amx.attention_spec(bt, m, n, d, scale=lw["scale"], bits=lw["bits"], sqrt2=lw["sqrt2"],
+                                        f=lw["f"], groups=lw["groups"], v_bits=av["v_bits"])
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseAttention")
+class FuseAttention:
+    """qbmm → log weights (softmax fused) → attn @ V → one AMX attention kernel per shape (see the module).
+
+    `.rewritten` counts the fused attentions.
+    """
+
+    def __init__(self, target):
+        self.target, self.rewritten = target, 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from ..kernels.attention_amx import attention_amx_func, kernel_name
+
+        self.rewritten = 0
+        if not target_has(self.target, "amx-int8"):
+            return mod
+        bb, kernels, replaced = relax.BlockBuilder(mod), {}, set()
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
+                continue
+            uses = var_uses(func)
+            bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+
+            def single_chain(var, stop) -> bool:
+                """var (and every reshape between it and the call ``stop``) read once."""
+                while isinstance(var, relax.Var) and uses.get(var) == 1:
+                    value = bound.get(var)
+                    if value is None or value.same_as(stop):
+                        return value is not None
+                    if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.reshape"):
+                        return False
+                    var = value.args[0]
+                return False
+
+            def fuse(av_call, m):
+                qk_call, lw_call = m[_QK], m[_WEIGHTS]
+                specs = (_spec(mod, qk_call, "qbmm"), _spec(mod, lw_call, "log_weights"),
+                         _spec(mod, av_call, "attn_v"))
+                if None in specs or not single_chain(av_call.args[1].fields[0], lw_call) \
+                        or not single_chain(lw_call.args[1].fields[0], qk_call):
+                    return av_call
+                spec = attention_spec_of(*specs)
+                if spec is None:
+                    return av_call
+                key = json.dumps(spec, sort_keys=True)
+                if key not in kernels:
+                    name = kernel_name(spec)
+                    kernel = attention_amx_func(spec).with_attr("global_symbol", name).with_attr(
+                        "tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: hand-written TIR
+                    kernels[key] = bb.add_func(kernel, name)
+                replaced.update(c.args[0] for c in (qk_call, lw_call, av_call))
+                self.rewritten += 1
+                q, k, qk_zp, qk_scale = qk_call.args[1].fields
+                _, v, v_zp, v_scale = av_call.args[1].fields
+                return relax.call_tir(kernels[key], relax.Tuple([q, k, qk_zp, qk_scale, v, v_zp, v_scale]),
+                                      relax.TensorType((spec["Bt"], spec["M"], spec["D"]), "float32"))
+
+            bb.update_func(gv, rewrite_call(_ATTN_V, calls_only(fuse), func))
+        out = relax.transform.DeadCodeElimination()(bb.get())
+        for gv in replaced - _called(out):
+            del out[gv]
+        return out
