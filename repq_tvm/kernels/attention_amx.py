@@ -66,9 +66,10 @@ def fits(M: int, N: int, D: int) -> bool:
 
 def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, sqrt2: bool, f: int, groups: int,
                    v_bits: int) -> dict:
-    """The kernel spec (``scale``, ``bits``, ``sqrt2``, ``f``, ``groups``: the log quantizer's, as `log_weights`;
+    """The kernel spec (``scale`` (as float32), ``bits``, ``sqrt2``, ``f``, ``groups``: the log quantizer's, as
+    `log_weights_spec`;
     ``v_bits``: V's code width, as `attn_v`)."""
-    return {"kind": "attention", "Bt": Bt, "M": M, "N": N, "D": D, "scale": float(scale), "bits": bits,
+    return {"kind": "attention", "Bt": Bt, "M": M, "N": N, "D": D, "scale": float(np.float32(scale)), "bits": bits,
             "sqrt2": bool(sqrt2), "f": f, "groups": groups, "v_bits": v_bits, "variant": "amx"}
 
 
@@ -146,7 +147,8 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                                               T.address_of(q[b, m0 + 16 * i, kt * K_STEP]), T.int64(D)))
                     for i in T.unroll(2):
                         T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
-                             T.address_of(kb[kt * 16, T.min(nb * COLS, N - COLS) + 16 * i, 0]), T.int64(N * 4)))
+                                              T.address_of(kb[kt * 16, T.min(nb * COLS, N - COLS) + 16 * i, 0]),
+                                              T.int64(N * 4)))
                 dot_tiles(ta, tbs, tc, "tdpbusd")
             store_tiles(tc, Cq, 0)
             for r in range(ROWS):
@@ -224,8 +226,8 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                             T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
                                                   T.address_of(wb[pb, 16 * i, kt * K_STEP]), T.int64(kp)))
                         for i in T.unroll(2):
-                            T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(vp[kt * 16, db * COLS + 16 * i, 0]),
-                                 T.int64(D * 4)))
+                            T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
+                                                  T.address_of(vp[kt * 16, db * COLS + 16 * i, 0]), T.int64(D * 4)))
                     dot_tiles(ta, tbu, tc, "tdpbuud")
                 store_tiles(tc, C, pb)
             for r in range(ROWS):

@@ -8,8 +8,9 @@ Matches, after `quantized_qk` and `log2_attention` have lowered the attention to
 
 and replaces o by ``call_tir(repq_attention_amx_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale))``
 (`kernels.attention_amx`, the three kernels' arithmetic, bit for bit).  Why: the three kernels wrote and read
-their intermediates (float32 logits, int16 weight planes) through memory.  Only on targets with AMX-INT8 and
-shapes the kernel blocks (`attention_amx.fits`); where y or w has another reader the match is left alone.
+their intermediates (float32 logits, int16 weight planes) through memory.  Only on targets with AMX-INT8 (and
+AVX-512 VBMI, which every AMX CPU has) and shapes the kernel blocks (`attention_amx.fits`); where y or w has
+another reader the match is left alone.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class FuseAttention:
         from ..kernels.attention_amx import attention_amx_func, kernel_name
 
         self.rewritten = 0
-        if not target_has(self.target, "amx-int8"):
-            return mod
+        if not (target_has(self.target, "amx-int8") and target_has(self.target, "avx512vbmi")):
+            return mod  # the kernel's tile products and its vpermb byte table
         bb, kernels, replaced = relax.BlockBuilder(mod), {}, set()
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
@@ -76,7 +77,7 @@ class FuseAttention:
             uses = var_uses(func)
             bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
 
-            def single_chain(var, stop) -> bool:
+            def single_chain(var, stop, uses=uses, bound=bound) -> bool:
                 """var (and every reshape between it and the call ``stop``) read once."""
                 while isinstance(var, relax.Var) and uses.get(var) == 1:
                     value = bound.get(var)
