@@ -59,6 +59,25 @@ def band_byte(w, band, bands: int):
     return tvm.tirx.Select(band == 0, w >> T.int16(HI_SHIFT), w & T.int16((1 << HI_SHIFT) - 1))
 
 
+def table_index(codes, c: int):
+    """uint8x64 table indices of the 64 codes from token 64c: code + 1, at most TABLE − 1 (an entry of zeros), in
+    registers: a 64-byte load of four 16-byte stores would wait for them (no store forwarding across stores)."""
+    lanes = TABLE
+    return T.Cast(f"uint8x{lanes}", T.min(codes.vload([c * lanes], dtype=f"int32x{lanes}") + T.broadcast(T.int32(1), lanes),
+                                          T.broadcast(T.int32(TABLE - 1), lanes)))
+
+
+def byte_sums(wb, pb, r, kp: int):
+    """int64x8 partial sums of the u8 row ``wb[pb, r, :kp]`` (``vpsadbw`` against zeros, 64 bytes at a time)."""
+    total = None
+    for c in range(kp // TABLE):
+        sad = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.psad.bw.512"),
+                                      wb.vload([pb, r, c * TABLE], dtype="uint8x64"),
+                                      T.broadcast(T.uint8(0), TABLE), dtype="int64x8")
+        total = sad if total is None else total + sad
+    return total
+
+
 def fits(M: int, N: int, D: int) -> bool:
     """True if the blocking takes the shape (see the module docstring)."""
     return M >= ROWS and N >= COLS and D % K_STEP == 0
@@ -158,7 +177,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                     ) * qk_scale[0]
 
     @T.macro
-    def weights(L, codes, idx, tab, wb, wsum, bsum, part, ipart, row, r):
+    def weights(L, codes, tab, wb, wsum, bsum, sad, part, row, r, slot):
         """Row r: softmax → codes (`log_weights`, same sums in the same order) → plane weights → u8 bands."""
         for ln in T.vectorized(VECTOR):
             part[ln] = lowest
@@ -182,35 +201,30 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
             for ln in T.vectorized(VECTOR):
                 codes[c * VECTOR + ln] = T.Select(c * VECTOR + ln < N,
                                                   softmax_code(row[0], L[r, c * VECTOR + ln], row[2], slope, top), -1)
-        for c in range(n_r // VECTOR):  # table index of each code: code + 1, every code past the table's 0
-            for ln in T.vectorized(VECTOR):
-                idx[c * VECTOR + ln] = T.Cast("uint8", T.min(codes[c * VECTOR + ln] + 1, TABLE - 1))
-        for pb in range(pb_count):
+        for pb in range(pb_count):  # each token's byte: the table entry of its code + 1 (codes past it: 0)
             for c in range(kp // TABLE):
                 if emulate:
                     for j in range(TABLE):
-                        wb[pb, r, c * TABLE + j] = tab[pb, idx[c * TABLE + j]]
+                        wb[slot * pb_count + pb, r, c * TABLE + j] = tab[pb, T.min(codes[c * TABLE + j] + 1, TABLE - 1)]
                 else:
-                    wb[pb, r, T.ramp(c * TABLE, 1, TABLE)] = T.call_llvm_pure_intrin(
+                    wb[slot * pb_count + pb, r, T.ramp(c * TABLE, 1, TABLE)] = T.call_llvm_pure_intrin(
                         T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"),
-                        tab.vload([pb, 0], dtype="uint8x64"), idx.vload([c * TABLE], dtype="uint8x64"),
-                        dtype="uint8x64")
-            for ln in T.vectorized(VECTOR):  # the band's row sum, from the bytes just written (L1)
-                ipart[ln] = 0
-            for c in range(kp // VECTOR):
-                for ln in T.vectorized(VECTOR):
-                    ipart[ln] = ipart[ln] + T.Cast("int32", wb[pb, r, c * VECTOR + ln])
-            bsum[pb] = 0
-            for ln in range(VECTOR):
-                bsum[pb] = bsum[pb] + ipart[ln]
+                        tab.vload([pb, 0], dtype="uint8x64"), table_index(codes, c), dtype="uint8x64")
+            if emulate:  # the band's row sum, from the bytes just written (L1)
+                bsum[pb] = 0
+                for n in range(kp):
+                    bsum[pb] = bsum[pb] + T.Cast("int32", wb[slot * pb_count + pb, r, n])
+            else:  # vpsadbw: 8 sums of 8 bytes per 64 tokens
+                sad[T.ramp(0, 1, 8)] = byte_sums(wb, slot * pb_count + pb, r, kp)
+                bsum[pb] = T.Cast("int32", sad[0] + sad[1] + sad[2] + sad[3] + sad[4] + sad[5] + sad[6] + sad[7])
         for p in range(planes):  # Σ_n W_p = 2^7·Σ hi + Σ lo
             if bands == 2:
-                wsum[p, r] = (bsum[p * 2] << HI_SHIFT) + bsum[p * 2 + 1]
+                wsum[slot * planes + p, r] = (bsum[p * 2] << HI_SHIFT) + bsum[p * 2 + 1]
             else:
-                wsum[p, r] = bsum[p]
+                wsum[slot * planes + p, r] = bsum[p]
 
     @T.macro
-    def attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, m0):
+    def attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, m0, slot):
         """out rows m0.. = the band products with V combined (`attn_v_amx`), 32 columns of D at a time."""
         for db in range(d_blocks):
             for pb in range(pb_count):
@@ -218,13 +232,14 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                 for kt in range(av_steps):
                     if emulate:
                         for i, r, j in T.grid(2, 16, 64):
-                            ta[i, r, j] = wb[pb, 16 * i + r, kt * K_STEP + j]
+                            ta[i, r, j] = wb[slot * pb_count + pb, 16 * i + r, kt * K_STEP + j]
                         for i, r, j in T.grid(2, 16, 64):
                             tbu[i, r, j] = vp[kt * 16 + r, db * COLS + 16 * i + j // 4, j % 4]
                     else:
                         for i in T.unroll(2):
                             T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
-                                                  T.address_of(wb[pb, 16 * i, kt * K_STEP]), T.int64(kp)))
+                                                  T.address_of(wb[slot * pb_count + pb, 16 * i, kt * K_STEP]),
+                                                  T.int64(kp)))
                         for i in T.unroll(2):
                             T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
                                                   T.address_of(vp[kt * 16, db * COLS + 16 * i, 0]), T.int64(D * 4)))
@@ -232,7 +247,8 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                 store_tiles(tc, C, pb)
             for r in range(ROWS):
                 for j in T.vectorized(COLS):
-                    total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0), b, r, j, planes, parities, f))
+                    total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0, slot * planes), b, r, j, planes,
+                                                                  parities, f))
                     out[b, m0 + r, db * COLS + j] = T.Cast("float32", total) * v_scale[0]
 
     @T.prim_func
@@ -249,13 +265,12 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
             qsum = T.alloc_buffer((M,), "int32", scope="local")
             vp = T.alloc_buffer((kp // 4, D, 4), "uint8", scope="local")  # V codes, B layout (tokens = k dim)
             L = T.alloc_buffer((ROWS, n_r), "float32", scope="local")
-            codes = T.alloc_buffer((n_r,), "int32", scope="local")
-            idx = T.alloc_buffer((kp,), "uint8", scope="local")
+            codes = T.alloc_buffer((kp,), "int32", scope="local")  # −1 past n_r
             tab = T.alloc_buffer((pb_count, TABLE), "uint8", scope="local")
             bsum = T.alloc_buffer((pb_count,), "int32", scope="local")
-            ipart = T.alloc_buffer((VECTOR,), "int32", scope="local")
-            wb = T.alloc_buffer((pb_count, ROWS, kp), "uint8", scope="local")
-            wsum = T.alloc_buffer((planes, ROWS), "int32", scope="local")
+            sad = T.alloc_buffer((8,), "int64", scope="local")
+            wb = T.alloc_buffer((2 * pb_count, ROWS, kp), "uint8", scope="local")  # two blocks' bands
+            wsum = T.alloc_buffer((2 * planes, ROWS), "int32", scope="local")
             row = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, code bias of the current row
             part = T.alloc_buffer((VECTOR,), "float32", scope="local")
             Cq = T.alloc_buffer((1, ROWS, COLS), "int32", scope="local")
@@ -279,22 +294,28 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                     qsum[m] = qsum[m] + T.Cast("int32", q[b, m, d])
             for r, d, i in T.grid(kp // 4, D, 4):
                 vp[r, d, i] = T.if_then_else(4 * r + i < N, v[b, T.min(4 * r + i, N - 1), d], T.uint8(0))
-            for pb, r in T.grid(pb_count, ROWS):  # tokens past n_r stay 0 (V is 0 there too)
+            for pb, r in T.grid(2 * pb_count, ROWS):  # tokens past n_r stay 0 (V is 0 there too)
                 for n in T.vectorized(kp):
                     wb[pb, r, n] = T.uint8(0)
             for r in range(ROWS):
                 for n in T.vectorized(n_r):
                     L[r, n] = T.float32(0)
             for n in range(n_r, kp):
-                idx[n] = T.uint8(0)
+                codes[n] = -1
             for pb, i in T.grid(pb_count, TABLE):  # code i − 1's byte in band pb % bands of plane pb // bands
                 tab[pb, i] = T.Cast("uint8", band_byte(plane_weight(i - 1, pb // bands, sqrt2, f, groups), pb % bands,
                                                                bands))
+            # software-pipelined: block mb's weights are written one block before its tile products read them
+            # (two slots of bands): a tile load of bytes just stored by vector code waits for those stores
+            logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, 0)
+            for r in range(ROWS):
+                weights(L, codes, tab, wb, wsum, bsum, sad, part, row, r, 0)
             for mb in range(m_blocks):
-                logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, T.min(mb * ROWS, M - ROWS))
-                for r in range(ROWS):
-                    weights(L, codes, idx, tab, wb, wsum, bsum, part, ipart, row, r)
-                attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, T.min(mb * ROWS, M - ROWS))
+                if mb + 1 < m_blocks:
+                    logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, T.min((mb + 1) * ROWS, M - ROWS))
+                    for r in range(ROWS):
+                        weights(L, codes, tab, wb, wsum, bsum, sad, part, row, r, (mb + 1) % 2)
+                attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, T.min(mb * ROWS, M - ROWS), mb % 2)
             if not emulate:
                 T.evaluate(amx_intrin("tilerelease"))
 

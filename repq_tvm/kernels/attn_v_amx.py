@@ -42,14 +42,15 @@ def fits(M: int, D: int, N: int = CHUNK) -> bool:
 
 
 class _PlaneSums:
-    """``acc[b, plane, r, j]`` for `attn_v._acc_total`: S_p of the block's row r, column j from its band sums."""
+    """``acc[b, plane, r, j]`` for `attn_v._acc_total`: S_p of the block's row r, column j from its band sums
+    (the plane's row sums at ``wsum[plane0 + p, m0 + r]``)."""
 
-    def __init__(self, C, wsum, zp, bands: int, m0):
-        self.C, self.wsum, self.zp, self.bands, self.m0 = C, wsum, zp, bands, m0
+    def __init__(self, C, wsum, zp, bands: int, m0, plane0=0):
+        self.C, self.wsum, self.zp, self.bands, self.m0, self.plane0 = C, wsum, zp, bands, m0, plane0
 
     def __getitem__(self, idx):
         _, p, r, j = idx
-        s = self.C[p * self.bands + self.bands - 1, r, j] - self.zp[0] * self.wsum[p, self.m0 + r]
+        s = self.C[p * self.bands + self.bands - 1, r, j] - self.zp[0] * self.wsum[self.plane0 + p, self.m0 + r]
         if self.bands == 2:
             s = (self.C[p * self.bands, r, j] << HI_SHIFT) + s
         return s
