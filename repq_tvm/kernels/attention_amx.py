@@ -40,6 +40,7 @@ from .log_weights import VECTOR, _code_bias, plane_weight, softmax_code, softmax
 from .packing import ceil_to
 from .qdense_amx import COLS, K_STEP, ROWS, amx_intrin, load_tile_config, request_amx
 
+RB = 4  # rows whose softmax reductions run interleaved
 TABLE = 64  # byte-table entries: code + 1 for codes −1 (none) .. 62, one `vpermb` (AVX-512 VBMI) per 64 tokens
 
 
@@ -59,11 +60,11 @@ def band_byte(w, band, bands: int):
     return tvm.tirx.Select(band == 0, w >> T.int16(HI_SHIFT), w & T.int16((1 << HI_SHIFT) - 1))
 
 
-def table_index(codes, c: int):
+def table_index(codes, i, c: int):
     """uint8x64 table indices of the 64 codes from token 64c: code + 1, at most TABLE − 1 (an entry of zeros), in
     registers: a 64-byte load of four 16-byte stores would wait for them (no store forwarding across stores)."""
     lanes = TABLE
-    return T.Cast(f"uint8x{lanes}", T.min(codes.vload([c * lanes], dtype=f"int32x{lanes}") + T.broadcast(T.int32(1), lanes),
+    return T.Cast(f"uint8x{lanes}", T.min(codes.vload([i, c * lanes], dtype=f"int32x{lanes}") + T.broadcast(T.int32(1), lanes),
                                           T.broadcast(T.int32(TABLE - 1), lanes)))
 
 
@@ -177,39 +178,52 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                     ) * qk_scale[0]
 
     @T.macro
-    def weights(L, codes, tab, wb, wsum, bsum, sad, part, row, r, slot):
-        """Row r: softmax → codes (`log_weights`, same sums in the same order) → plane weights → u8 bands."""
-        for ln in T.vectorized(VECTOR):
-            part[ln] = lowest
+    def softmax_codes(L, codes, part, row, r0):
+        """Rows r0 .. r0 + RB − 1: softmax → codes (`log_weights`: same sums in the same order), the rows'
+        reductions interleaved (each is a chain of dependent adds; RB of them keep the core busy)."""
+        for i, ln in T.grid(RB, VECTOR):
+            part[i, ln] = lowest
         for c in range(n_r // VECTOR):
-            for ln in T.vectorized(VECTOR):
-                part[ln] = T.max(part[ln], T.Select(c * VECTOR + ln < N, L[r, c * VECTOR + ln], lowest))
-        row[0] = lowest
+            for i in T.unroll(RB):
+                for ln in T.vectorized(VECTOR):
+                    part[i, ln] = T.max(part[i, ln], T.Select(c * VECTOR + ln < N, L[r0 + i, c * VECTOR + ln], lowest))
+        for i in T.unroll(RB):
+            row[i, 0] = lowest
         for ln in range(VECTOR):
-            row[0] = T.max(row[0], part[ln])
-        for ln in T.vectorized(VECTOR):
-            part[ln] = T.float32(0)
+            for i in T.unroll(RB):
+                row[i, 0] = T.max(row[i, 0], part[i, ln])
+        for i, ln in T.grid(RB, VECTOR):
+            part[i, ln] = T.float32(0)
         for c in range(n_r // VECTOR):
-            for ln in T.vectorized(VECTOR):
-                part[ln] = part[ln] + T.Select(c * VECTOR + ln < N, epilogue.fast_exp(L[r, c * VECTOR + ln] - row[0]),
-                                               T.float32(0))
-        row[1] = T.float32(0)
+            for i in T.unroll(RB):
+                for ln in T.vectorized(VECTOR):
+                    part[i, ln] = part[i, ln] + T.Select(
+                        c * VECTOR + ln < N, epilogue.fast_exp(L[r0 + i, c * VECTOR + ln] - row[i, 0]), T.float32(0))
+        for i in T.unroll(RB):
+            row[i, 1] = T.float32(0)
         for ln in range(VECTOR):
-            row[1] = row[1] + part[ln]
-        row[2] = _code_bias(row[1], parities, spec["scale"])
-        for c in range(n_r // VECTOR):
-            for ln in T.vectorized(VECTOR):
-                codes[c * VECTOR + ln] = T.Select(c * VECTOR + ln < N,
-                                                  softmax_code(row[0], L[r, c * VECTOR + ln], row[2], slope, top), -1)
+            for i in T.unroll(RB):
+                row[i, 1] = row[i, 1] + part[i, ln]
+        for i in T.unroll(RB):
+            row[i, 2] = _code_bias(row[i, 1], parities, spec["scale"])
+        for i in T.unroll(RB):
+            for c in range(n_r // VECTOR):
+                for ln in T.vectorized(VECTOR):
+                    codes[i, c * VECTOR + ln] = T.Select(
+                        c * VECTOR + ln < N, softmax_code(row[i, 0], L[r0 + i, c * VECTOR + ln], row[i, 2], slope, top), -1)
+
+    @T.macro
+    def weights(codes, tab, wb, wsum, bsum, sad, i, r, slot):
+        """Row r (codes[i]): plane weights → u8 bands (one table lookup per 64 tokens) and their row sums."""
         for pb in range(pb_count):  # each token's byte: the table entry of its code + 1 (codes past it: 0)
             for c in range(kp // TABLE):
                 if emulate:
                     for j in range(TABLE):
-                        wb[slot * pb_count + pb, r, c * TABLE + j] = tab[pb, T.min(codes[c * TABLE + j] + 1, TABLE - 1)]
+                        wb[slot * pb_count + pb, r, c * TABLE + j] = tab[pb, T.min(codes[i, c * TABLE + j] + 1, TABLE - 1)]
                 else:
                     wb[slot * pb_count + pb, r, T.ramp(c * TABLE, 1, TABLE)] = T.call_llvm_pure_intrin(
                         T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"),
-                        tab.vload([pb, 0], dtype="uint8x64"), table_index(codes, c), dtype="uint8x64")
+                        tab.vload([pb, 0], dtype="uint8x64"), table_index(codes, i, c), dtype="uint8x64")
             if emulate:  # the band's row sum, from the bytes just written (L1)
                 bsum[pb] = 0
                 for n in range(kp):
@@ -265,14 +279,14 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
             qsum = T.alloc_buffer((M,), "int32", scope="local")
             vp = T.alloc_buffer((kp // 4, D, 4), "uint8", scope="local")  # V codes, B layout (tokens = k dim)
             L = T.alloc_buffer((ROWS, n_r), "float32", scope="local")
-            codes = T.alloc_buffer((kp,), "int32", scope="local")  # −1 past n_r
+            codes = T.alloc_buffer((RB, kp), "int32", scope="local")  # −1 past n_r
             tab = T.alloc_buffer((pb_count, TABLE), "uint8", scope="local")
             bsum = T.alloc_buffer((pb_count,), "int32", scope="local")
             sad = T.alloc_buffer((8,), "int64", scope="local")
             wb = T.alloc_buffer((2 * pb_count, ROWS, kp), "uint8", scope="local")  # two blocks' bands
             wsum = T.alloc_buffer((2 * planes, ROWS), "int32", scope="local")
-            row = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, code bias of the current row
-            part = T.alloc_buffer((VECTOR,), "float32", scope="local")
+            row = T.alloc_buffer((RB, 3), "float32", scope="local")  # max, sum, code bias of RB rows
+            part = T.alloc_buffer((RB, VECTOR), "float32", scope="local")
             Cq = T.alloc_buffer((1, ROWS, COLS), "int32", scope="local")
             C = T.alloc_buffer((pb_count, ROWS, COLS), "int32", scope="local")
             ta = T.alloc_buffer(emu, "uint8", scope="local")
@@ -300,21 +314,25 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
             for r in range(ROWS):
                 for n in T.vectorized(n_r):
                     L[r, n] = T.float32(0)
-            for n in range(n_r, kp):
-                codes[n] = -1
+            for i, n in T.grid(RB, kp - n_r):
+                codes[i, n_r + n] = -1
             for pb, i in T.grid(pb_count, TABLE):  # code i − 1's byte in band pb % bands of plane pb // bands
                 tab[pb, i] = T.Cast("uint8", band_byte(plane_weight(i - 1, pb // bands, sqrt2, f, groups), pb % bands,
                                                                bands))
             # software-pipelined: block mb's weights are written one block before its tile products read them
             # (two slots of bands): a tile load of bytes just stored by vector code waits for those stores
             logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, 0)
-            for r in range(ROWS):
-                weights(L, codes, tab, wb, wsum, bsum, sad, part, row, r, 0)
+            for rb in range(ROWS // RB):
+                softmax_codes(L, codes, part, row, rb * RB)
+                for i in range(RB):
+                    weights(codes, tab, wb, wsum, bsum, sad, i, rb * RB + i, 0)
             for mb in range(m_blocks):
                 if mb + 1 < m_blocks:
                     logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, T.min((mb + 1) * ROWS, M - ROWS))
-                    for r in range(ROWS):
-                        weights(L, codes, tab, wb, wsum, bsum, sad, part, row, r, (mb + 1) % 2)
+                    for rb in range(ROWS // RB):
+                        softmax_codes(L, codes, part, row, rb * RB)
+                        for i in range(RB):
+                            weights(codes, tab, wb, wsum, bsum, sad, i, rb * RB + i, (mb + 1) % 2)
                 attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, T.min(mb * ROWS, M - ROWS), mb % 2)
             if not emulate:
                 T.evaluate(amx_intrin("tilerelease"))
