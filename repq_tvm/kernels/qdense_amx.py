@@ -40,6 +40,9 @@ from tvm.script import tirx as T
 from . import epilogue
 
 ROWS, COLS, K_STEP = 32, 32, 64  # one block: 2 x 2 tiles of 16 rows x 16 int32 columns, k step of 64 bytes
+# from this many rows (batch > 1 of a ViT) tasks run over row blocks: A ([M, K] codes, 0.6-2.4 MB for DeiT-Small
+# at batch 8) no longer fits L2 and would be streamed again by every column-block task; W (<= 0.6 MB) does
+ROWS_PARALLEL_M = 512
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
@@ -103,6 +106,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                          f"got {M}x{N}x{K}")
     Kp = -(-K // 4) * 4
     n_blocks, m_blocks, k_steps = N // COLS, -(-M // ROWS), Kp // K_STEP
+    rows_parallel = M >= ROWS_PARALLEL_M
     # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
     out_dtype = "float32" if gelu_codes is None and qkv_codes is None else "uint8"
     out_shape = (M, N)
@@ -186,13 +190,13 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                         q_top)
 
     @T.macro
-    def products(A, W, ta, tb, tc, C, mb, nb):
-        """Block mb's accumulators (rows from min(32 mb, M - 32), column block nb) into C[mb % 2]."""
+    def products(A, W, ta, tb, tc, C, mb, nb, slot):
+        """Block (mb, nb)'s accumulators (rows from min(32 mb, M - 32), column block nb) into C[slot]."""
         zero(tc)
         for kt in range(k_steps):
             load(A, W, ta, tb, T.min(mb * ROWS, M - ROWS), nb, kt)
             dot(ta, tb, tc)
-        store(tc, C, mb % 2)
+        store(tc, C, slot)
 
     @T.macro
     def finish(C, slot, comp, asum, zp_wsum, scale, bias, res, out, m0, nb):
@@ -220,23 +224,41 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
             asum[m] = 0
             for k in range(Kp):
                 asum[m] = asum[m] + T.Cast("int32", A[m, k])
-        for nb in T.parallel(n_blocks):
-            cfg = T.alloc_buffer((64,), "uint8", scope="local")
-            C = T.alloc_buffer((2, ROWS, COLS), "int32", scope="local")  # two blocks: see the module docstring
-            ta = T.alloc_buffer(ta_shape, "uint8", scope="local")
-            tb = T.alloc_buffer(tb_shape, "int8", scope="local")
-            tc = T.alloc_buffer(tc_shape, "int32", scope="local")
-            configure(cfg)
-            # software-pipelined: block mb's tile products are issued before block mb - 1's epilogue, which
-            # reads the other half of C, so the vector units work while the tiles multiply
-            products(A, W, ta, tb, tc, C, 0, nb)
-            for mb in range(1, m_blocks):
-                products(A, W, ta, tb, tc, C, mb, nb)
-                finish(C, (mb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, T.min((mb - 1) * ROWS, M - ROWS),
-                       nb)
-            finish(C, (m_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, M - ROWS, nb)
-            if not emulate:
-                T.evaluate(amx_intrin("tilerelease"))
+        if rows_parallel:  # tasks over row blocks, each walking the column blocks (W stays in L2)
+            for mb in T.parallel(m_blocks):
+                cfg = T.alloc_buffer((64,), "uint8", scope="local")
+                C = T.alloc_buffer((2, ROWS, COLS), "int32", scope="local")
+                ta = T.alloc_buffer(ta_shape, "uint8", scope="local")
+                tb = T.alloc_buffer(tb_shape, "int8", scope="local")
+                tc = T.alloc_buffer(tc_shape, "int32", scope="local")
+                configure(cfg)
+                products(A, W, ta, tb, tc, C, mb, 0, 0)
+                for nb in range(1, n_blocks):
+                    products(A, W, ta, tb, tc, C, mb, nb, nb % 2)
+                    finish(C, (nb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, T.min(mb * ROWS, M - ROWS),
+                           nb - 1)
+                finish(C, (n_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, T.min(mb * ROWS, M - ROWS),
+                       n_blocks - 1)
+                if not emulate:
+                    T.evaluate(amx_intrin("tilerelease"))
+        else:  # tasks over column blocks, each walking the row blocks (its B panel stays in L1)
+            for nb in T.parallel(n_blocks):
+                cfg = T.alloc_buffer((64,), "uint8", scope="local")
+                C = T.alloc_buffer((2, ROWS, COLS), "int32", scope="local")  # two blocks: see the module docstring
+                ta = T.alloc_buffer(ta_shape, "uint8", scope="local")
+                tb = T.alloc_buffer(tb_shape, "int8", scope="local")
+                tc = T.alloc_buffer(tc_shape, "int32", scope="local")
+                configure(cfg)
+                # software-pipelined: block mb's tile products are issued before block mb - 1's epilogue, which
+                # reads the other half of C, so the vector units work while the tiles multiply
+                products(A, W, ta, tb, tc, C, 0, nb, 0)
+                for mb in range(1, m_blocks):
+                    products(A, W, ta, tb, tc, C, mb, nb, mb % 2)
+                    finish(C, (mb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out,
+                           T.min((mb - 1) * ROWS, M - ROWS), nb)
+                finish(C, (m_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, M - ROWS, nb)
+                if not emulate:
+                    T.evaluate(amx_intrin("tilerelease"))
 
     # TVMScript signatures are fixed: one function per parameter list, the same body
     if qkv_codes is not None:
