@@ -15,7 +15,10 @@ codes of a qkv projection (``qkv_codes``).
 
 Blocking: 2 x 2 accumulator tiles (32 rows x 32 columns, tmm0-3), two A tiles (tmm4-5) and two B tiles
 (tmm6-7) per 64-deep k step: all 8 tile registers.  Tasks run in parallel over 32-column blocks; each loads
-the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, stays in L1), software-
+the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, stays in L1).  From
+`ROWS_PARALLEL_M` rows (batch 8 of DeiT-Small: M = 1576) tasks run over row blocks instead and walk the column
+blocks: A (up to 2.4 MB) no longer fits L2 and every column task read it again from L3, while W (<= 0.6 MB) stays in
+L2 (DeiT-S batch 8: 56.7 -> 49.5 ms, `benchmarks/compare_artifacts.py`, Sapphire Rapids).  Either way software-
 pipelined: the tile products of block mb are issued before the epilogue of block mb - 1, which reads the other
 half of a two-block C buffer, so the out-of-order core runs the epilogue's vector work while the tiles
 multiply (fc1 with its GELU → codes epilogue, DeiT-Small 197x1536x384: 0.199 → 0.154 ms per call, the
