@@ -38,7 +38,15 @@ from .attn_v import HI_SHIFT, _acc_total, _check_args, weight_bands
 from .attn_v_amx import _PlaneSums
 from .log_weights import VECTOR, _code_bias, plane_weight, softmax_code, softmax_slope
 from .packing import ceil_to
-from .qdense_amx import COLS, K_STEP, ROWS, amx_intrin, load_tile_config, request_amx
+from .qdense_amx import (
+    COLS,
+    K_STEP,
+    ROWS,
+    amx_intrin,
+    load_tile_config,
+    request_amx,
+    tile_macros,
+)
 
 RB = 4  # rows whose softmax reductions run interleaved
 TABLE = 64  # byte-table entries: code + 1 for codes −1 (none) .. 62, one `vpermb` (AVX-512 VBMI) per 64 tokens
@@ -119,36 +127,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     emu = (2, 16, 64) if emulate else (1,)
     emu_c = (4, 16, 16) if emulate else (1,)
 
-    @T.macro
-    def zero_tiles(tc):
-        if emulate:
-            for c, r, j in T.grid(4, 16, 16):
-                tc[c, r, j] = 0
-        else:
-            for c in T.unroll(4):
-                T.evaluate(amx_intrin("tilezero", T.int8(c)))
-
-    @T.macro
-    def dot_tiles(ta, tb, tc, instr):
-        """tc += ta x tb: 2 x 2 tiles (u8 A; B s8 for tdpbusd, u8 for tdpbuud)."""
-        if emulate:
-            for c, m, n, r, q in T.grid(4, 16, 16, 16, 4):
-                tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
-                    "int32", tb[c % 2, r, 4 * n + q])
-        else:
-            for c in T.unroll(4):
-                T.evaluate(amx_intrin(instr, T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
-
-    @T.macro
-    def store_tiles(tc, C, slot):
-        """The 2 x 2 accumulators into the 32 x 32 int32 block C[slot]."""
-        if emulate:
-            for c, r, j in T.grid(4, 16, 16):
-                C[slot, (c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
-        else:
-            for c in T.unroll(4):
-                T.evaluate(amx_intrin("tilestored64", T.int8(c), T.address_of(C[slot, (c // 2) * 16, (c % 2) * 16]),
-                                      T.int64(COLS * 4)))
+    zero_tiles, dot_tiles, store_tiles = tile_macros(emulate)
 
     @T.macro
     def logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, m0):

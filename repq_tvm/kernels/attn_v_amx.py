@@ -30,7 +30,15 @@ from tvm.script import tirx as T
 from ..reference.ops import attn_planes
 from .attn_v import HI_SHIFT, _acc_total, _check_args, padded_tokens, weight_bands
 from .packing import ceil_to
-from .qdense_amx import COLS, K_STEP, ROWS, amx_intrin, load_tile_config, request_amx
+from .qdense_amx import (
+    COLS,
+    K_STEP,
+    ROWS,
+    amx_intrin,
+    load_tile_config,
+    request_amx,
+    tile_macros,
+)
 
 CHUNK = 32  # the weight split's vector width (int16 lanes per zmm)
 
@@ -99,24 +107,18 @@ def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = 2, group
             for ln in range(CHUNK):
                 wsum[p, r] = wsum[p, r] + part[ln]
 
+    zero_tiles, dot_tiles, store_tiles = tile_macros(emulate)
+
     @T.macro
     def band_products(wb, vp, ta, tb, tc, C, pb, m0, d0):
-        """C[pb] = the 32 x 32 block of band pb's sums Σ_n band·v at columns d0.."""
-        if emulate:
-            for c, r, j in T.grid(4, 16, 16):
-                tc[c, r, j] = 0
-        else:
-            for c in T.unroll(4):
-                T.evaluate(amx_intrin("tilezero", T.int8(c)))
+        """C[pb] = the 32 x 32 block of band pb's sums Σ_n band·v of rows m0.., columns d0.."""
+        zero_tiles(tc)
         for kt in range(k_steps):
             if emulate:
                 for i, r, j in T.grid(2, 16, 64):
                     ta[i, r, j] = wb[pb, m0 + 16 * i + r, kt * K_STEP + j]
                 for i, r, j in T.grid(2, 16, 64):
                     tb[i, r, j] = vp[kt * 16 + r, d0 + 16 * i + j // 4, j % 4]
-                for c, m, n, r, q in T.grid(4, 16, 16, 16, 4):  # tdpbuud: u8 x u8
-                    tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
-                        "int32", tb[c % 2, r, 4 * n + q])
             else:
                 for i in T.unroll(2):
                     T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i), T.address_of(wb[pb, m0 + 16 * i, kt * K_STEP]),
@@ -124,15 +126,8 @@ def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = 2, group
                 for i in T.unroll(2):
                     T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(vp[kt * 16, d0 + 16 * i, 0]),
                                           T.int64(D * 4)))
-                for c in T.unroll(4):
-                    T.evaluate(amx_intrin("tdpbuud", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
-        if emulate:
-            for c, r, j in T.grid(4, 16, 16):
-                C[pb, (c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
-        else:
-            for c in T.unroll(4):
-                T.evaluate(amx_intrin("tilestored64", T.int8(c), T.address_of(C[pb, (c // 2) * 16, (c % 2) * 16]),
-                                      T.int64(COLS * 4)))
+            dot_tiles(ta, tb, tc, "tdpbuud")
+        store_tiles(tc, C, pb)
 
     @T.macro
     def body(W, V, zp, scale, out):

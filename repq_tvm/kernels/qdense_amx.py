@@ -95,6 +95,44 @@ def dot_2x2():
         T.evaluate(amx_intrin("tdpbusd", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
 
 
+def tile_macros(emulate: bool):
+    """(zero, dot, store) of the 2 x 2 blocking, shared by the AMX kernels: ``zero(tc)`` the accumulators tmm0-3,
+    ``dot(ta, tb, tc, instr)`` one k step (``instr`` "tdpbusd" u8 x s8 or "tdpbuud" u8 x u8: accumulator c +=
+    A tile c // 2 (tmm4-5) x B tile c % 2 (tmm6-7)), ``store(tc, C, slot)`` the accumulators into the 32 x 32 int32
+    block ``C[slot]``.  ``emulate``: plain loops on tile-shaped buffers ``ta``, ``tb`` [2, 16, 64], ``tc`` [4, 16, 16]
+    (any CPU); else the instructions (the buffers unused)."""
+
+    @T.macro
+    def zero(tc):
+        if emulate:
+            for c, r, j in T.grid(4, 16, 16):
+                tc[c, r, j] = 0
+        else:
+            zero_accumulators()
+
+    @T.macro
+    def dot(ta, tb, tc, instr):
+        if emulate:  # C[m, n] += sum_{r, q} A[m, 4r + q] * B[r, 4n + q]
+            for c, m, n, r, q in T.grid(4, 16, 16, 16, 4):
+                tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
+                    "int32", tb[c % 2, r, 4 * n + q])
+        else:
+            for c in T.unroll(4):
+                T.evaluate(amx_intrin(instr, T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
+
+    @T.macro
+    def store(tc, C, slot):
+        if emulate:
+            for c, r, j in T.grid(4, 16, 16):
+                C[slot, (c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
+        else:
+            for c in T.unroll(4):
+                T.evaluate(amx_intrin("tilestored64", T.int8(c), T.address_of(C[slot, (c // 2) * 16, (c % 2) * 16]),
+                                      T.int64(COLS * 4)))
+
+    return zero, dot, store
+
+
 def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None,
                     residual: bool = False, qkv_codes: dict | None = None):
     """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, [res,] out)`` (signature of `qdense.qdense` with
@@ -141,13 +179,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
         if not emulate:
             load_tile_config(cfg)
 
-    @T.macro
-    def zero(tc):
-        if emulate:
-            for c, r, j in T.grid(4, 16, 16):
-                tc[c, r, j] = 0
-        else:
-            zero_accumulators()
+    zero, dot, store = tile_macros(emulate)
 
     @T.macro
     def load(A, W, ta, tb, m0, nb, kt):
@@ -161,25 +193,6 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[m0 + 16 * i, kt * 64]), T.int64(Kp)))
             for i in T.unroll(2):
                 T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[nb * 2 + i, kt * 16, 0, 0]), T.int64(64)))
-
-    @T.macro
-    def dot(ta, tb, tc):
-        if emulate:  # tdpbusd: C[m, n] += sum_{r, q} A[m, 4r + q] * B[r, 4n + q]
-            for c, m, n, r, q in T.grid(4, 16, 16, 16, 4):
-                tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
-                    "int32", tb[c % 2, r, 4 * n + q])
-        else:
-            dot_2x2()
-
-    @T.macro
-    def store(tc, C, slot):
-        if emulate:
-            for c, r, j in T.grid(4, 16, 16):
-                C[slot, (c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
-        else:
-            for c in T.unroll(4):
-                T.evaluate(amx_intrin("tilestored64", T.int8(c), T.address_of(C[slot, (c // 2) * 16, (c % 2) * 16]),
-                                   T.int64(COLS * 4)))
 
     @T.macro
     def qkv_row(out, C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, which, q_scale, q_zp, q_top):  # q, k or v
@@ -198,7 +211,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
         zero(tc)
         for kt in range(k_steps):
             load(A, W, ta, tb, T.min(mb * ROWS, M - ROWS), nb, kt)
-            dot(ta, tb, tc)
+            dot(ta, tb, tc, "tdpbusd")
         store(tc, C, slot)
 
     @T.macro
