@@ -271,10 +271,12 @@ def test_tuned_artifact_matches_the_untuned_one(tuned):
     cal, art, log_dir, tuned_art = tuned
     manifest = json.load(open(os.path.join(log_dir, "tuning.json")))
     accepted = [r for r in manifest["kernels"] if r["verdict"] == "accepted"]
-    # every trial is spent unless the searched tasks ran out of candidates (on AMX CPUs the linears are fixed
-    # kernels, and the fixture's few float tasks have small spaces)
-    spent = sum(r["trials"] for r in manifest["kernels"])
-    assert accepted and (spent >= 16 or all(r["exhausted"] for r in manifest["kernels"] if r["trials"])), manifest
+    # the budget is planned over the tasks by their run-time share (this machine's timings: which tasks get trials
+    # varies), and every task spends its plan unless its space ran out of candidates (then the next task gets the
+    # rest); on AMX CPUs the linears and attn @ V are fixed kernels, and the fixture's float tasks have small spaces
+    rows = manifest["kernels"]
+    assert accepted and sum(r["trials"] for r in rows) > 0, manifest
+    assert all(r["trials"] >= r["planned"] or r["exhausted"] for r in rows), manifest
     assert manifest["key"]["model"] == "vit_cifar10" and manifest["trials_per_minute"] > 0
     compiled = json.load(open(os.path.join(tuned_art, "manifest.json")))["compile"]
     assert compiled["tuning_log"]["tuned_kernels"] >= len(accepted)
