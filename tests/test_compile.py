@@ -264,6 +264,24 @@ def test_manifest_with_a_wrong_load_time_function(built, tmp_path, capsys, value
     assert message in err and err.count("\n") == 1, err
 
 
+def test_artifact_versions(built, tmp_path, capsys):
+    """Version 2 manifests (they may name a load-time function) are written and version-1 ones still read; a version
+    this repq-tvm does not know is a one-line error (a version-1 runtime refuses these artifacts the same way rather
+    than run them on weights it did not unpack)."""
+    from repq_tvm.deploy import artifact
+
+    manifest = json.load(open(os.path.join(built[1], "manifest.json")))
+    assert manifest["version"] == artifact.VERSION == 2
+    for version, code in ((1, 0), (3, 2)):
+        art = tmp_path / f"v{version}"
+        shutil.copytree(built[1], art)
+        (art / "manifest.json").write_text(json.dumps({**manifest, "version": version}))
+        assert main(["profile", str(art), "--json"]) == code
+        err = capsys.readouterr().err
+        assert not code or ("has artifact version 3; this repq-tvm reads versions 1, 2" in err
+                            and err.count("\n") == 1), err
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_vnni_artifact_really_uses_vpdpbusd(bits, built, vit_w8, tmp_path):
     """The whole model built for the VNNI preset (on any host): its linears are vpdpbusd loops, at W8

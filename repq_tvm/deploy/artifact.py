@@ -22,7 +22,10 @@ from ..errors import ReqError, read_json
 from . import cross
 
 FORMAT = "repq-tvm-artifact"
-VERSION = 1
+# 2: the manifest may name a load-time function (`load_time`: 4-bit weights unpacked once at load), which a version-1
+# runtime would not call (it would run the model on packed weights); version-1 artifacts have none and still load
+VERSION = 2
+READABLE = (1, 2)
 LIBRARY = "model.so"
 MANIFEST = "manifest.json"
 
@@ -92,8 +95,9 @@ def read_manifest(art_dir: str) -> dict:
     manifest = read_json(path, "artifact manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ReqError(f"{path} is not a repq-tvm artifact manifest")
-    if manifest.get("version") != VERSION:
-        raise ReqError(f"{art_dir} has artifact version {manifest.get('version')}; this repq-tvm reads {VERSION}")
+    if manifest.get("version") not in READABLE:
+        raise ReqError(f"{art_dir} has artifact version {manifest.get('version')}; this repq-tvm reads versions "
+                       f"{', '.join(map(str, READABLE))}")
     _check_fields(manifest, path)
     for name, digest in manifest["files"].items():
         fpath = os.path.join(art_dir, name)

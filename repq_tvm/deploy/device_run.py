@@ -21,7 +21,8 @@ import sys
 import time
 
 FORMAT = "repq-tvm-artifact"
-VERSION = 1
+VERSION = 2  # mirrors repq_tvm/deploy/artifact.py (VERSION, READABLE)
+READABLE = (1, 2)
 _ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 
 
@@ -44,8 +45,8 @@ def read_manifest(art_dir, verify=True):
             manifest = json.load(f)
     except (OSError, ValueError) as exc:
         raise DeviceError(f"{art_dir} is not a repq-tvm artifact ({path}: {exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise DeviceError(f"{path} is not a version-{VERSION} repq-tvm artifact manifest")
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
+        raise DeviceError(f"{path} is not a repq-tvm artifact manifest of version {' or '.join(map(str, READABLE))}")
     if verify:
         for name, digest in manifest.get("files", {}).items():
             fpath = os.path.join(art_dir, name)
