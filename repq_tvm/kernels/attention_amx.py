@@ -12,8 +12,9 @@ Each step is the unfused kernel's own arithmetic, so the result is theirs bit fo
    equal whatever the order; ragged N: the last key block starts at N − 32);
 2. per row, `log_weights`' fused softmax: the max and the sum of `epilogue.fast_exp` as 16 partial lanes added
    in the same order as its rfactor, `log_weights._code_bias`, `log_weights.softmax_code`;
-3. `log_weights.code_weight` (each code's plane and weight, as `log_weights.plane_weight`), split into `attn_v_amx`'s u8 bands with their row sums Σ W, and the
-   band products with V (`tdpbuud`) and their combination as in `attn_v_amx`.
+3. each token's byte in each of `attn_v_amx`'s u8 bands of each plane by one ``vpermb`` lookup per 64 tokens in a
+   table of `log_weights.plane_weight` of codes −1 .. 62 (every later code has no weight), the bands' row sums
+   Σ W (``vpsadbw``), then the band products with V (`tdpbuud`) and their combination as in `attn_v_amx`.
 
 Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
 float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]
@@ -35,7 +36,7 @@ from ..reference import ops
 from ..reference.ops import attn_planes
 from . import epilogue
 from .attn_v import HI_SHIFT, _acc_total, _check_args, weight_bands
-from .attn_v_amx import _PlaneSums
+from .attn_v_amx import _PlaneSums, band_byte
 from .log_weights import VECTOR, _code_bias, plane_weight, softmax_code, softmax_slope
 from .packing import ceil_to
 from .qdense_amx import (
@@ -58,14 +59,6 @@ def check_table(f: int, sqrt2: bool, groups: int) -> None:
     codes = np.arange(TABLE - 1, 256)
     if np.any(ops.attn_weights(codes[None], np.zeros((1, codes.size), bool), f, sqrt2, groups)):
         raise ValueError(f"codes past {TABLE - 2} have weights at F = {f}: the byte table cannot hold them")
-
-
-def band_byte(w, band, bands: int):
-    """Byte ``band`` of weight w (int16 ≥ 0): with two bands `attn_v`'s split W = 2^7·hi + lo (band 0 hi, band 1
-    lo), with one w itself."""
-    if bands == 1:
-        return w
-    return tvm.tirx.Select(band == 0, w >> T.int16(HI_SHIFT), w & T.int16((1 << HI_SHIFT) - 1))
 
 
 def table_index(codes, i, c: int):
@@ -258,7 +251,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
             qsum = T.alloc_buffer((M,), "int32", scope="local")
             vp = T.alloc_buffer((kp // 4, D, 4), "uint8", scope="local")  # V codes, B layout (tokens = k dim)
             L = T.alloc_buffer((ROWS, n_r), "float32", scope="local")
-            codes = T.alloc_buffer((RB, kp), "int32", scope="local")  # −1 past n_r
+            codes = T.alloc_buffer((RB, kp), "int32", scope="local")  # −1 past n_r (table entry 0: no weight)
             tab = T.alloc_buffer((pb_count, TABLE), "uint8", scope="local")
             bsum = T.alloc_buffer((pb_count,), "int32", scope="local")
             sad = T.alloc_buffer((8,), "int64", scope="local")
@@ -287,9 +280,6 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                     qsum[m] = qsum[m] + T.Cast("int32", q[b, m, d])
             for r, d, i in T.grid(kp // 4, D, 4):
                 vp[r, d, i] = T.if_then_else(4 * r + i < N, v[b, T.min(4 * r + i, N - 1), d], T.uint8(0))
-            for pb, r in T.grid(2 * pb_count, ROWS):  # tokens past n_r stay 0 (V is 0 there too)
-                for n in T.vectorized(kp):
-                    wb[pb, r, n] = T.uint8(0)
             for r in range(ROWS):
                 for n in T.vectorized(n_r):
                     L[r, n] = T.float32(0)

@@ -12,10 +12,11 @@ and the int64 combination of the planes and the float scale are `attn_v`'s (`att
 computes `reference.ops.attn_v_acc` bit for bit, with the same inputs and outputs as the other variants.
 
 Per batch (head; the parallel loop): V packed once as AMX's B layout ``[Kp/4, D, 4]`` (4 consecutive tokens
-of one column in 4 bytes, zeros past N: the weights there are never read as non-zero products), then for
-each 32-row block (the last one starting at M − 32: ragged M recomputes rows, as `qdense_amx`) the block's
-rows of every plane are split into the u8 bands ``[planes·bands, 32, Kp]`` with their row sums Σ W, and
-every 32-column block of D runs the 2 x 2 tile blocking of `qdense_amx` once per band (tmm0-3 accumulate,
+of one column in 4 bytes, zeros past N: the weights there are never read as non-zero products), and every
+row of every plane split into the u8 bands ``[planes·bands, M, Kp]`` with their row sums Σ W, all before the
+first tile product (a tile load of bytes that vector stores have just written waits for them: splitting each
+32-row block right before its products was slower in a one-off check on a Sapphire Rapids).  Then for each 32-row block (the last one starting at M − 32: ragged M recomputes rows, as
+`qdense_amx`) every 32-column block of D runs the 2 x 2 tile blocking of `qdense_amx` once per band (tmm0-3 accumulate,
 tmm4-5 the band's two 16-row tiles, tmm6-7 V's two 16-column tiles), storing each band's 32 x 32 sums; the
 epilogue combines them.  Shapes it cannot take (`fits`: M < 32, D % 32) keep `attn_v`'s int16 kernel.
 
@@ -25,6 +26,7 @@ indexing is tested bit for bit everywhere; the instructions themselves are check
 
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
 from ..reference.ops import attn_planes
@@ -64,6 +66,13 @@ class _PlaneSums:
         return s
 
 
+def band_byte(w, band, bands: int):
+    """Byte ``band`` of weight w (int16 ≥ 0): with two bands W = 2^7·hi + lo (band 0 hi, band 1 lo), with one w."""
+    if bands == 1:
+        return w
+    return tvm.tirx.Select(band == 0, w >> T.int16(HI_SHIFT), w & T.int16((1 << HI_SHIFT) - 1))
+
+
 def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14,
                     v_bits: int = 8, epilogue: bool = True, emulate: bool = False):
     """PrimFunc ``main(W, V, zp, scale, out)`` (``main(W, V, zp, out)`` with the int64 acc when not ``epilogue``),
@@ -74,33 +83,29 @@ def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = 2, group
     planes, bands = attn_planes(parities, groups), weight_bands(f, groups)
     pb_count, n_w, kp = planes * bands, padded_tokens(N), ceil_to(N, K_STEP)
     k_steps, m_blocks, d_blocks = kp // K_STEP, -(-M // ROWS), D // COLS
-    lo_mask = (1 << HI_SHIFT) - 1 if bands == 2 else 255
     ta_shape, tb_shape, tc_shape = ((2, 16, 64), (2, 16, 64), (4, 16, 16)) if emulate else ((1,), (1,), (1,))
 
     @T.macro
-    def split(w, wb, wsum, p, r, n):
-        """Band bytes of weight w (row r of the block, token n, plane p)."""
-        if bands == 2:
-            wb[p * 2, r, n] = T.Cast("uint8", w >> T.int16(HI_SHIFT))
-            wb[p * 2 + 1, r, n] = T.Cast("uint8", w & T.int16(lo_mask))
-        else:
-            wb[p, r, n] = T.Cast("uint8", w)
+    def split(w, wb, p, r, n):
+        """Band bytes of weight w (row r, token n, plane p)."""
+        for band in T.unroll(bands):
+            wb[p * bands + band, r, n] = T.Cast("uint8", band_byte(w, band, bands))
 
     @T.macro
     def split_rows(W, wb, wsum, part, b):
-        """The block's rows of every plane as u8 bands, and their sums Σ_{n<N} W, in whole vectors: the last
-        vector ends at token N − 1 and re-splits tokens of the one before it (same bytes), adding only its new
-        tokens to the sum."""
+        """Every row of every plane as u8 bands, and their sums Σ_{n<N} W, in whole vectors: the last vector ends
+        at token N − 1 and re-splits tokens of the one before it (same bytes), adding only its new tokens to the
+        sum."""
         for p, r in T.grid(planes, M):
             for ln in T.vectorized(CHUNK):
                 part[ln] = 0
             for c in range(N // CHUNK):
                 for ln in T.vectorized(CHUNK):
-                    split(W[b, p, r, c * CHUNK + ln], wb, wsum, p, r, c * CHUNK + ln)
+                    split(W[b, p, r, c * CHUNK + ln], wb, p, r, c * CHUNK + ln)
                     part[ln] = part[ln] + T.Cast("int32", W[b, p, r, c * CHUNK + ln])
             if N % CHUNK != 0:
                 for ln in T.vectorized(CHUNK):
-                    split(W[b, p, r, N - CHUNK + ln], wb, wsum, p, r, N - CHUNK + ln)
+                    split(W[b, p, r, N - CHUNK + ln], wb, p, r, N - CHUNK + ln)
                     part[ln] = part[ln] + T.if_then_else(ln >= CHUNK - N % CHUNK,
                                                          T.Cast("int32", W[b, p, r, N - CHUNK + ln]), 0)
             wsum[p, r] = 0
@@ -152,18 +157,18 @@ def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = 2, group
                     wb[pb, r, N // CHUNK * CHUNK + n] = T.uint8(0)
             split_rows(W, wb, wsum, part, b)
             for mb in range(m_blocks):
+                m0 = T.meta_var(T.min(mb * ROWS, M - ROWS))
                 for db in range(d_blocks):
                     for pb in range(pb_count):
-                        band_products(wb, vp, ta, tb, tc, C, pb, T.min(mb * ROWS, M - ROWS), db * COLS)
+                        band_products(wb, vp, ta, tb, tc, C, pb, m0, db * COLS)
                     for r in range(ROWS):
                         for j in T.vectorized(COLS):
-                            total = T.meta_var(_acc_total(_PlaneSums(C, wsum, zp, bands, T.min(mb * ROWS, M - ROWS)), b, r, j, planes,
-                                                          parities, f))
+                            total = T.meta_var(_acc_total(_PlaneSums(C, wsum, zp, bands, m0), b, r, j, planes, parities,
+                                                          f))
                             if epilogue:
-                                out[b, T.min(mb * ROWS, M - ROWS) + r, db * COLS + j] = T.Cast(
-                                    "float32", total) * scale[0]
+                                out[b, m0 + r, db * COLS + j] = T.Cast("float32", total) * scale[0]
                             else:
-                                out[b, T.min(mb * ROWS, M - ROWS) + r, db * COLS + j] = total
+                                out[b, m0 + r, db * COLS + j] = total
             if not emulate:
                 T.evaluate(amx_intrin("tilerelease"))
 

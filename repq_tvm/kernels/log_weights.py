@@ -122,24 +122,6 @@ def plane_weight(c, plane, sqrt2: bool, f: int, groups: int):
     return tvm.tirx.Select(plane < parities, tvm.tirx.Select(g0, w0, 0), tvm.tirx.Select(g1, w1, 0)).astype("int16")
 
 
-def code_weight(c, sqrt2: bool, f: int, groups: int):
-    """(plane, weight) int32 of log code ``c``: the one plane where `plane_weight` is not 0 and that weight (0 when
-    there is none; the plane then is any).  For kernels that fill every plane from one weight computation."""
-    one, r_f, parities = tvm.tirx.const(1, "int32"), sqrt2_weight(f), 2 if sqrt2 else 1
-    s = (c + 1) >> 1 if sqrt2 else c
-    parity = (c & 1) if sqrt2 else tvm.tirx.const(0, "int32")
-    w0 = one << (f - tvm.tirx.max(tvm.tirx.min(s, f), 0))
-    g0 = tvm.tirx.all(c >= 0, s <= f)
-    if groups == 1:
-        return parity, tvm.tirx.Select(g0, w0, 0)
-    rr = tvm.tirx.max(tvm.tirx.min(s - f - 1, f + 1), 0)
-    w1 = (tvm.tirx.Select((c & 1) == 1, (r_f + ((one << rr) >> 1)) >> rr, (one << f) >> rr) if sqrt2
-          else (one << f) >> rr)
-    g1 = tvm.tirx.all(c >= 0, s > f, s <= 2 * f + 1)
-    return (tvm.tirx.Select(g0, parity, tvm.tirx.const(parities, "int32")),
-            tvm.tirx.Select(g0, w0, tvm.tirx.Select(g1, w1, 0)))
-
-
 def log_weights_spec(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, *,
                      softmax: bool = False) -> dict:
     """The kernel spec: everything that determines the compute (`log_weights_func`); ``lanes`` (`VECTOR` on
