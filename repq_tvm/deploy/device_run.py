@@ -9,7 +9,7 @@ PyTorch. Before loading it checks the manifest's format, the SHA-256 of model.so
 for this machine's architecture. Errors: one line on stderr, exit code 2.
 
 Deliberately independent of the repq_tvm package (it is not installed on devices); the checks mirror
-repq_tvm/deploy/artifact.py (FORMAT, VERSION) and the batching mirrors repq_tvm/deploy/runtime.py.
+repq_tvm/deploy/artifact.py (FORMAT, READABLE) and the batching mirrors repq_tvm/deploy/runtime.py.
 """
 
 import argparse
@@ -21,8 +21,7 @@ import sys
 import time
 
 FORMAT = "repq-tvm-artifact"
-VERSION = 2  # mirrors repq_tvm/deploy/artifact.py (VERSION, READABLE)
-READABLE = (1, 2)
+READABLE = (1, 2)  # manifest versions, as repq_tvm/deploy/artifact.py reads them
 _ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 
 
