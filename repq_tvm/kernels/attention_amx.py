@@ -244,9 +244,11 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         if not emulate:
             request_amx()
+        k32 = T.decl_buffer((Bt, N, D // 4), "int32", data=k.data)  # k's 4-code groups as words
         for b in T.parallel(Bt):
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             kb = T.alloc_buffer((D // 4, N, 4), "int8", scope="local")  # k − 128, AMX's B layout (keys = columns)
+            kb32 = T.decl_buffer((D // 4, N), "int32", data=kb.data, scope="local")  # kb's 4-code groups as words
             kterm = T.alloc_buffer((N,), "int32", scope="local")
             qsum = T.alloc_buffer((M,), "int32", scope="local")
             vp = T.alloc_buffer((kp // 4, D, 4), "uint8", scope="local")  # V codes, B layout (tokens = k dim)
@@ -272,8 +274,8 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                 for d in range(D):
                     kterm[n] = kterm[n] + T.Cast("int32", k[b, n, d])
                 kterm[n] = qk_zp[0] * (kterm[n] - qk_zp[1] * D)
-                for r, i in T.grid(D // 4, 4):
-                    kb[r, n, i] = T.Cast("int8", T.Cast("int32", k[b, n, 4 * r + i]) - 128)
+                for r in T.vectorized(D // 4):  # 4 codes at a time: u8 x - 128 as s8 is x ^ 0x80 in each byte
+                    kb32[r, n] = k32[b, n, r] ^ T.int32(-0x7F7F7F80)
             for m in range(M):
                 qsum[m] = 0
                 for d in range(D):
