@@ -21,11 +21,12 @@ from repq_tvm.testing.qdense import build_qdense
 
 AMX_TARGET = targets.tvm_target("x86_64-amx", 1)
 HAS_AMX = {"amx_tile", "amx_int8"} <= targets.host_flags()
-# (M, N, K, bits_a, bits_w): one block; a ragged last row block (overlap of 31 rows); K = 64 k steps of
-# extreme 8-bit codes (|acc| < 2^24, so the float32 output holds the integer exactly); DeiT-Small's proj; ten row
-# blocks, the last ragged; tasks over row blocks (M >= qdense_amx.ROWS_PARALLEL_M), the last ragged
-SHAPES = [(32, 32, 64, 8, 8), (33, 64, 128, 8, 8), (65, 96, 192, 8, 6), (197, 384, 384, 4, 4), (300, 64, 128, 8, 8),
-          (520, 96, 128, 8, 8)]
+# (M, N, K, bits_a, bits_w): one block; a 16-row half block last (M % 32 = 1); K = 64 k steps of extreme 8-bit
+# codes (|acc| < 2^24, so the float32 output holds the integer exactly); DeiT-Small's proj (half block); a ragged
+# full last block (M % 32 = 18, overlap of 14 rows); ten row blocks and a half one; tasks over row blocks
+# (M >= qdense_amx.ROWS_PARALLEL_M), the last a half block, then a ragged full one
+SHAPES = [(32, 32, 64, 8, 8), (33, 64, 128, 8, 8), (65, 96, 192, 8, 6), (197, 384, 384, 4, 4), (50, 64, 128, 8, 8),
+          (300, 64, 128, 8, 8), (520, 96, 128, 8, 8), (530, 64, 128, 8, 8)]
 MODES = ["emulated", "native"]
 
 

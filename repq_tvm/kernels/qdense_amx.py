@@ -43,6 +43,7 @@ from tvm.script import tirx as T
 from . import epilogue
 
 ROWS, COLS, K_STEP = 32, 32, 64  # one block: 2 x 2 tiles of 16 rows x 16 int32 columns, k step of 64 bytes
+HALF = 16  # rows of a half block (1 x 2 tiles): the last block when M % 32 is 1..16 (`row_blocks`)
 # from this many rows (batch > 1 of a ViT) tasks run over row blocks: A ([M, K] codes, 0.6-2.4 MB for DeiT-Small
 # at batch 8) no longer fits L2 and would be streamed again by every column-block task; W (<= 0.6 MB) does
 ROWS_PARALLEL_M = 512
@@ -53,6 +54,17 @@ def fits(M: int, N: int, K: int) -> bool:
     """True if the AMX blocking takes this shape: at least one 32-row block, whole 32-column blocks, K
     padded to 4 a multiple of 64 (the k step)."""
     return M >= ROWS and N % COLS == 0 and -(-K // 4) * 4 % K_STEP == 0
+
+
+def row_blocks(M: int) -> tuple[int, bool]:
+    """(full 32-row blocks, whether a 16-row half block ends the rows).  Ragged M: the last full block starts at
+    M - 32, or, when M % 32 is 1..16, a half block at M - 16 (a full one would recompute up to 31 rows: 27 of
+    DeiT-Small's 197, 12% more work for the row-proportional epilogues)."""
+    if M % ROWS == 0 or M < ROWS:
+        return -(-M // ROWS), False
+    if M % ROWS <= HALF:
+        return M // ROWS, True
+    return -(-M // ROWS), False
 
 
 def amx_intrin(name: str, *args):
@@ -95,38 +107,41 @@ def dot_2x2():
         T.evaluate(amx_intrin("tdpbusd", T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
 
 
-def tile_macros(emulate: bool):
+def tile_macros(emulate: bool, rows: int = ROWS):
     """(zero, dot, store) of the 2 x 2 blocking, shared by the AMX kernels: ``zero(tc)`` the accumulators tmm0-3,
     ``dot(ta, tb, tc, instr)`` one k step (``instr`` "tdpbusd" u8 x s8 or "tdpbuud" u8 x u8: accumulator c +=
     A tile c // 2 (tmm4-5) x B tile c % 2 (tmm6-7)), ``store(tc, C, slot)`` the accumulators into the 32 x 32 int32
     block ``C[slot]``.  ``emulate``: plain loops on tile-shaped buffers ``ta``, ``tb`` [2, 16, 64], ``tc`` [4, 16, 16]
-    (any CPU); else the instructions (the buffers unused)."""
+    (any CPU); else the instructions (the buffers unused).  ``rows`` = `HALF`: the 1 x 2 blocking of a 16-row block
+    (accumulators tmm0-1 from A tile tmm4, the block's first 16 rows of ``C[slot]``)."""
+    acc = 4 if rows == ROWS else 2
 
     @T.macro
     def zero(tc):
         if emulate:
-            for c, r, j in T.grid(4, 16, 16):
+            for c, r, j in T.grid(acc, 16, 16):
                 tc[c, r, j] = 0
         else:
-            zero_accumulators()
+            for c in T.unroll(acc):
+                T.evaluate(amx_intrin("tilezero", T.int8(c)))
 
     @T.macro
     def dot(ta, tb, tc, instr):
         if emulate:  # C[m, n] += sum_{r, q} A[m, 4r + q] * B[r, 4n + q]
-            for c, m, n, r, q in T.grid(4, 16, 16, 16, 4):
+            for c, m, n, r, q in T.grid(acc, 16, 16, 16, 4):
                 tc[c, m, n] = tc[c, m, n] + T.Cast("int32", ta[c // 2, m, 4 * r + q]) * T.Cast(
                     "int32", tb[c % 2, r, 4 * n + q])
         else:
-            for c in T.unroll(4):
+            for c in T.unroll(acc):
                 T.evaluate(amx_intrin(instr, T.int8(c), T.int8(4 + c // 2), T.int8(6 + c % 2)))
 
     @T.macro
     def store(tc, C, slot):
         if emulate:
-            for c, r, j in T.grid(4, 16, 16):
+            for c, r, j in T.grid(acc, 16, 16):
                 C[slot, (c // 2) * 16 + r, (c % 2) * 16 + j] = tc[c, r, j]
         else:
-            for c in T.unroll(4):
+            for c in T.unroll(acc):
                 T.evaluate(amx_intrin("tilestored64", T.int8(c), T.address_of(C[slot, (c // 2) * 16, (c % 2) * 16]),
                                       T.int64(COLS * 4)))
 
@@ -146,7 +161,8 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
         raise ValueError(f"amx qdense needs M >= {ROWS}, N % {COLS} == 0 and K padded to 4 a multiple of {K_STEP}, "
                          f"got {M}x{N}x{K}")
     Kp = -(-K // 4) * 4
-    n_blocks, m_blocks, k_steps = N // COLS, -(-M // ROWS), Kp // K_STEP
+    n_blocks, k_steps = N // COLS, Kp // K_STEP
+    full, half = row_blocks(M)
     rows_parallel = M >= ROWS_PARALLEL_M
     # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
     out_dtype = "float32" if gelu_codes is None and qkv_codes is None else "uint8"
@@ -179,17 +195,15 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
         if not emulate:
             load_tile_config(cfg)
 
-    zero, dot, store = tile_macros(emulate)
-
     @T.macro
-    def load(A, W, ta, tb, m0, nb, kt):
+    def load(A, W, ta, tb, m0, nb, kt, a_tiles):
         if emulate:
-            for i, r, j in T.grid(2, 16, 64):
+            for i, r, j in T.grid(a_tiles, 16, 64):
                 ta[i, r, j] = A[m0 + 16 * i + r, kt * 64 + j]
             for i, r, j in T.grid(2, 16, 64):
                 tb[i, r, j] = W[nb * 2 + i, kt * 16 + r, j // 4, j % 4]
         else:
-            for i in T.unroll(2):
+            for i in T.unroll(a_tiles):
                 T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i), T.address_of(A[m0 + 16 * i, kt * 64]), T.int64(Kp)))
             for i in T.unroll(2):
                 T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[nb * 2 + i, kt * 16, 0, 0]), T.int64(64)))
@@ -205,32 +219,56 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                         result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), q_scale, q_zp,
                         q_top)
 
-    @T.macro
-    def products(A, W, ta, tb, tc, C, mb, nb, slot):
-        """Block (mb, nb)'s accumulators (rows from min(32 mb, M - 32), column block nb) into C[slot]."""
-        zero(tc)
-        for kt in range(k_steps):
-            load(A, W, ta, tb, T.min(mb * ROWS, M - ROWS), nb, kt)
-            dot(ta, tb, tc, "tdpbusd")
-        store(tc, C, slot)
+    def products_of(rows: int):
+        """The macro ``products(A, W, ta, tb, tc, C, m0, nb, slot)``: the accumulators of the block of ``rows`` rows
+        from m0, column block nb, into C[slot]."""
+        zero, dot, store = tile_macros(emulate, rows)
+
+        @T.macro
+        def products(A, W, ta, tb, tc, C, m0, nb, slot):
+            zero(tc)
+            for kt in range(k_steps):
+                load(A, W, ta, tb, m0, nb, kt, rows // 16)
+                dot(ta, tb, tc, "tdpbusd")
+            store(tc, C, slot)
+
+        return products
+
+    products, products_half = products_of(ROWS), products_of(HALF)
 
     @T.macro
-    def finish(C, slot, comp, asum, zp_wsum, scale, bias, res, out, m0, nb):
-        """The epilogue (and tail) of the 32 x 32 block at rows m0.., column block nb, from C[slot]."""
+    def finish(C, slot, comp, asum, zp_wsum, scale, bias, res, out, m0, nb, rows):
+        """The epilogue (and tail) of the block of ``rows`` rows from m0, column block nb, from C[slot]."""
         if qkv_codes is None:
-            for r in range(ROWS):
+            for r in range(rows):
                 for j in T.vectorized(COLS):
                     out[m0 + r, nb * COLS + j] = tail(
                         result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), res, m0 + r,
                         nb * COLS + j)
         else:
-            for r in range(ROWS):  # one branch per q, k, v: its quantizer's constants, as the unfused ops
+            for r in range(rows):  # one branch per q, k, v: its quantizer's constants, as the unfused ops
                 qkv_row(out[0], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 0, qkv[0][0], qkv[0][1],
                         qkv[0][2])
                 qkv_row(out[1], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 1, qkv[1][0], qkv[1][1],
                         qkv[1][2])
                 qkv_row(out[2], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 2, qkv[2][0], qkv[2][1],
                         qkv[2][2])
+
+    def row_task_of():
+        """The macro ``row_task(..., m0, rows)``: a row-block task walking the column blocks (pipelined)."""
+        blocks = {ROWS: products, HALF: products_half}
+
+        @T.macro
+        def row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc, m0, rows):
+            blocks[rows](A, W, ta, tb, tc, C, m0, 0, 0)
+            for nb in range(1, n_blocks):
+                blocks[rows](A, W, ta, tb, tc, C, m0, nb, nb % 2)
+                finish(C, (nb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, m0, nb - 1, rows)
+            finish(C, (n_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, m0, n_blocks - 1, rows)
+
+        return row_task
+
+    row_task = row_task_of()
 
     @T.macro
     def body(A, W, comp, zp_wsum, scale, bias, res, out):
@@ -241,20 +279,21 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
             for k in range(Kp):
                 asum[m] = asum[m] + T.Cast("int32", A[m, k])
         if rows_parallel:  # tasks over row blocks, each walking the column blocks (W stays in L2)
-            for mb in T.parallel(m_blocks):
+            for mb in T.parallel(full + half):
                 cfg = T.alloc_buffer((64,), "uint8", scope="local")
                 C = T.alloc_buffer((2, ROWS, COLS), "int32", scope="local")
                 ta = T.alloc_buffer(ta_shape, "uint8", scope="local")
                 tb = T.alloc_buffer(tb_shape, "int8", scope="local")
                 tc = T.alloc_buffer(tc_shape, "int32", scope="local")
                 configure(cfg)
-                products(A, W, ta, tb, tc, C, mb, 0, 0)
-                for nb in range(1, n_blocks):
-                    products(A, W, ta, tb, tc, C, mb, nb, nb % 2)
-                    finish(C, (nb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, T.min(mb * ROWS, M - ROWS),
-                           nb - 1)
-                finish(C, (n_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, T.min(mb * ROWS, M - ROWS),
-                       n_blocks - 1)
+                if half:
+                    if mb < full:
+                        row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc, mb * ROWS, ROWS)
+                    else:
+                        row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc, M - HALF, HALF)
+                else:
+                    row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc,
+                             T.min(mb * ROWS, M - ROWS), ROWS)
                 if not emulate:
                     T.evaluate(amx_intrin("tilerelease"))
         else:  # tasks over column blocks, each walking the row blocks (its B panel stays in L1)
@@ -268,11 +307,16 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 # software-pipelined: block mb's tile products are issued before block mb - 1's epilogue, which
                 # reads the other half of C, so the vector units work while the tiles multiply
                 products(A, W, ta, tb, tc, C, 0, nb, 0)
-                for mb in range(1, m_blocks):
-                    products(A, W, ta, tb, tc, C, mb, nb, mb % 2)
+                for mb in range(1, full):
+                    products(A, W, ta, tb, tc, C, T.min(mb * ROWS, M - ROWS), nb, mb % 2)
                     finish(C, (mb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out,
-                           T.min((mb - 1) * ROWS, M - ROWS), nb)
-                finish(C, (m_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, M - ROWS, nb)
+                           T.min((mb - 1) * ROWS, M - ROWS), nb, ROWS)
+                if half:
+                    products_half(A, W, ta, tb, tc, C, M - HALF, nb, full % 2)
+                    finish(C, (full - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, (full - 1) * ROWS, nb, ROWS)
+                    finish(C, full % 2, comp, asum, zp_wsum, scale, bias, res, out, M - HALF, nb, HALF)
+                else:
+                    finish(C, (full - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, M - ROWS, nb, ROWS)
                 if not emulate:
                     T.evaluate(amx_intrin("tilerelease"))
 
