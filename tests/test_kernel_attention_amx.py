@@ -16,10 +16,11 @@ from repq_tvm.reference import ops
 AMX = targets.tvm_target("x86_64-amx", 1)
 HAS_AMX = {"amx_tile", "amx_int8"} <= targets.host_flags()
 HOST = targets.tvm_target("x86_64-avx2", 1)
-# (Bt, M, N, D, code bits, log√2, V bits): ragged rows and keys (last blocks overlap), 4-bit codes (one weight
-# group), log2 codes, DeiT-Small's heads
+# (Bt, M, N, D, code bits, log√2, V bits): ragged rows and keys (a 16-row half block last, the last key block
+# overlapping), 4-bit codes (one weight group), log2 codes, DeiT-Small's heads, a ragged full last row block
+# (M % 32 = 18)
 CASES = [(1, 40, 45, 64, 8, True, 8), (2, 33, 70, 64, 4, True, 4), (2, 65, 65, 64, 6, False, 6),
-         (6, 197, 197, 64, 8, True, 8)]
+         (6, 197, 197, 64, 8, True, 8), (2, 50, 64, 64, 8, True, 8)]
 
 
 def _build(func, target):

@@ -3,7 +3,10 @@
 Why: on a Sapphire Rapids the three kernels that do this one after another (`qbmm`'s vnni q @ kᵀ, the fused
 softmax of `log_weights`, `attn_v_amx`) took ~3.4 of DeiT-Small's ~9.5 ms, mostly moving their intermediates:
 float32 logits [Bt, M, N] written and read back, int16 weight planes [Bt, planes, M, Np] written, read and split
-into bytes.  Here a 32-row block of one head goes through all three steps while it sits in L1/L2.
+into bytes.  Here a 32-row block of one head goes through all three steps while it sits in L1/L2 (ragged M:
+the last block is a 16-row half block at M − 16 when M % 32 is 1..16, else a full one at M − 32, as
+`qdense_amx.row_blocks`; DeiT-Small's heads: 0.223 → 0.212 ms per call, `benchmarks/kernel_attention.py`,
+Sapphire Rapids, 2 threads).
 
 Each step is the unfused kernel's own arithmetic, so the result is theirs bit for bit (tested against them):
 
@@ -41,11 +44,13 @@ from .log_weights import VECTOR, _code_bias, plane_weight, softmax_code, softmax
 from .packing import ceil_to
 from .qdense_amx import (
     COLS,
+    HALF,
     K_STEP,
     ROWS,
     amx_intrin,
     load_tile_config,
     request_amx,
+    row_blocks,
     tile_macros,
 )
 
@@ -113,41 +118,47 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
         raise ValueError(f"depth {D} could overflow the int32 accumulator")
     planes, bands = attn_planes(parities, groups), weight_bands(f, groups)
     pb_count, kp, n_r, top = planes * bands, ceil_to(N, K_STEP), ceil_to(N, VECTOR), 2 ** spec["bits"] - 1
-    m_blocks, n_blocks, d_blocks, qk_steps, av_steps = -(-M // ROWS), -(-N // COLS), D // COLS, D // K_STEP, kp // K_STEP
+    n_blocks, d_blocks, qk_steps, av_steps = -(-N // COLS), D // COLS, D // K_STEP, kp // K_STEP
     check_table(f, sqrt2, groups)
     lowest = tvm.tirx.min_value("float32")
     slope = softmax_slope(parities)
     emu = (2, 16, 64) if emulate else (1,)
     emu_c = (4, 16, 16) if emulate else (1,)
 
-    zero_tiles, dot_tiles, store_tiles = tile_macros(emulate)
+    full, half = row_blocks(M)
 
-    @T.macro
-    def logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, m0):
-        """L[r, n] = the logits of rows m0 + r (`qbmm`'s vnni epilogue), key blocks of 32 (the last at N − 32)."""
-        for nb in range(n_blocks):
-            zero_tiles(tc)
-            for kt in range(qk_steps):
-                if emulate:
-                    for i, r, j in T.grid(2, 16, 64):
-                        ta[i, r, j] = q[b, m0 + 16 * i + r, kt * K_STEP + j]
-                    for i, r, j in T.grid(2, 16, 64):
-                        tbs[i, r, j] = kb[kt * 16 + r, T.min(nb * COLS, N - COLS) + 16 * i + j // 4, j % 4]
-                else:
-                    for i in T.unroll(2):
-                        T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
-                                              T.address_of(q[b, m0 + 16 * i, kt * K_STEP]), T.int64(D)))
-                    for i in T.unroll(2):
-                        T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
-                                              T.address_of(kb[kt * 16, T.min(nb * COLS, N - COLS) + 16 * i, 0]),
-                                              T.int64(N * 4)))
-                dot_tiles(ta, tbs, tc, "tdpbusd")
-            store_tiles(tc, Cq, 0)
-            for r in range(ROWS):
-                for j in T.vectorized(COLS):
-                    L[r, T.min(nb * COLS, N - COLS) + j] = T.Cast(
-                        "float32", Cq[0, r, j] + (128 - qk_zp[1]) * qsum[m0 + r] - kterm[T.min(nb * COLS, N - COLS) + j]
-                    ) * qk_scale[0]
+    def logits_of(rows: int):
+        """The macro ``logits(...)`` of a block of ``rows`` rows: L[r, n] = the logits of rows m0 + r (`qbmm`'s vnni
+        epilogue), key blocks of 32 (the last at N − 32)."""
+        zero_tiles, dot_tiles, store_tiles = tile_macros(emulate, rows)
+
+        @T.macro
+        def logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, m0):
+            for nb in range(n_blocks):
+                zero_tiles(tc)
+                for kt in range(qk_steps):
+                    if emulate:
+                        for i, r, j in T.grid(rows // 16, 16, 64):
+                            ta[i, r, j] = q[b, m0 + 16 * i + r, kt * K_STEP + j]
+                        for i, r, j in T.grid(2, 16, 64):
+                            tbs[i, r, j] = kb[kt * 16 + r, T.min(nb * COLS, N - COLS) + 16 * i + j // 4, j % 4]
+                    else:
+                        for i in T.unroll(rows // 16):
+                            T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
+                                                  T.address_of(q[b, m0 + 16 * i, kt * K_STEP]), T.int64(D)))
+                        for i in T.unroll(2):
+                            T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
+                                                  T.address_of(kb[kt * 16, T.min(nb * COLS, N - COLS) + 16 * i, 0]),
+                                                  T.int64(N * 4)))
+                    dot_tiles(ta, tbs, tc, "tdpbusd")
+                store_tiles(tc, Cq, 0)
+                for r in range(rows):
+                    for j in T.vectorized(COLS):
+                        L[r, T.min(nb * COLS, N - COLS) + j] = T.Cast(
+                            "float32", Cq[0, r, j] + (128 - qk_zp[1]) * qsum[m0 + r] - kterm[T.min(nb * COLS, N - COLS) + j]
+                        ) * qk_scale[0]
+
+        return logits
 
     @T.macro
     def softmax_codes(L, codes, part, row, r0):
@@ -210,32 +221,49 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                 wsum[slot * planes + p, r] = bsum[p]
 
     @T.macro
-    def attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, m0, slot):
-        """out rows m0.. = the band products with V combined (`attn_v_amx`), 32 columns of D at a time."""
-        for db in range(d_blocks):
-            for pb in range(pb_count):
-                zero_tiles(tc)
-                for kt in range(av_steps):
-                    if emulate:
-                        for i, r, j in T.grid(2, 16, 64):
-                            ta[i, r, j] = wb[slot * pb_count + pb, 16 * i + r, kt * K_STEP + j]
-                        for i, r, j in T.grid(2, 16, 64):
-                            tbu[i, r, j] = vp[kt * 16 + r, db * COLS + 16 * i + j // 4, j % 4]
-                    else:
-                        for i in T.unroll(2):
-                            T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
-                                                  T.address_of(wb[slot * pb_count + pb, 16 * i, kt * K_STEP]),
-                                                  T.int64(kp)))
-                        for i in T.unroll(2):
-                            T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
-                                                  T.address_of(vp[kt * 16, db * COLS + 16 * i, 0]), T.int64(D * 4)))
-                    dot_tiles(ta, tbu, tc, "tdpbuud")
-                store_tiles(tc, C, pb)
-            for r in range(ROWS):
-                for j in T.vectorized(COLS):
-                    total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0, slot * planes), b, r, j, planes,
-                                                                  parities, f))
-                    out[b, m0 + r, db * COLS + j] = T.Cast("float32", total) * v_scale[0]
+    def codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, rows, slot):
+        """The block's rows of L → codes → bands in slot ``slot`` (RB rows at a time)."""
+        for rb in range(rows // RB):
+            softmax_codes(L, codes, part, row, rb * RB)
+            for i in range(RB):
+                weights(codes, tab, wb, wsum, bsum, sad, i, rb * RB + i, slot)
+
+    def attn_v_of(rows: int):
+        """The macro ``attn_v(...)`` of a block of ``rows`` rows: out rows m0.. = the band products with V combined
+        (`attn_v_amx`), 32 columns of D at a time."""
+        zero_tiles, dot_tiles, store_tiles = tile_macros(emulate, rows)
+
+        @T.macro
+        def attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, m0, slot):
+            for db in range(d_blocks):
+                for pb in range(pb_count):
+                    zero_tiles(tc)
+                    for kt in range(av_steps):
+                        if emulate:
+                            for i, r, j in T.grid(rows // 16, 16, 64):
+                                ta[i, r, j] = wb[slot * pb_count + pb, 16 * i + r, kt * K_STEP + j]
+                            for i, r, j in T.grid(2, 16, 64):
+                                tbu[i, r, j] = vp[kt * 16 + r, db * COLS + 16 * i + j // 4, j % 4]
+                        else:
+                            for i in T.unroll(rows // 16):
+                                T.evaluate(amx_intrin("tileloadd64", T.int8(4 + i),
+                                                      T.address_of(wb[slot * pb_count + pb, 16 * i, kt * K_STEP]),
+                                                      T.int64(kp)))
+                            for i in T.unroll(2):
+                                T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i),
+                                                      T.address_of(vp[kt * 16, db * COLS + 16 * i, 0]), T.int64(D * 4)))
+                        dot_tiles(ta, tbu, tc, "tdpbuud")
+                    store_tiles(tc, C, pb)
+                for r in range(rows):
+                    for j in T.vectorized(COLS):
+                        total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0, slot * planes), b, r, j, planes,
+                                                                      parities, f))
+                        out[b, m0 + r, db * COLS + j] = T.Cast("float32", total) * v_scale[0]
+
+        return attn_v
+
+    logits, logits_half = logits_of(ROWS), logits_of(HALF)
+    attn_v, attn_v_half = attn_v_of(ROWS), attn_v_of(HALF)
 
     @T.prim_func
     def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
@@ -293,18 +321,17 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
             # software-pipelined: block mb's weights are written one block before its tile products read them
             # (two slots of bands): a tile load of bytes just stored by vector code waits for those stores
             logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, 0)
-            for rb in range(ROWS // RB):
-                softmax_codes(L, codes, part, row, rb * RB)
-                for i in range(RB):
-                    weights(codes, tab, wb, wsum, bsum, sad, i, rb * RB + i, 0)
-            for mb in range(m_blocks):
-                if mb + 1 < m_blocks:
+            codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, ROWS, 0)
+            for mb in range(full):
+                if mb + 1 < full:
                     logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, T.min((mb + 1) * ROWS, M - ROWS))
-                    for rb in range(ROWS // RB):
-                        softmax_codes(L, codes, part, row, rb * RB)
-                        for i in range(RB):
-                            weights(codes, tab, wb, wsum, bsum, sad, i, rb * RB + i, (mb + 1) % 2)
+                    codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, ROWS, (mb + 1) % 2)
+                elif half:  # the last block: 16 rows from M − 16
+                    logits_half(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, M - HALF)
+                    codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, HALF, (mb + 1) % 2)
                 attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, T.min(mb * ROWS, M - ROWS), mb % 2)
+            if half:
+                attn_v_half(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, M - HALF, full % 2)
             if not emulate:
                 T.evaluate(amx_intrin("tilerelease"))
 
