@@ -19,13 +19,13 @@ the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, s
 `ROWS_PARALLEL_M` rows (batch 8 of DeiT-Small: M = 1576) tasks run over row blocks instead and walk the column
 blocks: A (up to 2.4 MB) no longer fits L2 and every column task read it again from L3, while W (<= 0.6 MB) stays in
 L2 (DeiT-S batch 8: 56.7 -> 49.5 ms, `benchmarks/compare_artifacts.py`, Sapphire Rapids).  Either way software-
-pipelined: the tile products of block mb are issued before the epilogue of block mb - 1, which reads the other
-half of a two-block C buffer, so the out-of-order core runs the epilogue's vector work while the tiles
-multiply (fc1 with its GELU → codes epilogue, DeiT-Small 197x1536x384: 0.199 → 0.154 ms per call, the
-standalone column of `repq-tvm profile` on the artifacts compiled at cb6fc26 and e8395c2, Sapphire Rapids,
-2 threads; the whole model ~1% in an interleaved A/B, `benchmarks/compare_artifacts.py`).  Ragged M: the
-last row block starts at M - 32, recomputing rows the previous block stored and storing the same values
-again (no padding, no masks).  Shapes the blocking cannot take (`fits`: M < 32, N % 32, Kp % 64) use vnni.
+pipelined: block mb - 1's epilogue reads the other half of a two-block C buffer while block mb's tiles multiply
+(fc1 with its GELU → codes epilogue, DeiT-Small 197x1536x384: 0.199 → 0.154 ms per call, the standalone column of
+`repq-tvm profile` on the artifacts compiled at cb6fc26 and e8395c2, Sapphire Rapids, 2 threads), its rows spread
+over block mb's k steps (`products_of`; Sapphire Rapids, 2 threads, DeiT-Small: fc2 + residual 52 → 44 us, qkv
+53 → 49 us per call, fc1 + GELU unchanged).  Ragged M (`row_blocks`): the last row block starts at M - 32,
+recomputing rows the previous block stored and storing the same values again (no padding, no masks), or is a
+16-row half block at M - 16.  Shapes the blocking cannot take (`fits`: M < 32, N % 32, Kp % 64) use vnni.
 
 Linux gives a process AMX state only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``,
 else the first tile instruction is SIGILL): the kernel asks on every call (one syscall, well under a
@@ -219,34 +219,16 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                         result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), q_scale, q_zp,
                         q_top)
 
-    def products_of(rows: int):
-        """The macro ``products(A, W, ta, tb, tc, C, m0, nb, slot)``: the accumulators of the block of ``rows`` rows
-        from m0, column block nb, into C[slot]."""
-        zero, dot, store = tile_macros(emulate, rows)
-
-        @T.macro
-        def products(A, W, ta, tb, tc, C, m0, nb, slot):
-            zero(tc)
-            for kt in range(k_steps):
-                load(A, W, ta, tb, m0, nb, kt, rows // 16)
-                dot(ta, tb, tc, "tdpbusd")
-            store(tc, C, slot)
-
-        return products
-
-    products, products_half = products_of(ROWS), products_of(HALF)
-
     @T.macro
-    def finish(C, slot, comp, asum, zp_wsum, scale, bias, res, out, m0, nb, rows):
-        """The epilogue (and tail) of the block of ``rows`` rows from m0, column block nb, from C[slot]."""
+    def finish_rows(C, slot, comp, asum, zp_wsum, scale, bias, res, out, m0, nb, r_lo, r_hi):
         if qkv_codes is None:
-            for r in range(rows):
+            for r in range(r_lo, r_hi):
                 for j in T.vectorized(COLS):
                     out[m0 + r, nb * COLS + j] = tail(
                         result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), res, m0 + r,
                         nb * COLS + j)
         else:
-            for r in range(rows):  # one branch per q, k, v: its quantizer's constants, as the unfused ops
+            for r in range(r_lo, r_hi):  # one branch per q, k, v: its quantizer's constants, as the unfused ops
                 qkv_row(out[0], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 0, qkv[0][0], qkv[0][1],
                         qkv[0][2])
                 qkv_row(out[1], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 1, qkv[1][0], qkv[1][1],
@@ -254,17 +236,45 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 qkv_row(out[2], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 2, qkv[2][0], qkv[2][1],
                         qkv[2][2])
 
+    @T.macro
+    def finish(C, slot, ep, m0, nb, r_lo, r_hi):
+        """The epilogue (and tail) of rows r_lo .. r_hi - 1 of the block at rows m0.., column block nb, from C[slot];
+        ``ep`` = (comp, asum, zp_wsum, scale, bias, res, out)."""
+        finish_rows(C, slot, ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], m0, nb, r_lo, r_hi)
+
+    def products_of(rows: int):
+        """The macro ``products(A, W, ta, tb, tc, C, m0, nb, slot, ep, prev)``: the accumulators of the block of
+        ``rows`` rows from m0, column block nb, into C[slot].  ``prev`` = (slot, m0, nb, rows) of the block before
+        (or None): its epilogue (`finish`, operands ``ep``), a share of its rows after each k step's tile products,
+        so the core runs the vector work while the tiles multiply; issued all after the products, it waited behind
+        them (the reorder buffer holds a few hundred instructions, a 32 x 32 epilogue thousands)."""
+        zero, dot, store = tile_macros(emulate, rows)
+
+        @T.macro
+        def products(A, W, ta, tb, tc, C, m0, nb, slot, ep, prev):
+            zero(tc)
+            for kt in range(k_steps):
+                load(A, W, ta, tb, m0, nb, kt, rows // 16)
+                dot(ta, tb, tc, "tdpbusd")
+                if prev is not None:
+                    finish(C, prev[0], ep, prev[1], prev[2], kt * prev[3] // k_steps, (kt + 1) * prev[3] // k_steps)
+            store(tc, C, slot)
+
+        return products
+
+    products, products_half = products_of(ROWS), products_of(HALF)
+
     def row_task_of():
-        """The macro ``row_task(..., m0, rows)``: a row-block task walking the column blocks (pipelined)."""
+        """The macro ``row_task(A, W, ep, C, ta, tb, tc, m0, rows)``: a row-block task walking the column blocks,
+        each block's epilogue spread over the next one's products."""
         blocks = {ROWS: products, HALF: products_half}
 
         @T.macro
-        def row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc, m0, rows):
-            blocks[rows](A, W, ta, tb, tc, C, m0, 0, 0)
+        def row_task(A, W, ep, C, ta, tb, tc, m0, rows):
+            blocks[rows](A, W, ta, tb, tc, C, m0, 0, 0, ep, None)
             for nb in range(1, n_blocks):
-                blocks[rows](A, W, ta, tb, tc, C, m0, nb, nb % 2)
-                finish(C, (nb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, m0, nb - 1, rows)
-            finish(C, (n_blocks - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, m0, n_blocks - 1, rows)
+                blocks[rows](A, W, ta, tb, tc, C, m0, nb, nb % 2, ep, ((nb - 1) % 2, m0, nb - 1, rows))
+            finish(C, (n_blocks - 1) % 2, ep, m0, n_blocks - 1, 0, rows)
 
         return row_task
 
@@ -278,6 +288,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
             asum[m] = 0
             for k in range(Kp):
                 asum[m] = asum[m] + T.Cast("int32", A[m, k])
+        ep = T.meta_var((comp, asum, zp_wsum, scale, bias, res, out))
         if rows_parallel:  # tasks over row blocks, each walking the column blocks (W stays in L2)
             for mb in T.parallel(full + half):
                 cfg = T.alloc_buffer((64,), "uint8", scope="local")
@@ -288,12 +299,11 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 configure(cfg)
                 if half:
                     if mb < full:
-                        row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc, mb * ROWS, ROWS)
+                        row_task(A, W, ep, C, ta, tb, tc, mb * ROWS, ROWS)
                     else:
-                        row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc, M - HALF, HALF)
+                        row_task(A, W, ep, C, ta, tb, tc, M - HALF, HALF)
                 else:
-                    row_task(A, W, comp, asum, zp_wsum, scale, bias, res, out, C, ta, tb, tc,
-                             T.min(mb * ROWS, M - ROWS), ROWS)
+                    row_task(A, W, ep, C, ta, tb, tc, T.min(mb * ROWS, M - ROWS), ROWS)
                 if not emulate:
                     T.evaluate(amx_intrin("tilerelease"))
         else:  # tasks over column blocks, each walking the row blocks (its B panel stays in L1)
@@ -304,19 +314,18 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
                 tb = T.alloc_buffer(tb_shape, "int8", scope="local")
                 tc = T.alloc_buffer(tc_shape, "int32", scope="local")
                 configure(cfg)
-                # software-pipelined: block mb's tile products are issued before block mb - 1's epilogue, which
-                # reads the other half of C, so the vector units work while the tiles multiply
-                products(A, W, ta, tb, tc, C, 0, nb, 0)
+                # software-pipelined: block mb's epilogue runs during block mb + 1's tile products (`products_of`),
+                # from the other half of C
+                products(A, W, ta, tb, tc, C, 0, nb, 0, ep, None)
                 for mb in range(1, full):
-                    products(A, W, ta, tb, tc, C, T.min(mb * ROWS, M - ROWS), nb, mb % 2)
-                    finish(C, (mb - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out,
-                           T.min((mb - 1) * ROWS, M - ROWS), nb, ROWS)
+                    products(A, W, ta, tb, tc, C, T.min(mb * ROWS, M - ROWS), nb, mb % 2, ep,
+                             ((mb - 1) % 2, T.min((mb - 1) * ROWS, M - ROWS), nb, ROWS))
                 if half:
-                    products_half(A, W, ta, tb, tc, C, M - HALF, nb, full % 2)
-                    finish(C, (full - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, (full - 1) * ROWS, nb, ROWS)
-                    finish(C, full % 2, comp, asum, zp_wsum, scale, bias, res, out, M - HALF, nb, HALF)
+                    products_half(A, W, ta, tb, tc, C, M - HALF, nb, full % 2, ep,
+                                  ((full - 1) % 2, (full - 1) * ROWS, nb, ROWS))
+                    finish(C, full % 2, ep, M - HALF, nb, 0, HALF)
                 else:
-                    finish(C, (full - 1) % 2, comp, asum, zp_wsum, scale, bias, res, out, M - ROWS, nb, ROWS)
+                    finish(C, (full - 1) % 2, ep, M - ROWS, nb, 0, ROWS)
                 if not emulate:
                     T.evaluate(amx_intrin("tilerelease"))
 
