@@ -22,8 +22,7 @@ L2 (DeiT-S batch 8: 56.7 -> 49.5 ms, `benchmarks/compare_artifacts.py`, Sapphire
 pipelined: block mb - 1's epilogue reads the other half of a two-block C buffer while block mb's tiles multiply
 (fc1 with its GELU → codes epilogue, DeiT-Small 197x1536x384: 0.199 → 0.154 ms per call, the standalone column of
 `repq-tvm profile` on the artifacts compiled at cb6fc26 and e8395c2, Sapphire Rapids, 2 threads), its rows spread
-over block mb's k steps (`products_of`; Sapphire Rapids, 2 threads, DeiT-Small: fc2 + residual 52 → 44 us, qkv
-53 → 49 us per call, fc1 + GELU unchanged).  Ragged M (`row_blocks`): the last row block starts at M - 32,
+over block mb's k steps when K is deep (`SPREAD_K_STEPS`).  Ragged M (`row_blocks`): the last row block starts at M - 32,
 recomputing rows the previous block stored and storing the same values again (no padding, no masks), or is a
 16-row half block at M - 16.  Shapes the blocking cannot take (`fits`: M < 32, N % 32, Kp % 64) use vnni.
 
@@ -43,6 +42,10 @@ from tvm.script import tirx as T
 from . import epilogue
 
 ROWS, COLS, K_STEP = 32, 32, 64  # one block: 2 x 2 tiles of 16 rows x 16 int32 columns, k step of 64 bytes
+# from this many k steps a block's epilogue is spread over the next block's k steps (`qdense_amx_func`): DeiT-Small's
+# fc2 (24 steps) + residual 51 -> 44 us per call; with 6 steps (qkv, proj, fc1 + GELU) within noise or up to 5%
+# slower (`benchmarks/kernel_amx_tails.py`, Sapphire Rapids, 2 threads)
+SPREAD_K_STEPS = 12
 HALF = 16  # rows of a half block (1 x 2 tiles): the last block when M % 32 is 1..16 (`row_blocks`)
 # from this many rows (batch > 1 of a ViT) tasks run over row blocks: A ([M, K] codes, 0.6-2.4 MB for DeiT-Small
 # at batch 8) no longer fits L2 and would be streamed again by every column-block task; W (<= 0.6 MB) does
@@ -163,6 +166,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
     Kp = -(-K // 4) * 4
     n_blocks, k_steps = N // COLS, Kp // K_STEP
     full, half = row_blocks(M)
+    spread = k_steps >= SPREAD_K_STEPS
     rows_parallel = M >= ROWS_PARALLEL_M
     # emulated tile registers: 2 A tiles (16 x 64 u8), 2 B tiles (16 x 64 s8), 4 accumulators (16 x 16 s32)
     out_dtype = "float32" if gelu_codes is None and qkv_codes is None else "uint8"
@@ -245,9 +249,9 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
     def products_of(rows: int):
         """The macro ``products(A, W, ta, tb, tc, C, m0, nb, slot, ep, prev)``: the accumulators of the block of
         ``rows`` rows from m0, column block nb, into C[slot].  ``prev`` = (slot, m0, nb, rows) of the block before
-        (or None): its epilogue (`finish`, operands ``ep``), a share of its rows after each k step's tile products,
-        so the core runs the vector work while the tiles multiply; issued all after the products, it waited behind
-        them (the reorder buffer holds a few hundred instructions, a 32 x 32 epilogue thousands)."""
+        (or None): its epilogue (`finish`, operands ``ep``), after the products, or with `SPREAD_K_STEPS` k steps
+        or more a share of its rows after each k step's tile products: issued after many products, the epilogue
+        waited behind them (the reorder buffer holds a few hundred instructions, a 32 x 32 epilogue thousands)."""
         zero, dot, store = tile_macros(emulate, rows)
 
         @T.macro
@@ -256,9 +260,11 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
             for kt in range(k_steps):
                 load(A, W, ta, tb, m0, nb, kt, rows // 16)
                 dot(ta, tb, tc, "tdpbusd")
-                if prev is not None:
+                if spread and prev is not None:
                     finish(C, prev[0], ep, prev[1], prev[2], kt * prev[3] // k_steps, (kt + 1) * prev[3] // k_steps)
             store(tc, C, slot)
+            if not spread and prev is not None:
+                finish(C, prev[0], ep, prev[1], prev[2], 0, prev[3])
 
         return products
 
