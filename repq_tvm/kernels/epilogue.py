@@ -14,7 +14,9 @@ same order, so a fused kernel stores exactly the codes the unfused kernels did (
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import tvm
 
 # TVM's `fast_erf_float_expr` (topi.fast_erf, float32): erf(x) ~ x·P(x²)/Q(x²) on x clamped to [-4, 4]
@@ -65,9 +67,35 @@ def gelu(y):
     return y * (_f32(0.5) + fast_erf(y * _f32(1 / math.sqrt(2))) * _f32(0.5))
 
 
+def reciprocal_f32(scale: float) -> float:
+    """The float32 nearest 1 / float32(scale) (ties to even), from the exact rational: float64 1/s then float32
+    would round twice."""
+    s = np.float32(scale)
+    if not np.isfinite(s) or s == 0:
+        raise ValueError(f"no reciprocal of scale {scale}")
+    exact = 1 / Fraction(float(s))
+    r = np.float32(float(exact))
+    candidates = [np.nextafter(r, np.float32(-np.inf)), r, np.nextafter(r, np.float32(np.inf))]
+    return float(min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact), int(c.view(np.int32)) & 1)))
+
+
+def divide(y, scale: float):
+    """float32 ``y / scale`` for a constant ``scale``, bit for bit the division, without the divider: q = y·r with
+    r the correctly rounded reciprocal (`reciprocal_f32`), then one correction q + fma(−q, s, y)·r (Markstein's
+    theorem: with r within half an ulp of 1/s and q within an ulp of y/s, the fma residual is exact and the
+    corrected quotient is the correctly rounded y/s).  Holds for finite y whose quotient and residual stay normal
+    (|y| > 2^−100 or so; below, the two may differ in the last bit of a quotient far below any rounding step of a
+    quantizer); y = ±inf gives NaN.  Why: `vdivps` is one per ~10 cycles per vector on the CPUs here, the three
+    FMA-port operations are not: the u8 codes of a 197 x 1536 tensor took 28 → 16 us (Sapphire Rapids, 2 threads)."""
+    s, r = _f32(float(np.float32(scale))), _f32(reciprocal_f32(scale))
+    q = y * r
+    residual = tvm.tirx.call_intrin(q.ty.dtype, "tirx.fma", -q, s, y)
+    return tvm.tirx.call_intrin(q.ty.dtype, "tirx.fma", residual, r, q)
+
+
 def codes(y, scale: float, zp: int, top: int):
     """uint8 code of ``y`` under the layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
-    q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(y / _f32(scale)) + _f32(float(zp)), _f32(255.0)), _f32(0.0))
+    q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(divide(y, scale)) + _f32(float(zp)), _f32(255.0)), _f32(0.0))
     code = q.astype("uint8")
     if top < 255:
         code = tvm.tirx.min(code, tvm.tirx.const(top, "uint8"))

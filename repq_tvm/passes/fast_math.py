@@ -1,4 +1,5 @@
-"""Legalize GELU and softmax with TVM's polynomial erf / exp, so their loops vectorize.
+"""Legalize GELU and softmax with TVM's polynomial erf / exp, so their loops vectorize; quantize with a constant
+scale without the divider (`kernels.epilogue.divide`: the same float32 quotient, bit for bit).
 
 TVM's default legalization calls libm's `erff` / `expf` per element: LLVM cannot vectorize those
 calls, and GELU alone was ~8 ns per element. `topi.fast_erf` / `topi.fast_exp` are rational and
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import math
 
-from tvm import relax, te, topi
+from tvm import relax, te, tirx, topi
+from tvm.relax.transform.legalize_ops.common import _try_convert_to_scalar_const
+from tvm.relax.transform.legalize_ops.qdq import _quantize as _tvm_quantize
 
+from ..kernels.epilogue import divide
 from .load_time_weights import FoldConstantsAtRunTime
 
 
@@ -31,7 +35,28 @@ def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax")
 
 
-LEGALIZE = {"relax.nn.gelu": _gelu, "relax.nn.softmax": _softmax}
+def quantize(data: te.Tensor, scale: float, zp, out_dtype: str) -> te.Tensor:
+    """TVM's legalization of ``relax.quantize`` (``clip(round(x / s) + z)`` to the output type's range) for one
+    constant float32 scale, the division by `divide`."""
+    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
+
+    def compute(*i):
+        q = te.round(divide(data[i], scale)) + zp
+        return te.max(te.min(q, hi), lo).astype(out_dtype)
+
+    return te.compute(data.shape, compute, name="quantized")
+
+
+def _quantize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    scale, zp = (_try_convert_to_scalar_const(a) for a in call.args[1:])
+    out_dtype = call.attrs.out_dtype
+    if (isinstance(scale, tirx.FloatImm) and str(scale.ty.dtype) == "float32" and str(call.args[0].ty.dtype) == "float32"
+            and "int" in out_dtype and isinstance(zp, tirx.IntImm | tirx.FloatImm)):
+        return bb.call_te(quantize, call.args[0], float(scale.value), zp, out_dtype, primfunc_name_hint="quantize")
+    return _tvm_quantize(bb, call)
+
+
+LEGALIZE = {"relax.nn.gelu": _gelu, "relax.nn.softmax": _softmax, "relax.quantize": _quantize}
 
 
 def legalize_passes() -> list:
