@@ -139,3 +139,30 @@ def test_qkv_codes_are_the_split_and_quantized_output(mode):
         f(tvm.runtime.tensor(np.ascontiguousarray(split[i]).ravel()), expected)
         np.testing.assert_array_equal(out[i].ravel(), expected.numpy())
     assert len(np.unique(out[0])) > 100 and out[2].max() <= 15
+
+
+def test_fast_macro_lookup_parses_the_same_kernel(monkeypatch):
+    """`kernels.macro_lookup` (TVMScript's parser found by a frame walk, not `inspect.getouterframes`) gives the
+    same PrimFunc as TVM's own lookup, on a kernel of nested macros (a GELU-codes tail over a half block)."""
+    import inspect
+
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    from repq_tvm.kernels import macro_lookup
+
+    fast = qdense_amx.qdense_amx_func(50, 64, 128, gelu_codes=(0.05, 3, 255))
+    assert ScriptMacro._find_parser_def is macro_lookup._find_parser_def
+    looked_up = []
+
+    def tvm_lookup(self):  # TVM's own (tvm.script.parser.core.parser.ScriptMacro._find_parser_def)
+        for info in inspect.getouterframes(inspect.currentframe()):
+            parser = info.frame.f_globals.get(ScriptMacro.parser_object_name)
+            if parser is not None:
+                looked_up.append(parser)
+                return parser
+        raise RuntimeError("no parser")
+
+    monkeypatch.setattr(ScriptMacro, "_find_parser_def", tvm_lookup)
+    slow = qdense_amx.qdense_amx_func(50, 64, 128, gelu_codes=(0.05, 3, 255))
+    assert len(looked_up) >= 10  # the kernel did expand its macros through the lookup
+    tvm.ir.assert_structural_equal(fast, slow)

@@ -70,6 +70,7 @@ from ..reference.ops import (
 )
 from ..relax_util import scheduled_kernel
 from ..targets import target_has
+from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 from .intrinsics_arm import register_intrinsics as register_arm_intrinsics
 from .intrinsics_arm import udot_intrin
 from .intrinsics_x86 import i16_intrin, ref_name, register_intrinsics, vnni_i16_intrin

@@ -30,6 +30,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..reference.ops import attn_planes
+from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 from .attn_v import HI_SHIFT, _acc_total, _check_args, padded_tokens, weight_bands
 from .packing import ceil_to
 from .qdense_amx import (

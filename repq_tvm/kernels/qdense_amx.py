@@ -39,7 +39,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from . import epilogue
+from . import (
+    epilogue,
+    macro_lookup,  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
+)
 
 ROWS, COLS, K_STEP = 32, 32, 64  # one block: 2 x 2 tiles of 16 rows x 16 int32 columns, k step of 64 bytes
 # from this many k steps a block's epilogue is spread over the next block's k steps (`qdense_amx_func`): DeiT-Small's
