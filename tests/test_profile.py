@@ -71,3 +71,12 @@ def test_kernel_family():
     assert profile.kernel_family("repq_attn_v_fallback_4x65x65x32_p2g1_v4_f14", "sdot") is None
     assert profile.kernel_family("repq_qdense_fallback_65x384x128_a4w4", "sdot") is None
     assert profile.kernel_family("fused_layer_norm", "vnni") is None
+
+
+def test_best_peak_keeps_the_faster_round_of_each_rate():
+    slow = {"family": "avx2_i16", "gmacs_1t": 60.0, "gmacs_all": 72.0, "gops_all": 144.0, "threads": 2}
+    fast = {"family": "avx2_i16", "gmacs_1t": 55.0, "gmacs_all": 150.0, "gops_all": 300.0, "threads": 2}
+    merged = profile.best_peak(profile.best_peak(None, slow), fast)
+    assert merged == {"family": "avx2_i16", "gmacs_1t": 60.0, "gmacs_all": 150.0, "gops_all": 300.0, "threads": 2}
+    skipped = {"family": "vnni", "skipped": "this CPU lacks AVX-512 VNNI (avx512_vnni)"}
+    assert profile.best_peak(profile.best_peak(None, skipped), skipped) == skipped

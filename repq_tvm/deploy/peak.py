@@ -382,9 +382,3 @@ def measure(families=DEFAULT_FAMILIES, *, threads: int | None = None, seconds: f
     return {"cpu": cpu_name(), "threads": threads,
             "families": {n: measure_family(n, threads=threads, seconds=seconds, repeat=repeat, flags=flags)
                          for n in families}}
-
-
-@functools.lru_cache(maxsize=None)
-def cached_family(name: str, threads: int) -> dict:
-    """`measure_family` once per process (the profiler asks for the same family many times)."""
-    return measure_family(name, threads=threads)

@@ -16,7 +16,8 @@ rounds, so all three sample the same moments of a shared machine, and keeps medi
 
 Integer kernels (`repq_qdense`, `repq_qbmm`, `repq_attn_v`) also get their multiply-accumulates from
 their argument shapes (`kernel_macs`), the rate they reach, and that rate as a share of this CPU's peak
-measured in the same process on the same TVM thread pool (`peak`) for the instruction family they use
+measured in the same process on the same TVM thread pool (`peak`), in every round, best round kept
+(`best_peak`), for the instruction family they use
 (`kernel_family`): the kernel's own (its name carries the variant: ``vnni`` -> vpdpbusd, ``avx2_u8s8`` ->
 vpmaddubsw + vpmaddwd, ``avx2_i16`` -> vpmaddwd, ``vnni_i16`` -> vpdpwssd), and the int8 family of the artifact's target (manifest
 ``int8_dot``: vnni or avx2).
@@ -226,6 +227,15 @@ def _rows(ms: dict, alone: dict, count: dict, macs: dict, label: str, family_of,
     return rows
 
 
+def best_peak(a: dict | None, b: dict) -> dict:
+    """Two `peak.measure_family` results merged: the higher rate of each key.  Why: on a VM whose two vCPUs
+    share a physical core part of the time (seen on a Zen 3 guest: the 2-thread int16 peak measured 72 to 156
+    GMAC/s from one minute to the next), one measurement can sit in a slow moment and put kernels above 100%."""
+    if a is None or "skipped" in a:
+        return b
+    return {**a, **{k: max(a[k], b[k]) for k in a if k.startswith(("gmacs_", "gops_")) and k in b}}
+
+
 def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, peaks: bool = True,
                      between=None, in_model_runs: int = 2) -> dict:
     """Every kernel call of a run, timed in the model and standalone (see the module doc), summed per kernel.
@@ -249,6 +259,11 @@ def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, pe
     x = _input(runner)
     alone: list[list[float]] = [[] for _ in calls]
     inside: list[list[float]] = [[] for _ in calls]
+    int8_dot = runner.manifest.get("target", {}).get("int8_dot")
+    target_family = peak_mod.TARGET_FAMILY.get(int8_dot or "")
+    threads = peak_mod.num_threads()
+    wanted = sorted(f for f in {kernel_family(s, int8_dot) for s in symbols} | {target_family} if f) if peaks else []
+    measured: dict[str, dict] = {}
     for _ in range(repeat):  # rounds: a burst of other work on the machine hits one round, not a kernel
         if between is not None:
             between()
@@ -257,6 +272,8 @@ def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, pe
                 times.append(t)
         for (symbol, args), times in zip(calls, alone):
             times.append(timers[symbol](*args))
+        for f in wanted:  # the peaks too, every round: the best round is the closest to the hardware's ceiling
+            measured[f] = best_peak(measured.get(f), peak_mod.measure_family(f, threads=threads))
     ms, ms_alone, count, macs = defaultdict(float), defaultdict(float), defaultdict(int), defaultdict(int)
     for (symbol, args), t_in, t_alone in zip(calls, inside, alone):
         ms[symbol] += float(np.median(t_in)) * 1e3
@@ -265,11 +282,6 @@ def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, pe
         n = kernel_macs(symbol, [_shape(a) for a in args if hasattr(a, "shape")])
         if n is not None:
             macs[symbol] += n
-    int8_dot = runner.manifest.get("target", {}).get("int8_dot")
-    target_family = peak_mod.TARGET_FAMILY.get(int8_dot or "")
-    threads = peak_mod.num_threads()
-    wanted = {kernel_family(s, int8_dot) for s in macs} | {target_family}
-    measured = {f: peak_mod.cached_family(f, threads) for f in sorted(f for f in wanted if f)} if peaks else {}
     groups = (defaultdict(float), defaultdict(float), defaultdict(int), defaultdict(int))
     for symbol in ms:
         g = kernel_group(symbol)
