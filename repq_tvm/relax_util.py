@@ -52,6 +52,15 @@ def code_bits(codes) -> int:
     return max(1, min(255, max(0, hi)).bit_length())
 
 
+def int_list(expr) -> list[int] | None:
+    """The ints of a constant tuple or shape argument (strided_slice's axes, begin, end), else None."""
+    if isinstance(expr, relax.Tuple):
+        return [int(f.value) for f in expr.fields]
+    if isinstance(expr, relax.ShapeExpr):
+        return [int(v) for v in expr.values]
+    return None
+
+
 def static_shape(expr) -> list[int] | None:
     """The shape of a tensor expression as ints, or None when it is not fully static."""
     shape = getattr(expr.ty, "shape", None)

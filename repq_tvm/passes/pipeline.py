@@ -10,6 +10,7 @@
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
                          qkv_codes_epilogue qkv → split → quantize ×3 → AMX qdense storing the q/k/v codes
                          fused_attention   q@kᵀ → log√2 weights → attn @ V kernels → one AMX attention kernel
+                         qkv_head_split    qkv → heads → q, k, v       → q, k, v → heads (one fused kernel each)
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
        load time       weight unpacking moved out of `main` into a function run once at load
                        (`load_time_weights`: 4-bit weights stay nibbles in the library)
@@ -39,6 +40,7 @@ from .log2_attention import LowerLog2Attention
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
 from .qkv_codes_epilogue import FuseQKVCodesEpilogue
+from .qkv_head_split import SplitQKVHeads
 from .quantized_qk import LowerQuantizedQK
 from .residual_epilogue import FuseResidualEpilogue
 
@@ -52,6 +54,7 @@ INTEGER_PASSES = (
     ("log2-attention", LowerLog2Attention, "log2_attention"),
     ("qkv-codes-epilogue", FuseQKVCodesEpilogue, "fused_qkv_codes"),  # after q@kᵀ took k without its transpose
     ("fused-attention", FuseAttention, "fused_attention"),  # the three attention kernels of the passes above
+    ("qkv-head-split", SplitQKVHeads, "split_qkv_thirds"),  # where qkv-codes-epilogue did not apply
 )
 
 

@@ -22,16 +22,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import code_bits, is_op, rewrite_functions, scalar_const, static_shape
+from ..relax_util import code_bits, int_list, is_op, rewrite_functions, scalar_const, static_shape
 from .qdense_tail import FusedKernels, plain_qdense_spec
-
-
-def _ints(expr) -> list[int] | None:
-    if isinstance(expr, relax.Tuple):
-        return [int(f.value) for f in expr.fields]
-    if isinstance(expr, relax.ShapeExpr):
-        return [int(v) for v in expr.values]
-    return None
 
 
 def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
@@ -72,12 +64,12 @@ def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
         roots, codes, chain = [None] * 3, [None] * 3, [perm]
         for s in slices:
             sl = bound.get(s) if s is not None else None
-            if sl is None or not is_op(sl, "relax.strided_slice") or _ints(sl.args[1]) != [0]:
+            if sl is None or not is_op(sl, "relax.strided_slice") or int_list(sl.args[1]) != [0]:
                 break
-            i = (_ints(sl.args[2]) or [None])[0]
+            i = (int_list(sl.args[2]) or [None])[0]
             sq = only_user(s, "relax.squeeze")
             qz = only_user(sq, "relax.quantize") if sq is not None else None
-            if i not in (0, 1, 2) or _ints(sl.args[3]) != [i + 1] or qz is None or roots[i] is not None:
+            if i not in (0, 1, 2) or int_list(sl.args[3]) != [i + 1] or qz is None or roots[i] is not None:
                 break
             scale, zp = scalar_const(bound[qz].args[1]), scalar_const(bound[qz].args[2])
             if scale is None or zp is None or str(bound[qz].attrs.out_dtype) != "uint8":
