@@ -161,6 +161,25 @@ def test_sampled_log_weights_candidates_match_their_definition(case):
     assert_sampled_candidates_match(spaces.spec_of(func), case[3], seeds=2, stride=1)
 
 
+def test_gelu_codes_kernels_of_every_layer_share_one_task_and_its_trace():
+    """fc1 → GELU → codes kernels differ only in their quantizer: one task, whose traced schedule applies to each
+    layer's kernel (the same loops, that layer's constants); the plain kernel of the shape is another task."""
+    from tvm.s_tir import Schedule
+
+    def spec(codes):
+        sch, *_ = qd.schedule_qdense(65, 96, 128, qd.X86_AVX2_TARGET, bits_a=8, bits_w=8, variant="avx2_i16",
+                                     epilogue=True, gelu_codes=codes)
+        return spaces.spec_of(sch.mod["main"])
+
+    a, b, plain = spec((0.021, 3, 255)), spec((0.034, 7, 255)), spec(None)
+    keys = [tasks.group_key(tvm.IRModule({"main": spaces.definition(s)})) for s in (a, b, plain)]
+    assert keys[0] == keys[1] != keys[2]
+    traced = spaces.design_spaces(Schedule(spaces.definition(a)))[0]
+    other = Schedule(spaces.definition(b))
+    traced.trace.apply_to_schedule(other, remove_postproc=False)
+    assert spaces.spec_of(other.mod["main"]) == b and other.trace.insts[-1].kind.name == traced.trace.insts[-1].kind.name
+
+
 def test_log_weights_of_every_layer_share_one_task_on_the_emitted_schedule():
     func, name = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET)
     other_scale, _ = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET, scale=0.02)

@@ -68,8 +68,12 @@ def exact(spec: dict) -> bool:
 
 
 def schedule_key(spec: dict) -> dict:
-    """The spec less what no schedule depends on: kernels with equal keys share a task and its schedule."""
-    return {k: v for k, v in spec.items() if k not in _kind(spec).free}
+    """The spec less what no schedule depends on: kernels with equal keys share a task and its schedule.
+    A kind's ``free`` entries are dropped; its ``constants`` (entries that only set constants of the compute,
+    such as a fused quantizer's scale) are kept as present, whatever their value."""
+    kind = _kind(spec)
+    return {k: ("constants" if k in getattr(kind, "constants", ()) else v) for k, v in spec.items()
+            if k not in kind.free}
 
 
 def design_spaces(sch: Schedule) -> list[Schedule]:
@@ -91,9 +95,10 @@ def _sampled_rows(sch: Schedule, rows: list[int], apply) -> Schedule:
 
 
 class _QDense:
-    """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth."""
+    """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth.  The twelve
+    fc1 → GELU → codes kernels of a ViT differ only in their quantizer: one task, one schedule."""
 
-    exact, free = True, ()
+    exact, free, constants = True, (), ("gelu_codes",)
 
     @staticmethod
     def definition(spec: dict) -> tvm.tirx.PrimFunc:
