@@ -1,15 +1,15 @@
-"""The fused AMX attention kernel (`kernels.attention_amx`) vs the three kernels it replaces and torch fp32.
+"""The log√2 attention of one head batch: the fused AMX kernel (`kernels.attention_amx`), the three kernels it
+replaces, each alone, and torch fp32.
 
-Why: the whole log√2 attention of a head is one kernel on AMX CPUs; `repq-tvm profile` shows its share of the
-model, this shows the kernel alone on its real shapes, side by side with what it replaces: `qbmm` q @ kᵀ, the
-fused softmax → weights of `log_weights`, `attn_v` (the host's variants, as the compiler picks them), and torch's
-``softmax(q kᵀ) V`` in fp32.  Interleaved round by round in one process (the machine is shared), the same thread
-count for TVM and torch; the fused output is checked bit for bit against the three kernels before timing.
+Why: `repq-tvm profile` shows the attention's share of the model; this shows its kernels alone on their real
+shapes, side by side: `qbmm` q @ kᵀ, the fused softmax → weights of `log_weights`, `attn_v` (the variants the
+compiler picks for this CPU's `host` preset), the three in a row, the fused AMX kernel where the CPU has AMX-INT8
+(its emulation is tested on every CPU), and torch's ``softmax(q kᵀ) V`` in fp32.  Interleaved round by round in
+one process (the machine is shared), the same thread count for TVM and torch; the fused output is checked bit
+for bit against the three kernels before timing.
 
     python benchmarks/kernel_attention.py --threads 2
     python benchmarks/kernel_attention.py --threads 2 --shapes 6x197x197x64 48x197x197x64 --bits 8
-
-Needs a CPU with AMX-INT8 (the fused kernel runs only there; its emulation is tested on every CPU).
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ def main() -> None:
     from repq_tvm.kernels.qbmm import qbmm_primfunc
     from repq_tvm.reference import ops
 
-    if not {"amx_tile", "amx_int8"} <= targets.host_flags():
-        sys.exit("kernel_attention: error: this CPU lacks amx_int8 (the fused attention kernel runs only there)")
+    has_amx = {"amx_tile", "amx_int8"} <= targets.host_flags()
     torch.set_num_threads(args.threads)
-    amx, host = targets.tvm_target("x86_64-amx", args.threads), targets.tvm_target("x86_64-avx512-vnni", args.threads)
+    amx = targets.tvm_target("x86_64-amx", args.threads) if has_amx else None
+    # the unfused kernels as the compiler builds them for this CPU (on AMX CPUs: the VNNI ones, as before fusion)
+    host = targets.tvm_target("x86_64-avx512-vnni" if has_amx else "host", args.threads)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     rng = np.random.default_rng(0)
 
@@ -62,12 +63,11 @@ def main() -> None:
             fn()
         return (time.perf_counter() - t0) / number
 
-    print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(amx)}, {args.bits}-bit codes, "
-          f"{args.rounds} interleaved rounds, ms per call (median / min)")
-    print(f"{'Bt x M x N x D':>16s}{'fused amx':>18s}{'3 kernels':>18s}{'torch fp32':>18s}{'3k/fused':>10s}"
-          f"{'torch/fused':>12s}")
+    print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(amx or host)}, "
+          f"{args.bits}-bit codes, {args.rounds} interleaved rounds, ms per call (median / min)")
+
     def kernels(bt, m, n, d):
-        """The three callables timed for one shape (fused, the three kernels, torch), the fused one checked."""
+        """The callables timed for one shape, by column name (the fused one checked against the three first)."""
         f = ops.attn_frac_bits(n, args.bits)
         groups = ops.attn_groups(args.bits, f, True)
         q, k = rng.integers(0, 256, (bt, m, d)).astype(np.uint8), rng.integers(0, 256, (bt, n, d)).astype(np.uint8)
@@ -77,7 +77,7 @@ def main() -> None:
         s_attn = 0.0073
         spec = A.attention_spec(bt, m, n, d, scale=s_attn, bits=args.bits, sqrt2=True, f=f, groups=groups,
                                 v_bits=args.bits)
-        fused_fn = build(A.attention_amx_func(spec), amx)
+        fused_fn = build(A.attention_amx_func(spec), amx) if has_amx else None
         qk_fn = build(qbmm_primfunc(bt, m, n, d, host)[0], host)
         lw_fn = build(log_weights_primfunc((bt, m, n), s_attn, args.bits, True, f, groups, host, softmax=True)[0], host)
         av_fn = build(attn_v_primfunc(bt, m, n, d, host, parities=2, groups=groups, f=f, v_bits=args.bits)[0], host)
@@ -86,21 +86,24 @@ def main() -> None:
                                        np.zeros((bt, ops.attn_planes(2, groups), m, padded_tokens(n)), np.int16),
                                        np.empty((bt, m, d), np.float32), np.empty((bt, m, d), np.float32))
 
-        def fused():
-            fused_fn(*qk_args, *av_args, out)
-
         def three():
             qk_fn(*qk_args, logits)
             lw_fn(logits, w)
             av_fn(w, *av_args, out3)
 
         tq, tk, tv = (torch.randn(bt, x, d) for x in (m, n, n))
-        fused(), three()
-        if not np.array_equal(out.numpy(), out3.numpy()):
-            sys.exit(f"kernel_attention: error: the fused kernel differs from the three kernels at {bt}x{m}x{n}x{d}")
-        return {"fused": fused, "three": three,
-                "torch": lambda: torch.softmax(tq @ tk.transpose(1, 2) * d ** -0.5, dim=-1) @ tv}
+        three()
+        runs = {"q@kT": lambda: qk_fn(*qk_args, logits), "weights": lambda: lw_fn(logits, w),
+                "attn@V": lambda: av_fn(w, *av_args, out3), "3 kernels": three}
+        if has_amx:
+            fused_fn(*qk_args, *av_args, out)
+            if not np.array_equal(out.numpy(), out3.numpy()):
+                sys.exit(f"kernel_attention: error: the fused kernel differs from the three kernels at {bt}x{m}x{n}x{d}")
+            runs["fused amx"] = lambda: fused_fn(*qk_args, *av_args, out)
+        runs["torch fp32"] = lambda: torch.softmax(tq @ tk.transpose(1, 2) * d ** -0.5, dim=-1) @ tv
+        return runs
 
+    header_done = False
     for bt, m, n, d in shapes:
         runs = kernels(bt, m, n, d)
         number = {name: max(1, int(0.05 / max(timed(fn, 3), 1e-6))) for name, fn in runs.items()}
@@ -109,8 +112,14 @@ def main() -> None:
             for name, fn in runs.items():
                 times[name].append(timed(fn, number[name]) * 1e3)
         med = {name: float(np.median(t)) for name, t in times.items()}
+        if not header_done:
+            print(f"{'Bt x M x N x D':>16s}" + "".join(f"{x:>17s}" for x in runs)
+                  + ("  3 kernels / fused" if "fused amx" in runs else ""))
+            header_done = True
         cells = "".join(f"{med[x]:9.3f} /{min(times[x]):6.3f}" for x in runs)
-        print(f"{f'{bt}x{m}x{n}x{d}':>16s}{cells}{med['three'] / med['fused']:10.2f}{med['torch'] / med['fused']:12.2f}")
+        ratio = f"{med['3 kernels'] / med['fused amx']:19.2f}" if "fused amx" in runs else ""
+        print(f"{f'{bt}x{m}x{n}x{d}':>16s}{cells}{ratio}")
+
 
 if __name__ == "__main__":
     main()

@@ -101,6 +101,8 @@ def cpu_info() -> dict:
                                                "amx_int8", "amx_bf16")})
     if info.get("vendor") == "AuthenticAMD" and info.get("family") == "25" and info.get("model") in {"17", "160"}:
         info["microarchitecture"] = "Zen 4"  # family 19h model 11h Genoa / a0h Bergamo
+    elif info.get("vendor") == "AuthenticAMD" and info.get("family") == "25" and info.get("model") in {"0", "1"}:
+        info["microarchitecture"] = "Zen 3"  # family 19h model 0-1h Milan
     elif info.get("vendor") == "AuthenticAMD" and info.get("family") == "25":
         info["microarchitecture"] = "Zen 3 / Zen 4 (family 19h)"
     elif info.get("vendor") == "GenuineIntel" and "amx_int8" in flags:  # VMs may report another model number
