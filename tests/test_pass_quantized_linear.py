@@ -103,17 +103,17 @@ def _weights(n=24, k=40, seed=0):
 
 
 def _expected_linear(x_shape, w_codes, s_w, z_w, bias, extra_use=False):
-    """What the pass must produce: the codes, reshaped to [M, K], one `qdense_call`, the result reshaped back."""
+    """What the pass must produce: the codes, one `qdense_call` (which flattens them to [M, K]), the result reshaped
+    back."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
-    k, n = x_shape[-1], w_codes.shape[0]
+    n = w_codes.shape[0]
     with bb.function("main", [x]):
         with bb.dataflow():
             q = _codes(bb, x)
-            a2 = bb.emit(relax.op.reshape(q, [int(np.prod(x_shape[:-1])), k]))
             w = w_codes.astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
             s_a = float(np.float32(S_A))  # the scale as the graph holds it
-            out = qdense_call(bb, a2, w, s_w, s_a, Z_A, 4, None if extra_use else bias, TARGET, {})
+            out = qdense_call(bb, q, w, s_w, s_a, Z_A, 4, None if extra_use else bias, TARGET, {})
             out = relax.op.reshape(out, [*x_shape[:-1], n])
             if extra_use:  # the bias stays a float add on the kernel's result, which the other use reads too
                 y = bb.emit(out)

@@ -42,14 +42,17 @@ def weight_bits(w: np.ndarray) -> int:
 
 def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.ndarray, s_a: float, z_a: int,
                 bits_a: int, bias: np.ndarray | None, target, kernels: dict) -> relax.Expr:
-    """Emit the scheduled kernel for codes q [M, K] and centred weights w [N, K]; returns float32 [M, N].
+    """Emit the scheduled kernel for codes q [..., K] (M rows in all) and centred weights w [N, K]; returns float32
+    [M, N].  An int16 or int8 kernel's centring of the codes comes before q is flattened to [M, K]: so it fuses
+    into q's producer (LayerNorm → quantize writes the int16 codes itself; across a reshape TVM's fusion stops).
 
     `kernels` caches one PrimFunc per (shape, bit widths): layers of the same shape share their kernel.
     """
     from ..kernels import packing
     from ..kernels.qdense import choose_variant, schedule_qdense
 
-    m, k = _shape(q)
+    q_shape = _shape(q)
+    m, k = int(np.prod(q_shape[:-1])), q_shape[-1]
     n = w.shape[0]
     bits_w = weight_bits(w)
     v = choose_variant(target, bits_a, bits_w, (m, n, k))
@@ -66,7 +69,6 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
     shift = v.a_shift(bits_a)
     zp_wsum, scale, bias = packing.epilogue_params(w, s_w.reshape(-1), s_a, zp, bias, a_shift=shift)
     offset = packing.weight_offset(w) if compensate else np.zeros(n, np.int32)
-    weights = [_weight_operand(bb, w - offset[:, None], v, kernels), *([relax.const(offset)] if compensate else [])]
     kp = packing.ceil_to(k, v.kpack)
     a = q
     if v.a_dtype == "int16":
@@ -75,8 +77,12 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
         if shift:
             a = bb.emit(relax.op.subtract(relax.op.astype(q, "int16"), relax.const(shift, "int16")))
         a = bb.emit(relax.op.astype(a, "int8"))
+    if len(q_shape) != 2:
+        a = bb.emit(relax.op.reshape(a, [m, k]))
     if kp != k:  # zero columns meet zero weight rows: they add nothing (and nothing to the row sums)
         a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, kp - k]))
+    # after the activation: the bindings in argument order, as a `tvm.relax.dpl` rewrite normalizes them
+    weights = [_weight_operand(bb, w - offset[:, None], v, kernels), *([relax.const(offset)] if compensate else [])]
     return bb.emit(relax.call_tir(gv, [a, *weights, relax.const(zp_wsum), relax.const(scale),
                                        relax.const(bias)], relax.TensorType((m, n), "float32")))
 
@@ -131,13 +137,12 @@ def _bias(add, parts):
 
 
 def _emit(bb, target, kernels, q, w_codes, s_w, z_w, s_a, z_a, q_value, bias):
-    """The kernel call replacing one linear: codes flattened to [M, K], `qdense_call`, result back in shape."""
+    """The kernel call replacing one linear: `qdense_call` on the codes (flattened to [M, K] there), result back
+    in shape."""
     w = w_codes.astype(np.int32) - z_w.reshape(-1, 1).astype(np.int32)
     in_shape = _shape(q)
-    k, n = in_shape[-1], w.shape[0]
-    m = int(np.prod(in_shape[:-1]))
-    a2 = bb.emit(relax.op.reshape(q, [m, k]))
-    out = qdense_call(bb, a2, w, s_w, s_a, z_a, code_bits(q_value), bias, target, kernels)
+    n = w.shape[0]
+    out = qdense_call(bb, q, w, s_w, s_a, z_a, code_bits(q_value), bias, target, kernels)
     return relax.op.reshape(out, [*in_shape[:-1], n])
 
 
