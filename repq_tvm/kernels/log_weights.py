@@ -83,9 +83,9 @@ def _code_bias(total, m: int, scale: float):
             ).astype("float32")
 
 
-def _code(x, i, m: int, offset: int, thresholds: list[int], top: int):
-    """int32 log code of x[i] (−1 where the quantizer outputs 0: zero, negative, subnormal or past 2^b − 1)."""
-    b = tvm.tirx.reinterpret("int32", x[i])
+def _code(p, m: int, offset: int, thresholds: list[int], top: int):
+    """int32 log code of probability p (−1 where the quantizer outputs 0: zero, negative, subnormal or past 2^b − 1)."""
+    b = tvm.tirx.reinterpret("int32", p)
     mant = b & 0x7FFFFF
     raw = -m * ((b >> 23) - 127) + offset
     for t in thresholds:
@@ -144,22 +144,25 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
         n_r = -(-n // lanes) * lanes
         k1, k2 = te.reduce_axis((0, n_r), name="k1"), te.reduce_axis((0, n_r), name="k2")
         lowest = tvm.tirx.min_value("float32")
-        mx = te.compute((bt, rows), lambda b, r: te.max(
-            tvm.tirx.Select(k1 < n, x[b, r, tvm.tirx.min(k1, n - 1)], lowest), axis=k1), name="max")
+        # the row padded to whole vectors, read once: if_then_else (not Select, whose both sides are evaluated) so
+        # the padded lanes load nothing past the row; LLVM had read up to 15 floats past the logits' last row
+        xr = te.compute((bt, rows, n_r), lambda b, r, k: tvm.tirx.if_then_else(k < n, x[b, r, k], lowest),
+                        name="xrow")
+        mx = te.compute((bt, rows), lambda b, r: te.max(xr[b, r, k1], axis=k1), name="max")
         total = te.compute((bt, rows), lambda b, r: te.sum(tvm.tirx.Select(
-            k2 < n, epilogue.fast_exp(x[b, r, tvm.tirx.min(k2, n - 1)] - mx[b, r]), tvm.tirx.const(0, "float32")),
-            axis=k2), name="sum")
+            k2 < n, epilogue.fast_exp(xr[b, r, k2] - mx[b, r]), tvm.tirx.const(0, "float32")), axis=k2), name="sum")
         bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, spec["scale"]), name="bias")
         slope = softmax_slope(m)
 
         def code(b, r, t):
-            return softmax_code(mx[b, r], x[b, r, tvm.tirx.min(t, n - 1)], bias[b, r], slope, top)
+            return softmax_code(mx[b, r], xr[b, r, t], bias[b, r], slope, top)
 
         codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(t < n, code(b, r, t), -1), name="codes")
     else:
         offset, thresholds = code_thresholds(spec["scale"], sqrt2)
         codes = te.compute((bt, rows, n_p), lambda b, r, t: tvm.tirx.Select(
-            t < n, _code(x, (b, r, tvm.tirx.min(t, n - 1)), m, offset, thresholds, top), -1), name="codes")
+            t < n, _code(tvm.tirx.if_then_else(t < n, x[b, r, t], tvm.tirx.const(0, "float32")), m, offset, thresholds,
+                         top), -1), name="codes")
 
     def weight(b, plane, r, t):
         return plane_weight(codes[b, r, t], plane, sqrt2, f, groups)
@@ -198,8 +201,9 @@ def apply_schedule(sch: Schedule, spec: dict, rows=1, vector: int | None = None,
             _, lane = sch.split(red, [None, lanes])
             partial[name] = sch.rfactor(lane, 2)
         for blk_s in (sch.get_sblock("bias"), sch.get_sblock("sum"), partial["sum"], sch.get_sblock("max"),
-                      partial["max"]):  # consumers first
+                      partial["max"], sch.get_sblock("xrow")):  # consumers first
             sch.compute_at(blk_s, anchor, preserve_unit_loops=True)
+        _vectorize(sch, sch.get_loops(sch.get_sblock("xrow"))[-1], lanes)
         for blk_s in (partial["max"], partial["sum"]):
             loops = [lp for lp in sch.get_loops(blk_s)[depth:] if int(sch.get(lp).extent) > 1]
             if len(loops) == 2:
