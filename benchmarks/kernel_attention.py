@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
+
+from interleaved import interleaved, timed
 
 SHAPES = [(6, 197, 197, 64)]  # DeiT-Small's heads at batch 1 (Bt = batch·heads, M = N = tokens, D = head dim)
 
@@ -56,12 +57,6 @@ def main() -> None:
 
     def tensors(*arrays):
         return [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-
-    def timed(fn, number):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - t0) / number
 
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(amx or host)}, "
           f"{args.bits}-bit codes, {args.rounds} interleaved rounds, ms per call (median / min)")
@@ -107,10 +102,7 @@ def main() -> None:
     for bt, m, n, d in shapes:
         runs = kernels(bt, m, n, d)
         number = {name: max(1, int(0.05 / max(timed(fn, 3), 1e-6))) for name, fn in runs.items()}
-        times = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, fn in runs.items():
-                times[name].append(timed(fn, number[name]) * 1e3)
+        times = {name: [t * 1e3 for t in ts] for name, ts in interleaved(runs, args.rounds, number, warmup=False).items()}
         med = {name: float(np.median(t)) for name, t in times.items()}
         if not header_done:
             print(f"{'Bt x M x N x D':>16s}" + "".join(f"{x:>17s}" for x in runs)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+
+from interleaved import interleaved
 
 SHAPES = [(6, 197, 197, 64), (4, 65, 65, 32)]  # DeiT-Small heads (batch 1), ViT fixture heads
 
@@ -40,12 +41,6 @@ def main() -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     target = targets.tvm_target("host", args.threads)  # what `compile` uses
     rng = np.random.default_rng(0)
-
-    def timed(fn, number):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - t0) / number
 
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, {args.bits}-bit codes, "
           f"{args.rounds} interleaved rounds, ms per call (median / min)")
@@ -78,10 +73,7 @@ def main() -> None:
         a, b = torch.rand(bt, m, n), torch.randn(bt, n, d)
         runs.append(lambda: torch.matmul(a, b))
         number = max(1, int(2e7 / (bt * m * n * d)))  # ~1 ms per measurement
-        times = [[] for _ in runs]
-        for _ in range(args.rounds):
-            for i, fn in enumerate(runs):
-                times[i].append(timed(fn, number))
+        times = list(interleaved(dict(enumerate(runs)), args.rounds, number, warmup=False).values())
         med = [float(np.median(t)) * 1e3 for t in times]
         low = [float(np.min(t)) * 1e3 for t in times]
         row = f"{f'{bt}x{m}x{n}x{d}':>18s}{kern.variant:>10s}" + "".join(f"{md:10.3f} /{lo:6.3f}" for md, lo in zip(med, low))

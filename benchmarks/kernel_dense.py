@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+
+from interleaved import interleaved
 
 # ViT linear layers: (tokens, out features, in features)
 SHAPES = [
@@ -56,13 +57,6 @@ def main() -> None:
         kernels.insert(0, ("amx", amx, 8, 8))
     rng = np.random.default_rng(0)
 
-    def timed(fn, number):
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - t0) / number
-
     names = [f"{v}(a{ba}w{bw})" for v, _, ba, bw in kernels]
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, "
           f"median of {args.rounds} interleaved rounds, ms per call")
@@ -91,14 +85,8 @@ def main() -> None:
         x, wt = torch.randn(M, K), torch.randn(N, K)
         runs.append(lambda: x @ wt.T)
         number = max(1, int(3e6 / (M * N * K) * 10))  # ~0.3-3 ms per measurement
-        times = [[] for _ in runs]
-        for fn in runs:  # warm-up (thread pools start, caches fill): the first shape measured 30x slow without
-            if fn is not None:
-                timed(fn, number)
-        for _ in range(args.rounds):
-            for i, fn in enumerate(runs):
-                if fn is not None:
-                    times[i].append(timed(fn, number))
+        # warmed up (thread pools start, caches fill): the first shape measured 30x slow without
+        times = interleaved(dict(enumerate(runs)), args.rounds, number, settle=True).values()
         med = [float(np.median(t)) * 1e3 if t else float("nan") for t in times]
         row = f"{f'{M}x{N}x{K}':>16s}" + "".join(f"{t:20.3f}" for t in med[:-1]) + f"{med[-1]:12.3f}"
         row += "".join(f"{med[-1] / t:17.2f}x" for t in med[:-1])

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+
+from interleaved import interleaved
 
 SHAPES = [(6, 197, 197, 64), (4, 65, 65, 32)]  # DeiT-Small (6 heads, 197 tokens); ViT fixture (4 heads, 65)
 
@@ -38,12 +39,6 @@ def main() -> None:
     target = host_target(args.threads)
     rng = np.random.default_rng(0)
 
-    def timed(fn, number):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - t0) / number
-
     print(f"threads={args.threads}, target={targets.target_label(target)}, k layout {args.layout}, "
           f"median of {args.rounds} interleaved rounds")
     print(f"{'Bt x M x N x D':>18s}{'tvm int (ms)':>14s}{'torch fp32 (ms)':>17s}{'torch/tvm':>11s}{'GMAC/s':>8s}")
@@ -56,15 +51,9 @@ def main() -> None:
         fn(*call)
         assert np.array_equal(call[-1].numpy(), ops.qmatmul_acc(a, 7, b.transpose(0, 2, 1), 9)), "not exact"
         q, kt = torch.randn(Bt, M, D), torch.randn(Bt, D, N)
-        runs = [lambda: fn(*call), lambda: torch.matmul(q, kt)]
+        runs = {"tvm": lambda: fn(*call), "torch": lambda: torch.matmul(q, kt)}
         number = max(1, int(2e7 / (Bt * M * N * D)))
-        for run in runs:
-            timed(run, number)  # warm up
-        times = [[], []]
-        for _ in range(args.rounds):
-            for i, run in enumerate(runs):
-                times[i].append(timed(run, number))
-        t_tvm, t_torch = (float(np.median(t)) * 1e3 for t in times)
+        t_tvm, t_torch = (float(np.median(t)) * 1e3 for t in interleaved(runs, args.rounds, number).values())
         print(f"{f'{Bt}x{M}x{N}x{D}':>18s}{t_tvm:14.4f}{t_torch:17.4f}{t_torch / t_tvm:10.2f}x"
               f"{Bt * M * N * D / t_tvm / 1e6:8.1f}", flush=True)
 
