@@ -273,21 +273,16 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
 
     products, products_half = products_of(ROWS), products_of(HALF)
 
-    def row_task_of():
-        """The macro ``row_task(A, W, ep, C, ta, tb, tc, m0, rows)``: a row-block task walking the column blocks,
-        each block's epilogue spread over the next one's products."""
-        blocks = {ROWS: products, HALF: products_half}
+    blocks = {ROWS: products, HALF: products_half}
 
-        @T.macro
-        def row_task(A, W, ep, C, ta, tb, tc, m0, rows):
-            blocks[rows](A, W, ta, tb, tc, C, m0, 0, 0, ep, None)
-            for nb in range(1, n_blocks):
-                blocks[rows](A, W, ta, tb, tc, C, m0, nb, nb % 2, ep, ((nb - 1) % 2, m0, nb - 1, rows))
-            finish(C, (n_blocks - 1) % 2, ep, m0, n_blocks - 1, 0, rows)
-
-        return row_task
-
-    row_task = row_task_of()
+    @T.macro
+    def row_task(A, W, ep, C, ta, tb, tc, m0, rows):
+        """A row-block task of ``rows`` rows from m0 walking the column blocks, each block's epilogue spread over
+        the next one's products."""
+        blocks[rows](A, W, ta, tb, tc, C, m0, 0, 0, ep, None)
+        for nb in range(1, n_blocks):
+            blocks[rows](A, W, ta, tb, tc, C, m0, nb, nb % 2, ep, ((nb - 1) % 2, m0, nb - 1, rows))
+        finish(C, (n_blocks - 1) % 2, ep, m0, n_blocks - 1, 0, rows)
 
     @T.macro
     def body(A, W, comp, zp_wsum, scale, bias, res, out):
