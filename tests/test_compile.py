@@ -177,6 +177,13 @@ def test_profile_reports_latency_and_kernels(built, tmp_path, capsys):
                                                             / 1e6 / peak)
     target_peak = res["peak"]["families"][res["target_family"]]["gmacs_all"]
     assert all(k["pct_of_target_peak"] == pytest.approx(100 * k["gmacs"] / target_peak) for k in qdense)
+    # the whole run against the peaks (`roofline_summary`): every integer MAC over the end-to-end median
+    summary = res["summary"]
+    macs = sum(k["macs_per_run"] for k in res["kernels"] if "macs_per_run" in k)
+    assert summary["integer_gmac_per_run"] == pytest.approx(macs / 1e9)
+    assert summary["pct_of_peak"][res["target_family"]] == pytest.approx(100 * macs / res["median_ms"] / 1e6
+                                                                         / target_peak)
+    assert 0 < summary["linears"]["lowest_standalone_pct"] <= summary["linears"]["standalone_efficiency"]
     assert not any("gmacs" in k for k in res["kernels"] if not k["kernel"].startswith("repq_"))
 
 

@@ -20,7 +20,8 @@ measured in the same process on the same TVM thread pool (`peak`), in every roun
 (`best_peak`), for the instruction family they use
 (`kernel_family`): the kernel's own (its name carries the variant: ``vnni`` -> vpdpbusd, ``avx2_u8s8`` ->
 vpmaddubsw + vpmaddwd, ``avx2_i16`` -> vpmaddwd, ``vnni_i16`` -> vpdpwssd), and the int8 family of the artifact's target (manifest
-``int8_dot``: vnni or avx2).
+``int8_dot``: vnni or avx2).  vpdpbusd's peak is measured too wherever the CPU has it: `roofline_summary` puts the
+whole run's integer throughput against it (and every measured family), and the linears against their own.
 """
 
 from __future__ import annotations
@@ -262,7 +263,9 @@ def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, pe
     int8_dot = runner.manifest.get("target", {}).get("int8_dot")
     target_family = peak_mod.TARGET_FAMILY.get(int8_dot or "")
     threads = peak_mod.num_threads()
-    wanted = sorted(f for f in {kernel_family(s, int8_dot) for s in symbols} | {target_family} if f) if peaks else []
+    # vnni always (skipped on a CPU without it): the whole-model bar of `roofline_summary` is stated against it
+    families = {kernel_family(s, int8_dot) for s in symbols} | {target_family, "vnni"}
+    wanted = sorted(f for f in families if f) if peaks else []
     measured: dict[str, dict] = {}
     for _ in range(repeat):  # rounds: a burst of other work on the machine hits one round, not a kernel
         if between is not None:
@@ -314,7 +317,40 @@ def profile(runner: Runner, repeat: int = 50, kernel_repeat: int = 5, peaks: boo
     result = {**_stats(times, runner), **breakdown}
     result["kernels_over_e2e"] = result["kernels_sum_ms"] / result["median_ms"]
     result["standalone_over_e2e"] = result["standalone_sum_ms"] / result["median_ms"]
+    result["summary"] = roofline_summary(result)
     return result
+
+
+def roofline_summary(result: dict) -> dict:
+    """The whole run against the measured peaks: what the speed issue's bars read (whole-model integer
+    throughput as a share of the vpdpbusd peak, the GEMMs' share of theirs), in one place.
+
+    ``integer_gmac_per_run``: every integer kernel's useful MACs (`kernel_macs`); ``gmacs``: those over the
+    end-to-end median; ``pct_of_peak``: that rate over each measured family's all-cores peak.  ``linears``
+    (qdense kernels): their ``efficiency`` / ``standalone_efficiency`` = the time their MACs take at their own
+    family's peak over the time they took (in the model / alone), and the least efficient one
+    (``lowest``, ``lowest_standalone``: group names).  Empty where no peak was measured.
+    """
+    fams = {n: f["gmacs_all"] for n, f in result.get("peak", {}).get("families", {}).items() if "gmacs_all" in f}
+    rows = [r for r in (result["groups"] if "groups" in result else result["kernels"]) if "macs_per_run" in r]
+    if not fams or not rows:
+        return {}
+    macs = sum(r["macs_per_run"] for r in rows)
+    gmacs = macs / (result["median_ms"] * 1e6)
+    summary = {"integer_gmac_per_run": macs / 1e9, "gmacs": gmacs,
+               "pct_of_peak": {n: 100 * gmacs / peak for n, peak in fams.items()}}
+    label = "group" if "groups" in result else "kernel"
+    linears = [r for r in rows if r[label].startswith("repq_qdense") and r.get("peak_gmacs")]
+    if linears:
+        at_peak = sum(r["macs_per_run"] / (r["peak_gmacs"] * 1e6) for r in linears)  # ms at their peaks
+        summary["linears"] = {
+            "efficiency": 100 * at_peak / sum(r["ms_per_run"] for r in linears),
+            "standalone_efficiency": 100 * at_peak / sum(r["standalone_ms_per_run"] for r in linears),
+            "lowest": min(linears, key=lambda r: r["pct_of_peak"])[label],
+            "lowest_pct": min(r["pct_of_peak"] for r in linears),
+            "lowest_standalone": min(linears, key=lambda r: r["standalone_pct_of_peak"])[label],
+            "lowest_standalone_pct": min(r["standalone_pct_of_peak"] for r in linears)}
+    return summary
 
 
 def format_report(result: dict, top: int = 15) -> list[str]:
@@ -329,7 +365,7 @@ def format_report(result: dict, top: int = 15) -> list[str]:
                           for name, f in fams.items())
         lines.append(f"measured peak on {threads} thread{plural}, GMAC/s: {peaks}")
     label = "group" if "groups" in result else "kernel"
-    rows = result.get("groups", result["kernels"])
+    rows = result["groups"] if "groups" in result else result["kernels"]
     lines.append(f"{'in model':>9} {'alone':>7} {'calls':>5} {'share':>6}  {'GMAC/s model/alone':>18}  "
                  f"{'% of peak':>9} {'(family)':<12} kernel (fused copies of one kind summed)")
     lines.append(f"{'ms/run':>9} {'ms/run':>7}")
@@ -349,6 +385,16 @@ def format_report(result: dict, top: int = 15) -> list[str]:
     lines.append(f"sum of the {result['kernel_calls']} kernel calls: in the model {result['kernels_sum_ms']:.2f} ms, "
                  f"standalone {result['standalone_sum_ms']:.2f} ms; end-to-end median {result['median_ms']:.2f} ms; "
                  f"ratios {result['kernels_over_e2e']:.2f} and {result['standalone_over_e2e']:.2f}")
+    summary = result.get("summary")
+    if summary:
+        pcts = ", ".join(f"{p:.0f}% of {n}" for n, p in summary["pct_of_peak"].items())
+        lines.append(f"integer work {summary['integer_gmac_per_run']:.2f} GMAC per run at the end-to-end median: "
+                     f"{summary['gmacs']:.0f} GMAC/s = {pcts} (measured peaks)")
+        lin = summary.get("linears")
+        if lin:
+            lines.append(f"linears at {lin['efficiency']:.0f}% of their family's peak in the model, "
+                         f"{lin['standalone_efficiency']:.0f}% standalone; lowest {lin['lowest_pct']:.0f}% "
+                         f"({lin['lowest']}) / {lin['lowest_standalone_pct']:.0f}% ({lin['lowest_standalone']})")
     return lines
 
 
@@ -361,7 +407,7 @@ def plot_breakdown(result: dict, path: str, title: str, top: int = 20) -> None:
     import matplotlib.pyplot as plt
 
     label = "group" if "groups" in result else "kernel"
-    rows = result.get("groups", result["kernels"])[:top][::-1]
+    rows = (result["groups"] if "groups" in result else result["kernels"])[:top][::-1]
     fig, ax = plt.subplots(figsize=(12, 0.38 * len(rows) + 1.8))
     names = [f"{r[label][:56]} x{r['calls_per_run']}" for r in rows]
     colors = ["tab:orange" if "gmacs" in r else "tab:blue" for r in rows]
