@@ -102,7 +102,7 @@ def compile_artifact(calibrated_model: str | CalibratedModel, output: str, *, ta
     `tuning_log` is a folder from `repq-tvm tune` for this model, bit widths, batch and target (checked
     before compiling; its accepted kernels replace the defaults, the manifest records it and its hash).
     Returns the compile stats with `output`, `target` and `library_bytes` (the size of the library, the
-    artifact's weights included: 4-bit ones two per byte, `load_time_weights` counts them).
+    artifact's weights included: stored narrow where they can be, `load_time_weights` counts them).
     """
     from . import atomic, calibrated, limits, targets
     from .deploy import artifact, cross

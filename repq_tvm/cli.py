@@ -71,10 +71,11 @@ def _stderr_progress(quiet: bool):
 
 
 def artifact_size(result: dict) -> str:
-    """'model.so 1.6 MB' (and how many weight tensors it stores two per byte, when it does)."""
+    """'model.so 1.6 MB' (and how many weight tensors it stores narrower than its kernels read them, when it
+    does: `kernels.narrow_weights`)."""
     packed = result.get("load_time_weights", 0)
     return f"model.so {result['library_bytes'] / 1e6:.1f} MB" + (
-        f", {packed} weight tensors stored two per byte" if packed else "")
+        f", {packed} weight tensors stored narrow (widened once at load)" if packed else "")
 
 
 def cmd_compile(args) -> dict:

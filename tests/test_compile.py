@@ -92,14 +92,14 @@ def test_4bit_weights_are_stored_two_per_byte(built, tmp_path, monkeypatch):
     with them stored a byte each is larger by about half the unpacked weight bytes (less the per-row bases, the
     unpack kernels and layout padding: 41% on the AMX guest of 2026-12-02), and gives the same logits."""
     from repq_tvm import api
-    from repq_tvm.kernels import nibbles
+    from repq_tvm.kernels import narrow_weights
 
     runner = Runner(built[1])
     manifest = runner.manifest
     assert manifest["load_time"] == "unpack_weights"
     assert len(runner.weights) == manifest["compile"]["load_time_weights"] == 6 * 4 + 2  # linears, head, patches
     unpacked = sum(w.numpy().nbytes for w in runner.weights)
-    monkeypatch.setattr(nibbles, "packable", lambda w: False)
+    monkeypatch.setattr(narrow_weights, "storage_bits", lambda w, dtype: None)
     stats = api.compile_artifact(built[0], str(tmp_path / "bytes"))
     assert stats["load_time_weights"] == 0 and stats["library_bytes"] == os.path.getsize(tmp_path / "bytes" / "model.so")
     plain = Runner(str(tmp_path / "bytes"))
@@ -112,8 +112,30 @@ def test_4bit_weights_are_stored_two_per_byte(built, tmp_path, monkeypatch):
     from repq_tvm.cli import artifact_size  # what `repq-tvm compile` prints about it
 
     assert artifact_size({"library_bytes": 1_604_432, "load_time_weights": 26}) == \
-        "model.so 1.6 MB, 26 weight tensors stored two per byte"
+        "model.so 1.6 MB, 26 weight tensors stored narrow (widened once at load)"
     assert artifact_size(stats) == f"model.so {stats['library_bytes'] / 1e6:.1f} MB"
+
+
+def test_8bit_weights_of_int16_kernels_are_stored_a_byte_each(vit_w8, tmp_path, monkeypatch):
+    """W8 built for AVX2 runs int16 `vpmaddwd` kernels: the library keeps their weights a byte each (offsets from a
+    base per row, widened once at load), about half the int16 operands' bytes smaller, with the same logits as
+    a build that stores the int16 operands."""
+    from repq_tvm import api
+    from repq_tvm.kernels import narrow_weights
+
+    art, wide = str(tmp_path / "bytes"), str(tmp_path / "int16")
+    stats = api.compile_artifact(vit_w8, art, target="x86_64-avx2")
+    runner = Runner(art)
+    assert stats["load_time_weights"] == len(runner.weights) == 6 * 4 + 2  # linears, head, patches
+    assert all(w.dtype == "int16" for w in runner.weights)
+    unpacked = sum(w.numpy().nbytes for w in runner.weights)
+    monkeypatch.setattr(narrow_weights, "storage_bits", lambda w, dtype: None)
+    assert api.compile_artifact(vit_w8, wide, target="x86_64-avx2")["load_time_weights"] == 0
+    saved = os.path.getsize(os.path.join(wide, "model.so")) - os.path.getsize(os.path.join(art, "model.so"))
+    print(f"int16 weights {unpacked} B, library smaller by {saved} B")
+    assert 0.4 * unpacked <= saved <= 0.55 * unpacked, (saved, unpacked)
+    x = np.random.default_rng(0).standard_normal(runner.input_shape).astype(np.float32)
+    np.testing.assert_array_equal(runner(x), Runner(wide)(x))
 
 
 def test_run_prints_top5(built, tmp_path, capsys):

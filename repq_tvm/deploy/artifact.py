@@ -5,7 +5,7 @@
                         version, how the library was linked (cross-compiled or not), and the SHA-256
                         of every other file; "load_time" (when present) names the library function to
                         call once at load, whose results follow the input in every ``main`` call
-                        (the unpacked 4-bit weights, `passes.load_time_weights`)
+                        (the widened narrow weights, `passes.load_time_weights`)
 
 Loading checks the manifest's format, every file hash (a tampered or truncated file is refused) and
 that this machine can run the target the library was built for.

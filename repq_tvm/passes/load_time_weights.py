@@ -2,16 +2,17 @@
 
 Matches, in ``main`` after the integer passes and the log-quant lowering (`pipeline.lower_to_kernels`):
 
-    w = call_tir(repq_unpack_…, (const, const))     a PrimFunc with the `kernels.nibbles.LOAD_TIME` attribute
+    w = call_tir(repq_unpack_…, (const, const))     a PrimFunc with the `kernels.narrow_weights.LOAD_TIME` attribute
 
 and rewrites the module to
 
     main(x, w_0, …, w_n)         each such w becomes a parameter (in binding order)
     unpack_weights() → (w_0, …)  the calls, on the constants, in a function of their own
 
-so the library stores the nibbles (`kernels.nibbles`: 4-bit weights two per byte) and the runtime calls
-``unpack_weights`` once at load and hands its results to every ``main`` call (`deploy.runtime.Runner`).
-Why not per inference: unpacking DeiT-Small's 4-bit weights writes 22 MB, milliseconds per run.  Runs
+so the library stores the narrow weights (`kernels.narrow_weights`: 4-bit ones two per byte, 8-bit ones of int16
+kernels a byte each) and the runtime calls ``unpack_weights`` once at load and hands its results to every
+``main`` call (`deploy.runtime.Runner`).  Why not per inference: unpacking DeiT-Small's 4-bit weights writes
+22 MB, milliseconds per run.  Runs
 before legalization, whose constant folding skips ``unpack_weights`` (`FoldConstantsAtRunTime`): TVM's
 would evaluate the calls at compile time and store the unpacked bytes again.
 """
@@ -22,7 +23,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..kernels.nibbles import LOAD_TIME
+from ..kernels.narrow_weights import LOAD_TIME
 from ..relax_util import is_op
 
 FUNCTION = "unpack_weights"  # the load-time function's name in the library (and in the artifact's manifest)

@@ -13,7 +13,7 @@
                          qkv_head_split    qkv → heads → q, k, v       → q, k, v → heads (one fused kernel each)
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
        load time       weight unpacking moved out of `main` into a function run once at load
-                       (`load_time_weights`: 4-bit weights stay nibbles in the library)
+                       (`load_time_weights`: weights stay narrow in the library)
     4. fuse, schedule  legalize (fast GELU / softmax, `fast_math`), fuse, default schedules for the
                        float kernels (`float_schedules`)
     5. build           TVM's CPU lowering + LLVM for the target

@@ -88,20 +88,22 @@ def qdense_call(bb: relax.BlockBuilder, q: relax.Expr, w: np.ndarray, s_w: np.nd
 
 
 def _weight_operand(bb: relax.BlockBuilder, w: np.ndarray, v, kernels: dict) -> relax.Expr:
-    """The kernel's packed weight operand: a constant, or for weights storable as nibbles (4-bit ones) the call
-    that unpacks them (`kernels.nibbles`; `passes.load_time_weights` moves it to load time)."""
-    from ..kernels import nibbles, packing
+    """The kernel's packed weight operand: a constant, or for weights storable narrower than the operand (4-bit
+    ones two per byte, 8-bit ones of an int16 kernel a byte each) the call that widens them
+    (`kernels.narrow_weights`; `passes.load_time_weights` moves it to load time)."""
+    from ..kernels import narrow_weights, packing
 
     packed = packing.pack_weight(w, v.lanes, v.kpack, np.dtype(v.w_dtype))  # also checks the values fit the dtype
-    if not nibbles.packable(w):
+    bits = narrow_weights.storage_bits(w, v.w_dtype)
+    if bits is None:
         return relax.const(packed)
     n, k = w.shape
-    key = ("unpack", n, k, v.lanes, v.kpack, v.w_dtype)
+    key = ("unpack", n, k, v.lanes, v.kpack, v.w_dtype, bits)
     if key not in kernels:
-        func, name = nibbles.unpack_func(n, k, v.lanes, v.kpack, v.w_dtype)
+        func, name = narrow_weights.unpack_func(n, k, v.lanes, v.kpack, v.w_dtype, bits)
         kernels[key] = bb.add_func(func, name)
-    nib, base = nibbles.pack_nibbles(w)
-    return bb.emit(relax.call_tir(kernels[key], [relax.const(nib), relax.const(base)],
+    data, base = narrow_weights.pack(w, bits)
+    return bb.emit(relax.call_tir(kernels[key], [relax.const(data), relax.const(base)],
                                   relax.TensorType(packed.shape, v.w_dtype)))
 
 
