@@ -94,23 +94,25 @@ def test_roofline_summary_puts_the_run_against_the_peaks():
     fc1 = _row("repq_qdense_vnni_fc1", 1.2e9, 4.0, 3.0, "vnni", 400.0)  # 75% in the model, 100% alone
     qkv = _row("repq_qdense_vnni_qkv", 0.8e9, 4.0, 2.5, "vnni", 400.0)  # 50%, 80%
     attn = _row("repq_attn_v_vnni_i16_x", 0.2e9, 2.0, 2.0, "vnni_i16", 200.0)
-    result = {"median_ms": 12.0, "groups": [fc1, qkv, attn, {"group": "fused_layer_norm", "ms_per_run": 1.0}],
+    head = _row("repq_qdense_vnni_1x1000x384", 0.0004e9, 0.01, 0.005, "vnni", 400.0)  # 10%: below 1% of the MACs
+    result = {"median_ms": 12.0, "groups": [fc1, qkv, attn, head, {"group": "fused_layer_norm", "ms_per_run": 1.0}],
               "peak": {"families": {"vnni": {"gmacs_all": 400.0}, "vnni_i16": {"gmacs_all": 200.0},
                                     "amx": {"skipped": "this CPU lacks AMX-INT8 (amx_int8)"}}}}
     s = profile.roofline_summary(result)
-    assert s["integer_gmac_per_run"] == pytest.approx(2.2)
-    assert s["gmacs"] == pytest.approx(2.2e9 / 12e6)  # 183.3 GMAC/s over the end-to-end median
-    assert s["pct_of_peak"] == pytest.approx({"vnni": 100 * 183.33 / 400, "vnni_i16": 100 * 183.33 / 200}, rel=1e-4)
-    lin = s["linears"]  # 2e9 MACs take 5 ms at 400 GMAC/s: 5 / 8 in the model, 5 / 5.5 alone
-    assert lin["efficiency"] == pytest.approx(62.5) and lin["standalone_efficiency"] == pytest.approx(100 * 5 / 5.5)
+    assert s["integer_gmac_per_run"] == pytest.approx(2.2004)
+    assert s["gmacs"] == pytest.approx(2.2004e9 / 12e6)  # 183.4 GMAC/s over the end-to-end median
+    assert s["pct_of_peak"] == pytest.approx({"vnni": 100 * 183.37 / 400, "vnni_i16": 100 * 183.37 / 200}, rel=1e-4)
+    lin = s["linears"]  # 2.0004e9 MACs take 5.001 ms at 400 GMAC/s: of 8.01 in the model, 5.505 alone
+    assert lin["efficiency"] == pytest.approx(100 * 5.001 / 8.01)
+    assert lin["standalone_efficiency"] == pytest.approx(100 * 5.001 / 5.505)
     assert (lin["lowest"], lin["lowest_standalone"]) == ("repq_qdense_vnni_qkv", "repq_qdense_vnni_qkv")
     assert (lin["lowest_pct"], lin["lowest_standalone_pct"]) == (pytest.approx(50), pytest.approx(80))
     text = "\n".join(profile.format_report({**result, "summary": s, "threads": 2, "runs": 3, "batch": 1,
-                                            "p90_ms": 13.0, "min_ms": 11.0, "kernel_calls": 4,
+                                            "p90_ms": 13.0, "min_ms": 11.0, "kernel_calls": 5,
                                             "kernels_sum_ms": 11.0, "standalone_sum_ms": 8.5,
                                             "kernels_over_e2e": 11 / 12, "standalone_over_e2e": 8.5 / 12,
                                             "groups": [{**r, "calls_per_run": 1, "share": 0.25} for r in
-                                                       [fc1, qkv, attn]]}))
+                                                       [fc1, qkv, attn, head]]}))
     assert "integer work 2.20 GMAC per run at the end-to-end median: 183 GMAC/s = 46% of vnni, 92% of vnni_i16" \
         in text
     assert "linears at 62% of their family's peak in the model, 91% standalone; lowest 50% (repq_qdense_vnni_qkv)" \
