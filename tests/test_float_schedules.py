@@ -1,5 +1,7 @@
 """The float side: fast GELU / softmax legalization and the default schedules of the float kernels."""
 
+import re
+
 import numpy as np
 import torch
 import tvm
@@ -110,3 +112,42 @@ def test_layer_norm_sums_are_vector_partials_and_match_numpy():
         x64 = data.astype(np.float64)
         ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * gamma + beta
         assert np.abs(got - ref).max() < 1e-5 * (1 + np.abs(ref).max())
+
+
+def transpose_module(perm, shape=(80, 3, 32)):
+    """x → permute_dims(perm) → quantize: an elementwise kernel that reads in one layout and writes another."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            t = bb.emit(relax.op.permute_dims(x, perm))
+            out = bb.emit_output(relax.op.quantize(t, relax.const(0.05, "float32"), relax.const(128, "uint8"), axis=-1,
+                                                   out_dtype="uint8"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _loop_vars(mod) -> tuple[list[str], str]:
+    """The loop variables of the one float kernel of ``mod``, outermost first, and its TVMScript."""
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    text = func.script()
+    return re.findall(r"for (\w+) in T\.", text), text
+
+
+def test_transposing_kernels_run_in_the_order_they_read():
+    """[T, H, D] → [H, T, D] (the q/k/v head transpose): the loops go tokens, heads, then the contiguous D (kept
+    innermost and vectorized), so a thread reads whole rows, the rows its own core wrote when the producer splits
+    its rows the same way; the values are the unscheduled module's."""
+    x = np.random.default_rng(1).standard_normal((80, 3, 32)).astype(np.float32) * 4
+    (got,), mod = run(transpose_module([1, 0, 2]), x, scheduled=True)
+    (ref,), _ = run(transpose_module([1, 0, 2]), x, scheduled=False)
+    np.testing.assert_array_equal(got, ref)
+    names, text = _loop_vars(mod)
+    # one parallel loop over (tokens, heads, D / lanes) fused in that order, then the vector of D
+    assert len(names) == 2 and "T.parallel" in text and "T.vectorized" in text, text
+    assert names[0].startswith("ax1_ax0_ax2"), names  # ax0 = heads, ax1 = tokens of the [H, T, D] output
+    # a transpose that moves the contiguous axis keeps the output's order (the vector loop stays innermost)
+    (got,), mod = run(transpose_module([2, 1, 0]), x, scheduled=True)
+    np.testing.assert_array_equal(got, run(transpose_module([2, 1, 0]), x, scheduled=False)[0][0])
+    names, _ = _loop_vars(mod)
+    assert names[0].startswith("ax0_ax1"), names

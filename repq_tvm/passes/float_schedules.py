@@ -6,7 +6,7 @@ already scheduled (the integer kernels are marked `tirx.is_scheduled`):
 
 - `Elementwise`: fused injective chains (GELU → quantize → clip, transposes, dequantize, adds).
   Every spatial block but the last is inlined; the last is parallel over its outer loops and
-  vectorized on the innermost one.
+  vectorized on the innermost one, its loops in the order of what it reads (`_read_order`).
 - `RowReduction` for reduction + injective chains that share leading spatial axes (LayerNorm → quantize):
   parallel rows; per row every sum as a vector of partial sums, the elementwise tail vectorized
   (`row_stages`); TVM's `dlight.cpu.Reduction` where that schedule does not apply.
@@ -16,6 +16,7 @@ Anything neither rule takes keeps TVM's default (correct, slow) loops; `unschedu
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -59,6 +60,11 @@ class Elementwise(CPUScheduleRule):
         extents = [get_extent(sch, loop) for loop in loops]
         if not loops or not all(isinstance(e, int) for e in extents):
             return
+        order = _read_order(sch.get(block), len(loops))
+        if order is not None:
+            sch.reorder(*[loops[i] for i in order])
+            loops = sch.get_loops(block)
+            extents = [extents[i] for i in order]
         stmt = sch.get(block)
         bits = max(r.source.dtype.bits for r in [*stmt.reads, *stmt.writes])  # float32 math in a u8 chain
         lanes = _lanes(target, bits)
@@ -75,6 +81,34 @@ class Elementwise(CPUScheduleRule):
             total *= e
         if outer and total >= self.MIN_PARALLEL:
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _read_order(stmt, n_loops: int) -> list[int] | None:
+    """The block's loops (one per iter var) in the order its largest input is laid out, where that differs from the
+    output's and keeps the innermost loop innermost; None: keep the output's order.
+
+    Why: a transposing kernel then runs, and splits across threads, in the row order of what it reads, so each
+    thread reads the rows its own core wrote when the producer splits its rows the same way.  The q/k/v head
+    transposes after the qkv projection ([T, 3·H·D] → [H, T, D]): 1.73 → 0.85 ms per DeiT-S run in the model
+    (0.75 → 0.66 standalone), `repq-tvm profile` on a Zen 3, 2 threads.
+    """
+    if len(stmt.iter_vars) != n_loops or not stmt.reads:
+        return None
+
+    def size(read) -> int:
+        return int(np.prod([r.extent.value if isinstance(r.extent, tirx.IntImm) else 1 for r in read.region]))
+
+    read = max(stmt.reads, key=size)
+    position = []
+    for i, iv in enumerate(stmt.iter_vars):
+        dims = [d for d, r in enumerate(read.region) if _mentions(r.min, [iv.var])]
+        if len(dims) > 1:
+            return None
+        position.append((dims[0] if dims else -1, i))
+    order = [i for _, i in sorted(position)]
+    if order[-1] != n_loops - 1 or order == list(range(n_loops)):
+        return None
+    return order
 
 
 def _mentions(expr, variables) -> bool:
