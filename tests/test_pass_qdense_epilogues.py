@@ -89,6 +89,33 @@ def test_fused_kernel_stores_the_codes_of_the_unfused_output(variant, ref):
     np.testing.assert_array_equal(outs[1].ravel(), _apply(tail, outs[0]))
 
 
+@pytest.mark.parametrize("variant,ref", [k for k in _kernels() if k[0] != "amx"], ids=lambda p: str(p))
+@pytest.mark.parametrize("operand", [("int16", 23), ("int8", 128), ("int8", 0)], ids=lambda p: f"{p[0]}-{p[1]}")
+def test_fused_kernel_stores_the_codes_as_the_next_kernels_operand(variant, ref, operand):
+    """``codes_operand``: the codes as fc2 reads them (AVX2 int16 ``q − z``, sdot's int8 ``q − 128`` or ``q``), the
+    uint8 kernel's codes cast as `quantized_linear`'s ops cast them."""
+    M, N, K, codes = 37, 48, 64, (0.0173, 23, 255 if operand != ("int8", 0) else 127)
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 256, (M, K), dtype=np.uint8)
+    w = (rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))).astype(np.int16)
+    outs = []
+    for form in (None, operand):
+        kernel = build_qdense(M, N, K, HOST, variant=variant, epilogue=True, ref=ref, gelu_codes=codes,
+                              codes_operand=form)
+        params = kernel.epilogue_params(w, np.full(N, 5e-4, np.float32), 0.02, 120, np.zeros(N, np.float32))
+        outs.append(kernel(kernel.prepare_activation(a, 120), *kernel.weight_args(w), *params))
+    dtype, minus = operand
+    assert outs[1].dtype == np.dtype(dtype) and len(np.unique(outs[0])) > 20
+    np.testing.assert_array_equal(outs[1], (outs[0].astype(np.int16) - minus).astype(dtype))
+
+
+def test_codes_operand_needs_the_codes_and_a_kernel_operand_type():
+    with pytest.raises(ValueError, match="codes_operand is the form of the gelu_codes: it needs gelu_codes"):
+        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, codes_operand=("int16", 3))
+    with pytest.raises(ValueError, match="codes_operand stores int16 or int8 codes, not float32"):
+        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, gelu_codes=(0.1, 3, 255), codes_operand=("float32", 3))
+
+
 def linear_then(bits: int, tail):
     """x → codes → linear (+ bias) → ``tail(bb, x, y)``, the module's output; returns (module, x's values)."""
     x, w_codes, s_w, z_w, s_a, z_a, bias = case(bits, n=64, k=64, tokens=(1, 40))
@@ -148,6 +175,51 @@ def test_pass_leaves_a_gelu_with_another_reader():
     after = fuse(before)
     assert fuse.rewritten == 0
     tvm.ir.assert_structural_equal(after, before)
+
+
+def mlp_module(bits: int):
+    """x → codes → fc1 → GELU → fc2's codes → fc2 (+ bias): a ViT MLP."""
+    _, w2, s_w2, z_w2, _, _, b2 = case(bits, n=48, k=64, seed=5)
+
+    def tail(bb, _x, y):
+        g = bb.emit(relax.op.nn.gelu(y))
+        gq = bb.emit(canonical.uniform_qdq(g, 0.021, 17, bits))
+        wh = bb.emit(canonical.weight_dq(relax.const(w2.astype(np.uint8)), relax.const(s_w2),
+                                         relax.const(z_w2.astype(np.uint8))))
+        out = bb.emit(relax.op.matmul(gq, relax.op.permute_dims(wh, [1, 0]), out_dtype="float32"))
+        return bb.emit(relax.op.add(out, relax.const(b2)))
+
+    return linear_then(bits, tail)
+
+
+@pytest.mark.parametrize("bits,preset,operand", [(8, "x86_64-avx2", ("int16", 17)),
+                                                 (8, "aarch64-neon-dotprod", ("int8", 128)),
+                                                 (4, "aarch64-neon-dotprod", ("int8", 0))])
+def test_pass_stores_fc2s_operand(bits, preset, operand):
+    """Where fc2 reads int16 (AVX2, 8-bit codes) or int8 (sdot) activations, fc1 stores them: the casts after the
+    codes go with the GELU and the quantizer; the same logits (run where the target runs: AVX2 on every x86 CPU
+    here; the aarch64 module is checked for its structure)."""
+    target = targets.tvm_target(preset, 1)
+    mod, x = mlp_module(bits)
+    before = LowerQuantizedLinear(target)(mod)
+    fuse = FuseGeluCodesEpilogue(target)
+    after = fuse(before)
+    assert fuse.rewritten == 1
+    casts = ("relax.astype", "relax.subtract")
+    assert sum(op in casts for op in _ops(after)) * 2 == sum(op in casts for op in _ops(before)) > 0  # fc1's input's
+    (gv,) = [gv for gv in after.get_global_vars() if gv.name_hint.endswith("_gelu0")]
+    spec = __import__("json").loads(str(after[gv].attrs["repq.kernel"]))
+    assert spec["codes_operand"] == list(operand) and spec["gelu_codes"][1:] == [17, 2 ** bits - 1]
+    sch, _, _, _ = Q.schedule_qdense(spec["M"], spec["N"], spec["K"], target, bits_a=bits, bits_w=spec["bits_w"],
+                                     variant=spec["variant"], epilogue=True, compensate=spec["compensate"],
+                                     gelu_codes=(0.021, 17, 2 ** bits - 1), codes_operand=operand)
+    tvm.ir.assert_structural_equal(after[gv], scheduled_kernel(sch, gv.name_hint))
+    if preset.startswith("x86"):
+        def run_on(m):
+            vm = relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())
+            return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+        np.testing.assert_array_equal(run_on(after), run_on(before))
 
 
 # --- the residual add (`passes.residual_epilogue`) ------------------------------------------------------

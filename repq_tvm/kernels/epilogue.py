@@ -107,10 +107,21 @@ def gelu_codes(y, scale: float, zp: int, top: int):
     return codes(gelu(y), scale, zp, top)
 
 
-def tail(y, codes: tuple | None = None, res=None):
+def as_operand(code, operand: tuple[str, int] | None):
+    """A uint8 code as the next qdense kernel reads its activations (`kernels.qdense` variants): ``(dtype, minus)``
+    = int16 ``code − minus`` (the int16 kernels' centred codes) or int8 ``code − minus`` (sdot's shifted codes); None:
+    the code itself.  The same cast and subtraction as the ops `passes.quantized_linear` emits for it."""
+    if operand is None:
+        return code
+    dtype, minus = operand
+    value = code.astype("int16") - tvm.tirx.const(int(minus), "int16")
+    return value if dtype == "int16" else value.astype(dtype)
+
+
+def tail(y, codes: tuple | None = None, res=None, operand: tuple[str, int] | None = None):
     """What a qdense epilogue stores for its float result ``y``: ``res + y`` (a residual add: IEEE addition
     commutes, so either operand order of the add it replaces), `gelu_codes` (``codes`` = scale, zero point,
-    top), or ``y``."""
+    top; ``operand``: as the next kernel reads them, `as_operand`), or ``y``."""
     if res is not None:
         return res + y
-    return y if codes is None else gelu_codes(y, *codes)
+    return y if codes is None else as_operand(gelu_codes(y, *codes), operand)

@@ -149,6 +149,7 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, i
 def qdense(
     M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1,
     compensate: bool = False, gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
+    codes_operand: tuple[str, int] | None = None,
 ) -> list[te.Tensor]:
     """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) out]`` in ``variant``'s layouts.
 
@@ -157,7 +158,9 @@ def qdense(
     ``comp[n] * asum[m]`` (``asum`` = the row sums of A, computed in the kernel) to the accumulator:
     the weights were offset by ``comp`` to fit int8 (`packing.weight_offset`).  ``gelu_codes`` (scale, zero
     point, top code; with the epilogue) stores the uint8 codes of GELU of the float result instead of it
-    (`epilogue.gelu_codes`); ``residual`` takes one more input ``res`` [M, N] float32 and stores ``res + y``.
+    (`epilogue.gelu_codes`), or with ``codes_operand`` = (dtype, minus) those codes as the next kernel's activation
+    operand (`epilogue.as_operand`: int16 centred, sdot's int8); ``residual`` takes one more input ``res`` [M, N]
+    float32 and stores ``res + y``.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     L, P = v.lanes, v.kpack
@@ -190,7 +193,7 @@ def qdense(
 
     def value(m, n):
         y = (total(m, n) - zp_wsum[n]).astype("float32") * scale[n] + bias[n]
-        return epilogue_ops.tail(y, gelu_codes, res[m, n] if residual else None)
+        return epilogue_ops.tail(y, gelu_codes, res[m, n] if residual else None, codes_operand)
 
     out = te.compute((M, N), value, name="out")
     return [*inputs, zp_wsum, scale, bias, *([res] if residual else []), out]
@@ -204,7 +207,7 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
         return _amx_func(spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
                      compensate=spec["compensate"], gelu_codes=spec.get("gelu_codes"),
-                     residual=bool(spec.get("residual")))
+                     residual=bool(spec.get("residual")), codes_operand=_operand(spec.get("codes_operand")))
     return _with_spec(te.create_prim_func(tensors), spec)
 
 
@@ -356,6 +359,7 @@ def schedule_qdense(
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
+    codes_operand: tuple[str, int] | None = None,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -367,6 +371,7 @@ def schedule_qdense(
     variant) adds the in-kernel row-sum correction for weights offset into int8
     (`packing.weight_offset`); returns it as the last element.  ``gelu_codes`` = (scale, zero point, top
     code) fuses GELU and the next quantizer into the epilogue (uint8 output, `epilogue.gelu_codes`);
+    ``codes_operand`` = (dtype, minus) stores those codes as the next kernel reads them (`epilogue.as_operand`);
     ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes`` (AMX
     only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention kernels' layout.
     """
@@ -374,6 +379,8 @@ def schedule_qdense(
         raise ValueError("gelu_codes, residual and qkv_codes need the float epilogue (epilogue=True)")
     if (gelu_codes is not None) + residual + (qkv_codes is not None) > 1:
         raise ValueError("one tail per kernel: gelu_codes, residual or qkv_codes")
+    if codes_operand is not None and gelu_codes is None:
+        raise ValueError("codes_operand is the form of the gelu_codes: it needs gelu_codes")
     if variant == "auto":
         v = choose_variant(target, bits_a, bits_w, (M, N, K) if epilogue and compensate is not False else None)
     elif variant in VARIANTS:
@@ -381,10 +388,14 @@ def schedule_qdense(
     else:
         raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
     if v.name == "amx":
+        if codes_operand is not None:
+            raise ValueError("the amx qdense stores uint8 codes only (its consumers read them so): no codes_operand")
         return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual,
                              qkv_codes)
     if qkv_codes is not None:
         raise ValueError(f"qkv_codes needs the amx variant, not {v.name}")
+    if codes_operand is not None and codes_operand[0] not in ("int16", "int8"):
+        raise ValueError(f"codes_operand stores int16 or int8 codes, not {codes_operand[0]}")
     if compensate is None:
         compensate = bits_w >= 8 and v.w_dtype == "int8"
     if compensate and v.w_dtype != "int8":
@@ -408,7 +419,7 @@ def schedule_qdense(
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": v.name, "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1,
-            **_tail_spec(gelu_codes, residual, None)}
+            **_tail_spec(gelu_codes, residual, None, codes_operand)}
     func = qdense_func(spec)
     if v.tensorized:
         sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)
@@ -417,12 +428,18 @@ def schedule_qdense(
     return sch, v, (mi, nbi, depth), compensate
 
 
-def _tail_spec(gelu_codes, residual: bool, qkv_codes) -> dict:
+def _operand(entry) -> tuple[str, int] | None:
+    """A spec's ``codes_operand`` ([dtype, minus] in JSON) as the tuple `qdense` takes."""
+    return None if entry is None else (str(entry[0]), int(entry[1]))
+
+
+def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None) -> dict:
     """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys);
     quantizer scales as the float32 values the kernels compute with."""
     codes = lambda c: [float(np.float32(c[0])), int(c[1]), int(c[2])]  # noqa: E731
     if gelu_codes is not None:
-        return {"gelu_codes": codes(gelu_codes)}
+        operand = {} if codes_operand is None else {"codes_operand": [str(codes_operand[0]), int(codes_operand[1])]}
+        return {"gelu_codes": codes(gelu_codes), **operand}
     if residual:
         return {"residual": True}
     if qkv_codes is not None:

@@ -3,7 +3,7 @@
     1. import          calibrated model → canonical fake-quant Relax (torch.export or ONNX frontend)
     2. integer passes  each rewrites one quantized pattern into a scheduled integer kernel:
                          quantized_linear  linear + bias           → qdense (u8·s8 / int16, packed weights)
-                         gelu_codes_epilogue qdense → GELU → quantize → qdense storing the uint8 codes
+                         gelu_codes_epilogue qdense → GELU → quantize → qdense storing the codes (as fc2 reads them)
                          residual_epilogue  x + qdense               → qdense adding x in its epilogue
                          patch_embed       stride = kernel conv     → qdense on patch rows
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)

@@ -96,9 +96,10 @@ def _sampled_rows(sch: Schedule, rows: list[int], apply) -> Schedule:
 
 class _QDense:
     """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth.  The twelve
-    fc1 → GELU → codes kernels of a ViT differ only in their quantizer: one task, one schedule."""
+    fc1 → GELU → codes kernels of a ViT differ only in their quantizer: one task, one schedule; the form their
+    codes are stored in (``codes_operand``: the next kernel's int16 or int8) sets no loop."""
 
-    exact, free, constants = True, (), ("gelu_codes",)
+    exact, free, constants = True, ("codes_operand",), ("gelu_codes",)
 
     @staticmethod
     def definition(spec: dict) -> tvm.tirx.PrimFunc:
