@@ -1,4 +1,4 @@
-"""Fuse GELU and the next layer's quantizer into the qdense kernel before them: fc1 stores fc2's uint8 codes.
+"""Fuse GELU and the next layer's quantizer into the qdense kernel before them: fc1 stores fc2's codes.
 
 Matches, after `quantized_linear` has made fc1 a kernel call:
 
@@ -43,8 +43,8 @@ _NARROW = is_op("relax.astype")(_Q)  # sdot, codes of at most 7 bits: int8 of th
 
 
 def _operand(root, m) -> tuple[str, int] | None:
-    """(dtype, minus) of the kernel operand a match of `_SHIFTED`, `_CENTRED` or `_NARROW` computes (`epilogue.as_operand`),
-    None where its casts are not the ones `quantized_linear` emits."""
+    """(dtype, minus) of the kernel operand a match of `_SHIFTED`, `_CENTRED` or `_NARROW` computes
+    (`epilogue.as_operand`), None where its casts are not the ones `quantized_linear` emits."""
     dtype = str(root.ty.dtype)
     if m.get(_CENTRED) is None:  # _NARROW: int8 of the codes
         return ("int8", 0) if dtype == "int8" else None
