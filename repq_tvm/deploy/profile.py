@@ -321,6 +321,11 @@ def profile(runner: Runner, repeat: int = 50, kernel_repeat: int = 5, peaks: boo
     return result
 
 
+def _labelled_rows(result: dict) -> tuple[str, list[dict]]:
+    """("group", the fused copies of one kind summed) where the breakdown has them, else ("kernel", every kernel)."""
+    return ("group", result["groups"]) if "groups" in result else ("kernel", result["kernels"])
+
+
 def roofline_summary(result: dict) -> dict:
     """The whole run against the measured peaks: what the speed issue's bars read (whole-model integer
     throughput as a share of the vpdpbusd peak, the GEMMs' share of theirs), in one place.
@@ -333,18 +338,19 @@ def roofline_summary(result: dict) -> dict:
     product is no GEMM to hold to the peak).  Empty where no peak was measured.
     """
     fams = {n: f["gmacs_all"] for n, f in result.get("peak", {}).get("families", {}).items() if "gmacs_all" in f}
-    rows = [r for r in (result["groups"] if "groups" in result else result["kernels"]) if "macs_per_run" in r]
+    label, rows = _labelled_rows(result)
+    rows = [r for r in rows if "macs_per_run" in r]
     if not fams or not rows:
         return {}
     macs = sum(r["macs_per_run"] for r in rows)
     gmacs = macs / (result["median_ms"] * 1e6)
     summary = {"integer_gmac_per_run": macs / 1e9, "gmacs": gmacs,
                "pct_of_peak": {n: 100 * gmacs / peak for n, peak in fams.items()}}
-    label = "group" if "groups" in result else "kernel"
     linears = [r for r in rows if r[label].startswith("repq_qdense") and r.get("peak_gmacs")]
     if linears:
         at_peak = sum(r["macs_per_run"] / (r["peak_gmacs"] * 1e6) for r in linears)  # ms at their peaks
-        gemms = [r for r in linears if r["macs_per_run"] >= 0.01 * sum(x["macs_per_run"] for x in linears)]
+        linear_macs = sum(r["macs_per_run"] for r in linears)
+        gemms = [r for r in linears if r["macs_per_run"] >= 0.01 * linear_macs]
         summary["linears"] = {
             "efficiency": 100 * at_peak / sum(r["ms_per_run"] for r in linears),
             "standalone_efficiency": 100 * at_peak / sum(r["standalone_ms_per_run"] for r in linears),
@@ -366,8 +372,7 @@ def format_report(result: dict, top: int = 15) -> list[str]:
         peaks = ", ".join(f"{name} {f['gmacs_all']:.0f}" if "gmacs_all" in f else f"{name} skipped ({f['skipped']})"
                           for name, f in fams.items())
         lines.append(f"measured peak on {threads} thread{plural}, GMAC/s: {peaks}")
-    label = "group" if "groups" in result else "kernel"
-    rows = result["groups"] if "groups" in result else result["kernels"]
+    label, rows = _labelled_rows(result)
     lines.append(f"{'in model':>9} {'alone':>7} {'calls':>5} {'share':>6}  {'GMAC/s model/alone':>18}  "
                  f"{'% of peak':>9} {'(family)':<12} kernel (fused copies of one kind summed)")
     lines.append(f"{'ms/run':>9} {'ms/run':>7}")
@@ -408,8 +413,8 @@ def plot_breakdown(result: dict, path: str, title: str, top: int = 20) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    label = "group" if "groups" in result else "kernel"
-    rows = (result["groups"] if "groups" in result else result["kernels"])[:top][::-1]
+    label, rows = _labelled_rows(result)
+    rows = rows[:top][::-1]
     fig, ax = plt.subplots(figsize=(12, 0.38 * len(rows) + 1.8))
     names = [f"{r[label][:56]} x{r['calls_per_run']}" for r in rows]
     colors = ["tab:orange" if "gmacs" in r else "tab:blue" for r in rows]

@@ -16,7 +16,8 @@ Anything neither rule takes keeps TVM's default (correct, slow) loops; `unschedu
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -96,7 +97,7 @@ def _read_order(stmt, n_loops: int) -> list[int] | None:
         return None
 
     def size(read) -> int:
-        return int(np.prod([r.extent.value if isinstance(r.extent, tirx.IntImm) else 1 for r in read.region]))
+        return math.prod(r.extent.value if isinstance(r.extent, tirx.IntImm) else 1 for r in read.region)
 
     read = max(stmt.reads, key=size)
     position = []
