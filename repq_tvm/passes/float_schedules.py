@@ -90,8 +90,10 @@ def _read_order(stmt, n_loops: int) -> list[int] | None:
 
     Why: a transposing kernel then runs, and splits across threads, in the row order of what it reads, so each
     thread reads the rows its own core wrote when the producer splits its rows the same way.  The q/k/v head
-    transposes after the qkv projection ([T, 3·H·D] → [H, T, D]): 1.73 → 0.85 ms per DeiT-S run in the model
-    (0.75 → 0.66 standalone), `repq-tvm profile` on a Zen 3, 2 threads.
+    transposes after the qkv projection ([T, 3·H·D] → [H, T, D]), DeiT-S W8/A8 on a Zen 3 (AVX2, 2 threads): the
+    whole model 61.9 → 60.0 and 65.2 → 64.4 ms median (`benchmarks/compare_artifacts.py`, before and after side by
+    side, two pairs of 30 rounds, logits identical); those kernels 1.73 → 0.85 ms per run in the model in two
+    `repq-tvm profile` runs one after the other (not side by side: such in-model times move between runs there).
     """
     if len(stmt.iter_vars) != n_loops or not stmt.reads:
         return None
