@@ -1,10 +1,10 @@
-"""The log√2 attention of one head batch: the fused AMX kernel (`kernels.attention_amx`), the three kernels it
-replaces, each alone, and torch fp32.
+"""The log√2 attention of one head batch: the fused kernel (`kernels.attention_amx` on AMX CPUs, else
+`kernels.attention_vector`), the three kernels it replaces, each alone, and torch fp32.
 
 Why: `repq-tvm profile` shows the attention's share of the model; this shows its kernels alone on their real
 shapes, side by side: `qbmm` q @ kᵀ, the fused softmax → weights of `log_weights`, `attn_v` (the variants the
-compiler picks for this CPU's `host` preset), the three in a row, the fused AMX kernel where the CPU has AMX-INT8
-(its emulation is tested on every CPU), and torch's ``softmax(q kᵀ) V`` in fp32.  Interleaved round by round in
+compiler picks for this CPU's `host` preset), the three in a row, the fused kernel the compiler picks for it (AMX
+where the CPU has AMX-INT8, else the vector one of the `host` preset's variant), and torch's ``softmax(q kᵀ) V`` in fp32.  Interleaved round by round in
 one process (the machine is shared), the same thread count for TVM and torch; the fused output is checked bit
 for bit against the three kernels before timing.
 
@@ -38,6 +38,7 @@ def main() -> None:
 
     from repq_tvm import targets
     from repq_tvm.kernels import attention_amx as A
+    from repq_tvm.kernels import attention_vector as AV
     from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
     from repq_tvm.kernels.log_weights import log_weights_primfunc
     from repq_tvm.kernels.qbmm import qbmm_primfunc
@@ -72,7 +73,15 @@ def main() -> None:
         s_attn = 0.0073
         spec = A.attention_spec(bt, m, n, d, scale=s_attn, bits=args.bits, sqrt2=True, f=f, groups=groups,
                                 v_bits=args.bits)
-        fused_fn = build(A.attention_amx_func(spec), amx) if has_amx else None
+        variant = AV.variant_for(host)
+        if has_amx:
+            fused_fn, fused_name = build(A.attention_amx_func(spec), amx), "fused amx"
+        elif variant is not None and AV.fits(m, n, d, variant):
+            vspec = AV.attention_spec(bt, m, n, d, scale=s_attn, bits=args.bits, sqrt2=True, f=f, groups=groups,
+                                      v_bits=args.bits, variant=variant)
+            fused_fn, fused_name = build(AV.attention_vector_func(vspec), host), f"fused {variant}"
+        else:
+            fused_fn, fused_name = None, None
         qk_fn = build(qbmm_primfunc(bt, m, n, d, host)[0], host)
         lw_fn = build(log_weights_primfunc((bt, m, n), s_attn, args.bits, True, f, groups, host, softmax=True)[0], host)
         av_fn = build(attn_v_primfunc(bt, m, n, d, host, parities=2, groups=groups, f=f, v_bits=args.bits)[0], host)
@@ -90,26 +99,27 @@ def main() -> None:
         three()
         runs = {"q@kT": lambda: qk_fn(*qk_args, logits), "weights": lambda: lw_fn(logits, w),
                 "attn@V": lambda: av_fn(w, *av_args, out3), "3 kernels": three}
-        if has_amx:
+        if fused_fn is not None:
             fused_fn(*qk_args, *av_args, out)
             if not np.array_equal(out.numpy(), out3.numpy()):
                 sys.exit(f"kernel_attention: error: the fused kernel differs from the three kernels at {bt}x{m}x{n}x{d}")
-            runs["fused amx"] = lambda: fused_fn(*qk_args, *av_args, out)
+            runs[fused_name] = lambda: fused_fn(*qk_args, *av_args, out)
         runs["torch fp32"] = lambda: torch.softmax(tq @ tk.transpose(1, 2) * d ** -0.5, dim=-1) @ tv
         return runs
 
     header_done = False
     for bt, m, n, d in shapes:
         runs = kernels(bt, m, n, d)
+        fused = next((x for x in runs if x.startswith("fused")), None)
         number = {name: max(1, int(0.05 / max(timed(fn, 3), 1e-6))) for name, fn in runs.items()}
         times = {name: [t * 1e3 for t in ts] for name, ts in interleaved(runs, args.rounds, number, warmup=False).items()}
         med = {name: float(np.median(t)) for name, t in times.items()}
         if not header_done:
             print(f"{'Bt x M x N x D':>16s}" + "".join(f"{x:>17s}" for x in runs)
-                  + ("  3 kernels / fused" if "fused amx" in runs else ""))
+                  + ("  3 kernels / fused" if fused else ""))
             header_done = True
         cells = "".join(f"{med[x]:9.3f} /{min(times[x]):6.3f}" for x in runs)
-        ratio = f"{med['3 kernels'] / med['fused amx']:19.2f}" if "fused amx" in runs else ""
+        ratio = f"{med['3 kernels'] / med[fused]:19.2f}" if fused else ""
         print(f"{f'{bt}x{m}x{n}x{d}':>16s}{cells}{ratio}")
 
 

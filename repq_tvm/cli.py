@@ -14,7 +14,16 @@ import os
 import sys
 
 from . import api
-from .cli_types import host_port, int_choice, int_in, output_file, output_folder, plot_file, rpc_key, work_folder
+from .cli_types import (
+    host_port,
+    int_choice,
+    int_in,
+    output_file,
+    output_folder,
+    plot_file,
+    rpc_key,
+    work_folder,
+)
 from .errors import ReqError
 
 CALIBRATED_SUFFIX = api.CALIBRATED_SUFFIX
@@ -78,13 +87,19 @@ def artifact_size(result: dict) -> str:
         f", {packed} weight tensors stored narrow (widened once at load)" if packed else "")
 
 
+def _fused(result: dict) -> str:
+    """The attentions whose three kernels became one (`passes.fused_attention`), if any."""
+    n = result.get("fused_attention", 0)
+    return f", {n} of them fused with the softmax in one kernel each" if n else ""
+
+
 def cmd_compile(args) -> dict:
     result = api.compile_artifact(args.calibrated, args.output, target=args.target, batch=args.batch,
                                   frontend=args.frontend, dump_ir=args.dump_ir, progress=_stderr_progress(args.quiet),
                                   tuning_log=args.tuning_log)
     print(json.dumps(result) if args.json else f"wrote {args.output} for {result['target']} "
           f"(integer kernels: {result['integer_linears']} linear, {result['integer_patch_embeds']} patch embedding, "
-          f"{result['integer_qk']} q@kᵀ, {result['log2_attention']} log√2 attn@V; "
+          f"{result['integer_qk']} q@kᵀ, {result['log2_attention']} log√2 attn@V{_fused(result)}; "
           f"{artifact_size(result)}; {result['compile_seconds']} s)")
     return result
 
@@ -150,7 +165,6 @@ def cmd_run(args) -> dict:
 
 def _classify(args, runner) -> dict:
     import numpy as np
-
     from PIL import Image, UnidentifiedImageError
 
     transform = runner.transform()

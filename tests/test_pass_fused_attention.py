@@ -1,13 +1,15 @@
-"""`passes/fused_attention`: the three attention kernels (q@kᵀ → log√2 weights → attn @ V) become one AMX kernel
-call, Before/After with `assert_structural_equal`; left alone off AMX targets and where an intermediate has another
-reader."""
+"""`passes/fused_attention`: the three attention kernels (q@kᵀ → log√2 weights → attn @ V) become one kernel call,
+AMX or vector by the target, Before/After with `assert_structural_equal`; left alone on aarch64 and where an
+intermediate has another reader."""
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as A
+from repq_tvm.kernels import attention_vector
 from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
 from repq_tvm.kernels.log_weights import log_weights_primfunc
 from repq_tvm.kernels.qbmm import qbmm_primfunc
@@ -46,10 +48,11 @@ def _before(target, extra_reader: bool = False) -> tvm.IRModule:
     return bb.get()
 
 
-def _after() -> tvm.IRModule:
+def _after(variant: str = "amx") -> tvm.IRModule:
     spec = A.attention_spec(BT, M, N, D, scale=S_ATTN, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8)
+    spec = {**spec, "variant": variant}
     name = A.kernel_name(spec)
-    kernel = A.attention_amx_func(spec).with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True) \
+    kernel = attention_vector.attention_func(spec).with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True) \
         .with_attr("op_pattern", 8)
     bb = relax.BlockBuilder()
     q, k, v = _inputs()
@@ -62,16 +65,19 @@ def _after() -> tvm.IRModule:
     return bb.get()
 
 
-def test_before_after_fused_attention():
-    fuse = FuseAttention(AMX)
-    tvm.ir.assert_structural_equal(fuse(_before(AMX)), _after())
+@pytest.mark.parametrize("preset,variant", [("x86_64-amx", "amx"), ("x86_64-avx512-vnni", "vnni"),
+                                            ("x86_64-avx2", "avx2_i16")])
+def test_before_after_fused_attention(preset, variant):
+    target = targets.tvm_target(preset)
+    fuse = FuseAttention(target)
+    tvm.ir.assert_structural_equal(fuse(_before(target)), _after(variant))
     assert fuse.rewritten == 1
 
 
-def test_left_alone_without_amx():
-    vnni = targets.tvm_target("x86_64-avx512-vnni")
-    before = _before(vnni)
-    fuse = FuseAttention(vnni)
+def test_left_alone_on_aarch64():
+    arm = targets.tvm_target("aarch64-neon-dotprod")
+    before = _before(arm)
+    fuse = FuseAttention(arm)
     tvm.ir.assert_structural_equal(fuse(before), before)
     assert fuse.rewritten == 0
 

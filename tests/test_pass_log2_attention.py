@@ -382,3 +382,24 @@ def test_before_after_unmatched_attention_is_left_alone(case):
     lower = LowerLog2Attention(TARGET)
     tvm.ir.assert_structural_equal(lower(mod), mod)
     assert lower.rewritten == 0
+
+
+def test_int64_to_float32_through_float64_rounds_as_the_cast():
+    """`attn_v.to_float32`'s AVX2 form (float64 bits of 1.5·2^52 + acc) equals the plain cast on every acc the
+    kernels make (|acc| < 2^49), ties and both signs included, and runs vectorized (no scalar vcvtsi2ss)."""
+    from tvm import te
+
+    from repq_tvm.kernels.attn_v import to_float32
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.integers(-2 ** 49, 2 ** 49, 4000), (rng.integers(-2 ** 24, 2 ** 24, 2000) << 25) + (1 << 24),
+                        [0, 1, -1, 2 ** 49 - 1, -2 ** 49, (1 << 24) + 1, -(1 << 24) - 1]]).astype(np.int64)
+    a = te.placeholder((x.size,), "int64", name="a")
+    out = te.compute((x.size,), lambda i: to_float32(a[i], True), name="out")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, out]))
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("out"))[0], [None, 8])[1])
+    lib = tvm.compile(sch.mod, target=TARGET)
+    got = tvm.runtime.tensor(np.empty(x.size, np.float32))
+    lib.jit()["main"](tvm.runtime.tensor(x), got)
+    assert np.array_equal(got.numpy(), x.astype(np.float32))
+    assert "vcvtsi2ss" not in lib.mod.inspect_source("asm")

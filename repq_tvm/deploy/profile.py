@@ -44,7 +44,8 @@ _VARIANT_FAMILY = (("repq_qdense_amx_", "amx"), ("repq_qdense_vnni_", "vnni"), (
                    ("repq_qdense_avx2_i16_", "avx2_i16"), ("repq_qbmm_vnni_", "vnni"),
                    ("repq_qbmm_avx2_i16_", "avx2_i16"), ("repq_attn_v_avx2_i16_", "avx2_i16"),
                    ("repq_attn_v_vnni_i16_", "vnni_i16"), ("repq_attn_v_amx_", "amx"),
-                   ("repq_attention_amx_", "amx"))
+                   ("repq_attention_amx_", "amx"), ("repq_attention_vnni_", "vnni"),
+                   ("repq_attention_avx2_i16_", "avx2_i16"))
 
 
 def _input(runner: Runner) -> np.ndarray:

@@ -43,7 +43,7 @@ from . import (
 )
 from .attn_v import HI_SHIFT, _acc_total, _check_args, weight_bands
 from .attn_v_amx import _PlaneSums, band_byte
-from .log_weights import VECTOR, _code_bias, plane_weight, softmax_code, softmax_slope
+from .log_weights import VECTOR, plane_weight, softmax_codes_macro
 from .packing import ceil_to
 from .qdense_amx import (
     COLS,
@@ -57,7 +57,7 @@ from .qdense_amx import (
     tile_macros,
 )
 
-RB = 4  # rows whose softmax reductions run interleaved
+RB = 4  # rows whose softmax reductions run interleaved (`log_weights.softmax_codes_macro`)
 TABLE = 64  # byte-table entries: code + 1 for codes −1 (none) .. 62, one `vpermb` (AVX-512 VBMI) per 64 tokens
 
 
@@ -103,8 +103,9 @@ def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, 
 
 
 def kernel_name(spec: dict) -> str:
+    """``repq_attention_{variant}_…``: this kernel's and `attention_vector`'s (the variant is in the spec)."""
     kind = "sqrt2" if spec["sqrt2"] else "log2"
-    return (f"repq_attention_amx_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
+    return (f"repq_attention_{spec['variant']}_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
             f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}")
 
 
@@ -123,8 +124,6 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     pb_count, kp, n_r, top = planes * bands, ceil_to(N, K_STEP), ceil_to(N, VECTOR), 2 ** spec["bits"] - 1
     n_blocks, d_blocks, qk_steps, av_steps = -(-N // COLS), D // COLS, D // K_STEP, kp // K_STEP
     check_table(f, sqrt2, groups)
-    lowest = tvm.tirx.min_value("float32")
-    slope = softmax_slope(parities)
     emu = (2, 16, 64) if emulate else (1,)
     emu_c = (4, 16, 16) if emulate else (1,)
 
@@ -163,40 +162,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
 
         return logits
 
-    @T.macro
-    def softmax_codes(L, codes, part, row, r0):
-        """Rows r0 .. r0 + RB − 1: softmax → codes (`log_weights`: same sums in the same order), the rows'
-        reductions interleaved (each is a chain of dependent adds; RB of them keep the core busy)."""
-        for i, ln in T.grid(RB, VECTOR):
-            part[i, ln] = lowest
-        for c in range(n_r // VECTOR):
-            for i in T.unroll(RB):
-                for ln in T.vectorized(VECTOR):
-                    part[i, ln] = T.max(part[i, ln], T.Select(c * VECTOR + ln < N, L[r0 + i, c * VECTOR + ln], lowest))
-        for i in T.unroll(RB):
-            row[i, 0] = lowest
-        for ln in range(VECTOR):
-            for i in T.unroll(RB):
-                row[i, 0] = T.max(row[i, 0], part[i, ln])
-        for i, ln in T.grid(RB, VECTOR):
-            part[i, ln] = T.float32(0)
-        for c in range(n_r // VECTOR):
-            for i in T.unroll(RB):
-                for ln in T.vectorized(VECTOR):
-                    part[i, ln] = part[i, ln] + T.Select(
-                        c * VECTOR + ln < N, epilogue.fast_exp(L[r0 + i, c * VECTOR + ln] - row[i, 0]), T.float32(0))
-        for i in T.unroll(RB):
-            row[i, 1] = T.float32(0)
-        for ln in range(VECTOR):
-            for i in T.unroll(RB):
-                row[i, 1] = row[i, 1] + part[i, ln]
-        for i in T.unroll(RB):
-            row[i, 2] = _code_bias(row[i, 1], parities, spec["scale"])
-        for i in T.unroll(RB):
-            for c in range(n_r // VECTOR):
-                for ln in T.vectorized(VECTOR):
-                    codes[i, c * VECTOR + ln] = T.Select(
-                        c * VECTOR + ln < N, softmax_code(row[i, 0], L[r0 + i, c * VECTOR + ln], row[i, 2], slope, top), -1)
+    softmax_codes = softmax_codes_macro(N, parities, spec["scale"], top, RB)
 
     @T.macro
     def weights(codes, tab, wb, wsum, bsum, sad, i, r, slot):

@@ -168,10 +168,21 @@ def _acc_total(acc, b, m, d, planes: int, parities: int, f: int):
     return out
 
 
+def to_float32(acc, via_float64: bool):
+    """float32 of an int64 acc (`_acc_total`, |acc| < 2^49), rounded once as a plain cast.  ``via_float64``: by
+    the float64 bits of 1.5·2^52 + acc (exact for |acc| < 2^51), then one rounding to float32: AVX2 has no vector
+    int64 → float conversion, and the cast ran as 8 scalar ``vcvtsi2ss`` per 8 outputs (AVX-512 has
+    ``vcvtqq2ps``)."""
+    if not via_float64:
+        return acc.astype("float32")
+    magic = tvm.tirx.reinterpret("float64", acc + tvm.tirx.const(0x4338000000000000, "int64"))
+    return (magic - tvm.tirx.const(6755399441055744.0, "float64")).astype("float32")
+
+
 def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14, v_bits: int = 8,
-           lanes: int = 16, tiles=(3, 4), epilogue: bool = True) -> list[te.Tensor]:
+           lanes: int = 16, tiles=(3, 4), epilogue: bool = True, via_float64: bool = False) -> list[te.Tensor]:
     """TE compute ``[W, V, zp, scale, out]`` (``[W, V, zp, out]`` with the int64 acc when not ``epilogue``);
-    W has ``groups * parities`` planes (`reference.ops.attn_weights`)."""
+    W has ``groups * parities`` planes (`reference.ops.attn_weights`); ``via_float64``: see `to_float32`."""
     _check_args(N, parities, groups, f, v_bits)
     mi, nbi = tiles
     n_p, m_p, d_p = padded_tokens(N), ceil_to(M, mi), ceil_to(D, lanes * nbi)
@@ -202,7 +213,7 @@ def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 
     if not epilogue:
         return [W, V, zp, te.compute((Bt, M, D), total, name="out")]
     scale = te.placeholder((1,), "float32", name="scale")
-    out = te.compute((Bt, M, D), lambda b, m, d: total(b, m, d).astype("float32") * scale[0], name="out")
+    out = te.compute((Bt, M, D), lambda b, m, d: to_float32(total(b, m, d), via_float64) * scale[0], name="out")
     return [W, V, zp, scale, out]
 
 
@@ -329,7 +340,7 @@ def attn_v_func(spec: dict) -> tvm.tirx.PrimFunc:
     elif spec["variant"] == "amx":
         func = _amx_func(spec)
     else:
-        func = te.create_prim_func(attn_v(*shape, lanes=lanes, **kw))
+        func = te.create_prim_func(attn_v(*shape, lanes=lanes, via_float64=spec["variant"] == "avx2_i16", **kw))
     return func.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import tvm
 from tvm import te
 from tvm.s_tir import Schedule
+from tvm.script import tirx as T
 
 from ..reference.ops import attn_planes, sqrt2_weight
 from ..relax_util import scheduled_kernel
@@ -105,6 +106,50 @@ def softmax_code(mx, x, bias, slope, top: int):
     raw = (mx - x) * slope + bias
     c = tvm.tirx.round(tvm.tirx.min(raw, tvm.tirx.const(top + 1, "float32"))).astype("int32")
     return tvm.tirx.Select(c > top, -1, tvm.tirx.max(c, 0))
+
+
+def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int):
+    """The macro ``softmax_codes(L, codes, part, row, r0)`` of the fused attention kernels: rows r0 .. r0 + rows − 1
+    of float32 logits ``L`` (``n`` tokens, padded to whole `VECTOR`s) → int32 codes (−1 past ``n``), the fused
+    softmax of this module (same sums in the same order, so the same codes bit for bit), the rows' reductions
+    interleaved (each is a chain of dependent adds; several keep the core busy).  ``part`` float32 [rows, VECTOR]
+    and ``row`` float32 [rows, 3] (max, sum, code bias) are scratch; ``m``: 2 for log√2, 1 for log2."""
+    n_r, lowest, slope = -(-n // VECTOR) * VECTOR, tvm.tirx.min_value("float32"), softmax_slope(m)
+
+    @T.macro
+    def softmax_codes(L, codes, part, row, r0):
+        for i, ln in T.grid(rows, VECTOR):
+            part[i, ln] = lowest
+        for c in range(n_r // VECTOR):
+            for i in T.unroll(rows):
+                for ln in T.vectorized(VECTOR):
+                    part[i, ln] = T.max(part[i, ln], T.Select(c * VECTOR + ln < n, L[r0 + i, c * VECTOR + ln], lowest))
+        for i in T.unroll(rows):
+            row[i, 0] = lowest
+        for ln in range(VECTOR):
+            for i in T.unroll(rows):
+                row[i, 0] = T.max(row[i, 0], part[i, ln])
+        for i, ln in T.grid(rows, VECTOR):
+            part[i, ln] = T.float32(0)
+        for c in range(n_r // VECTOR):
+            for i in T.unroll(rows):
+                for ln in T.vectorized(VECTOR):
+                    part[i, ln] = part[i, ln] + T.Select(
+                        c * VECTOR + ln < n, epilogue.fast_exp(L[r0 + i, c * VECTOR + ln] - row[i, 0]), T.float32(0))
+        for i in T.unroll(rows):
+            row[i, 1] = T.float32(0)
+        for ln in range(VECTOR):
+            for i in T.unroll(rows):
+                row[i, 1] = row[i, 1] + part[i, ln]
+        for i in T.unroll(rows):
+            row[i, 2] = _code_bias(row[i, 1], m, scale)
+        for i in T.unroll(rows):
+            for c in range(n_r // VECTOR):
+                for ln in T.vectorized(VECTOR):
+                    codes[i, c * VECTOR + ln] = T.Select(
+                        c * VECTOR + ln < n, softmax_code(row[i, 0], L[r0 + i, c * VECTOR + ln], row[i, 2], slope, top), -1)
+
+    return softmax_codes
 
 
 def plane_weight(c, plane, sqrt2: bool, f: int, groups: int):

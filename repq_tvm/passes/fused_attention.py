@@ -1,4 +1,4 @@
-"""Fuse a head's whole log√2 attention into one AMX kernel: q @ kᵀ → softmax → codes → weights → attn @ V.
+"""Fuse a head's whole log√2 attention into one kernel: q @ kᵀ → softmax → codes → weights → attn @ V.
 
 Matches, after `quantized_qk` and `log2_attention` have lowered the attention to three kernel calls:
 
@@ -6,11 +6,11 @@ Matches, after `quantized_qk` and `log2_attention` have lowered the attention to
     w = call_tir(repq_log_weights_softmax_…, (y [→ reshape]*,))   int16 weight planes, the softmax fused
     o = call_tir(repq_attn_v_…, (w, v, v_zp, v_scale))            float32 [Bt, M, D]
 
-and replaces o by ``call_tir(repq_attention_amx_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale))``
-(`kernels.attention_amx`, the three kernels' arithmetic, bit for bit).  Why: the three kernels wrote and read
-their intermediates (float32 logits, int16 weight planes) through memory.  Only on targets with AMX-INT8 (and
-AVX-512 VBMI, which every AMX CPU has) and shapes the kernel blocks (`attention_amx.fits`); where y or w has
-another reader the match is left alone.
+and replaces o by ``call_tir(repq_attention_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale))``, the three kernels'
+arithmetic bit for bit: `kernels.attention_amx` on targets with AMX-INT8 (and AVX-512 VBMI, which every AMX CPU
+has) for shapes its tiles block, else `kernels.attention_vector` on x86 targets with AVX-512 VNNI or AVX2.  Why:
+the three kernels wrote and read their intermediates (float32 logits, int16 weight planes) through memory.
+aarch64 keeps the three kernels; where y or w has another reader the match is left alone.
 """
 
 from __future__ import annotations
@@ -39,24 +39,30 @@ def _spec(mod: tvm.IRModule, call: relax.Call, kind: str) -> dict | None:
     return spec if spec is not None and spec.get("kind") == kind else None
 
 
-def attention_spec_of(qk: dict, lw: dict, av: dict) -> dict | None:
-    """The fused kernel's spec from the three kernels' specs, or None when they are not one attention the AMX
-    kernel takes (k not in rows, the softmax not fused, shapes or quantizers that disagree)."""
-    from ..kernels import attention_amx
+def attention_spec_of(qk: dict, lw: dict, av: dict, target) -> dict | None:
+    """The fused kernel's spec from the three kernels' specs, or None when they are not one attention a fused
+    kernel of ``target`` takes (k not in rows, the softmax not fused, shapes or quantizers that disagree, no
+    variant for the target or the shape)."""
+    from ..kernels import attention_amx, attention_vector
 
     bt, m, n, d = qk["Bt"], qk["M"], qk["N"], qk["D"]
     if (qk["b_layout"] != "nd" or not lw["softmax"] or lw["shape"] != [bt, m, n]
             or [av["Bt"], av["M"], av["N"], av["D"]] != [bt, m, n, d] or not av["epilogue"]
-            or av["parities"] != (2 if lw["sqrt2"] else 1) or av["groups"] != lw["groups"] or av["f"] != lw["f"]
-            or not attention_amx.fits(m, n, d)):
+            or av["parities"] != (2 if lw["sqrt2"] else 1) or av["groups"] != lw["groups"] or av["f"] != lw["f"]):
         return None
-    return attention_amx.attention_spec(bt, m, n, d, scale=lw["scale"], bits=lw["bits"], sqrt2=lw["sqrt2"],
-                                        f=lw["f"], groups=lw["groups"], v_bits=av["v_bits"])
+    quantizer = {"scale": lw["scale"], "bits": lw["bits"], "sqrt2": lw["sqrt2"], "f": lw["f"], "groups": lw["groups"],
+                 "v_bits": av["v_bits"]}
+    if target_has(target, "amx-int8") and target_has(target, "avx512vbmi") and attention_amx.fits(m, n, d):
+        return attention_amx.attention_spec(bt, m, n, d, **quantizer)  # the tile products and the vpermb byte table
+    variant = attention_vector.variant_for(target)
+    if variant is None or not attention_vector.fits(m, n, d, variant):
+        return None
+    return attention_vector.attention_spec(bt, m, n, d, **quantizer, variant=variant)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttention")
 class FuseAttention:
-    """qbmm → log weights (softmax fused) → attn @ V → one AMX attention kernel per shape (see the module).
+    """qbmm → log weights (softmax fused) → attn @ V → one attention kernel per shape (see the module).
 
     `.rewritten` counts the fused attentions.
     """
@@ -65,11 +71,9 @@ class FuseAttention:
         self.target, self.rewritten = target, 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from ..kernels.attention_amx import attention_amx_func, kernel_name
+        from ..kernels.attention_vector import attention_func, kernel_name
 
         self.rewritten = 0
-        if not (target_has(self.target, "amx-int8") and target_has(self.target, "avx512vbmi")):
-            return mod  # the kernel's tile products and its vpermb byte table
         bb, kernels, replaced = relax.BlockBuilder(mod), {}, set()
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
@@ -95,13 +99,13 @@ class FuseAttention:
                 if None in specs or not single_chain(av_call.args[1].fields[0], lw_call) \
                         or not single_chain(lw_call.args[1].fields[0], qk_call):
                     return av_call
-                spec = attention_spec_of(*specs)
+                spec = attention_spec_of(*specs, self.target)
                 if spec is None:
                     return av_call
                 key = json.dumps(spec, sort_keys=True)
                 if key not in kernels:
                     name = kernel_name(spec)
-                    kernel = attention_amx_func(spec).with_attr("global_symbol", name).with_attr(
+                    kernel = attention_func(spec).with_attr("global_symbol", name).with_attr(
                         "tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: hand-written TIR
                     kernels[key] = bb.add_func(kernel, name)
                 replaced.update(c.args[0] for c in (qk_call, lw_call, av_call))

@@ -9,7 +9,7 @@
                          quantized_qk      q @ kᵀ (softmax scale)   → batched matmul (vpdpbusd on VNNI, else int16 vpmaddwd)
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
                          qkv_codes_epilogue qkv → split → quantize ×3 → AMX qdense storing the q/k/v codes
-                         fused_attention   q@kᵀ → log√2 weights → attn @ V kernels → one AMX attention kernel
+                         fused_attention   q@kᵀ → log√2 weights → attn @ V kernels → one attention kernel (AMX, VNNI, AVX2)
                          qkv_head_split    qkv → heads → q, k, v       → q, k, v → heads (one fused kernel each)
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
        load time       weight unpacking moved out of `main` into a function run once at load

@@ -242,22 +242,22 @@ class _LogWeights:
 
 
 class _Attention:
-    """`kernels.attention_amx` (the fused AMX attention): hand-written TIR, one fixed blocking of the eight tile
-    registers, as the AMX qdense: not searched."""
+    """The fused attention (`kernels.attention_amx`, `kernels.attention_vector`): hand-written TIR, one fixed
+    blocking (the AMX one of the eight tile registers, as the AMX qdense): not searched."""
 
     exact, free = True, ()
 
     @staticmethod
     def definition(spec: dict) -> tvm.tirx.PrimFunc:
-        from ..kernels.attention_amx import attention_amx_func
+        from ..kernels.attention_vector import attention_func
 
-        return attention_amx_func(spec)
+        return attention_func(spec)
 
     @staticmethod
     def default(spec: dict, ref: bool = False) -> Schedule:
-        from ..kernels.attention_amx import attention_amx_func
+        from ..kernels.attention_vector import attention_func
 
-        return Schedule(attention_amx_func(spec, emulate=ref))
+        return Schedule(attention_func(spec, emulate=ref))
 
     @staticmethod
     def spaces(sch: Schedule, spec: dict) -> list[Schedule]:

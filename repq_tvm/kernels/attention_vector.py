@@ -1,0 +1,284 @@
+"""The whole log√2 attention of a head in one kernel on x86 vector dot products: q @ kᵀ → softmax → log√2 codes →
+weights → attn @ V, for CPUs without AMX.
+
+Why: the three kernels it replaces (`qbmm`, the fused softmax of `log_weights`, `attn_v`) pass their intermediates
+through memory: float32 logits [Bt, M, N] written and read back, int16 weight planes [Bt, planes, M, Np] written
+and read (1.4 MB per DeiT-Small call with three planes).  Here 4 rows of one head go through every step while
+they sit in L1 (`attention_amx` does the same on AMX tiles).
+
+Each step is the unfused kernel's own arithmetic, so the result is theirs bit for bit (tested against them):
+
+==============  ====================================================  ===================================
+variant         q @ kᵀ (the logits of 4 rows x 2 or 4 key blocks)    attn @ V (2 rows x planes x d blocks)
+==============  ====================================================  ===================================
+``avx2_i16``    vpmaddwd ymm on ``q − z_q`` and ``k − z_k`` int16     vpmaddwd on the int16 weights and
+                (`qbmm` avx2_i16: exact int32, one float multiply)    ``v − z_v`` (`attn_v` avx2_i16)
+``vnni``        vpdpbusd zmm on q's u8 codes and ``k − 128`` s8, the  vpdpwssd zmm (`attn_v` vnni_i16)
+                zero points in the epilogue (`qbmm` vnni)
+==============  ====================================================  ===================================
+
+then per row `log_weights`' fused softmax (`log_weights.softmax_codes_macro`: same sums in the same order),
+`log_weights.plane_weight` of each code, and `attn_v`'s combination of the planes (`attn_v._acc_total`).
+
+Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
+float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]; out
+float32 ``[Bt, M, D]``.  Heads run in parallel; each packs its k and V first (O(N·D) against O(M·N·D)).  Row
+blocks of 4 (the last at M − 4: its rows are computed again, with the same values).  Shapes it takes (`fits`):
+M ≥ 4, D a multiple of the vector's int32 lanes (8 / 16).
+
+``emulate=True``: plain loops instead of the dot-product instructions (any CPU: the VNNI variant's arithmetic is
+tested where the CPU has no AVX-512).
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm.script import tirx as T
+
+from ..reference.ops import attn_planes
+from ..targets import target_has
+from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
+from .attention_amx import (
+    attention_amx_func,
+    kernel_name,  # noqa: F401  (one naming for both fused kernels)
+)
+from .attention_amx import attention_spec as amx_spec
+from .attn_v import _acc_total, _check_args, padded_tokens, to_float32
+from .log_weights import VECTOR, plane_weight, softmax_codes_macro
+from .packing import ceil_to
+
+RB = 4  # rows per block: the softmax reductions of 4 rows run interleaved, as in `attention_amx`
+AV_ROWS = 2  # rows of one attn @ V register tile
+# variant -> (int32 lanes per vector, q @ kᵀ depth per instruction, key blocks per q @ kᵀ tile, accumulators an
+# attn @ V tile may hold): AVX2 16 ymm (4 x 2 logits accumulators + operands), VNNI 32 zmm (4 x 4)
+VARIANTS = {"avx2_i16": (8, 2, 2, 12), "vnni": (16, 4, 4, 24)}
+
+
+def variant_for(target) -> str | None:
+    """"vnni" on AVX-512 VNNI targets, "avx2_i16" on AVX2 ones, else None (the three kernels stay)."""
+    if target_has(target, "avx512vnni"):
+        return "vnni"
+    return "avx2_i16" if target_has(target, "avx2") else None
+
+
+def fits(M: int, N: int, D: int, variant: str) -> bool:
+    """True if the blocking takes the shape (see the module docstring)."""
+    lanes, kpack, _, _ = VARIANTS[variant]
+    return M >= RB and D % lanes == 0 and D % kpack == 0
+
+
+def av_blocks(D: int, variant: str, planes: int) -> int:
+    """d blocks of one attn @ V tile: the most that divide D's blocks with `AV_ROWS` x planes x blocks
+    accumulators in the registers (AVX2: 3 planes x 2 rows x 2 blocks; VNNI: 3 x 2 x 4)."""
+    lanes, _, _, acc = VARIANTS[variant]
+    blocks = D // lanes
+    return max(b for b in range(1, blocks + 1) if blocks % b == 0 and AV_ROWS * planes * b <= acc)
+
+
+def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, sqrt2: bool, f: int, groups: int,
+                   v_bits: int, variant: str) -> dict:
+    """The kernel spec, as `attention_amx.attention_spec` with the variant."""
+    return {**amx_spec(Bt, M, N, D, scale=scale, bits=bits, sqrt2=sqrt2, f=f, groups=groups, v_bits=v_bits),
+            "variant": variant}
+
+
+class _TileSums:
+    """``acc[b, plane, a, (j, lane)]`` for `attn_v._acc_total`: S_p of a tile's row a, d block j, lane."""
+
+    def __init__(self, acc):
+        self.acc = acc
+
+    def __getitem__(self, idx):
+        _, p, a, (j, ln) = idx
+        return self.acc[a, p, j, ln]
+
+
+def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
+    """PrimFunc ``main(q, k, qk_zp, qk_scale, v, v_zp, v_scale, out)`` of a spec, carrying it as ``repq.kernel``."""
+    Bt, M, N, D, variant = spec["Bt"], spec["M"], spec["N"], spec["D"], spec["variant"]
+    sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
+    parities, vnni = (2 if sqrt2 else 1), variant == "vnni"
+    _check_args(N, parities, groups, f, v_bits)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    lanes, kpack, kt, _ = VARIANTS[variant]
+    if not fits(M, N, D, variant):
+        raise ValueError(f"the {variant} attention needs M >= {RB} and D % {lanes} == 0, got M={M}, D={D}")
+    if D * 255 * 255 * 2 >= 2 ** 31:
+        raise ValueError(f"depth {D} could overflow the int32 accumulator")
+    planes, top = attn_planes(parities, groups), 2 ** spec["bits"] - 1
+    n_r, n_p = ceil_to(N, VECTOR), padded_tokens(N)  # logits / codes / weights rows; tokens in whole pairs
+    nb, steps, d_blocks = -(-N // lanes), D // kpack, D // lanes
+    kt = min(kt, nb)  # key blocks per q @ kᵀ tile
+    db = av_blocks(D, variant, planes)
+    softmax_codes = softmax_codes_macro(N, parities, spec["scale"], top, RB)
+    pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+    vpdpwssd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512")
+
+    @T.macro
+    def qk_step(acc, i, j, qa, q8, kp, b, m, s, n0):
+        """acc[i, j] += row m's depth step s (kpack values of d) x key block n0 + j."""
+        if emulate:
+            for ln, c in T.grid(lanes, kpack):
+                if vnni:
+                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", q8[b, m, s * kpack + c]) * T.Cast(
+                        "int32", kp[n0 + j, s, ln, c])
+                else:
+                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", qa[i, s * kpack + c]) * T.Cast(
+                        "int32", kp[n0 + j, s, ln, c])
+        elif vnni:  # q's 4 u8 codes as one word, broadcast
+            acc[i, j, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+                vpdpbusd, acc.vload([i, j, 0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(q8.vload([b, m, s * 4], dtype="uint8x4"), dtype="int32"), 16),
+                              dtype="uint8x64"),
+                kp.vload([n0 + j, s, 0, 0], dtype="int8x64"), dtype="int32x16")
+        else:
+            acc[i, j, T.ramp(0, 1, lanes)] = acc.vload([i, j, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                pmaddwd, T.reinterpret(T.broadcast(T.reinterpret(qa.vload([i, s * 2], dtype="int16x2"),
+                                                                 dtype="int32"), 8), dtype="int16x16"),
+                kp.vload([n0 + j, s, 0, 0], dtype="int16x16"), dtype="int32x8")
+
+    @T.macro
+    def av_step(acc, a, p, j, wb, i, t, vp, d0):
+        """acc[a, p, j] += the plane-p weights of block row i at token pair t x V's d block d0 + j."""
+        if emulate:
+            for ln, c in T.grid(lanes, 2):
+                acc[a, p, j, ln] = acc[a, p, j, ln] + T.Cast("int32", wb[p, i, t * 2 + c]) * T.Cast(
+                    "int32", vp[d0 + j, t, ln, c])
+        else:
+            pair = T.meta_var(T.reinterpret(wb.vload([p, i, t * 2], dtype="int16x2"), dtype="int32"))
+            if vnni:
+                acc[a, p, j, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+                    vpdpwssd, acc.vload([a, p, j, 0], dtype="int32x16"),
+                    T.reinterpret(T.broadcast(pair, 16), dtype="int16x32"),
+                    vp.vload([d0 + j, t, 0, 0], dtype="int16x32"), dtype="int32x16")
+            else:
+                acc[a, p, j, T.ramp(0, 1, lanes)] = acc.vload([a, p, j, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                    pmaddwd, T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
+                    vp.vload([d0 + j, t, 0, 0], dtype="int16x16"), dtype="int32x8")
+
+    @T.macro
+    def logits(q, qk_zp, qk_scale, qa, kp, qsum, kterm, L, acc, b, m0):
+        """L[i, n] = the logits of rows m0 + i (`qbmm`'s arithmetic), tiles of RB rows x kt key blocks (the last
+        tile at nb − kt)."""
+        if vnni:
+            for i in range(RB):
+                qsum[i] = 0
+                for d in range(D):
+                    qsum[i] = qsum[i] + T.Cast("int32", q[b, m0 + i, d])
+        else:
+            for i in range(RB):
+                for d in T.vectorized(D):
+                    qa[i, d] = T.Cast("int16", T.Cast("int32", q[b, m0 + i, d]) - qk_zp[0])
+        for t in range(-(-nb // kt)):
+            for i, j, ln in T.grid(RB, kt, lanes):
+                acc[i, j, ln] = 0
+            for s in range(steps):
+                for i in T.unroll(RB):
+                    for j in T.unroll(kt):
+                        qk_step(acc, i, j, qa, q, kp, b, m0 + i, s, T.min(t * kt, nb - kt))
+            for i in T.unroll(RB):
+                for j in T.unroll(kt):
+                    for ln in T.vectorized(lanes):
+                        if vnni:
+                            L[i, (T.min(t * kt, nb - kt) + j) * lanes + ln] = T.Cast(
+                                "float32", acc[i, j, ln] + (128 - qk_zp[1]) * qsum[i]
+                                - kterm[(T.min(t * kt, nb - kt) + j) * lanes + ln]) * qk_scale[0]
+                        else:
+                            L[i, (T.min(t * kt, nb - kt) + j) * lanes + ln] = T.Cast("float32", acc[i, j, ln]) \
+                                * qk_scale[0]
+
+    @T.macro
+    def attn_v(wb, vp, v_zp, v_scale, out, acc, b, m0):
+        """out rows m0 .. m0 + RB − 1 from the block's weight planes: tiles of AV_ROWS rows x db d blocks."""
+        for r0, dt in T.grid(RB // AV_ROWS, d_blocks // db):
+            for a, p, j, ln in T.grid(AV_ROWS, planes, db, lanes):
+                acc[a, p, j, ln] = 0
+            for t in range(n_p // 2):
+                for p in T.unroll(planes):
+                    for a in T.unroll(AV_ROWS):
+                        for j in T.unroll(db):
+                            av_step(acc, a, p, j, wb, r0 * AV_ROWS + a, t, vp, dt * db)
+            for a in T.unroll(AV_ROWS):
+                for j in T.unroll(db):
+                    for ln in T.vectorized(lanes):
+                        total = T.meta_var(_acc_total(_TileSums(acc), b, a, (j, ln), planes, parities, f))
+                        out[b, m0 + r0 * AV_ROWS + a, (dt * db + j) * lanes + ln] = to_float32(total, not vnni) \
+                            * v_scale[0]
+
+    @T.macro
+    def plane_weights(codes, wb, i, c, p):
+        for ln in T.vectorized(VECTOR):
+            wb[p, i, c * VECTOR + ln] = plane_weight(codes[i, c * VECTOR + ln], p, sqrt2, f, groups)
+
+    @T.macro
+    def weights(codes, wb):
+        """Each plane's int16 weights of the block's codes; the planes are constants in the code (a plane loop
+        evaluated every plane's selects at run time)."""
+        for i, c in T.grid(RB, n_r // VECTOR):
+            plane_weights(codes, wb, i, c, 0)
+            if planes > 1:
+                plane_weights(codes, wb, i, c, 1)
+            if planes > 2:
+                plane_weights(codes, wb, i, c, 2)
+
+    k_dtype = "int8" if vnni else "int16"
+
+    @T.prim_func
+    def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
+             qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
+             v_scale: T.Buffer((1,), "float32"), out: T.Buffer((Bt, M, D), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for b in T.parallel(Bt):
+            kp = T.alloc_buffer((nb, steps, lanes, kpack), k_dtype, scope="local")  # keys = lanes
+            kterm = T.alloc_buffer((nb * lanes,), "int32", scope="local")
+            qsum = T.alloc_buffer((RB,), "int32", scope="local")
+            qa = T.alloc_buffer((RB, D), "int16", scope="local")  # the block's q − z_q (avx2_i16)
+            vp = T.alloc_buffer((d_blocks, n_p // 2, lanes, 2), "int16", scope="local")  # v − z_v, token pairs
+            L = T.alloc_buffer((RB, n_r), "float32", scope="local")
+            codes = T.alloc_buffer((RB, n_r), "int32", scope="local")
+            wb = T.alloc_buffer((planes, RB, n_r), "int16", scope="local")
+            part = T.alloc_buffer((RB, VECTOR), "float32", scope="local")
+            row = T.alloc_buffer((RB, 3), "float32", scope="local")  # max, sum, code bias
+            acc_qk = T.alloc_buffer((RB, kt, lanes), "int32", scope="local")
+            acc_av = T.alloc_buffer((AV_ROWS, planes, db, lanes), "int32", scope="local")
+            for n0, s, ln, c in T.grid(nb, steps, lanes, kpack):
+                if vnni:  # u8 k − 128 as s8; 0 past N
+                    kp[n0, s, ln, c] = T.if_then_else(
+                        n0 * lanes + ln < N, T.Cast("int8", T.Cast("int32", k[b, T.min(n0 * lanes + ln, N - 1),
+                                                                               s * kpack + c]) - 128), T.int8(0))
+                else:
+                    kp[n0, s, ln, c] = T.if_then_else(
+                        n0 * lanes + ln < N, T.Cast("int16", T.Cast("int32", k[b, T.min(n0 * lanes + ln, N - 1),
+                                                                                s * kpack + c]) - qk_zp[1]),
+                        T.int16(0))
+            if vnni:  # the zero points' column term z_q·(Σ_d k − z_k·D)
+                for n in range(nb * lanes):
+                    kterm[n] = 0
+                    if n < N:
+                        for d in range(D):
+                            kterm[n] = kterm[n] + T.Cast("int32", k[b, n, d])
+                        kterm[n] = qk_zp[0] * (kterm[n] - qk_zp[1] * D)
+            for d0, t, ln, c in T.grid(d_blocks, n_p // 2, lanes, 2):
+                vp[d0, t, ln, c] = T.if_then_else(
+                    t * 2 + c < N, T.Cast("int16", T.Cast("int32", v[b, T.min(t * 2 + c, N - 1), d0 * lanes + ln])
+                                          - v_zp[0]), T.int16(0))
+            for i, n in T.grid(RB, n_r):
+                L[i, n] = T.float32(0)
+            for blk in range(-(-M // RB)):
+                logits(q, qk_zp, qk_scale, qa, kp, qsum, kterm, L, acc_qk, b, T.min(blk * RB, M - RB))
+                softmax_codes(L, codes, part, row, 0)
+                weights(codes, wb)
+                attn_v(wb, vp, v_zp, v_scale, out, acc_av, b, T.min(blk * RB, M - RB))
+
+    return main.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+
+
+def attention_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
+    """The fused attention kernel of a spec, AMX (`attention_amx`) or vector (this module), by its variant."""
+    if spec["variant"] == "amx":
+        return attention_amx_func(spec, emulate)
+    return attention_vector_func(spec, emulate)

@@ -1,0 +1,72 @@
+"""The fused vector attention (`kernels/attention_vector`): bit for bit the three kernels it replaces (q@kᵀ, the
+fused softmax → log√2 weights, attn @ V), through its emulation on any CPU, natively for AVX2 (every CPU this project
+runs on has it) and for AVX-512 VNNI where the CPU has it; its instructions in the assembly on any CPU."""
+
+import numpy as np
+import pytest
+import tvm
+from test_kernel_attention_amx import CASES, _build, _tensors, _unfused
+
+from repq_tvm import targets
+from repq_tvm.kernels import attention_vector as A
+from repq_tvm.reference import ops
+
+PRESET = {"avx2_i16": "x86_64-avx2", "vnni": "x86_64-avx512-vnni"}
+HOST = targets.tvm_target("x86_64-avx2", 1)
+HAS = {"avx2_i16": "avx2" in targets.host_flags(), "vnni": {"avx512f", "avx512_vnni"} <= targets.host_flags()}
+# the AMX kernel's cases, plus rows and keys of fewer than a block (4 rows, 5 keys: one partial key block)
+VECTOR_CASES = [*CASES, (3, 4, 5, 64, 8, True, 8), (1, 9, 17, 16, 8, True, 8)]
+
+
+def _spec(bt, m, n, d, bits, sqrt2, v_bits, variant):
+    f = ops.attn_frac_bits(n, v_bits)
+    return A.attention_spec(bt, m, n, d, scale=0.0073, bits=bits, sqrt2=sqrt2, f=f,
+                            groups=ops.attn_groups(bits, f, sqrt2), v_bits=v_bits, variant=variant)
+
+
+@pytest.mark.parametrize("mode", ["emulated", "native"])
+@pytest.mark.parametrize("variant", ["avx2_i16", "vnni"])
+@pytest.mark.parametrize("bt,m,n,d,bits,sqrt2,v_bits", VECTOR_CASES)
+def test_fused_vector_attention_equals_the_three_kernels(mode, variant, bt, m, n, d, bits, sqrt2, v_bits):
+    if mode == "native" and not HAS[variant]:
+        pytest.skip(f"this CPU cannot run {PRESET[variant]}: the kernel is checked through its emulation and its asm")
+    if not A.fits(m, n, d, variant):
+        pytest.skip(f"{variant} takes no D={d} (not whole vectors): the three kernels stay")
+    rng = np.random.default_rng(bits + n)
+    spec = _spec(bt, m, n, d, bits, sqrt2, v_bits, variant)
+    q, k = rng.integers(0, 256, (bt, m, d)).astype(np.uint8), rng.integers(0, 256, (bt, n, d)).astype(np.uint8)
+    v = rng.integers(0, 2 ** v_bits, (bt, n, d)).astype(np.uint8)
+    qk_zp = rng.integers(0, 256, 2).astype(np.int32)
+    v_zp = rng.integers(0, 2 ** v_bits, 1).astype(np.int32)
+    qk_scale, v_scale = np.array([9e-4], np.float32), np.array([3e-6], np.float32)  # logits of spread ~±10
+    target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
+    fused = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
+    out = tvm.runtime.tensor(np.empty((bt, m, d), np.float32))
+    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale), out)
+    expected = _unfused(bt, m, n, d, spec["scale"], bits, sqrt2, spec["f"], spec["groups"], v_bits, q, k, v, qk_zp,
+                        qk_scale, v_zp, v_scale)
+    assert np.array_equal(out.numpy(), expected)
+
+
+@pytest.mark.parametrize("variant,instructions", [("avx2_i16", ("vpmaddwd",)), ("vnni", ("vpdpbusd", "vpdpwssd"))])
+def test_fused_vector_attention_asm_on_any_cpu(variant, instructions):
+    """Built for the variant's preset on any host: both products on the variant's dot products, the logits' and
+    attn @ V's accumulators in registers (no stack traffic in the dot-product loops)."""
+    asm = tvm.compile(tvm.IRModule({"main": A.attention_vector_func(_spec(6, 197, 197, 64, 8, True, 8, variant))}),
+                      target=targets.tvm_target(PRESET[variant], 1)).mod.inspect_source("asm")
+    assert all(i in asm for i in instructions)
+    loops = [block for block in asm.split("\n.LBB") if instructions[-1] in block and "jne" in block]
+    assert loops and not any("(%rsp)" in line for block in loops for line in block.splitlines()
+                             if instructions[-1] in line or "vpaddd" in line)
+
+
+def test_variants_and_what_the_kernel_refuses():
+    assert A.variant_for(targets.tvm_target("x86_64-avx512-vnni")) == "vnni"
+    assert A.variant_for(targets.tvm_target("x86_64-avx2")) == "avx2_i16"
+    assert A.variant_for(targets.tvm_target("aarch64-neon-dotprod")) is None
+    assert A.fits(197, 197, 64, "vnni") and not A.fits(3, 197, 64, "vnni") and not A.fits(197, 197, 24, "vnni")
+    assert A.fits(4, 1, 8, "avx2_i16")
+    with pytest.raises(ValueError, match="the vnni attention needs M >= 4 and D % 16 == 0, got M=40, D=24"):
+        A.attention_vector_func(_spec(1, 40, 45, 24, 8, True, 8, "vnni"))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        A.attention_vector_func({**_spec(1, 40, 45, 64, 8, True, 8, "vnni"), "variant": "sse"})
