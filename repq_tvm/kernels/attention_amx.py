@@ -37,10 +37,7 @@ from tvm.script import tirx as T
 
 from ..reference import ops
 from ..reference.ops import attn_planes
-from . import (
-    epilogue,
-    macro_lookup,  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
-)
+from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 from .attn_v import HI_SHIFT, _acc_total, _check_args, weight_bands
 from .attn_v_amx import _PlaneSums, band_byte
 from .log_weights import VECTOR, plane_weight, softmax_codes_macro
