@@ -119,3 +119,18 @@ def test_roofline_summary_puts_the_run_against_the_peaks():
         in text
     # nothing measured (--no peaks, or no integer kernel): no summary
     assert profile.roofline_summary({**result, "peak": {"families": {}}}) == {}
+
+
+def test_kernel_groups_sum_the_copies_of_one_kind():
+    """Per-block copies group by kind: TVM's fused copies, fc1's GELU epilogues and the fused attentions (one per
+    block: their constants differ); shared integer kernels keep their shapes and bit widths in the name."""
+    from repq_tvm.deploy.profile import kernel_group
+
+    assert kernel_group("fused_softmax_log_codes7") == kernel_group("fused_softmax_log_codes") == \
+        "fused_softmax_log_codes"
+    gelu = "repq_qdense_avx2_i16_197x1536x384_a8w8_gelu"
+    assert kernel_group(gelu + "0") == kernel_group(gelu + "11") == gelu
+    att = "repq_attention_avx2_i16_6x197x197x64_sqrt2_b8_g2_v8_f14"
+    assert kernel_group(att) == kernel_group(att + "10") == att[:-2]
+    assert kernel_group("repq_qdense_vnni_197x384x384_a8w8_res0") == "repq_qdense_vnni_197x384x384_a8w8_res"
+    assert kernel_group("repq_qbmm_avx2_i16_6x197x197x64_nd") == "repq_qbmm_avx2_i16_6x197x197x64_nd"

@@ -174,9 +174,11 @@ def kernel_family(symbol: str, int8_dot: str | None) -> str | None:
 
 def kernel_group(symbol: str) -> str:
     """The kind of a kernel: TVM names each fused copy apart (``fused_softmax_log_codes7``, one per block)
-    so their counters go; integer kernels are shared per shape already and keep their names."""
+    so their counters go.  Integer kernels are shared per shape, but those whose constants differ per block
+    (fc1's GELU epilogue ``…_gelu7``, the fused attention's softmax scale ``…_f14``, ``…_f147``) are one per
+    block too: only their last number goes."""
     if symbol.startswith(INTEGER_PREFIXES):
-        return symbol
+        return re.sub(r"(?<=[a-z])\d+$", "", symbol)
     return re.sub(r"(?<=[a-z])\d+(?=_|$)", "", symbol)
 
 
