@@ -90,7 +90,7 @@ def artifact_size(result: dict) -> str:
 def _fused(result: dict) -> str:
     """The attentions whose three kernels became one (`passes.fused_attention`), if any."""
     n = result.get("fused_attention", 0)
-    return f", {n} of them fused with the softmax in one kernel each" if n else ""
+    return f" ({n} attentions as one kernel each: q@kᵀ, softmax, attn@V)" if n else ""
 
 
 def cmd_compile(args) -> dict:

@@ -80,3 +80,31 @@ def test_variants_and_what_the_kernel_refuses():
         A.attention_vector_func(_spec(1, 40, 45, 24, 8, True, 8, "vnni"))
     with pytest.raises(ValueError, match="variant must be one of"):
         A.attention_vector_func({**_spec(1, 40, 45, 64, 8, True, 8, "vnni"), "variant": "sse"})
+
+
+@pytest.mark.parametrize("variant,mode", [("avx2_i16", "native"), ("vnni", "emulated")])
+@pytest.mark.parametrize("batch,heads,t,d,bits", [(2, 3, 45, 64, 8), (1, 4, 65, 32, 4)])
+def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batch, heads, t, d, bits):
+    """With ``qkv`` the kernel reads the qkv projection's float output [batch·T, 3·H·D] and quantizes each head's
+    q, k and v itself: the same output as the kernel on the codes of `reference.ops.quantize` (the unfused
+    quantizers, round half to even), taken in head layout."""
+    if not A.fits(t, t, d, variant):
+        pytest.skip(f"{variant} takes no D={d}")
+    rng = np.random.default_rng(t)
+    y = (rng.standard_normal((batch * t, 3 * heads * d)) * 2).astype(np.float32)
+    quantizers = [(0.031, 131, 2 ** bits - 1), (0.027, 120, 2 ** bits - 1), (0.05, 2 ** (bits - 1), 2 ** bits - 1)]
+    heads_of = y.reshape(batch, t, 3, heads, d).transpose(2, 0, 3, 1, 4).reshape(3, batch * heads, t, d)
+    q, k, v = (ops.quantize(heads_of[i], s, z, bits).astype(np.uint8) for i, (s, z, _) in enumerate(quantizers))
+    qk_zp = np.array([quantizers[0][1], quantizers[1][1]], np.int32)
+    v_zp, qk_scale, v_scale = np.array([quantizers[2][1]], np.int32), np.array([9e-4], np.float32), np.array([3e-6],
+                                                                                                                np.float32)
+    spec = _spec(batch * heads, t, t, d, bits, True, bits, variant)
+    target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
+    plain = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
+    fused = _build(A.attention_vector_func({**spec, "qkv": {"heads": heads, "codes": quantizers}},
+                                           emulate=mode == "emulated"), target)
+    expected, out = (tvm.runtime.tensor(np.empty((batch * heads, t, d), np.float32)) for _ in range(2))
+    plain(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale), expected)
+    fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale), out)
+    assert np.array_equal(out.numpy(), expected.numpy())
+    assert np.abs(expected.numpy()).max() > 0

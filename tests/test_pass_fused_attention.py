@@ -87,3 +87,63 @@ def test_left_alone_when_the_logits_have_another_reader():
     fuse = FuseAttention(AMX)
     tvm.ir.assert_structural_equal(fuse(before), before)
     assert fuse.rewritten == 0
+
+
+B, H = 2, 3  # BT = B·H heads of one qkv output
+QUANTIZERS = [(0.031, 3, 255), (0.027, 130, 255), (0.05, 7, 255)]  # q, k, v: the zero points of QK_PARAMS, V_PARAMS
+
+
+def _before_qkv(target, zps=(3, 130, 7)) -> tvm.IRModule:
+    """The attention of a qkv output x [B·T, 3·H·D] as the model has it: heads moved, thirds sliced, quantized."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((B * M, 3 * H * D), "float32"))
+    qk = bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk")
+    lw = bb.add_func(log_weights_primfunc((BT, M, N), S_ATTN, BITS, True, F, GROUPS, target, softmax=True)[0], "lw")
+    av = bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            p = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, [B, M, 3, H, D])), [2, 0, 3, 1, 4]))
+            codes = []
+            for i, ((s, _, _), z) in enumerate(zip(QUANTIZERS, zps)):
+                third = bb.emit(relax.op.squeeze(bb.emit(relax.op.strided_slice(p, [0], [i], [i + 1])), [0]))
+                c = bb.emit(relax.op.quantize(third, relax.const(s, "float32"), relax.const(z, "int8" if z < 128
+                                                                                            else "uint8"), -1, "uint8"))
+                codes.append(bb.emit(relax.op.reshape(c, [BT, M, D])))
+            y = bb.emit(relax.call_tir(qk, relax.Tuple([codes[0], codes[1], *QK_PARAMS]),
+                                       relax.TensorType((BT, M, N), "float32")))
+            w = bb.emit(relax.call_tir(lw, relax.Tuple([y]), relax.TensorType((BT, PLANES, M, padded_tokens(N)),
+                                                                            "int16")))
+            o = bb.emit_output(relax.call_tir(av, relax.Tuple([w, codes[2], *V_PARAMS]),
+                                              relax.TensorType((BT, M, D), "float32")))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def test_before_after_q_k_v_quantized_in_the_fused_kernel():
+    """The vector kernel takes the qkv output itself: slices, head moves and quantizers go (one kernel call)."""
+    avx2 = targets.tvm_target("x86_64-avx2")
+    spec = {**A.attention_spec(BT, M, N, D, scale=S_ATTN, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
+            "variant": "avx2_i16", "qkv": {"heads": H, "codes": [[float(np.float32(s)), z, top] for s, z, top in QUANTIZERS]}}
+    name = A.kernel_name(spec)
+    assert name.endswith("_qkv")
+    kernel = attention_vector.attention_func(spec).with_attr("global_symbol", name).with_attr(
+        "tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((B * M, 3 * H * D), "float32"))
+    fused = bb.add_func(kernel, name)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            o = bb.emit_output(relax.call_tir(fused, relax.Tuple([x, QK_PARAMS[0], QK_PARAMS[1], *V_PARAMS]),
+                                              relax.TensorType((BT, M, D), "float32")))
+        bb.emit_func_output(o)
+    fuse = FuseAttention(avx2)
+    tvm.ir.assert_structural_equal(fuse(_before_qkv(avx2)), bb.get())
+    assert fuse.rewritten == 1
+
+
+def test_q_k_v_stay_codes_when_a_zero_point_differs_from_the_kernels():
+    """Quantizers whose zero point is not the one the attention kernels were given: the codes stay inputs."""
+    avx2 = targets.tvm_target("x86_64-avx2")
+    out = FuseAttention(avx2)(_before_qkv(avx2, zps=(3, 131, 7)))
+    (call,) = [b.value for b in out["main"].body.blocks[0].bindings if "repq_attention" in str(b.value.args[0])]
+    assert len(call.args[1].fields) == 7 and not out.get_global_var(call.args[0].name_hint).name_hint.endswith("_qkv")

@@ -26,6 +26,12 @@ float32 ``[Bt, M, D]``.  Heads run in parallel; each packs its k and V first (O(
 blocks of 4 (the last at M − 4: its rows are computed again, with the same values).  Shapes it takes (`fits`):
 M ≥ 4, D a multiple of the vector's int32 lanes (8 / 16).
 
+With ``qkv`` in the spec ({"heads": H, "codes": three (scale, zero point, top)}), the kernel reads the qkv
+projection's float output instead, ``main(y, qk_zp, qk_scale, v_zp, v_scale, out)`` with y float32
+[batch·T, 3·H·D] (Bt = batch·H, M = N = T), and quantizes head b's q, k and v itself (`epilogue.codes`: the
+unfused quantizer's operations): k and v once per head into local codes, q per row block.  Why: otherwise three
+kernels per block slice, move and quantize them (`passes.qkv_head_split`), writing and reading the codes again.
+
 ``emulate=True``: plain loops instead of the dot-product instructions (any CPU: the VNNI variant's arithmetic is
 tested where the CPU has no AVX-512).
 """
@@ -39,6 +45,7 @@ from tvm.script import tirx as T
 
 from ..reference.ops import attn_planes
 from ..targets import target_has
+from . import epilogue
 from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 from .attention_amx import (
     attention_amx_func,
@@ -113,18 +120,43 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     nb, steps, d_blocks = -(-N // lanes), D // kpack, D // lanes
     kt = min(kt, nb)  # key blocks per q @ kᵀ tile
     db = av_blocks(D, variant, planes)
+    qkv = spec.get("qkv")
+    if qkv is not None:
+        heads, quantizers = qkv["heads"], [tuple(c) for c in qkv["codes"]]
+        batch = Bt // heads
+        if batch * heads != Bt or M != N:
+            raise ValueError(f"q, k and v from one qkv output need Bt = batch x {heads} heads and M = N, got Bt={Bt}, "
+                             f"M={M}, N={N}")
+
+        def qkv_code(y, third, b, n, d):
+            """The code of token n, column d of head b's q (third 0), k (1) or v (2): the unfused quantizer of y."""
+            return epilogue.codes(y[(b // heads) * N + n, (third * heads + b % heads) * D + d], *quantizers[third])
+
+        def q_at(y, b, m, d):
+            return qkv_code(y, 0, b, m, d)
+
+        def k_at(kc, b, n, d):
+            return kc[n, d]
+    else:
+        def q_at(q, b, m, d):
+            return q[b, m, d]
+
+        def k_at(k, b, n, d):
+            return k[b, n, d]
+
+    v_at = k_at
     softmax_codes = softmax_codes_macro(N, parities, spec["scale"], top, RB)
     pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
     vpdpwssd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512")
 
     @T.macro
-    def qk_step(acc, i, j, qa, q8, kp, b, m, s, n0):
-        """acc[i, j] += row m's depth step s (kpack values of d) x key block n0 + j."""
+    def qk_step(acc, i, j, qa, qc, kp, s, n0):
+        """acc[i, j] += block row i's depth step s (kpack values of d) x key block n0 + j."""
         if emulate:
             for ln, c in T.grid(lanes, kpack):
                 if vnni:
-                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", q8[b, m, s * kpack + c]) * T.Cast(
+                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", qc[i, s * kpack + c]) * T.Cast(
                         "int32", kp[n0 + j, s, ln, c])
                 else:
                     acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", qa[i, s * kpack + c]) * T.Cast(
@@ -132,7 +164,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         elif vnni:  # q's 4 u8 codes as one word, broadcast
             acc[i, j, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
                 vpdpbusd, acc.vload([i, j, 0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(q8.vload([b, m, s * 4], dtype="uint8x4"), dtype="int32"), 16),
+                T.reinterpret(T.broadcast(T.reinterpret(qc.vload([i, s * 4], dtype="uint8x4"), dtype="int32"), 16),
                               dtype="uint8x64"),
                 kp.vload([n0 + j, s, 0, 0], dtype="int8x64"), dtype="int32x16")
         else:
@@ -161,25 +193,28 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                     vp.vload([d0 + j, t, 0, 0], dtype="int16x16"), dtype="int32x8")
 
     @T.macro
-    def logits(q, qk_zp, qk_scale, qa, kp, qsum, kterm, L, acc, b, m0):
+    def logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc, b, m0):
         """L[i, n] = the logits of rows m0 + i (`qbmm`'s arithmetic), tiles of RB rows x kt key blocks (the last
         tile at nb − kt)."""
+        for i in range(RB):
+            for d in T.vectorized(D):
+                qc[i, d] = q_at(q, b, m0 + i, d)
         if vnni:
             for i in range(RB):
                 qsum[i] = 0
                 for d in range(D):
-                    qsum[i] = qsum[i] + T.Cast("int32", q[b, m0 + i, d])
+                    qsum[i] = qsum[i] + T.Cast("int32", qc[i, d])
         else:
             for i in range(RB):
                 for d in T.vectorized(D):
-                    qa[i, d] = T.Cast("int16", T.Cast("int32", q[b, m0 + i, d]) - qk_zp[0])
+                    qa[i, d] = T.Cast("int16", T.Cast("int32", qc[i, d]) - qk_zp[0])
         for t in range(-(-nb // kt)):
             for i, j, ln in T.grid(RB, kt, lanes):
                 acc[i, j, ln] = 0
             for s in range(steps):
                 for i in T.unroll(RB):
                     for j in T.unroll(kt):
-                        qk_step(acc, i, j, qa, q, kp, b, m0 + i, s, T.min(t * kt, nb - kt))
+                        qk_step(acc, i, j, qa, qc, kp, s, T.min(t * kt, nb - kt))
             for i in T.unroll(RB):
                 for j in T.unroll(kt):
                     for ln in T.vectorized(lanes):
@@ -227,52 +262,75 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
 
     k_dtype = "int8" if vnni else "int16"
 
-    @T.prim_func
-    def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
-             qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
-             v_scale: T.Buffer((1,), "float32"), out: T.Buffer((Bt, M, D), "float32")):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        for b in T.parallel(Bt):
-            kp = T.alloc_buffer((nb, steps, lanes, kpack), k_dtype, scope="local")  # keys = lanes
-            kterm = T.alloc_buffer((nb * lanes,), "int32", scope="local")
-            qsum = T.alloc_buffer((RB,), "int32", scope="local")
-            qa = T.alloc_buffer((RB, D), "int16", scope="local")  # the block's q − z_q (avx2_i16)
-            vp = T.alloc_buffer((d_blocks, n_p // 2, lanes, 2), "int16", scope="local")  # v − z_v, token pairs
-            L = T.alloc_buffer((RB, n_r), "float32", scope="local")
-            codes = T.alloc_buffer((RB, n_r), "int32", scope="local")
-            wb = T.alloc_buffer((planes, RB, n_r), "int16", scope="local")
-            part = T.alloc_buffer((RB, VECTOR), "float32", scope="local")
-            row = T.alloc_buffer((RB, 3), "float32", scope="local")  # max, sum, code bias
-            acc_qk = T.alloc_buffer((RB, kt, lanes), "int32", scope="local")
-            acc_av = T.alloc_buffer((AV_ROWS, planes, db, lanes), "int32", scope="local")
-            for n0, s, ln, c in T.grid(nb, steps, lanes, kpack):
-                if vnni:  # u8 k − 128 as s8; 0 past N
-                    kp[n0, s, ln, c] = T.if_then_else(
-                        n0 * lanes + ln < N, T.Cast("int8", T.Cast("int32", k[b, T.min(n0 * lanes + ln, N - 1),
-                                                                               s * kpack + c]) - 128), T.int8(0))
-                else:
-                    kp[n0, s, ln, c] = T.if_then_else(
-                        n0 * lanes + ln < N, T.Cast("int16", T.Cast("int32", k[b, T.min(n0 * lanes + ln, N - 1),
-                                                                                s * kpack + c]) - qk_zp[1]),
-                        T.int16(0))
-            if vnni:  # the zero points' column term z_q·(Σ_d k − z_k·D)
-                for n in range(nb * lanes):
-                    kterm[n] = 0
-                    if n < N:
-                        for d in range(D):
-                            kterm[n] = kterm[n] + T.Cast("int32", k[b, n, d])
-                        kterm[n] = qk_zp[0] * (kterm[n] - qk_zp[1] * D)
-            for d0, t, ln, c in T.grid(d_blocks, n_p // 2, lanes, 2):
-                vp[d0, t, ln, c] = T.if_then_else(
-                    t * 2 + c < N, T.Cast("int16", T.Cast("int32", v[b, T.min(t * 2 + c, N - 1), d0 * lanes + ln])
-                                          - v_zp[0]), T.int16(0))
-            for i, n in T.grid(RB, n_r):
-                L[i, n] = T.float32(0)
-            for blk in range(-(-M // RB)):
-                logits(q, qk_zp, qk_scale, qa, kp, qsum, kterm, L, acc_qk, b, T.min(blk * RB, M - RB))
-                softmax_codes(L, codes, part, row, 0)
-                weights(codes, wb)
-                attn_v(wb, vp, v_zp, v_scale, out, acc_av, b, T.min(blk * RB, M - RB))
+    @T.macro
+    def head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b):
+        """Head b: pack its k and V, then its row blocks (q, k, v: the kernel's inputs or the head's codes,
+        read through `q_at` / `k_at` / `v_at`)."""
+        kp = T.alloc_buffer((nb, steps, lanes, kpack), k_dtype, scope="local")  # keys = lanes
+        kterm = T.alloc_buffer((nb * lanes,), "int32", scope="local")
+        qsum = T.alloc_buffer((RB,), "int32", scope="local")
+        qc = T.alloc_buffer((RB, D), "uint8", scope="local")  # the block's q codes
+        qa = T.alloc_buffer((RB, D), "int16", scope="local")  # the block's q − z_q (avx2_i16)
+        vp = T.alloc_buffer((d_blocks, n_p // 2, lanes, 2), "int16", scope="local")  # v − z_v, token pairs
+        L = T.alloc_buffer((RB, n_r), "float32", scope="local")
+        codes = T.alloc_buffer((RB, n_r), "int32", scope="local")
+        wb = T.alloc_buffer((planes, RB, n_r), "int16", scope="local")
+        part = T.alloc_buffer((RB, VECTOR), "float32", scope="local")
+        row = T.alloc_buffer((RB, 3), "float32", scope="local")  # max, sum, code bias
+        acc_qk = T.alloc_buffer((RB, kt, lanes), "int32", scope="local")
+        acc_av = T.alloc_buffer((AV_ROWS, planes, db, lanes), "int32", scope="local")
+        for n0, s, ln, c in T.grid(nb, steps, lanes, kpack):
+            if vnni:  # u8 k − 128 as s8; 0 past N
+                kp[n0, s, ln, c] = T.if_then_else(
+                    n0 * lanes + ln < N, T.Cast("int8", T.Cast("int32", k_at(k, b, T.min(n0 * lanes + ln, N - 1),
+                                                                             s * kpack + c)) - 128), T.int8(0))
+            else:
+                kp[n0, s, ln, c] = T.if_then_else(
+                    n0 * lanes + ln < N, T.Cast("int16", T.Cast("int32", k_at(k, b, T.min(n0 * lanes + ln, N - 1),
+                                                                              s * kpack + c)) - qk_zp[1]),
+                    T.int16(0))
+        if vnni:  # the zero points' column term z_q·(Σ_d k − z_k·D)
+            for n in range(nb * lanes):
+                kterm[n] = 0
+                if n < N:
+                    for d in range(D):
+                        kterm[n] = kterm[n] + T.Cast("int32", k_at(k, b, n, d))
+                    kterm[n] = qk_zp[0] * (kterm[n] - qk_zp[1] * D)
+        for d0, t, ln, c in T.grid(d_blocks, n_p // 2, lanes, 2):
+            vp[d0, t, ln, c] = T.if_then_else(
+                t * 2 + c < N, T.Cast("int16", T.Cast("int32", v_at(v, b, T.min(t * 2 + c, N - 1), d0 * lanes + ln))
+                                      - v_zp[0]), T.int16(0))
+        for i, n in T.grid(RB, n_r):
+            L[i, n] = T.float32(0)
+        for blk in range(-(-M // RB)):
+            logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc_qk, b, T.min(blk * RB, M - RB))
+            softmax_codes(L, codes, part, row, 0)
+            weights(codes, wb)
+            attn_v(wb, vp, v_zp, v_scale, out, acc_av, b, T.min(blk * RB, M - RB))
+
+    if qkv is None:
+        @T.prim_func
+        def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
+                 qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
+                 v_scale: T.Buffer((1,), "float32"), out: T.Buffer((Bt, M, D), "float32")):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            for b in T.parallel(Bt):
+                head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b)
+    else:
+        @T.prim_func
+        def main(y: T.Buffer((batch * N, 3 * heads * D), "float32"), qk_zp: T.Buffer((2,), "int32"),
+                 qk_scale: T.Buffer((1,), "float32"), v_zp: T.Buffer((1,), "int32"), v_scale: T.Buffer((1,), "float32"),
+                 out: T.Buffer((Bt, M, D), "float32")):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            for b in T.parallel(Bt):
+                kc = T.alloc_buffer((N, D), "uint8", scope="local")  # the head's k and v codes
+                vc = T.alloc_buffer((N, D), "uint8", scope="local")
+                for n in range(N):
+                    for d in T.vectorized(D):
+                        kc[n, d] = qkv_code(y, 1, b, n, d)
+                    for d in T.vectorized(D):
+                        vc[n, d] = qkv_code(y, 2, b, n, d)
+                head(y, kc, vc, qk_zp, qk_scale, v_zp, v_scale, out, b)
 
     return main.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 

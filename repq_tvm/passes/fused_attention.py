@@ -11,17 +11,29 @@ arithmetic bit for bit: `kernels.attention_amx` on targets with AMX-INT8 (and AV
 has) for shapes its tiles block, else `kernels.attention_vector` on x86 targets with AVX-512 VNNI or AVX2.  Why:
 the three kernels wrote and read their intermediates (float32 logits, int16 weight planes) through memory.
 aarch64 keeps the three kernels; where y or w has another reader the match is left alone.
+
+The vector kernel also takes the model's q, k and v from the qkv projection's float output when they are its
+three thirds under their quantizers (what `qkv_head_split` would otherwise turn into three slice → head transpose
+→ quantize kernels; on AMX the qkv kernel's epilogue stores the codes, `qkv_codes_epilogue`):
+
+    p  = permute_dims(reshape*(x, [B, T, 3, H, D]), [2, 0, 3, 1, 4])
+    q  = reshape*(clip?(quantize(squeeze(strided_slice(p, [0], [0], [1]), [0]), s_q, z_q)))     k: 1, v: 2
+
+and calls the kernel on ``x`` as [B·T, 3·H·D] with the three quantizers in its spec (`epilogue.codes`, the unfused
+quantize's operations).
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
-from ..relax_util import calls_only, var_uses
+from ..relax_util import calls_only, code_bits, const_array, int_list, scalar_const, static_shape, var_uses
+from ..relax_util import is_op as is_call
 from ..targets import target_has
 from ..tuning.spaces import spec_of
 from .qdense_tail import _called
@@ -58,6 +70,64 @@ def attention_spec_of(qk: dict, lw: dict, av: dict, target) -> dict | None:
     if variant is None or not attention_vector.fits(m, n, d, variant):
         return None
     return attention_vector.attention_spec(bt, m, n, d, **quantizer, variant=variant)
+
+
+def _unreshaped(var, bound: dict, uses: dict):
+    """The value under var's reshapes (each read once), and that value's variable."""
+    while is_call(bound.get(var), "relax.reshape") and uses.get(var) == 1:
+        var = bound[var].args[0]
+    return var, bound.get(var)
+
+
+def _qkv_third(var, bound: dict, uses: dict):
+    """(p, third, (scale, zero point, top), codes' variables) when var holds the codes of one third of a qkv output
+    under its quantizer (see the module), else None."""
+    root, value = _unreshaped(var, bound, uses)
+    top = 2 ** code_bits(value) - 1
+    if is_call(value, "relax.clip"):
+        if uses.get(root) != 1 or uses.get(value.args[0]) != 1:
+            return None
+        value = bound.get(value.args[0])
+    if not is_call(value, "relax.quantize") or str(value.attrs.out_dtype) != "uint8":
+        return None
+    scale, zp = scalar_const(value.args[1]), scalar_const(value.args[2])
+    sq = bound.get(value.args[0])
+    if scale is None or zp is None or not is_call(sq, "relax.squeeze") or uses.get(value.args[0]) != 1 \
+            or [int(a) for a in (sq.attrs.axis or [])] != [0]:
+        return None
+    sl = bound.get(sq.args[0])
+    if not is_call(sl, "relax.strided_slice") or uses.get(sq.args[0]) != 1:
+        return None
+    axes, begin, end = (int_list(a) for a in sl.args[1:4])
+    strides = int_list(sl.args[4]) if len(sl.args) > 4 else [1]
+    if axes != [0] or strides != [1] or begin is None or len(begin) != 1 or end != [begin[0] + 1] \
+            or begin[0] not in (0, 1, 2):
+        return None
+    return sl.args[0], begin[0], (float(scale), int(zp), top)
+
+
+def qkv_source(q, k, v, bound: dict, uses: dict, spec: dict, zps: tuple[list[int], list[int]]):
+    """(x as [B·T, 3·H·D], the spec's ``qkv``) when q, k and v are the thirds 0, 1, 2 of one qkv output under
+    their quantizers (the zero points the kernels were given, ``zps``), else None."""
+    thirds = [_qkv_third(x, bound, uses) for x in (q, k, v)]
+    if any(t is None for t in thirds) or [t[1] for t in thirds] != [0, 1, 2] \
+            or not all(t[0].same_as(thirds[0][0]) for t in thirds):
+        return None
+    p = bound.get(thirds[0][0])
+    if not is_call(p, "relax.permute_dims") or p.attrs.axes is None or [int(a) for a in p.attrs.axes] != [2, 0, 3, 1, 4]:
+        return None
+    shape = static_shape(p.args[0])
+    x, _ = _unreshaped(p.args[0], bound, uses)
+    x_shape = static_shape(x)
+    if shape is None or len(shape) != 5 or x_shape is None or not x_shape:
+        return None
+    b, t, three, h, d = shape
+    if three != 3 or [b * h, t, t, d] != [spec["Bt"], spec["M"], spec["N"], spec["D"]] \
+            or x_shape[-1] != 3 * h * d or int(np.prod(x_shape)) != b * t * 3 * h * d \
+            or list(zps[0]) != [thirds[0][2][1], thirds[1][2][1]] or list(zps[1]) != [thirds[2][2][1]]:
+        return None
+    rows = x if list(x_shape) == [b * t, 3 * h * d] else relax.op.reshape(x, [b * t, 3 * h * d])
+    return rows, {"heads": h, "codes": [list(t[2]) for t in thirds]}
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttention")
@@ -102,6 +172,13 @@ class FuseAttention:
                 spec = attention_spec_of(*specs, self.target)
                 if spec is None:
                     return av_call
+                q, k, qk_zp, qk_scale = qk_call.args[1].fields
+                _, v, v_zp, v_scale = av_call.args[1].fields
+                zps = [const_array(qk_zp), const_array(v_zp)]
+                source = None if spec["variant"] == "amx" or any(z is None for z in zps) else qkv_source(
+                    q, k, v, bound, uses, spec, [[int(z) for z in a.reshape(-1)] for a in zps])
+                if source is not None:
+                    spec = {**spec, "qkv": source[1]}
                 key = json.dumps(spec, sort_keys=True)
                 if key not in kernels:
                     name = kernel_name(spec)
@@ -110,9 +187,8 @@ class FuseAttention:
                     kernels[key] = bb.add_func(kernel, name)
                 replaced.update(c.args[0] for c in (qk_call, lw_call, av_call))
                 self.rewritten += 1
-                q, k, qk_zp, qk_scale = qk_call.args[1].fields
-                _, v, v_zp, v_scale = av_call.args[1].fields
-                return relax.call_tir(kernels[key], relax.Tuple([q, k, qk_zp, qk_scale, v, v_zp, v_scale]),
+                args = [source[0], qk_zp, qk_scale, v_zp, v_scale] if source else [q, k, qk_zp, qk_scale, v, v_zp, v_scale]
+                return relax.call_tir(kernels[key], relax.Tuple(args),
                                       relax.TensorType((spec["Bt"], spec["M"], spec["D"]), "float32"))
 
             bb.update_func(gv, rewrite_call(_ATTN_V, calls_only(fuse), func))
