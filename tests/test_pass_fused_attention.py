@@ -147,3 +147,16 @@ def test_q_k_v_stay_codes_when_a_zero_point_differs_from_the_kernels():
     out = FuseAttention(avx2)(_before_qkv(avx2, zps=(3, 131, 7)))
     (call,) = [b.value for b in out["main"].body.blocks[0].bindings if "repq_attention" in str(b.value.args[0])]
     assert len(call.args[1].fields) == 7 and not out.get_global_var(call.args[0].name_hint).name_hint.endswith("_qkv")
+
+
+def test_amx_targets_keep_the_three_kernels_where_the_amx_kernel_does_not_fit():
+    """Head dim 32 (Swin, the ViT fixture): no AMX attention; attn @ V stays on AMX tiles rather than the vector
+    kernel (the two are not measured against each other)."""
+    from repq_tvm.passes.fused_attention import attention_spec_of
+
+    qk = {"Bt": 6, "M": 49, "N": 49, "D": 32, "b_layout": "nd"}
+    lw = {"softmax": True, "shape": [6, 49, 49], "sqrt2": True, "groups": 2, "f": 14, "scale": 0.01, "bits": 8}
+    av = {"Bt": 6, "M": 49, "N": 49, "D": 32, "epilogue": True, "parities": 2, "groups": 2, "f": 14, "v_bits": 8}
+    assert attention_spec_of(qk, lw, av, AMX) is None
+    assert attention_spec_of(qk, lw, av, targets.tvm_target("x86_64-avx512-vnni"))["variant"] == "vnni"
+    assert attention_spec_of({**qk, "D": 64}, lw, {**av, "D": 64}, AMX)["variant"] == "amx"
