@@ -58,6 +58,11 @@ def test_integer_kernel_macs_from_shapes():
                                                                       (bt, m, n)]) == bt * m * n * d
     assert profile.kernel_macs("repq_attn_v_vnni_i16_6x197x197x64_p2g2_v8_f14",
                                [(bt, 3, m, n + 1), (bt, n, d), (1,), (1,), (bt, m, d)]) == bt * m * n * d
+    fused = "repq_attention_avx2_i16_6x197x197x64_sqrt2_b8_g2_v8_f14"  # both products: q@kᵀ and attn@V
+    assert profile.kernel_macs(fused, [(bt, m, d), (bt, n, d), (2,), (1,), (bt, n, d), (1,), (1,),
+                                       (bt, m, d)]) == 2 * bt * m * n * d
+    assert profile.kernel_macs(fused + "_qkv", [(2 * 197, 3 * 3 * d), (2,), (1,), (1,), (1,),
+                                                (bt, m, d)]) == 2 * bt * m * m * d  # y of 2 images x 3 heads
     assert profile.kernel_macs("fused_softmax_log_codes", [(6, 197, 197), (6, 197, 197)]) is None
 
 

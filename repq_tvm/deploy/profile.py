@@ -139,7 +139,8 @@ def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
     qkv projection has three outputs ``[B, H, T, D]``: N = 3·H·D);
     qbmm ``(A [Bt, M, D], B, zp, scale, out [Bt, M, N])``: Bt*M*N*D; attention ``(W [Bt, planes, M, Np],
     V [Bt, N, D], zp, scale, out [Bt, M, D])``: the useful Bt*M*N*D (the kernel runs one dot product per plane);
-    the fused attention ``(q [Bt, M, D], k [Bt, N, D], ..., out [Bt, M, D])``: both products, 2*Bt*M*N*D.
+    the fused attention ``(q [Bt, M, D], k [Bt, N, D], ..., out [Bt, M, D])``: both products, 2*Bt*M*N*D; its form
+    on the qkv output ``(y [B·T, 3·H·D], ..., out [Bt, M, D])``: N = M tokens.
     """
     if symbol.startswith("repq_qdense"):
         (m, k), out = shapes[0], shapes[-1]
@@ -156,7 +157,8 @@ def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
         (bt, n, _), (_, m, d) = shapes[1], shapes[-1]
         return bt * m * n * d
     if symbol.startswith("repq_attention"):
-        (bt, m, d), (_, n, _) = shapes[0], shapes[1]
+        (bt, m, d) = shapes[-1]
+        n = shapes[1][1] if len(shapes[0]) == 3 else m  # q, k, ... or y, ... (self-attention of the qkv output)
         return 2 * bt * m * n * d
     return None
 
