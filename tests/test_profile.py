@@ -135,7 +135,9 @@ def test_kernel_groups_sum_the_copies_of_one_kind():
         "fused_softmax_log_codes"
     gelu = "repq_qdense_avx2_i16_197x1536x384_a8w8_gelu"
     assert kernel_group(gelu + "0") == kernel_group(gelu + "11") == gelu
-    att = "repq_attention_avx2_i16_6x197x197x64_sqrt2_b8_g2_v8_f14"
-    assert kernel_group(att) == kernel_group(att + "10") == att[:-2]
+    for att in ("repq_attention_avx2_i16_6x197x197x64_sqrt2_b8_g2_v8_f14_qkv",
+                "repq_attention_vnni_6x197x197x64_sqrt2_b8_g2_v8_f14_codes"):
+        assert kernel_group(att) == kernel_group(att + "10") == att
     assert kernel_group("repq_qdense_vnni_197x384x384_a8w8_res0") == "repq_qdense_vnni_197x384x384_a8w8_res"
+    assert kernel_group("repq_qdense_vnni_197x1152x384_a8w8") == "repq_qdense_vnni_197x1152x384_a8w8"
     assert kernel_group("repq_qbmm_avx2_i16_6x197x197x64_nd") == "repq_qbmm_avx2_i16_6x197x197x64_nd"

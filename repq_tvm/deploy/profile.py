@@ -177,10 +177,10 @@ def kernel_family(symbol: str, int8_dot: str | None) -> str | None:
 def kernel_group(symbol: str) -> str:
     """The kind of a kernel: TVM names each fused copy apart (``fused_softmax_log_codes7``, one per block)
     so their counters go.  Integer kernels are shared per shape, but those whose constants differ per block
-    (fc1's GELU epilogue ``…_gelu7``, the fused attention's softmax scale ``…_f14``, ``…_f147``) are one per
-    block too: only their last number goes."""
+    (fc1's GELU epilogue ``…_gelu7``, the fused attentions ``…_codes3`` / ``…_qkv3``, whose softmax scales differ)
+    are one per block too: the number after those tags goes, the shapes and bit widths (``…_a8w8``) stay."""
     if symbol.startswith(INTEGER_PREFIXES):
-        return re.sub(r"(?<=[a-z])\d+$", "", symbol)
+        return re.sub(r"(gelu|_res|_qkv|_codes)\d+$", r"\1", symbol)
     return re.sub(r"(?<=[a-z])\d+(?=_|$)", "", symbol)
 
 

@@ -100,11 +100,12 @@ def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, 
 
 
 def kernel_name(spec: dict) -> str:
-    """``repq_attention_{variant}_…``: this kernel's and `attention_vector`'s (the variant is in the spec; ``_qkv``:
-    q, k and v quantized from the qkv output in the kernel)."""
+    """``repq_attention_{variant}_…``: this kernel's and `attention_vector`'s (the variant is in the spec), ending in
+    what the kernel reads: ``_codes`` (q, k, v codes) or ``_qkv`` (the qkv output, quantized in the kernel).  A
+    word last: the numbers TVM appends to tell the per-block copies apart stay separable (`profile.kernel_group`)."""
     kind = "sqrt2" if spec["sqrt2"] else "log2"
     return (f"repq_attention_{spec['variant']}_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
-            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}" + ("_qkv" if spec.get("qkv") else ""))
+            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}" + ("_qkv" if spec.get("qkv") else "_codes"))
 
 
 def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
