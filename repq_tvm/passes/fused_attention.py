@@ -83,8 +83,8 @@ def _unreshaped(var, bound: dict, uses: dict):
 
 
 def _qkv_third(var, bound: dict, uses: dict):
-    """(p, third, (scale, zero point, top), codes' variables) when var holds the codes of one third of a qkv output
-    under its quantizer (see the module), else None."""
+    """(p, third, (scale, zero point, top)) when var holds the codes of one third of a qkv output under its
+    quantizer (see the module), else None; p is the permuted qkv output the third is sliced from."""
     root, value = _unreshaped(var, bound, uses)
     top = 2 ** code_bits(value) - 1
     if is_call(value, "relax.clip"):
