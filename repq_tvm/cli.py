@@ -14,16 +14,7 @@ import os
 import sys
 
 from . import api
-from .cli_types import (
-    host_port,
-    int_choice,
-    int_in,
-    output_file,
-    output_folder,
-    plot_file,
-    rpc_key,
-    work_folder,
-)
+from .cli_types import host_port, int_choice, int_in, output_file, output_folder, plot_file, rpc_key, work_folder
 from .errors import ReqError
 
 CALIBRATED_SUFFIX = api.CALIBRATED_SUFFIX
@@ -165,6 +156,7 @@ def cmd_run(args) -> dict:
 
 def _classify(args, runner) -> dict:
     import numpy as np
+
     from PIL import Image, UnidentifiedImageError
 
     transform = runner.transform()
