@@ -93,7 +93,7 @@ B, H = 2, 3  # BT = B·H heads of one qkv output
 QUANTIZERS = [(0.031, 3, 255), (0.027, 130, 255), (0.05, 7, 255)]  # q, k, v: the zero points of QK_PARAMS, V_PARAMS
 
 
-def _before_qkv(target, zps=(3, 130, 7)) -> tvm.IRModule:
+def _before_qkv(target, zps=(3, 130, 7), codes_read_elsewhere: bool = False) -> tvm.IRModule:
     """The attention of a qkv output x [B·T, 3·H·D] as the model has it: heads moved, thirds sliced, quantized."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((B * M, 3 * H * D), "float32"))
@@ -103,18 +103,19 @@ def _before_qkv(target, zps=(3, 130, 7)) -> tvm.IRModule:
     with bb.function("main", [x]):
         with bb.dataflow():
             p = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, [B, M, 3, H, D])), [2, 0, 3, 1, 4]))
-            codes = []
+            codes, quantized = [], []
             for i, ((s, _, _), z) in enumerate(zip(QUANTIZERS, zps)):
                 third = bb.emit(relax.op.squeeze(bb.emit(relax.op.strided_slice(p, [0], [i], [i + 1])), [0]))
                 c = bb.emit(relax.op.quantize(third, relax.const(s, "float32"), relax.const(z, "int8" if z < 128
                                                                                             else "uint8"), -1, "uint8"))
+                quantized.append(c)
                 codes.append(bb.emit(relax.op.reshape(c, [BT, M, D])))
             y = bb.emit(relax.call_tir(qk, relax.Tuple([codes[0], codes[1], *QK_PARAMS]),
                                        relax.TensorType((BT, M, N), "float32")))
             w = bb.emit(relax.call_tir(lw, relax.Tuple([y]), relax.TensorType((BT, PLANES, M, padded_tokens(N)),
                                                                             "int16")))
-            o = bb.emit_output(relax.call_tir(av, relax.Tuple([w, codes[2], *V_PARAMS]),
-                                              relax.TensorType((BT, M, D), "float32")))
+            o = relax.call_tir(av, relax.Tuple([w, codes[2], *V_PARAMS]), relax.TensorType((BT, M, D), "float32"))
+            o = bb.emit_output(relax.Tuple([o, quantized[0]]) if codes_read_elsewhere else o)
         bb.emit_func_output(o)
     return bb.get()
 
@@ -141,12 +142,15 @@ def test_before_after_q_k_v_quantized_in_the_fused_kernel():
     assert fuse.rewritten == 1
 
 
-def test_q_k_v_stay_codes_when_a_zero_point_differs_from_the_kernels():
-    """Quantizers whose zero point is not the one the attention kernels were given: the codes stay inputs."""
+@pytest.mark.parametrize("case", [{"zps": (3, 131, 7)}, {"codes_read_elsewhere": True}])
+def test_q_k_v_stay_codes_when_the_kernel_cannot_take_their_quantizers(case):
+    """A quantizer whose zero point is not the one the attention kernels were given, or q's codes read elsewhere
+    too (the kernel would quantize again what stays computed): the codes stay the kernel's inputs."""
     avx2 = targets.tvm_target("x86_64-avx2")
-    out = FuseAttention(avx2)(_before_qkv(avx2, zps=(3, 131, 7)))
-    (call,) = [b.value for b in out["main"].body.blocks[0].bindings if "repq_attention" in str(b.value.args[0])]
-    assert len(call.args[1].fields) == 7 and not out.get_global_var(call.args[0].name_hint).name_hint.endswith("_qkv")
+    out = FuseAttention(avx2)(_before_qkv(avx2, **case))
+    (call,) = [b.value for b in out["main"].body.blocks[0].bindings if "repq_attention" in str(getattr(
+        b.value, "args", [""])[0])]
+    assert len(call.args[1].fields) == 7 and call.args[0].name_hint.endswith("_codes")
 
 
 def test_amx_targets_keep_the_three_kernels_where_the_amx_kernel_does_not_fit():

@@ -26,8 +26,8 @@ quantize's operations).
 from __future__ import annotations
 
 import json
+import math
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
@@ -86,9 +86,11 @@ def _qkv_third(var, bound: dict, uses: dict):
     """(p, third, (scale, zero point, top)) when var holds the codes of one third of a qkv output under its
     quantizer (see the module), else None; p is the permuted qkv output the third is sliced from."""
     root, value = _unreshaped(var, bound, uses)
+    if uses.get(root) != 1:  # the codes have another reader: their quantizer stays, the kernel would redo it
+        return None
     top = 2 ** code_bits(value) - 1
     if is_call(value, "relax.clip"):
-        if uses.get(root) != 1 or uses.get(value.args[0]) != 1:
+        if uses.get(value.args[0]) != 1:
             return None
         value = bound.get(value.args[0])
     if not is_call(value, "relax.quantize") or str(value.attrs.out_dtype) != "uint8":
@@ -126,7 +128,7 @@ def qkv_source(q, k, v, bound: dict, uses: dict, spec: dict, zps: tuple[list[int
         return None
     b, t, three, h, d = shape
     if three != 3 or [b * h, t, t, d] != [spec["Bt"], spec["M"], spec["N"], spec["D"]] \
-            or x_shape[-1] != 3 * h * d or int(np.prod(x_shape)) != b * t * 3 * h * d \
+            or x_shape[-1] != 3 * h * d or math.prod(x_shape) != b * t * 3 * h * d \
             or list(zps[0]) != [thirds[0][2][1], thirds[1][2][1]] or list(zps[1]) != [thirds[2][2][1]]:
         return None
     rows = x if list(x_shape) == [b * t, 3 * h * d] else relax.op.reshape(x, [b * t, 3 * h * d])
