@@ -10,10 +10,11 @@ import tvm
 from test_kernel_attention_amx import CASES, _build, _tensors, _unfused
 
 from repq_tvm import targets
+from repq_tvm.kernels import attention_amx as AM
 from repq_tvm.kernels import attention_vector as A
 from repq_tvm.reference import ops
 
-PRESET = {"avx2_i16": "x86_64-avx2", "vnni": "x86_64-avx512-vnni"}
+PRESET = {"avx2_i16": "x86_64-avx2", "vnni": "x86_64-avx512-vnni", "amx": "x86_64-amx"}
 HOST = targets.tvm_target("x86_64-avx2", 1)
 HAS = {"avx2_i16": "avx2" in targets.host_flags(), "vnni": {"avx512f", "avx512_vnni"} <= targets.host_flags()}
 # the AMX kernel's cases, plus rows and keys of fewer than a block (4 rows, 5 keys: one partial key block)
@@ -108,3 +109,47 @@ def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batc
     fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale), out)
     assert np.array_equal(out.numpy(), expected.numpy())
     assert np.abs(expected.numpy()).max() > 0
+
+
+def _token_codes(heads_out, heads, scale, zp, bits, operand):
+    """`reference.ops.quantize` of float heads [B·H, T, D] in token order [B, T, H·D], as the output projection
+    reads them (``operand``: int16 code − minus)."""
+    bt, t, d = heads_out.shape
+    tokens = heads_out.reshape(bt // heads, heads, t, d).transpose(0, 2, 1, 3).reshape(bt // heads, t, heads * d)
+    codes = ops.quantize(tokens, scale, zp, bits).astype(np.int64)
+    return codes - operand[1] if operand else codes
+
+
+# the fused kernels with ``out_codes``: the vector variants (AVX2 natively, VNNI emulated) and AMX (emulated)
+OUT_CODES_KERNELS = [("avx2_i16", "native"), ("vnni", "emulated"), ("amx", "emulated")]
+
+
+@pytest.mark.parametrize("variant,mode", OUT_CODES_KERNELS)
+@pytest.mark.parametrize("heads,operand,bits", [(3, None, 8), (2, ("int16", 129), 8), (6, None, 4)])
+def test_fused_attention_stores_the_output_projections_codes(variant, mode, heads, operand, bits):
+    """With ``out_codes`` the kernel stores, in token order, the codes of the next quantizer of its float output
+    (and the int16 operand an AVX2 projection reads): those of the kernel without it, quantized by the oracle."""
+    bt, t, d = 6, 45, 64
+    inputs, expected = _case(bt, t, t, d, 8, True, 8)
+    spec = _spec(bt, t, t, d, 8, True, 8, "vnni" if variant == "amx" else variant)
+    if variant == "amx":
+        spec = {**spec, "variant": "amx"}
+    scale = float(np.abs(expected).max()) / 2 ** (bits - 1) * 1.3  # codes from 0 to 2^b − 1, a few clipped
+    top = 2 ** bits - 1
+    spec = {**spec, "out_codes": {"heads": heads, "codes": [scale, 2 ** (bits - 1), top], "operand": operand}}
+    target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
+    fused = _build(A.attention_func(spec, emulate=mode == "emulated"), target)
+    output = AM.Output(spec)
+    out = tvm.runtime.tensor(np.empty(output.shape, output.dtype))
+    fused(*_tensors(*inputs), out)
+    want = _token_codes(expected, heads, scale, 2 ** (bits - 1), bits, operand)
+    assert out.dtype == (operand[0] if operand else "uint8") and out.shape == (bt // heads, t, heads * d)
+    assert np.array_equal(out.numpy().astype(np.int64), want)
+    assert len(np.unique(want)) > 2 ** bits // 4  # the codes spread over the range, not one value
+    assert A.kernel_name(spec).endswith("_codes_out_codes")
+
+
+def test_output_codes_refuse_a_head_count_that_does_not_divide_the_batch():
+    spec = {**_spec(6, 45, 45, 64, 8, True, 8, "avx2_i16"), "out_codes": {"heads": 4, "codes": [0.1, 128, 255]}}
+    with pytest.raises(ValueError, match="out_codes needs Bt = batch x heads, got Bt=6, heads=4"):
+        A.attention_vector_func(spec)

@@ -37,7 +37,10 @@ from tvm.script import tirx as T
 
 from ..reference import ops
 from ..reference.ops import attn_planes
-from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
+from . import (
+    epilogue,
+    macro_lookup,  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
+)
 from .attn_v import HI_SHIFT, _acc_total, _check_args, weight_bands
 from .attn_v_amx import _PlaneSums, band_byte
 from .log_weights import VECTOR, plane_weight, softmax_codes_macro
@@ -56,6 +59,47 @@ from .qdense_amx import (
 
 RB = 4  # rows whose softmax reductions run interleaved (`log_weights.softmax_codes_macro`)
 TABLE = 64  # byte-table entries: code + 1 for codes −1 (none) .. 62, one `vpermb` (AVX-512 VBMI) per 64 tokens
+
+
+class Output:
+    """What a fused attention stores for its float result of head b, row m, column d (`store`).
+
+    Without ``out_codes`` in the spec: float32 ``[Bt, M, D]``, attn @ V's output.  With ``out_codes`` = {"heads": H,
+    "codes": (scale, zero point, top), "operand": None or (dtype, minus)}: the output projection's input codes in
+    token layout ``[Bt/H, M, H·D]`` (head b's column d at (b mod H)·D + d), as that layer reads them
+    (`epilogue.codes`, `epilogue.as_operand`: the unfused quantizer's and casts' operations).  Why: otherwise a
+    kernel per block moved the float heads back to token order and quantized them (`passes.attention_out_codes`).
+    """
+
+    def __init__(self, spec: dict):
+        bt, m, d, codes = spec["Bt"], spec["M"], spec["D"], spec.get("out_codes")
+        self.heads = codes["heads"] if codes else 0
+        if not codes:
+            self.shape, self.dtype = (bt, m, d), "float32"
+            return
+        if self.heads < 1 or bt % self.heads:
+            raise ValueError(f"out_codes needs Bt = batch x heads, got Bt={bt}, heads={self.heads}")
+        self.quantizer = tuple(codes["codes"])
+        self.operand = tuple(codes["operand"]) if codes.get("operand") else None
+        self.shape = (bt // self.heads, m, self.heads * d)
+        self.dtype = self.operand[0] if self.operand else "uint8"
+
+    def value(self, x):
+        """The stored value of float result ``x``."""
+        return epilogue.as_operand(epilogue.codes(x, *self.quantizer), self.operand) if self.heads else x
+
+    def store_macro(self, D: int):
+        """The macro ``store(out, b, m, d, x)``."""
+        heads, value = self.heads, self.value
+
+        @T.macro
+        def store(out, b, m, d, x):
+            if heads > 0:
+                out[b // heads, m, (b % heads) * D + d] = value(x)
+            else:
+                out[b, m, d] = x
+
+        return store
 
 
 def check_table(f: int, sqrt2: bool, groups: int) -> None:
@@ -101,11 +145,13 @@ def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, 
 
 def kernel_name(spec: dict) -> str:
     """``repq_attention_{variant}_…``: this kernel's and `attention_vector`'s (the variant is in the spec), ending in
-    what the kernel reads: ``_codes`` (q, k, v codes) or ``_qkv`` (the qkv output, quantized in the kernel).  A
+    what the kernel reads: ``_codes`` (q, k, v codes) or ``_qkv`` (the qkv output, quantized in the kernel), then
+    ``_out_codes`` where it stores the next layer's codes (`Output`).  A
     word last: the numbers TVM appends to tell the per-block copies apart stay separable (`profile.kernel_group`)."""
     kind = "sqrt2" if spec["sqrt2"] else "log2"
     return (f"repq_attention_{spec['variant']}_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
-            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}" + ("_qkv" if spec.get("qkv") else "_codes"))
+            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}" + ("_qkv" if spec.get("qkv") else "_codes")
+            + ("_out_codes" if spec.get("out_codes") else ""))
 
 
 def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
@@ -123,6 +169,8 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     pb_count, kp, n_r, top = planes * bands, ceil_to(N, K_STEP), ceil_to(N, VECTOR), 2 ** spec["bits"] - 1
     n_blocks, d_blocks, qk_steps, av_steps = -(-N // COLS), D // COLS, D // K_STEP, kp // K_STEP
     check_table(f, sqrt2, groups)
+    output = Output(spec)
+    store = output.store_macro(D)
     emu = (2, 16, 64) if emulate else (1,)
     emu_c = (4, 16, 16) if emulate else (1,)
 
@@ -226,7 +274,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                     for j in T.vectorized(COLS):
                         total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0, slot * planes), b, r, j, planes,
                                                                       parities, f))
-                        out[b, m0 + r, db * COLS + j] = T.Cast("float32", total) * v_scale[0]
+                        store(out, b, m0 + r, db * COLS + j, T.Cast("float32", total) * v_scale[0])
 
         return attn_v
 
@@ -236,7 +284,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     @T.prim_func
     def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
              qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
-             v_scale: T.Buffer((1,), "float32"), out: T.Buffer((Bt, M, D), "float32")):
+             v_scale: T.Buffer((1,), "float32"), out: T.Buffer(output.shape, output.dtype)):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         if not emulate:
             request_amx()

@@ -22,7 +22,7 @@ then per row `log_weights`' fused softmax (`log_weights.softmax_codes_macro`: sa
 
 Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
 float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]; out
-float32 ``[Bt, M, D]``.  Heads run in parallel; each packs its k and V first (O(N·D) against O(M·N·D)).  Row
+float32 ``[Bt, M, D]``, or with ``out_codes`` the output projection's codes (`attention_amx.Output`).  Heads run in parallel; each packs its k and V first (O(N·D) against O(M·N·D)).  Row
 blocks of 4 (the last at M − 4: its rows are computed again, with the same values).  Shapes it takes (`fits`):
 M ≥ 4, D a multiple of the vector's int32 lanes (8 / 16).
 
@@ -48,6 +48,7 @@ from ..targets import target_has
 from . import epilogue
 from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 from .attention_amx import (
+    Output,
     attention_amx_func,
     kernel_name,  # noqa: F401  (one naming for both fused kernels)
 )
@@ -120,6 +121,8 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     nb, steps, d_blocks = -(-N // lanes), D // kpack, D // lanes
     kt = min(kt, nb)  # key blocks per q @ kᵀ tile
     db = av_blocks(D, variant, planes)
+    output = Output(spec)
+    store = output.store_macro(D)
     qkv = spec.get("qkv")
     if qkv is not None:
         heads, quantizers = qkv["heads"], [tuple(c) for c in qkv["codes"]]
@@ -241,8 +244,8 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                 for j in T.unroll(db):
                     for ln in T.vectorized(lanes):
                         total = T.meta_var(_acc_total(_TileSums(acc), b, a, (j, ln), planes, parities, f))
-                        out[b, m0 + r0 * AV_ROWS + a, (dt * db + j) * lanes + ln] = to_float32(total, not vnni) \
-                            * v_scale[0]
+                        store(out, b, m0 + r0 * AV_ROWS + a, (dt * db + j) * lanes + ln,
+                              to_float32(total, not vnni) * v_scale[0])
 
     @T.macro
     def plane_weights(codes, wb, i, c, p):
@@ -312,7 +315,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         @T.prim_func
         def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
                  qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
-                 v_scale: T.Buffer((1,), "float32"), out: T.Buffer((Bt, M, D), "float32")):
+                 v_scale: T.Buffer((1,), "float32"), out: T.Buffer(output.shape, output.dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             for b in T.parallel(Bt):
                 head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b)
@@ -320,7 +323,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         @T.prim_func
         def main(y: T.Buffer((batch * N, 3 * heads * D), "float32"), qk_zp: T.Buffer((2,), "int32"),
                  qk_scale: T.Buffer((1,), "float32"), v_zp: T.Buffer((1,), "int32"), v_scale: T.Buffer((1,), "float32"),
-                 out: T.Buffer((Bt, M, D), "float32")):
+                 out: T.Buffer(output.shape, output.dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             for b in T.parallel(Bt):
                 kc = T.alloc_buffer((N, D), "uint8", scope="local")  # the head's k and v codes

@@ -13,46 +13,24 @@ output to memory and a separate kernel read it back (in DeiT-Small, 1.2 MB per b
 1 byte per element.  Where y, its reshape or the GELU has another reader the match is left alone.
 
 Where fc2 reads its activations as int16 or int8 (AVX2's `vpmaddwd` kernels: ``q − z``; sdot: ``q − 128``), the
-ops `quantized_linear` put after q for that
-
-    a = subtract(astype(q, int16), c)   |   astype(subtract(astype(q, int16), c), int8)   |   astype(q, int8)
-
-are matched with it, and fc1 stores ``a`` itself (``codes_operand``, `epilogue.as_operand`): the cast was a kernel
-of its own (TVM's fusion stops at the reshape), reading fc1's output once more.
+casts `quantized_linear` put after q for that are matched with it (`qdense_tail.CodesTail`), and fc1 stores them
+itself (``codes_operand``, `epilogue.as_operand`): the cast was a kernel of its own (TVM's fusion stops at the
+reshape), reading fc1's output once more.
 """
 
 from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from ..relax_util import calls_only, code_bits, emitted, scalar_const, static_shape, var_uses
-from .qdense_tail import FusedKernels, plain_qdense_spec
+from ..relax_util import calls_only, emitted, static_shape, var_uses
+from .qdense_tail import CodesTail, FusedKernels, plain_qdense_spec
 
 _KERNEL = is_op("relax.call_tir")(wildcard(), wildcard())
 _SHAPED = is_op("relax.reshape")(_KERNEL, wildcard())
 _GELU = is_op("relax.nn.gelu")(_SHAPED)
-_CODES = is_op("relax.quantize")(_GELU, is_const(), is_const())
-_CLIPPED = is_op("relax.clip")(_CODES, wildcard(), wildcard())
-_Q = _CLIPPED | _CODES
-_WIDE = is_op("relax.astype")(_Q)
-_CENTRED = is_op("relax.subtract")(_WIDE, is_const())  # int16 operand, or sdot's before its int8 cast
-_SHIFTED = is_op("relax.astype")(_CENTRED)  # sdot: int8 of the centred int16
-_NARROW = is_op("relax.astype")(_Q)  # sdot, codes of at most 7 bits: int8 of the codes
-
-
-def _operand(root, m) -> tuple[str, int] | None:
-    """(dtype, minus) of the kernel operand a match of `_SHIFTED`, `_CENTRED` or `_NARROW` computes
-    (`epilogue.as_operand`), None where its casts are not the ones `quantized_linear` emits."""
-    dtype = str(root.ty.dtype)
-    if m.get(_CENTRED) is None:  # _NARROW: int8 of the codes
-        return ("int8", 0) if dtype == "int8" else None
-    c = scalar_const(m[_CENTRED].args[1])
-    if c is None or c != int(c) or str(m[_WIDE].ty.dtype) != "int16":
-        return None
-    want = "int8" if m.get(_SHIFTED) is not None else "int16"  # sdot's int8 of the centred codes, or those
-    return (want, int(c)) if dtype == want else None
+_TAIL = CodesTail(_GELU)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseGeluCodesEpilogue")
@@ -73,28 +51,17 @@ class FuseGeluCodesEpilogue:
                 continue
             uses = var_uses(func)
 
-            def fuse(root, m):
-                quant, gelu, reshape, call = m[_CODES], m[_GELU], m[_SHAPED], m[_KERNEL]
-                single = all(uses.get(x) == 1 for x in (quant.args[0], gelu.args[0], reshape.args[0]))
-                operand = None
-                if not root.same_as(quant) and root.op.name != "relax.clip":  # the next linear's kernel operand
-                    operand = _operand(root, m)
-                    inner = [x.args[0] for x in (root, m.get(_CENTRED), m.get(_WIDE)) if x is not None]  # the codes
-                    # and what the casts made of them: read by these casts only
-                    if operand is None or not all(uses.get(x) == 1 for x in inner):
-                        return root
-                s, z = scalar_const(quant.args[1]), scalar_const(quant.args[2])
+            def fuse(root, m, uses=uses):
+                gelu, reshape, call = m[_GELU], m[_SHAPED], m[_KERNEL]
+                tail = _TAIL.tail(root, m, uses)
                 spec = plain_qdense_spec(mod, call)
                 shape = static_shape(root)
-                if not single or spec is None or s is None or z is None or shape is None \
-                        or str(quant.attrs.out_dtype) != "uint8":
+                if tail is None or spec is None or shape is None \
+                        or not all(uses.get(x) == 1 for x in (gelu.args[0], reshape.args[0])):
                     return root
-                clip = m.get(_CLIPPED)
-                if clip is not None and uses.get(clip.args[0]) != 1:
-                    return root
-                top = 2 ** code_bits(clip if clip is not None else quant) - 1
-                tail = {} if operand is None else {"codes_operand": operand}
-                fused = kernels.get(call, spec, gelu_codes=(float(s), int(z), top), **tail)
+                operand = tail["operand"]
+                fused = kernels.get(call, spec, gelu_codes=tail["codes"],
+                                    **({} if operand is None else {"codes_operand": operand}))
                 self.rewritten += 1
                 dtype = "uint8" if operand is None else operand[0]
 
@@ -105,7 +72,7 @@ class FuseGeluCodesEpilogue:
 
                 return emitted(bb, emit)
 
-            for pattern in (_SHIFTED, _CENTRED, _NARROW, _CLIPPED):  # the largest match first
+            for pattern in _TAIL.patterns[:-1]:  # the largest match first
                 func = rewrite_call(pattern, calls_only(fuse), func)
-            bb.update_func(gv, rewrite_call(_CODES, calls_only(fuse), func))
+            bb.update_func(gv, rewrite_call(_TAIL.codes, calls_only(fuse), func))
         return kernels.finish()

@@ -10,6 +10,7 @@
                          log2_attention    log√2 codes, attn @ V    → int16 power-of-two weights, one dot product per plane
                          qkv_codes_epilogue qkv → split → quantize ×3 → AMX qdense storing the q/k/v codes
                          fused_attention   q@kᵀ → log√2 weights → attn @ V kernels → one attention kernel (AMX, VNNI, AVX2)
+                         attention_out_codes attention → heads to tokens → quantize → the attention kernel storing proj's codes
                          qkv_head_split    qkv → heads → q, k, v       → q, k, v → heads (one fused kernel each)
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
        load time       weight unpacking moved out of `main` into a function run once at load
@@ -33,6 +34,7 @@ from ..errors import ReqError
 from ..frontends import lower_log_quant
 from .fast_math import legalize_passes
 from .float_schedules import schedule_float_ops, unscheduled
+from .attention_out_codes import FuseAttentionOutputCodes
 from .fused_attention import FuseAttention
 from .gelu_codes_epilogue import FuseGeluCodesEpilogue
 from .load_time_weights import HoistLoadTimeWeights
@@ -54,6 +56,7 @@ INTEGER_PASSES = (
     ("log2-attention", LowerLog2Attention, "log2_attention"),
     ("qkv-codes-epilogue", FuseQKVCodesEpilogue, "fused_qkv_codes"),  # after q@kᵀ took k without its transpose
     ("fused-attention", FuseAttention, "fused_attention"),  # the three attention kernels of the passes above
+    ("attention-out-codes", FuseAttentionOutputCodes, "fused_attention_out_codes"),
     ("qkv-head-split", SplitQKVHeads, "split_qkv_thirds"),  # where qkv-codes-epilogue did not apply
 )
 

@@ -1,5 +1,6 @@
-"""What the epilogue-fusion passes (`gelu_codes_epilogue`, `residual_epilogue`) share: finding the qdense
-kernel a call runs, scheduling its fused twin, and dropping the kernels no call uses afterwards."""
+"""What the epilogue-fusion passes (`gelu_codes_epilogue`, `residual_epilogue`, `attention_out_codes`) share:
+finding the qdense kernel a call runs, scheduling its fused twin, matching the quantizer (and the operand casts)
+whose codes a fused epilogue stores, and dropping the kernels no call uses afterwards."""
 
 from __future__ import annotations
 
@@ -7,8 +8,63 @@ import json
 
 import tvm
 from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
 
-from ..relax_util import scheduled_kernel
+from ..relax_util import code_bits, scalar_const, scheduled_kernel
+
+
+class CodesTail:
+    """Patterns of a layer-wise quantizer over ``source`` and of what the next linear's kernel reads of its codes:
+
+        q = quantize(source, s, z)                 scalar s and z, uint8 codes
+       [q = clip(q, 0, 2^b − 1)]                   b-bit codes (`relax_util.code_bits`)
+       [a = subtract(astype(q, int16), c)   |   astype(subtract(astype(q, int16), c), int8)   |   astype(q, int8)]
+
+    the casts `quantized_linear` puts before an int16 (AVX2 `vpmaddwd`: ``q − z``) or sdot (``q − 128``) kernel.
+    A fused epilogue stores ``a`` itself (``operand``, `epilogue.as_operand`), or q.
+    """
+
+    def __init__(self, source):
+        self.codes = is_op("relax.quantize")(source, is_const(), is_const())
+        self.clipped = is_op("relax.clip")(self.codes, wildcard(), wildcard())
+        q = self.clipped | self.codes
+        self.wide = is_op("relax.astype")(q)
+        self.centred = is_op("relax.subtract")(self.wide, is_const())  # int16 operand, or sdot's before its int8 cast
+        self.shifted = is_op("relax.astype")(self.centred)  # sdot: int8 of the centred int16
+        self.narrow = is_op("relax.astype")(q)  # sdot, codes of at most 7 bits: int8 of the codes
+
+    @property
+    def patterns(self) -> tuple:
+        """Every form, the largest match first (rewrite with each in turn)."""
+        return self.shifted, self.centred, self.narrow, self.clipped, self.codes
+
+    def _operand(self, root, m) -> tuple[str, int] | None:
+        dtype = str(root.ty.dtype)
+        if m.get(self.centred) is None:  # narrow: int8 of the codes
+            return ("int8", 0) if dtype == "int8" else None
+        c = scalar_const(m[self.centred].args[1])
+        if c is None or c != int(c) or str(m[self.wide].ty.dtype) != "int16":
+            return None
+        want = "int8" if m.get(self.shifted) is not None else "int16"  # sdot's int8 of the centred codes, or those
+        return (want, int(c)) if dtype == want else None
+
+    def tail(self, root, m, uses: dict) -> dict | None:
+        """{"codes": (s, z, 2^b − 1), "operand": (dtype, minus) or None} of a match rooted at ``root``, or None where
+        an intermediate has another reader (the quantize's input included) or the casts are not `quantized_linear`'s."""
+        quant, clip = m[self.codes], m.get(self.clipped)
+        operand = None
+        if not root.same_as(quant) and not root.same_as(clip):  # the next linear's kernel operand
+            operand = self._operand(root, m)
+            inner = [x.args[0] for x in (root, m.get(self.centred), m.get(self.wide)) if x is not None]  # the codes
+            # and what the casts made of them: read by these casts only
+            if operand is None or not all(uses.get(x) == 1 for x in inner):
+                return None
+        s, z = scalar_const(quant.args[1]), scalar_const(quant.args[2])
+        if s is None or z is None or str(quant.attrs.out_dtype) != "uint8" or uses.get(quant.args[0]) != 1 \
+                or (clip is not None and uses.get(clip.args[0]) != 1):
+            return None
+        top = 2 ** code_bits(clip if clip is not None else quant) - 1
+        return {"codes": (float(s), int(z), top), "operand": operand}
 
 
 def plain_qdense_spec(mod: tvm.IRModule, call: relax.Call) -> dict | None:

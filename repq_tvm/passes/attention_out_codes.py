@@ -1,0 +1,104 @@
+"""Fuse the output projection's quantizer into the fused attention kernel: it stores proj's input codes.
+
+Matches, after `fused_attention` has made each attention one kernel call:
+
+    o = call_tir(repq_attention_…, args)                        float32 [B·H, T, D], the heads
+    x = reshape(permute_dims(reshape(o, [B, H, T, D]), [0, 2, 1, 3]), [B, T, H·D])   back to token order
+    q = quantize(x, s, z) [→ clip] [→ the casts proj's kernel reads]                  (`qdense_tail.CodesTail`)
+
+and replaces q by ``call_tir(repq_attention_…_out_codes, args)`` [→ reshape]: the same kernel spec with
+``out_codes`` (`attention_amx.Output`: the unfused quantizer's and casts' operations, so the same codes), one
+kernel per distinct spec.  Why: the float heads went to memory and a kernel per block read them back, moved them
+to token order and quantized them (DeiT-Small: 12 calls; the last float round trip between two integer kernels
+of a block).  Where an intermediate has another reader the match is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from ..relax_util import calls_only, emitted, static_shape, var_uses
+from ..tuning.spaces import spec_of
+from .qdense_tail import CodesTail, _called
+
+_ATTENTION = is_op("relax.call_tir")(wildcard(), wildcard())
+_HEADS = is_op("relax.reshape")(_ATTENTION, wildcard())
+_TOKENS = is_op("relax.permute_dims")(_HEADS)
+_ROWS = is_op("relax.reshape")(_TOKENS, wildcard())
+_TAIL = CodesTail(_ROWS)
+
+
+def _heads(m) -> int | None:
+    """H when the match moves heads [B·H, T, D] of the attention's output to token order [B, T, H·D], else None."""
+    heads, tokens, rows = (static_shape(m[p]) for p in (_HEADS, _TOKENS, _ROWS))
+    src = static_shape(m[_ATTENTION])
+    axes = m[_TOKENS].attrs.axes
+    if None in (heads, rows, src) or len(heads) != 4 or len(src) != 3 or axes is None \
+            or [int(a) for a in axes] != [0, 2, 1, 3]:
+        return None
+    b, h, t, d = heads
+    ok = [b * h, t, d] == list(src) and list(tokens) == [b, t, h, d] and list(rows) in ([b, t, h * d], [b * t, h * d])
+    return h if ok else None
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseAttentionOutputCodes")
+class FuseAttentionOutputCodes:
+    """fused attention → heads to tokens → quantize [→ clip] [→ casts] → one attention kernel storing the codes.
+
+    `.rewritten` counts the fused calls.
+    """
+
+    def __init__(self, target):
+        self.target, self.rewritten = target, 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from ..kernels.attention_vector import attention_func, kernel_name
+
+        self.rewritten = 0
+        bb, kernels, replaced = relax.BlockBuilder(mod), {}, set()
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
+                continue
+            uses = var_uses(func)
+
+            def fuse(root, m, uses=uses):
+                call = m[_ATTENTION]
+                kernel = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
+                spec = spec_of(kernel) if isinstance(kernel, tvm.tirx.PrimFunc) else None
+                tail = _TAIL.tail(root, m, uses)
+                heads = _heads(m)
+                shape = static_shape(root)
+                if spec is None or spec.get("kind") != "attention" or spec.get("out_codes") or tail is None \
+                        or heads is None or shape is None \
+                        or not all(uses.get(m[p].args[0]) == 1 for p in (_HEADS, _TOKENS, _ROWS)):
+                    return root
+                spec = {**spec, "out_codes": {"heads": heads, "codes": list(tail["codes"]),
+                                              "operand": list(tail["operand"]) if tail["operand"] else None}}
+                key = json.dumps(spec, sort_keys=True)
+                if key not in kernels:
+                    name = kernel_name(spec)
+                    func_ = attention_func(spec).with_attr("global_symbol", name).with_attr(
+                        "tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: hand-written TIR
+                    kernels[key] = bb.add_func(func_, name)
+                replaced.add(call.args[0])
+                self.rewritten += 1
+                b, t, h, d = static_shape(m[_TOKENS])
+                dtype = str(root.ty.dtype)
+
+                def emit():
+                    out = bb.emit(relax.call_tir(kernels[key], call.args[1], relax.TensorType((b, t, h * d), dtype)))
+                    return out if list(shape) == [b, t, h * d] else relax.op.reshape(out, shape)
+
+                return emitted(bb, emit)
+
+            for pattern in _TAIL.patterns[:-1]:  # the largest match first
+                func = rewrite_call(pattern, calls_only(fuse), func)
+            bb.update_func(gv, rewrite_call(_TAIL.codes, calls_only(fuse), func))
+        out = relax.transform.DeadCodeElimination()(bb.get())
+        for gv in replaced - _called(out):
+            del out[gv]
+        return out
