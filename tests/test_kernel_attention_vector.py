@@ -12,6 +12,9 @@ from test_kernel_attention_amx import CASES, _build, _tensors, _unfused
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as AM
 from repq_tvm.kernels import attention_vector as A
+from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
+from repq_tvm.kernels.log_weights import log_weights_primfunc
+from repq_tvm.kernels.qbmm import qbmm_primfunc
 from repq_tvm.reference import ops
 
 PRESET = {"avx2_i16": "x86_64-avx2", "vnni": "x86_64-avx512-vnni", "amx": "x86_64-amx"}
@@ -153,3 +156,44 @@ def test_output_codes_refuse_a_head_count_that_does_not_divide_the_batch():
     spec = {**_spec(6, 45, 45, 64, 8, True, 8, "avx2_i16"), "out_codes": {"heads": 4, "codes": [0.1, 128, 255]}}
     with pytest.raises(ValueError, match="out_codes needs Bt = batch x heads, got Bt=6, heads=4"):
         A.attention_vector_func(spec)
+
+
+@pytest.mark.parametrize("variant,mode", [("avx2_i16", "native"), ("vnni", "emulated")])
+def test_fused_attention_adds_the_logit_terms(variant, mode):
+    """With ``logit_terms`` (Swin: a relative-position bias per head, a mask per shifted window) the kernel adds
+    them to q @ kᵀ's logits before the softmax, in the graph's order: the three kernels' output with the float32
+    adds between q @ kᵀ and the softmax done in NumPy."""
+    windows, heads, t, d, masks = 4, 3, 49, 32, 2
+    bt, rng = windows * heads, np.random.default_rng(1)
+    q, k, v = (rng.integers(0, 256, (bt, t, d)).astype(np.uint8) for _ in range(3))
+    qk_zp, v_zp = np.array([120, 131], np.int32), np.array([127], np.int32)
+    qk_scale, v_scale = np.array([9e-4], np.float32), np.array([3e-6], np.float32)
+    bias = (rng.standard_normal((heads, t, t)) * 2).astype(np.float32)
+    mask = np.where(rng.random((masks, t, t)) < 0.3, -100.0, 0.0).astype(np.float32)
+    f = ops.attn_frac_bits(t, 8)
+    groups = ops.attn_groups(8, f, True)
+    logits = tvm.runtime.tensor(np.empty((bt, t, t), np.float32))
+    _build(qbmm_primfunc(bt, t, t, d, HOST)[0], HOST)(*_tensors(q, k, qk_zp, qk_scale), logits)
+    y = (logits.numpy().reshape(windows, heads, t, t) + bias).reshape(windows // masks, masks, heads, t, t)
+    y = (y + mask[None, :, None]).reshape(bt, t, t)
+    (w,) = _tensors(np.zeros((bt, ops.attn_planes(2, groups), t, padded_tokens(t)), np.int16))
+    _build(log_weights_primfunc((bt, t, t), 0.0073, 8, True, f, groups, HOST, softmax=True)[0], HOST)(
+        *_tensors(y), w)
+    expected = tvm.runtime.tensor(np.empty((bt, t, d), np.float32))
+    _build(attn_v_primfunc(bt, t, t, d, HOST, parities=2, groups=groups, f=f)[0], HOST)(
+        w, *_tensors(v, v_zp, v_scale), expected)
+
+    spec = {**_spec(bt, t, t, d, 8, True, 8, variant), "logit_terms": [[1, heads], [heads, masks]]}
+    assert A.logit_term_shape(heads, t, t) == (heads, t, 64)  # keys padded to whole vectors of 16
+    tables = [np.pad(x, ((0, 0), (0, 0), (0, 64 - t))) for x in (bias, mask)]
+    target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
+    fused = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
+    out = tvm.runtime.tensor(np.empty((bt, t, d), np.float32))
+    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, *tables), out)
+    assert np.array_equal(out.numpy(), expected.numpy()) and np.abs(out.numpy()).max() > 0
+    assert A.kernel_name(spec).endswith("_t2_codes")
+    # without the mask's adds the output differs: the terms are read
+    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, tables[0], np.zeros_like(tables[1])), out)
+    assert not np.array_equal(out.numpy(), expected.numpy())
+    with pytest.raises(ValueError, match="at most two logit terms"):
+        A.attention_vector_func({**spec, "logit_terms": [[1, 1]] * 3})

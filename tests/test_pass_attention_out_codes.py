@@ -87,38 +87,3 @@ def test_left_alone(case):
     tvm.ir.assert_structural_equal(fuse(before), before)
     assert fuse.rewritten == 0
 
-
-def test_vit_fixture_same_logits_without_the_output_quantize_kernels(vit_host_build, tmp_path, monkeypatch):
-    """The ViT fixture built for x86_64-avx2 (runs on every CPU here) with and without the pass: every block's
-    attention stores proj's codes, no heads → tokens → quantize kernel is left, and the logits are equal bit for
-    bit."""
-    import json
-    import re
-    import subprocess
-
-    from repq_tvm import api
-    from repq_tvm.deploy.runtime import Runner
-    from repq_tvm.passes import pipeline
-
-    cal = vit_host_build[0]
-    api.compile_artifact(cal, str(tmp_path / "fused"), target="x86_64-avx2", progress=False)
-    with open(tmp_path / "fused" / "manifest.json") as f:
-        stats = json.load(f)["compile"]
-    assert stats["fused_attention_out_codes"] == stats["fused_attention"] == 6  # one per block
-    without = [p for p in pipeline.INTEGER_PASSES if p[0] != "attention-out-codes"]
-    monkeypatch.setattr(pipeline, "INTEGER_PASSES", without)
-    api.compile_artifact(cal, str(tmp_path / "plain"), target="x86_64-avx2", progress=False)
-
-    def symbols(art):
-        nm = subprocess.run(["nm", "-D", str(tmp_path / art / "model.so")], capture_output=True, text=True, check=True)
-        return nm.stdout
-
-    def heads_to_codes(art):  # TVM's kernels of the heads' move to token order and their quantizer
-        return re.findall(r"T \S*reshape\d*_transpose\d*_reshape\d*_quantize", symbols(art))
-
-    assert len(heads_to_codes("plain")) == 6 and heads_to_codes("fused") == []
-    assert "_out_codes" in symbols("fused")
-    fused, plain = Runner(str(tmp_path / "fused")), Runner(str(tmp_path / "plain"))
-    x = np.random.default_rng(0).standard_normal((2, *fused.input_shape[1:])).astype(np.float32)
-    logits = [fused.predict(x), plain.predict(x)]
-    assert np.array_equal(*logits) and np.abs(logits[0]).max() > 0

@@ -164,3 +164,125 @@ def test_amx_targets_keep_the_three_kernels_where_the_amx_kernel_does_not_fit():
     assert attention_spec_of(qk, lw, av, AMX) is None
     assert attention_spec_of(qk, lw, av, targets.tvm_target("x86_64-avx512-vnni"))["variant"] == "vnni"
     assert attention_spec_of({**qk, "D": 64}, lw, {**av, "D": 64}, AMX)["variant"] == "amx"
+    assert attention_spec_of({**qk, "D": 64}, lw, {**av, "D": 64}, AMX, terms=1) is None  # the AMX kernel adds none
+
+
+WINDOWS, MASKS = 2, 2  # BT = WINDOWS·H heads (H = 3): Swin's windows, two masks of shifted windows
+
+
+def _terms():
+    rng = np.random.default_rng(5)
+    bias = (rng.standard_normal((1, H, M, N)) * 2).astype(np.float32)  # per head, as timm adds it
+    mask = np.where(rng.random((MASKS, 1, M, N)) < 0.3, -100.0, 0.0).astype(np.float32)  # per window
+    return bias, mask
+
+
+def _before_terms(target, bias_first: bool = True) -> tvm.IRModule:
+    """Swin's logits: q @ kᵀ in windows [W, H, T, T], + the relative position bias, + the shifted windows' mask
+    (as [B, nW, H, T, T]), then the softmax."""
+    bias, mask = _terms()
+    bb = relax.BlockBuilder()
+    q, k, v = _inputs()
+    qk = bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk")
+    lw = bb.add_func(log_weights_primfunc((BT, M, N), S_ATTN, BITS, True, F, GROUPS, target, softmax=True)[0], "lw")
+    av = bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av")
+    with bb.function("main", [q, k, v]):
+        with bb.dataflow():
+            y = bb.emit(relax.call_tir(qk, relax.Tuple([q, k, *QK_PARAMS]), relax.TensorType((BT, M, N), "float32")))
+            y = bb.emit(relax.op.reshape(y, [WINDOWS, H, M, N]))
+            if bias_first:
+                y = bb.emit(relax.op.add(y, relax.const(bias)))
+            y = bb.emit(relax.op.reshape(y, [WINDOWS // MASKS, MASKS, H, M, N]))
+            y = bb.emit(relax.op.add(y, relax.const(mask)))
+            x = bb.emit(relax.op.reshape(y, [BT, M, N]))
+            w = bb.emit(relax.call_tir(lw, relax.Tuple([x]),
+                                       relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
+            o = bb.emit_output(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]), relax.TensorType((BT, M, D),
+                                                                                                 "float32")))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def test_before_after_logit_terms():
+    """The bias and the mask become the vector kernel's logit terms: tables of one row block per head (1, H) and per
+    window (H, masks), keys padded to whole vectors, added in the graph's order."""
+    avx2 = targets.tvm_target("x86_64-avx2")
+    bias, mask = _terms()
+    spec = {**A.attention_spec(BT, M, N, D, scale=S_ATTN, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
+            "variant": "avx2_i16", "logit_terms": [[1, H], [H, MASKS]]}
+    name = A.kernel_name(spec)
+    kernel = attention_vector.attention_func(spec).with_attr("global_symbol", name).with_attr(
+        "tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    pad = ((0, 0), (0, 0), (0, attention_vector.logit_term_shape(1, M, N)[2] - N))
+    tables = [np.pad(bias[0], pad), np.pad(mask[:, 0], pad)]
+    bb = relax.BlockBuilder()
+    q, k, v = _inputs()
+    fused = bb.add_func(kernel, name)
+    with bb.function("main", [q, k, v]):
+        with bb.dataflow():
+            o = bb.emit_output(relax.call_tir(fused, relax.Tuple([q, k, *QK_PARAMS, v, *V_PARAMS,
+                                                                   *map(relax.const, tables)]),
+                                              relax.TensorType((BT, M, D), "float32")))
+        bb.emit_func_output(o)
+    fuse = FuseAttention(avx2)
+    tvm.ir.assert_structural_equal(fuse(_before_terms(avx2)), bb.get())
+    assert fuse.rewritten == 1
+    # the mask alone: one term, per window
+    (call,) = [b.value for b in fuse(_before_terms(avx2, bias_first=False))["main"].body.blocks[0].bindings
+               if "repq_attention" in str(getattr(b.value, "args", [""])[0])]
+    assert call.args[0].name_hint.endswith("_t1_codes") and len(call.args[1].fields) == 8
+    # on AMX (its kernel adds no terms) the three kernels stay
+    assert FuseAttention(AMX)(_before_terms(AMX)).get_global_var("lw") is not None
+
+
+def test_logit_term_tables_are_the_smallest_period():
+    from repq_tvm.passes.fused_attention import _periodic
+
+    rng = np.random.default_rng(0)
+    per_head = rng.standard_normal((3, 4, 4))
+    assert _periodic(np.tile(per_head, (4, 1, 1))) == (1, 3)  # 12 heads: the table of 3 repeats
+    per_window = np.repeat(rng.standard_normal((2, 4, 4)), 3, axis=0)  # 2 windows x 3 heads
+    assert _periodic(np.tile(per_window, (2, 1, 1))) == (3, 2)
+    assert _periodic(np.zeros((6, 4, 4))) == (1, 1)
+    assert _periodic(rng.standard_normal((6, 4, 4))) == (1, 6)  # no repetition: one table per head
+
+
+def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch):
+    """The Swin fixture built for x86_64-avx2 (runs on every CPU here) with the attention passes and without them:
+    every block's attention is one kernel (the relative position bias its logit term, q, k, v from the qkv output,
+    proj's codes stored; no q@kᵀ, softmax, attn @ V, slice or heads → tokens → quantize kernel left) and the logits
+    are equal bit for bit."""
+    import json
+    import re
+    import subprocess
+
+    from repq_tvm import api
+    from repq_tvm.cli import main
+    from repq_tvm.deploy.runtime import Runner
+    from repq_tvm.passes import pipeline
+
+    cal = str(tmp_path / "swin.repq")
+    assert main(["calibrate", "--model", "swin_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
+    api.compile_artifact(cal, str(tmp_path / "fused"), target="x86_64-avx2", progress=False)
+    with open(tmp_path / "fused" / "manifest.json") as f:
+        stats = json.load(f)["compile"]
+    assert stats["fused_attention"] == stats["fused_attention_out_codes"] == 6  # one per block
+    without = [p for p in pipeline.INTEGER_PASSES if p[0] not in ("fused-attention", "attention-out-codes")]
+    monkeypatch.setattr(pipeline, "INTEGER_PASSES", without)
+    api.compile_artifact(cal, str(tmp_path / "plain"), target="x86_64-avx2", progress=False)
+
+    def kernels(art):
+        nm = subprocess.run(["nm", "-D", str(tmp_path / art / "model.so")], capture_output=True, text=True, check=True)
+        return re.findall(r" T __tvm_ffi_(\S+)", nm.stdout)
+
+    gone = r"repq_(qbmm|log_weights|attn_v)_|strided_slice\d*_squeeze"  # the three kernels, the q/k/v slices
+    assert [k for k in kernels("fused") if re.search(gone, k)] == [] and len(
+        [k for k in kernels("plain") if re.search(gone, k)]) >= 3
+    moved = r"transpose\d*_reshape\d*_quantize"  # heads → tokens → quantize, and the windows' partition before qkv
+    assert len([k for k in kernels("fused") if re.search(moved, k)]) < len([k for k in kernels("plain")
+                                                                            if re.search(moved, k)])
+    assert len([k for k in kernels("fused") if re.search(r"repq_attention_\w+_t1_qkv_out_codes", k)]) >= 2
+    fused, plain = Runner(str(tmp_path / "fused")), Runner(str(tmp_path / "plain"))
+    x = np.random.default_rng(0).standard_normal((2, *fused.input_shape[1:])).astype(np.float32)
+    logits = [fused.predict(x), plain.predict(x)]
+    assert np.array_equal(*logits) and np.abs(logits[0]).max() > 0

@@ -145,12 +145,14 @@ def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, 
 
 def kernel_name(spec: dict) -> str:
     """``repq_attention_{variant}_…``: this kernel's and `attention_vector`'s (the variant is in the spec), ending in
-    what the kernel reads: ``_codes`` (q, k, v codes) or ``_qkv`` (the qkv output, quantized in the kernel), then
+    what the kernel reads (after ``_t<n>`` where it adds n logit terms, `attention_vector`): ``_codes`` (q, k, v
+    codes) or ``_qkv`` (the qkv output, quantized in the kernel), then
     ``_out_codes`` where it stores the next layer's codes (`Output`).  A
     word last: the numbers TVM appends to tell the per-block copies apart stay separable (`profile.kernel_group`)."""
     kind = "sqrt2" if spec["sqrt2"] else "log2"
     return (f"repq_attention_{spec['variant']}_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
-            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}" + ("_qkv" if spec.get("qkv") else "_codes")
+            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}"
+            + (f"_t{len(spec['logit_terms'])}" if spec.get("logit_terms") else "") + ("_qkv" if spec.get("qkv") else "_codes")
             + ("_out_codes" if spec.get("out_codes") else ""))
 
 

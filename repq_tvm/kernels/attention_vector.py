@@ -32,6 +32,12 @@ projection's float output instead, ``main(y, qk_zp, qk_scale, v_zp, v_scale, out
 unfused quantizer's operations): k and v once per head into local codes, q per row block.  Why: otherwise three
 kernels per block slice, move and quantize them (`passes.qkv_head_split`), writing and reading the codes again.
 
+With ``logit_terms`` in the spec ([[div, mod], …], at most two) the kernel takes one float32 table ``[mod, M, Np]``
+per term after ``v_scale`` (`logit_term_shape`: keys padded with zeros to whole `VECTOR`s) and adds row
+``(b // div) % mod`` of each to head b's logits, in order, before the softmax: Swin's relative position bias
+(per head: (1, H)) and its shifted windows' mask (per window: (H, windows)), the float32 adds the graph does
+between q @ kᵀ and the softmax (`passes.fused_attention`).
+
 ``emulate=True``: plain loops instead of the dot-product instructions (any CPU: the VNNI variant's arithmetic is
 tested where the CPU has no AVX-512).
 """
@@ -45,8 +51,10 @@ from tvm.script import tirx as T
 
 from ..reference.ops import attn_planes
 from ..targets import target_has
-from . import epilogue
-from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
+from . import (
+    epilogue,
+    macro_lookup,  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
+)
 from .attention_amx import (
     Output,
     attention_amx_func,
@@ -75,6 +83,12 @@ def fits(M: int, N: int, D: int, variant: str) -> bool:
     """True if the blocking takes the shape (see the module docstring)."""
     lanes, kpack, _, _ = VARIANTS[variant]
     return M >= RB and D % lanes == 0 and D % kpack == 0
+
+
+def logit_term_shape(tables: int, M: int, N: int) -> tuple[int, int, int]:
+    """Shape of a logit term's tables: keys padded with zeros to whole `VECTOR`s (the logits rows' length), so the
+    kernel reads them as plain vectors."""
+    return tables, M, ceil_to(N, VECTOR)
 
 
 def av_blocks(D: int, variant: str, planes: int) -> int:
@@ -123,6 +137,10 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     db = av_blocks(D, variant, planes)
     output = Output(spec)
     store = output.store_macro(D)
+    terms = [tuple(t) for t in spec.get("logit_terms", [])]  # (div, mod): term j of head b is table (b // div) % mod
+    if len(terms) > 2 or any(div < 1 or mod < 1 for div, mod in terms):
+        raise ValueError(f"at most two logit terms of positive (div, mod), got {terms}")
+    term_shapes = [logit_term_shape(mod, M, N) for _, mod in terms] + [(1, 1, 1)] * (2 - len(terms))
     qkv = spec.get("qkv")
     if qkv is not None:
         heads, quantizers = qkv["heads"], [tuple(c) for c in qkv["codes"]]
@@ -195,10 +213,17 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                     pmaddwd, T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
                     vp.vload([d0 + j, t, 0, 0], dtype="int16x16"), dtype="int32x8")
 
+    def with_terms(x, t0, t1, b, m, n):
+        """x plus the logit terms of head b, row m, key n, in the order of the graph's adds (the tables' keys are
+        padded to whole vectors, `logit_term_shape`: the padded logits are never used)."""
+        for term, (div, mod) in zip((t0, t1), terms):
+            x = x + term[(b // div) % mod, m, n]
+        return x
+
     @T.macro
-    def logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc, b, m0):
-        """L[i, n] = the logits of rows m0 + i (`qbmm`'s arithmetic), tiles of RB rows x kt key blocks (the last
-        tile at nb − kt)."""
+    def logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc, b, m0, t0, t1):
+        """L[i, n] = the logits of rows m0 + i (`qbmm`'s arithmetic, then the spec's logit terms), tiles of RB rows
+        x kt key blocks (the last tile at nb − kt)."""
         for i in range(RB):
             for d in T.vectorized(D):
                 qc[i, d] = q_at(q, b, m0 + i, d)
@@ -221,13 +246,13 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
             for i in T.unroll(RB):
                 for j in T.unroll(kt):
                     for ln in T.vectorized(lanes):
+                        col = T.meta_var((T.min(t * kt, nb - kt) + j) * lanes + ln)
                         if vnni:
-                            L[i, (T.min(t * kt, nb - kt) + j) * lanes + ln] = T.Cast(
-                                "float32", acc[i, j, ln] + (128 - qk_zp[1]) * qsum[i]
-                                - kterm[(T.min(t * kt, nb - kt) + j) * lanes + ln]) * qk_scale[0]
+                            L[i, col] = with_terms(T.Cast("float32", acc[i, j, ln] + (128 - qk_zp[1]) * qsum[i]
+                                                          - kterm[col]) * qk_scale[0], t0, t1, b, m0 + i, col)
                         else:
-                            L[i, (T.min(t * kt, nb - kt) + j) * lanes + ln] = T.Cast("float32", acc[i, j, ln]) \
-                                * qk_scale[0]
+                            L[i, col] = with_terms(T.Cast("float32", acc[i, j, ln]) * qk_scale[0], t0, t1, b, m0 + i,
+                                                   col)
 
     @T.macro
     def attn_v(wb, vp, v_zp, v_scale, out, acc, b, m0):
@@ -266,7 +291,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     k_dtype = "int8" if vnni else "int16"
 
     @T.macro
-    def head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b):
+    def head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1):
         """Head b: pack its k and V, then its row blocks (q, k, v: the kernel's inputs or the head's codes,
         read through `q_at` / `k_at` / `v_at`)."""
         kp = T.alloc_buffer((nb, steps, lanes, kpack), k_dtype, scope="local")  # keys = lanes
@@ -306,7 +331,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         for i, n in T.grid(RB, n_r):
             L[i, n] = T.float32(0)
         for blk in range(-(-M // RB)):
-            logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc_qk, b, T.min(blk * RB, M - RB))
+            logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc_qk, b, T.min(blk * RB, M - RB), t0, t1)
             softmax_codes(L, codes, part, row, 0)
             weights(codes, wb)
             attn_v(wb, vp, v_zp, v_scale, out, acc_av, b, T.min(blk * RB, M - RB))
@@ -315,14 +340,16 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         @T.prim_func
         def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
                  qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
-                 v_scale: T.Buffer((1,), "float32"), out: T.Buffer(output.shape, output.dtype)):
+                 v_scale: T.Buffer((1,), "float32"), t0: T.Buffer(term_shapes[0], "float32"),
+                 t1: T.Buffer(term_shapes[1], "float32"), out: T.Buffer(output.shape, output.dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             for b in T.parallel(Bt):
-                head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b)
+                head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1)
     else:
         @T.prim_func
         def main(y: T.Buffer((batch * N, 3 * heads * D), "float32"), qk_zp: T.Buffer((2,), "int32"),
                  qk_scale: T.Buffer((1,), "float32"), v_zp: T.Buffer((1,), "int32"), v_scale: T.Buffer((1,), "float32"),
+                 t0: T.Buffer(term_shapes[0], "float32"), t1: T.Buffer(term_shapes[1], "float32"),
                  out: T.Buffer(output.shape, output.dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             for b in T.parallel(Bt):
@@ -333,9 +360,15 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                         kc[n, d] = qkv_code(y, 1, b, n, d)
                     for d in T.vectorized(D):
                         vc[n, d] = qkv_code(y, 2, b, n, d)
-                head(y, kc, vc, qk_zp, qk_scale, v_zp, v_scale, out, b)
+                head(y, kc, vc, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1)
 
-    return main.with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+    return _without_params(main, ("t0", "t1")[len(terms):]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+
+
+def _without_params(func: tvm.tirx.PrimFunc, names) -> tvm.tirx.PrimFunc:
+    """``func`` without the named parameters, which its body does not read (TVMScript has no optional
+    parameters: the logit terms a spec does not have are declared, never read, and dropped here)."""
+    return tvm.tirx.PrimFunc([p for p in func.params if p.name not in names], func.body, func.ret_type, func.attrs)
 
 
 def attention_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:

@@ -3,14 +3,18 @@
 Matches, after `quantized_qk` and `log2_attention` have lowered the attention to three kernel calls:
 
     y = call_tir(repq_qbmm_…, (q, k, qk_zp, qk_scale))            float32 [Bt, M, N], k in rows ("nd")
+   [y = add(reshape*(y), bias) [, add(reshape*(y), mask)]]        Swin: constants added to the logits
     w = call_tir(repq_log_weights_softmax_…, (y [→ reshape]*,))   int16 weight planes, the softmax fused
     o = call_tir(repq_attn_v_…, (w, v, v_zp, v_scale))            float32 [Bt, M, D]
 
-and replaces o by ``call_tir(repq_attention_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale))``, the three kernels'
-arithmetic bit for bit: `kernels.attention_amx` on targets with AMX-INT8 (and AVX-512 VBMI, which every AMX CPU
+and replaces o by ``call_tir(repq_attention_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale[, terms]))``, the three
+kernels' arithmetic bit for bit: `kernels.attention_amx` on targets with AMX-INT8 (and AVX-512 VBMI, which every AMX CPU
 has) for shapes its tiles block, `kernels.attention_vector` on x86 targets without AMX (AVX-512 VNNI or AVX2).  Why:
 the three kernels wrote and read their intermediates (float32 logits, int16 weight planes) through memory.
-aarch64 keeps the three kernels; where y or w has another reader the match is left alone.
+aarch64 keeps the three kernels; where y or w has another reader the match is left alone.  The constants added to
+the logits (Swin's relative position bias per head, its shifted windows' mask per window) become the vector
+kernel's logit terms (`logit_terms`: one table per head or window, added in the graph's order); the AMX kernel
+takes none, so there they keep the three kernels.
 
 The vector kernel also takes the model's q, k and v from the qkv projection's float output when they are its
 three thirds under their quantizers (what `qkv_head_split` would otherwise turn into three slice → head transpose
@@ -28,19 +32,36 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
-from ..relax_util import calls_only, code_bits, const_array, int_list, scalar_const, static_shape, var_uses
+from ..relax_util import (
+    calls_only,
+    code_bits,
+    const_array,
+    int_list,
+    scalar_const,
+    static_shape,
+    var_uses,
+)
 from ..relax_util import is_op as is_call
 from ..targets import target_has
 from ..tuning.spaces import spec_of
 from .qdense_tail import _called
 
+
+def _reshaped(pattern):
+    """``pattern`` under up to two reshapes."""
+    once = is_op("relax.reshape")(pattern, wildcard())
+    return pattern | once | is_op("relax.reshape")(once, wildcard())
+
+
 _QK = is_op("relax.call_tir")(wildcard(), wildcard())
-_LOGITS = _QK | is_op("relax.reshape")(_QK, wildcard()) | is_op("relax.reshape")(
-    is_op("relax.reshape")(_QK, wildcard()), wildcard())
+_BIASED = is_op("relax.add")(_reshaped(_QK), is_const())  # Swin: the relative position bias
+_MASKED = is_op("relax.add")(_reshaped(_BIASED), is_const())  # and the shifted windows' mask
+_LOGITS = _reshaped(_MASKED) | _reshaped(_BIASED) | _reshaped(_QK)
 _WEIGHTS = is_op("relax.call_tir")(wildcard(), is_tuple([_LOGITS]))
 _ATTN_V = is_op("relax.call_tir")(wildcard(), is_tuple([_WEIGHTS, wildcard(), is_const(), is_const()]))
 
@@ -51,10 +72,10 @@ def _spec(mod: tvm.IRModule, call: relax.Call, kind: str) -> dict | None:
     return spec if spec is not None and spec.get("kind") == kind else None
 
 
-def attention_spec_of(qk: dict, lw: dict, av: dict, target) -> dict | None:
+def attention_spec_of(qk: dict, lw: dict, av: dict, target, terms: int = 0) -> dict | None:
     """The fused kernel's spec from the three kernels' specs, or None when they are not one attention a fused
     kernel of ``target`` takes (k not in rows, the softmax not fused, shapes or quantizers that disagree, no
-    variant for the target or the shape)."""
+    variant for the target or the shape, ``terms`` logit terms on AMX, whose kernel takes none)."""
     from ..kernels import attention_amx, attention_vector
 
     bt, m, n, d = qk["Bt"], qk["M"], qk["N"], qk["D"]
@@ -67,12 +88,65 @@ def attention_spec_of(qk: dict, lw: dict, av: dict, target) -> dict | None:
     if target_has(target, "amx-int8"):  # the tile products and the vpermb byte table; where the AMX kernel does
         # not fit (head dim 32: Swin, the ViT fixture) attn @ V alone stays on AMX tiles (`attn_v_amx`), unmeasured
         # against the vector kernel
-        fits = target_has(target, "avx512vbmi") and attention_amx.fits(m, n, d)
+        fits = target_has(target, "avx512vbmi") and attention_amx.fits(m, n, d) and not terms
         return attention_amx.attention_spec(bt, m, n, d, **quantizer) if fits else None
     variant = attention_vector.variant_for(target)
     if variant is None or not attention_vector.fits(m, n, d, variant):
         return None
     return attention_vector.attention_spec(bt, m, n, d, **quantizer, variant=variant)
+
+
+def logit_terms(var, stop, bound: dict, uses: dict, shape: tuple[int, int, int]):
+    """([(div, mod)], [table]) of the constants added to q @ kᵀ's logits (the call ``stop``) on their way to the
+    softmax ``var`` (reshapes and adds of a constant, each value read once), in the order they are added, or None.
+
+    Each term, broadcast to the logits [Bt, M, N], must be a table row per head b of index (b // div) % mod (the
+    smallest such table: Swin's bias repeats every H heads (1, H), its mask every window (H, windows));
+    tables [mod, M, N] with the keys padded by zeros to the kernel's vectors (`attention_vector.logit_term_shape`)."""
+    from ..kernels.attention_vector import logit_term_shape
+
+    adds = []
+    while isinstance(var, relax.Var) and uses.get(var) == 1:
+        value = bound.get(var)
+        if value is not None and value.same_as(stop):
+            break
+        if is_call(value, "relax.add") and const_array(value.args[1]) is not None:
+            adds.append(value)
+        elif not is_call(value, "relax.reshape"):
+            return None
+        var = value.args[0]
+    else:
+        return None
+    bt, m, n = shape
+    keys = [], []
+    for add in reversed(adds):
+        lhs, term = static_shape(add.args[0]), const_array(add.args[1])
+        if lhs is None or term.dtype != np.float32 or static_shape(add) != lhs or math.prod(lhs) != bt * m * n:
+            return None
+        try:
+            full = np.broadcast_to(term, lhs).reshape(bt, m, n)
+        except ValueError:
+            return None
+        found = _periodic(full)
+        if found is None:
+            return None
+        div, mod = found
+        table = np.zeros(logit_term_shape(mod, m, n), np.float32)
+        table[:, :, :n] = full[[j * div for j in range(mod)]]
+        keys[0].append([div, mod])
+        keys[1].append(table)
+    return keys
+
+
+def _periodic(full: np.ndarray) -> tuple[int, int] | None:
+    """The (div, mod) of fewest tables with full[b] = full[((b // div) % mod) · div] for every b, if any."""
+    bt = full.shape[0]
+    for mod in (d for d in range(1, bt + 1) if bt % d == 0):
+        for div in (d for d in range(1, bt // mod + 1) if (bt // mod) % d == 0):
+            index = (np.arange(bt) // div) % mod * div
+            if np.array_equal(full[:, 0], full[index, 0]) and np.array_equal(full, full[index]):
+                return div, mod
+    return None
 
 
 def _unreshaped(var, bound: dict, uses: dict):
@@ -167,16 +241,19 @@ class FuseAttention:
                     var = value.args[0]
                 return False
 
-            def fuse(av_call, m):
+            def fuse(av_call, m, uses=uses, bound=bound):
                 qk_call, lw_call = m[_QK], m[_WEIGHTS]
                 specs = (_spec(mod, qk_call, "qbmm"), _spec(mod, lw_call, "log_weights"),
                          _spec(mod, av_call, "attn_v"))
-                if None in specs or not single_chain(av_call.args[1].fields[0], lw_call) \
-                        or not single_chain(lw_call.args[1].fields[0], qk_call):
+                if None in specs or not single_chain(av_call.args[1].fields[0], lw_call):
                     return av_call
-                spec = attention_spec_of(*specs, self.target)
+                qk = specs[0]
+                terms = logit_terms(lw_call.args[1].fields[0], qk_call, bound, uses, (qk["Bt"], qk["M"], qk["N"]))
+                spec = None if terms is None else attention_spec_of(*specs, self.target, len(terms[0]))
                 if spec is None:
                     return av_call
+                if terms[0]:
+                    spec = {**spec, "logit_terms": terms[0]}
                 q, k, qk_zp, qk_scale = qk_call.args[1].fields
                 _, v, v_zp, v_scale = av_call.args[1].fields
                 zps = [const_array(qk_zp), const_array(v_zp)]
@@ -193,6 +270,7 @@ class FuseAttention:
                 replaced.update(c.args[0] for c in (qk_call, lw_call, av_call))
                 self.rewritten += 1
                 args = [source[0], qk_zp, qk_scale, v_zp, v_scale] if source else [q, k, qk_zp, qk_scale, v, v_zp, v_scale]
+                args += [relax.const(table) for table in terms[1]]
                 return relax.call_tir(kernels[key], relax.Tuple(args),
                                       relax.TensorType((spec["Bt"], spec["M"], spec["D"]), "float32"))
 
