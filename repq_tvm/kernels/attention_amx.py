@@ -150,9 +150,9 @@ def kernel_name(spec: dict) -> str:
     ``_out_codes`` where it stores the next layer's codes (`Output`).  A
     word last: the numbers TVM appends to tell the per-block copies apart stay separable (`profile.kernel_group`)."""
     kind = "sqrt2" if spec["sqrt2"] else "log2"
+    terms = f"_t{len(spec['logit_terms'])}" if spec.get("logit_terms") else ""
     return (f"repq_attention_{spec['variant']}_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
-            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}"
-            + (f"_t{len(spec['logit_terms'])}" if spec.get("logit_terms") else "") + ("_qkv" if spec.get("qkv") else "_codes")
+            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}{terms}" + ("_qkv" if spec.get("qkv") else "_codes")
             + ("_out_codes" if spec.get("out_codes") else ""))
 
 

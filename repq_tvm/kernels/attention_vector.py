@@ -22,8 +22,9 @@ then per row `log_weights`' fused softmax (`log_weights.softmax_codes_macro`: sa
 
 Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
 float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]; out
-float32 ``[Bt, M, D]``, or with ``out_codes`` the output projection's codes (`attention_amx.Output`).  Heads run in parallel; each packs its k and V first (O(N·D) against O(M·N·D)).  Row
-blocks of 4 (the last at M − 4: its rows are computed again, with the same values).  Shapes it takes (`fits`):
+float32 ``[Bt, M, D]``, or with ``out_codes`` the output projection's codes (`attention_amx.Output`).  Heads run
+in parallel; each packs its k and V first (O(N·D) against O(M·N·D)).  Row blocks of 4 (the last at M − 4: its
+rows are computed again, with the same values).  Shapes it takes (`fits`):
 M ≥ 4, D a multiple of the vector's int32 lanes (8 / 16).
 
 With ``qkv`` in the spec ({"heads": H, "codes": three (scale, zero point, top)}), the kernel reads the qkv
