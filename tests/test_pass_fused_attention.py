@@ -29,12 +29,17 @@ def _inputs():
     return [relax.Var(name, relax.TensorType((BT, rows, D), "uint8")) for name, rows in (("q", M), ("k", N), ("v", N))]
 
 
+def _three_kernels(bb, target):
+    """q @ kᵀ, the fused softmax → weights and attn @ V kernels of the heads here, added to ``bb``."""
+    return (bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk"),
+            bb.add_func(log_weights_primfunc((BT, M, N), S_ATTN, BITS, True, F, GROUPS, target, softmax=True)[0], "lw"),
+            bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av"))
+
+
 def _before(target, extra_reader: bool = False) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     q, k, v = _inputs()
-    qk = bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk")
-    lw = bb.add_func(log_weights_primfunc((BT, M, N), S_ATTN, BITS, True, F, GROUPS, target, softmax=True)[0], "lw")
-    av = bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av")
+    qk, lw, av = _three_kernels(bb, target)
     with bb.function("main", [q, k, v]):
         with bb.dataflow():
             y = bb.emit(relax.call_tir(qk, relax.Tuple([q, k, *QK_PARAMS]), relax.TensorType((BT, M, N), "float32")))
@@ -97,9 +102,7 @@ def _before_qkv(target, zps=(3, 130, 7), codes_read_elsewhere: bool = False) -> 
     """The attention of a qkv output x [B·T, 3·H·D] as the model has it: heads moved, thirds sliced, quantized."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((B * M, 3 * H * D), "float32"))
-    qk = bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk")
-    lw = bb.add_func(log_weights_primfunc((BT, M, N), S_ATTN, BITS, True, F, GROUPS, target, softmax=True)[0], "lw")
-    av = bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av")
+    qk, lw, av = _three_kernels(bb, target)
     with bb.function("main", [x]):
         with bb.dataflow():
             p = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, [B, M, 3, H, D])), [2, 0, 3, 1, 4]))
@@ -183,9 +186,7 @@ def _before_terms(target, bias_first: bool = True) -> tvm.IRModule:
     bias, mask = _terms()
     bb = relax.BlockBuilder()
     q, k, v = _inputs()
-    qk = bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk")
-    lw = bb.add_func(log_weights_primfunc((BT, M, N), S_ATTN, BITS, True, F, GROUPS, target, softmax=True)[0], "lw")
-    av = bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av")
+    qk, lw, av = _three_kernels(bb, target)
     with bb.function("main", [q, k, v]):
         with bb.dataflow():
             y = bb.emit(relax.call_tir(qk, relax.Tuple([q, k, *QK_PARAMS]), relax.TensorType((BT, M, N), "float32")))

@@ -15,15 +15,14 @@ of a block).  Where an intermediate has another reader the match is left alone.
 
 from __future__ import annotations
 
-import json
-
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..relax_util import calls_only, emitted, static_shape, var_uses
 from ..tuning.spaces import spec_of
-from .qdense_tail import CodesTail, _called
+from .fused_attention import AttentionKernels
+from .qdense_tail import CodesTail
 
 _ATTENTION = is_op("relax.call_tir")(wildcard(), wildcard())
 _HEADS = is_op("relax.reshape")(_ATTENTION, wildcard())
@@ -56,10 +55,9 @@ class FuseAttentionOutputCodes:
         self.target, self.rewritten = target, 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from ..kernels.attention_vector import attention_func, kernel_name
-
         self.rewritten = 0
-        bb, kernels, replaced = relax.BlockBuilder(mod), {}, set()
+        bb = relax.BlockBuilder(mod)
+        kernels = AttentionKernels(bb)
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
@@ -78,19 +76,14 @@ class FuseAttentionOutputCodes:
                     return root
                 spec = {**spec, "out_codes": {"heads": heads, "codes": list(tail["codes"]),
                                               "operand": list(tail["operand"]) if tail["operand"] else None}}
-                key = json.dumps(spec, sort_keys=True)
-                if key not in kernels:
-                    name = kernel_name(spec)
-                    func_ = attention_func(spec).with_attr("global_symbol", name).with_attr(
-                        "tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: hand-written TIR
-                    kernels[key] = bb.add_func(func_, name)
-                replaced.add(call.args[0])
+                kernel = kernels.get(spec)
+                kernels.replaced.add(call.args[0])
                 self.rewritten += 1
                 b, t, h, d = static_shape(m[_TOKENS])
                 dtype = str(root.ty.dtype)
 
                 def emit():
-                    out = bb.emit(relax.call_tir(kernels[key], call.args[1], relax.TensorType((b, t, h * d), dtype)))
+                    out = bb.emit(relax.call_tir(kernel, call.args[1], relax.TensorType((b, t, h * d), dtype)))
                     return out if list(shape) == [b, t, h * d] else relax.op.reshape(out, shape)
 
                 return emitted(bb, emit)
@@ -98,7 +91,4 @@ class FuseAttentionOutputCodes:
             for pattern in _TAIL.patterns[:-1]:  # the largest match first
                 func = rewrite_call(pattern, calls_only(fuse), func)
             bb.update_func(gv, rewrite_call(_TAIL.codes, calls_only(fuse), func))
-        out = relax.transform.DeadCodeElimination()(bb.get())
-        for gv in replaced - _called(out):
-            del out[gv]
-        return out
+        return kernels.finish()

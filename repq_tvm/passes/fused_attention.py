@@ -49,7 +49,7 @@ from ..relax_util import (
 from ..relax_util import is_op as is_call
 from ..targets import target_has
 from ..tuning.spaces import spec_of
-from .qdense_tail import _called
+from .qdense_tail import without_replaced
 
 
 def _reshaped(pattern):
@@ -209,6 +209,29 @@ def qkv_source(q, k, v, bound: dict, uses: dict, spec: dict, zps: tuple[list[int
     return rows, {"heads": h, "codes": [list(t[2]) for t in thirds]}
 
 
+class AttentionKernels:
+    """The fused attention kernels a pass adds to ``bb``, one per spec (`kernels.attention_vector.attention_func`:
+    AMX or vector by the spec's variant), and the kernels whose calls it replaced (`finish` drops those left
+    unused)."""
+
+    def __init__(self, bb: relax.BlockBuilder):
+        self.bb, self.cache, self.replaced = bb, {}, set()
+
+    def get(self, spec: dict) -> tvm.ir.GlobalVar:
+        from ..kernels.attention_vector import attention_func, kernel_name
+
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self.cache:
+            name = kernel_name(spec)
+            kernel = attention_func(spec).with_attr("global_symbol", name).with_attr(
+                "tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: hand-written TIR
+            self.cache[key] = self.bb.add_func(kernel, name)
+        return self.cache[key]
+
+    def finish(self) -> tvm.IRModule:
+        return without_replaced(self.bb.get(), self.replaced)
+
+
 @tvm.transform.module_pass(opt_level=0, name="FuseAttention")
 class FuseAttention:
     """qbmm → log weights (softmax fused) → attn @ V → one attention kernel per shape (see the module).
@@ -220,10 +243,9 @@ class FuseAttention:
         self.target, self.rewritten = target, 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from ..kernels.attention_vector import attention_func, kernel_name
-
         self.rewritten = 0
-        bb, kernels, replaced = relax.BlockBuilder(mod), {}, set()
+        bb = relax.BlockBuilder(mod)
+        kernels = AttentionKernels(bb)
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
@@ -261,21 +283,13 @@ class FuseAttention:
                     q, k, v, bound, uses, spec, [[int(z) for z in a.reshape(-1)] for a in zps])
                 if source is not None:
                     spec = {**spec, "qkv": source[1]}
-                key = json.dumps(spec, sort_keys=True)
-                if key not in kernels:
-                    name = kernel_name(spec)
-                    kernel = attention_func(spec).with_attr("global_symbol", name).with_attr(
-                        "tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: hand-written TIR
-                    kernels[key] = bb.add_func(kernel, name)
-                replaced.update(c.args[0] for c in (qk_call, lw_call, av_call))
+                kernel = kernels.get(spec)
+                kernels.replaced.update(c.args[0] for c in (qk_call, lw_call, av_call))
                 self.rewritten += 1
                 args = [source[0], qk_zp, qk_scale, v_zp, v_scale] if source else [q, k, qk_zp, qk_scale, v, v_zp, v_scale]
                 args += [relax.const(table) for table in terms[1]]
-                return relax.call_tir(kernels[key], relax.Tuple(args),
+                return relax.call_tir(kernel, relax.Tuple(args),
                                       relax.TensorType((spec["Bt"], spec["M"], spec["D"]), "float32"))
 
             bb.update_func(gv, rewrite_call(_ATTN_V, calls_only(fuse), func))
-        out = relax.transform.DeadCodeElimination()(bb.get())
-        for gv in replaced - _called(out):
-            del out[gv]
-        return out
+        return kernels.finish()

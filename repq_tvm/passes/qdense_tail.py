@@ -103,10 +103,15 @@ class FusedKernels:
     def finish(self, mod: tvm.IRModule | None = None) -> tvm.IRModule:
         """The builder's module (or ``mod``) without dead bindings and without the replaced kernels no call
         uses now."""
-        out = relax.transform.DeadCodeElimination()(mod if mod is not None else self.bb.get())
-        for gv in self.replaced - _called(out):
-            del out[gv]
-        return out
+        return without_replaced(mod if mod is not None else self.bb.get(), self.replaced)
+
+
+def without_replaced(mod: tvm.IRModule, replaced: set) -> tvm.IRModule:
+    """``mod`` without dead bindings and without the kernels of ``replaced`` (GlobalVars) no call uses now."""
+    out = relax.transform.DeadCodeElimination()(mod)
+    for gv in replaced - _called(out):
+        del out[gv]
+    return out
 
 
 def _called(mod: tvm.IRModule) -> set:
