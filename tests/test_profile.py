@@ -141,3 +141,14 @@ def test_kernel_groups_sum_the_copies_of_one_kind():
     assert kernel_group("repq_qdense_vnni_197x384x384_a8w8_res0") == "repq_qdense_vnni_197x384x384_a8w8_res"
     assert kernel_group("repq_qdense_vnni_197x1152x384_a8w8") == "repq_qdense_vnni_197x1152x384_a8w8"
     assert kernel_group("repq_qbmm_avx2_i16_6x197x197x64_nd") == "repq_qbmm_avx2_i16_6x197x197x64_nd"
+
+
+def test_chart_labels_keep_both_ends_of_long_kernel_names():
+    """Swin's fused attentions differ only near the end of their names (one or two logit terms): cut at a width they
+    would be one label, so one bar of the chart."""
+    t1 = "repq_attention_avx2_i16_192x49x49x32_sqrt2_b8_g2_v8_f14_t1_qkv_out_codes"
+    t2 = t1.replace("_t1_", "_t2_")
+    short = [profile.short_name(n) for n in (t1, t2)]
+    assert short[0] != short[1] and all(len(s) == 64 and "…" in s for s in short)
+    assert short[0].startswith("repq_attention_avx2_i16_192x49x49x32") and short[0].endswith("f14_t1_qkv_out_codes")
+    assert profile.short_name("fused_layer_norm_quantize") == "fused_layer_norm_quantize"

@@ -410,6 +410,16 @@ def format_report(result: dict, top: int = 15) -> list[str]:
     return lines
 
 
+def short_name(name: str, width: int = 64) -> str:
+    """``name`` in at most ``width`` characters: its start and its end around "…" (kernel names differ at both ends:
+    the shape near the start, the fused tail last, e.g. ``…_t1_qkv_out_codes`` against ``…_t2_qkv_out_codes``, which
+    a cut end would make one bar of the chart)."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) * 2 // 5
+    return name[:width - 1 - tail] + "…" + name[-tail:]
+
+
 def plot_breakdown(result: dict, path: str, title: str, top: int = 20) -> None:
     """Bar chart of the `top` slowest kernel groups: ms per run in the model (bars) and standalone (ticks);
     integer kernels labelled with GMAC/s and % of their family's measured peak."""
@@ -421,7 +431,7 @@ def plot_breakdown(result: dict, path: str, title: str, top: int = 20) -> None:
     label, rows = _labelled_rows(result)
     rows = rows[:top][::-1]
     fig, ax = plt.subplots(figsize=(12, 0.38 * len(rows) + 1.8))
-    names = [f"{r[label][:56]} x{r['calls_per_run']}" for r in rows]
+    names = [f"{short_name(r[label])} x{r['calls_per_run']}" for r in rows]
     colors = ["tab:orange" if "gmacs" in r else "tab:blue" for r in rows]
     bars = ax.barh(names, [r["ms_per_run"] for r in rows], color=colors, label="in the model")
     ax.barh(names, [r["standalone_ms_per_run"] for r in rows], height=0.3, color="black", alpha=0.6,
