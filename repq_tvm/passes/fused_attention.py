@@ -117,6 +117,8 @@ def logit_terms(var, stop, bound: dict, uses: dict, shape: tuple[int, int, int])
         var = value.args[0]
     else:
         return None
+    if len(adds) > 2:  # the kernel adds at most two (`attention_vector`)
+        return None
     bt, m, n = shape
     keys = [], []
     for add in reversed(adds):
