@@ -287,3 +287,31 @@ def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, *fused.input_shape[1:])).astype(np.float32)
     logits = [fused.predict(x), plain.predict(x)]
     assert np.array_equal(*logits) and np.abs(logits[0]).max() > 0
+
+
+def test_logit_terms_take_at_most_two_constants():
+    """The walk from the softmax back to q @ kᵀ: two adds of constants become two terms in graph order, a third
+    leaves the attention alone (the kernel adds two)."""
+    from repq_tvm.passes.fused_attention import logit_terms
+    from repq_tvm.relax_util import var_uses
+
+    def chain(adds: int):
+        bb = relax.BlockBuilder()
+        y = relax.Var("y", relax.TensorType((BT, M, N), "float32"))
+        with bb.function("main", [y]):
+            with bb.dataflow():
+                x = bb.emit(relax.op.reshape(y, [BT, M, N]))  # stands for q @ kᵀ's call
+                start = x
+                for i in range(adds):
+                    x = bb.emit(relax.op.add(x, relax.const(np.full((1, M, N), i + 1, np.float32))))
+                out = bb.emit_output(relax.op.reshape(x, [BT, M, N]))
+            bb.emit_func_output(out)
+        func = bb.get()["main"]
+        bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        stop = bound[start]
+        softmax_input = func.body.blocks[0].bindings[-1].var
+        return logit_terms(softmax_input, stop, bound, var_uses(func), (BT, M, N))
+
+    divs, tables = chain(2)
+    assert divs == [[1, 1], [1, 1]] and [t[0, 0, 0] for t in tables] == [1, 2]
+    assert chain(3) is None and chain(0) == ([], [])
