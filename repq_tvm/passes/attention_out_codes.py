@@ -31,8 +31,9 @@ _ROWS = is_op("relax.reshape")(_TOKENS, wildcard())
 _TAIL = CodesTail(_ROWS)
 
 
-def _heads(m) -> int | None:
-    """H when the match moves heads [B·H, T, D] of the attention's output to token order [B, T, H·D], else None."""
+def _tokens(m) -> tuple[int, int, int, int] | None:
+    """(B, T, H, D) when the match moves heads [B·H, T, D] of the attention's output to token order [B, T, H·D],
+    else None."""
     heads, tokens, rows = (static_shape(m[p]) for p in (_HEADS, _TOKENS, _ROWS))
     src = static_shape(m[_ATTENTION])
     axes = m[_TOKENS].attrs.axes
@@ -41,7 +42,7 @@ def _heads(m) -> int | None:
         return None
     b, h, t, d = heads
     ok = [b * h, t, d] == list(src) and list(tokens) == [b, t, h, d] and list(rows) in ([b, t, h * d], [b * t, h * d])
-    return h if ok else None
+    return (b, t, h, d) if ok else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttentionOutputCodes")
@@ -68,18 +69,18 @@ class FuseAttentionOutputCodes:
                 kernel = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
                 spec = spec_of(kernel) if isinstance(kernel, tvm.tirx.PrimFunc) else None
                 tail = _TAIL.tail(root, m, uses)
-                heads = _heads(m)
+                tokens = _tokens(m)
                 shape = static_shape(root)
                 if spec is None or spec.get("kind") != "attention" or spec.get("out_codes") or tail is None \
-                        or heads is None or shape is None \
+                        or tokens is None or shape is None \
                         or not all(uses.get(m[p].args[0]) == 1 for p in (_HEADS, _TOKENS, _ROWS)):
                     return root
-                spec = {**spec, "out_codes": {"heads": heads, "codes": list(tail["codes"]),
+                b, t, h, d = tokens
+                spec = {**spec, "out_codes": {"heads": h, "codes": list(tail["codes"]),
                                               "operand": list(tail["operand"]) if tail["operand"] else None}}
                 kernel = kernels.get(spec)
                 kernels.replaced.add(call.args[0])
                 self.rewritten += 1
-                b, t, h, d = static_shape(m[_TOKENS])
                 dtype = str(root.ty.dtype)
 
                 def emit():

@@ -96,6 +96,22 @@ def attention_spec_of(qk: dict, lw: dict, av: dict, target, terms: int = 0) -> d
     return attention_vector.attention_spec(bt, m, n, d, **quantizer, variant=variant)
 
 
+def _chain(var, stop, bound: dict, uses: dict) -> list[relax.Call] | None:
+    """The calls other than reshapes from ``var`` back to the call ``stop`` (var's value first), where every value on
+    the way, var's included, is read once; None where the chain breaks (another reader, no binding)."""
+    calls = []
+    while isinstance(var, relax.Var) and uses.get(var) == 1:
+        value = bound.get(var)
+        if value is None:
+            return None
+        if value.same_as(stop):
+            return calls
+        if not is_call(value, "relax.reshape"):
+            calls.append(value)
+        var = value.args[0] if isinstance(value, relax.Call) else None
+    return None
+
+
 def logit_terms(var, stop, bound: dict, uses: dict, shape: tuple[int, int, int]):
     """([(div, mod)], [table]) of the constants added to q @ kᵀ's logits (the call ``stop``) on their way to the
     softmax ``var`` (reshapes and adds of a constant, each value read once), in the order they are added, or None.
@@ -105,19 +121,9 @@ def logit_terms(var, stop, bound: dict, uses: dict, shape: tuple[int, int, int])
     tables [mod, M, N] with the keys padded by zeros to the kernel's vectors (`attention_vector.logit_term_shape`)."""
     from ..kernels.attention_vector import logit_term_shape
 
-    adds = []
-    while isinstance(var, relax.Var) and uses.get(var) == 1:
-        value = bound.get(var)
-        if value is not None and value.same_as(stop):
-            break
-        if is_call(value, "relax.add") and const_array(value.args[1]) is not None:
-            adds.append(value)
-        elif not is_call(value, "relax.reshape"):
-            return None
-        var = value.args[0]
-    else:
-        return None
-    if len(adds) > 2:  # the kernel adds at most two (`attention_vector`)
+    adds = _chain(var, stop, bound, uses)
+    if adds is None or len(adds) > 2 or not all(  # the kernel adds at most two (`attention_vector`)
+            is_call(a, "relax.add") and const_array(a.args[1]) is not None for a in adds):
         return None
     bt, m, n = shape
     keys = [], []
@@ -254,22 +260,11 @@ class FuseAttention:
             uses = var_uses(func)
             bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
 
-            def single_chain(var, stop, uses=uses, bound=bound) -> bool:
-                """var (and every reshape between it and the call ``stop``) read once."""
-                while isinstance(var, relax.Var) and uses.get(var) == 1:
-                    value = bound.get(var)
-                    if value is None or value.same_as(stop):
-                        return value is not None
-                    if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.reshape"):
-                        return False
-                    var = value.args[0]
-                return False
-
             def fuse(av_call, m, uses=uses, bound=bound):
                 qk_call, lw_call = m[_QK], m[_WEIGHTS]
                 specs = (_spec(mod, qk_call, "qbmm"), _spec(mod, lw_call, "log_weights"),
                          _spec(mod, av_call, "attn_v"))
-                if None in specs or not single_chain(av_call.args[1].fields[0], lw_call):
+                if None in specs or _chain(av_call.args[1].fields[0], lw_call, bound, uses) != []:
                     return av_call
                 qk = specs[0]
                 terms = logit_terms(lw_call.args[1].fields[0], qk_call, bound, uses, (qk["Bt"], qk["M"], qk["N"]))
