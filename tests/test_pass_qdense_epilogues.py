@@ -302,3 +302,65 @@ def test_qkv_pass_on_the_vit_fixture(vit_host_build, tmp_path, monkeypatch):
         x = np.random.default_rng(0).standard_normal((4, *fused.input_shape[1:])).astype(np.float32)
         np.testing.assert_array_equal(np.concatenate([fused(x[i:i + 1]) for i in range(4)]),
                                       np.concatenate([plain(x[i:i + 1]) for i in range(4)]))
+
+
+def _before_amx_qkv(batch: int, squeeze_axis=(0,), clip_top: int | None = 15) -> tvm.IRModule:
+    """An AMX qkv projection (`quantized_linear.qdense_call`) whose output is split into heads and quantized
+    three times, as the model has it; ``squeeze_axis`` the split's squeeze, ``clip_top`` k's clip (4-bit codes)."""
+    from repq_tvm.passes.quantized_linear import qdense_call
+
+    amx = targets.tvm_target("x86_64-amx")
+    T, H, D, K = 33, 2, 32, 64  # the AMX kernel takes M = B·T ≥ 32 rows
+    rng = np.random.default_rng(3)
+    w = rng.integers(-100, 100, (3 * H * D, K)).astype(np.int64)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, T, K), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = qdense_call(bb, x, w, np.full(3 * H * D, 1e-3, np.float32), 0.02, 9, 8, None, amx, {})
+            p = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(bb.emit(relax.op.reshape(
+                y, [batch, T, 3 * H * D])), [batch, T, 3, H, D])), [2, 0, 3, 1, 4]))
+            codes = []
+            for i, (s, z) in enumerate([(0.03, 3), (0.02, 1), (0.05, 7)]):
+                third = bb.emit(relax.op.squeeze(bb.emit(relax.op.strided_slice(p, [0], [i], [i + 1])),
+                                                 list(squeeze_axis) if squeeze_axis is not None else None))
+                c = bb.emit(relax.op.quantize(third, relax.const(s, "float32"), relax.const(z, "int8"), -1, "uint8"))
+                codes.append(bb.emit(relax.op.clip(c, 0, clip_top)) if i == 1 and clip_top is not None else c)
+            out = bb.emit_output(relax.Tuple(codes))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_qkv_pass_stores_the_three_codes_of_one_amx_projection():
+    """One kernel call with three [B, H, T, D] outputs bound to the codes' variables: no split, squeeze or
+    quantize left, the quantizers (k's clip to 4 bits included) in the kernel's spec."""
+    import json
+
+    from repq_tvm.passes.qkv_codes_epilogue import FuseQKVCodesEpilogue
+
+    fuse = FuseQKVCodesEpilogue(targets.tvm_target("x86_64-amx"))
+    out = fuse(_before_amx_qkv(2))
+    assert fuse.rewritten == 1
+    ops = [str(b.value.op.name) for b in out["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)]
+    assert not {"relax.strided_slice", "relax.squeeze", "relax.quantize", "relax.clip"} & set(ops)
+    (kernel,) = [f for _, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+                 and json.loads(str(f.attrs["repq.kernel"])).get("qkv_codes")]
+    qkv = json.loads(str(kernel.attrs["repq.kernel"]))["qkv_codes"]
+    assert [qkv["tokens"], qkv["heads"]] == [33, 2]
+    np.testing.assert_allclose([c[0] for c in qkv["codes"]], [0.03, 0.02, 0.05], rtol=1e-6)
+    assert [c[1:] for c in qkv["codes"]] == [[3, 255], [1, 15], [7, 255]]
+    bound = {b.var: b.value for b in out["main"].body.blocks[0].bindings}
+    items = [bound[x] for x in bound[out["main"].body.body].fields]  # q, k, v: the kernel's outputs 0, 1, 2
+    assert [i.index for i in items] == [0, 1, 2] and all(i.tuple_value.same_as(items[0].tuple_value) for i in items)
+    assert [int(d) for d in items[0].tuple_value.ty.fields[0].shape] == [2, 2, 33, 32]
+
+
+def test_qkv_pass_leaves_a_squeeze_of_other_axes_alone():
+    """At batch 1 a squeeze of every unit axis also drops the batch: its codes are [H, T, D], not the kernel's
+    [B, H, T, D], so the split stays."""
+    from repq_tvm.passes.qkv_codes_epilogue import FuseQKVCodesEpilogue
+
+    before = _before_amx_qkv(1, squeeze_axis=None)
+    fuse = FuseQKVCodesEpilogue(targets.tvm_target("x86_64-amx"))
+    tvm.ir.assert_structural_equal(fuse(before), before)
+    assert fuse.rewritten == 0

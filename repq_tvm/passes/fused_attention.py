@@ -164,11 +164,16 @@ def _unreshaped(var, bound: dict, uses: dict):
     return var, bound.get(var)
 
 
-def _qkv_third(var, bound: dict, uses: dict):
-    """(p, third, (scale, zero point, top)) when var holds the codes of one third of a qkv output under its
-    quantizer (see the module), else None; p is the permuted qkv output the third is sliced from."""
-    root, value = _unreshaped(var, bound, uses)
-    if uses.get(root) != 1:  # the codes have another reader: their quantizer stays, the kernel would redo it
+def qkv_third(codes, bound: dict, uses: dict):
+    """(p, i, (scale, zero point, top)) when the variable ``codes`` is bound to
+
+        clip?(quantize(squeeze(strided_slice(p, [0], [i], [i + 1]), [0]), scale, zero point))    i = 0, 1, 2
+
+    with scalar quantizer constants, uint8 codes and each value between p and codes read once, else None.  The
+    one check of a qkv third that both qkv passes use: this one walks back to it from the attention's inputs,
+    `qkv_codes_epilogue` forward from the AMX qkv kernel; codes' own readers are the caller's concern."""
+    value = bound.get(codes)
+    if value is None:
         return None
     top = 2 ** code_bits(value) - 1
     if is_call(value, "relax.clip"):
@@ -191,6 +196,13 @@ def _qkv_third(var, bound: dict, uses: dict):
             or begin[0] not in (0, 1, 2):
         return None
     return sl.args[0], begin[0], (float(scale), int(zp), top)
+
+
+def _qkv_third(var, bound: dict, uses: dict):
+    """`qkv_third` of the codes under var's reshapes, when nothing else reads them (else the quantizer stays and
+    the kernel would redo it)."""
+    root, _ = _unreshaped(var, bound, uses)
+    return qkv_third(root, bound, uses) if uses.get(root) == 1 else None
 
 
 def qkv_source(q, k, v, bound: dict, uses: dict, spec: dict, zps: tuple[list[int], list[int]]):

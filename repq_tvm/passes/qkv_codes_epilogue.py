@@ -22,13 +22,14 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import code_bits, int_list, is_op, rewrite_functions, scalar_const, static_shape
+from ..relax_util import is_op, rewrite_functions, static_shape, var_uses
+from .fused_attention import qkv_third
 from .qdense_tail import FusedKernels, plain_qdense_spec
 
 
 def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
     """Every qkv projection whose whole float output goes to the three quantizers (the plans `_Fuse` carries out)."""
-    bound, users = {}, {}
+    bound, users, uses = {}, {}, var_uses(func)
     for block in func.body.blocks:
         for b in block.bindings:
             bound[b.var] = b.value
@@ -63,23 +64,15 @@ def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
         slices = users.get(perm, [])
         roots, codes, chain = [None] * 3, [None] * 3, [perm]
         for s in slices:
-            sl = bound.get(s) if s is not None else None
-            if sl is None or not is_op(sl, "relax.strided_slice") or int_list(sl.args[1]) != [0]:
-                break
-            i = (int_list(sl.args[2]) or [None])[0]
-            sq = only_user(s, "relax.squeeze")
+            sq = only_user(s, "relax.squeeze") if s is not None else None
             qz = only_user(sq, "relax.quantize") if sq is not None else None
-            if i not in (0, 1, 2) or int_list(sl.args[3]) != [i + 1] or qz is None or roots[i] is not None:
+            clip = only_user(qz, "relax.clip") if qz is not None else None
+            root = clip if clip is not None else qz
+            third = qkv_third(root, bound, uses) if root is not None else None  # axes, strides, quantizer
+            if third is None or not third[0].same_as(perm) or roots[third[1]] is not None:
                 break
-            scale, zp = scalar_const(bound[qz].args[1]), scalar_const(bound[qz].args[2])
-            if scale is None or zp is None or str(bound[qz].attrs.out_dtype) != "uint8":
-                break
-            root, clip = qz, only_user(qz, "relax.clip")
-            if clip is not None:
-                chain.append(qz)
-                root = clip
-            roots[i], codes[i] = root, (float(scale), int(zp), 2 ** code_bits(bound[root]) - 1)
-            chain += [s, sq]
+            roots[third[1]], codes[third[1]] = root, third[2]
+            chain += [s, sq] + ([qz] if root is not qz else [])
         else:
             if len(slices) == 3 and all(r is not None for r in roots):
                 plans.append({"y": y, "call": call, "spec": spec, "skip": skip + chain, "roots": roots,
