@@ -236,8 +236,9 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     lanes = 20 q accumulators + 8 weight + 5 activation registers, ~32 MACs/cycle without spills; 6 x 4
     or depth 4 spill.  The int32 tile must stay under 1 KB: TVM stack-allocates (so LLVM keeps
     in registers) only buffers below that, anything bigger is a workspace alloc+free per tile.
-    Rows: the size in [max/2, max] (sdot: [max-1, max]) that wastes fewest padded rows (ragged M is
-    computed, not stored).
+    Rows: the size in [max/2, max] (sdot and int16: [max-1, max]) that wastes fewest padded rows (ragged M is
+    computed, not stored).  int16 tiles of 4 rows were 5-15% slower than 5 or 6 (Zen 3, 2 threads, Swin-T's
+    196 / 784 / 3136-row linears; u8 x s8 showed no difference), more than the 1% of rows they save.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     n_blocks = ceil_to(N, v.lanes) // v.lanes
@@ -251,9 +252,9 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     nbi, mi = next(((b, m) for b, m in options if n_blocks % b == 0), (1, options[-1][1]))
     if M <= mi:
         return M, nbi
-    # sdot: only mi or mi - 1 rows (llvm-mca: 3 x 4 tiles ~14% fewer MACs/cycle than 5 x 4, the
-    # weight loads of a k step being shared by fewer rows)
-    low = mi - 2 if v.name == "neon_sdot" else (mi - 1) // 2
+    # sdot and int16: only mi or mi - 1 rows (the weight loads of a k step shared by fewer rows: sdot 3 x 4 tiles
+    # ~14% fewer MACs/cycle than 5 x 4 in llvm-mca; int16 4 x 2 measured, see above)
+    low = mi - 2 if v.name in ("neon_sdot", "avx2_i16") else (mi - 1) // 2
     return min(range(mi, low, -1), key=lambda t: ceil_to(M, t) - M), nbi
 
 
