@@ -177,13 +177,13 @@ def test_int16_centered_activations_need_no_zero_point_correction():
     np.testing.assert_array_equal(out, (a.astype(np.int64) - a_zp) @ w.astype(np.int64).T)
 
 
-def test_default_row_tiles_waste_few_rows_without_small_int16_tiles():
-    """Rows per tile: fewest padded rows among the sizes allowed; int16 tiles keep 5 or 6 rows (4-row ones were
-    slower on Swin-T's 196 / 784 / 3136 rows than the 2 padded rows they save), u8 x s8 and VNNI may go to half."""
+def test_default_row_tiles_are_the_largest_two_sizes():
+    """Rows per tile: the largest size or one less, whichever pads fewer rows; no smaller tiles (4-row int16 ones
+    were slower on Swin-T's 196 / 784 / 3136 rows than the 2 padded rows they save)."""
     assert [Q.default_tiles(m, 384, "avx2_i16") for m in (197, 196, 784, 3136, 49)] == [(6, 2), (6, 2), (5, 2),
                                                                                         (6, 2), (5, 2)]
-    assert Q.default_tiles(196, 384, "avx2_u8s8", 4) == (4, 1)  # 196 = 49 x 4: no padded row
-    assert Q.default_tiles(196, 384, "vnni") == (4, 3)
+    assert Q.default_tiles(196, 384, "avx2_u8s8", 4) == (6, 1)  # not 4 rows, though 196 = 49 x 4
+    assert [Q.default_tiles(m, 384, "vnni") for m in (197, 196, 1576)] == [(5, 3), (4, 3), (4, 3)]
     assert Q.default_tiles(3, 384, "avx2_i16") == (3, 2)  # fewer rows than a tile: one tile of M
 
 

@@ -236,9 +236,11 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     lanes = 20 q accumulators + 8 weight + 5 activation registers, ~32 MACs/cycle without spills; 6 x 4
     or depth 4 spill.  The int32 tile must stay under 1 KB: TVM stack-allocates (so LLVM keeps
     in registers) only buffers below that, anything bigger is a workspace alloc+free per tile.
-    Rows: the size in [max/2, max] (sdot and int16: [max-1, max]) that wastes fewest padded rows (ragged M is
-    computed, not stored).  int16 tiles of 4 rows were 5-15% slower than 5 or 6 (Zen 3, 2 threads, Swin-T's
-    196 / 784 / 3136-row linears; u8 x s8 showed no difference), more than the 1% of rows they save.
+    Rows: max or max − 1, whichever wastes fewer padded rows (ragged M is computed, not stored).  Smaller tiles
+    save at most a few padded rows and share each k step's weight loads among fewer rows: int16 tiles of 4 rows
+    were 5-15% slower than 5 or 6 (Zen 3, 2 threads, Swin-T's 196 / 784 / 3136-row linears; u8 x s8 showed no
+    difference); sdot 3 x 4 ~14% fewer MACs/cycle than 5 x 4 (llvm-mca); VNNI 3 x 3 holds 9 accumulators, fewer
+    than the 10 that hide vpdpbusd's latency (DeiT's 197 rows had taken it, to save 2 rows; not timed since).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     n_blocks = ceil_to(N, v.lanes) // v.lanes
@@ -252,10 +254,7 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     nbi, mi = next(((b, m) for b, m in options if n_blocks % b == 0), (1, options[-1][1]))
     if M <= mi:
         return M, nbi
-    # sdot and int16: only mi or mi - 1 rows (the weight loads of a k step shared by fewer rows: sdot 3 x 4 tiles
-    # ~14% fewer MACs/cycle than 5 x 4 in llvm-mca; int16 4 x 2 measured, see above)
-    low = mi - 2 if v.name in ("neon_sdot", "avx2_i16") else (mi - 1) // 2
-    return min(range(mi, low, -1), key=lambda t: ceil_to(M, t) - M), nbi
+    return min((mi, mi - 1), key=lambda t: ceil_to(M, t) - M), nbi
 
 
 def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool = False, order: str = "rows",
