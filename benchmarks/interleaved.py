@@ -2,11 +2,19 @@
 
 Why: the machines here are shared, and their speed drifts by tens of percent within minutes; timing one kernel
 after the other would hand one of them the quiet moments.  Interleaved, every kernel samples the same moments.
+Importing it sets ``OMP_WAIT_POLICY=PASSIVE`` unless set (see below).
 """
 
 from __future__ import annotations
 
+import os
 import time
+
+# Before torch is imported (the kernel benchmarks import this module first): torch's OpenMP threads spin after each
+# of its parallel regions (libgomp's default wait policy) and took both cores from the TVM kernel timed right after
+# torch (`kernel_dense.py`, 2 threads, Zen 3: 3.97 against 0.42 ms for one u8 x s8 kernel), so the first column of
+# every round was slow.  Passive, they sleep at once; torch's own times then include waking them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def timed(fn, number: int) -> float:

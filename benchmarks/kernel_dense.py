@@ -9,6 +9,10 @@ float32(acc): checked bit for bit first.
 
     TVM_NUM_THREADS=1 python benchmarks/kernel_dense.py            # all shapes, 1 thread
     python benchmarks/kernel_dense.py --threads 2 --shapes 197x384x384
+    python benchmarks/kernel_dense.py --threads 2 --shapes 197x1536x384 196x384x1536 --rows 3,4,5,6
+
+``--rows`` adds each kernel again with that many rows per register tile (its default lane blocks), to check
+`kernels.qdense.default_tiles`' choice of rows on this CPU: the default's rows are in the first columns.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> None:
     ap.add_argument("--bits", default="6,6", help="bits_a,bits_w of the u8 x s8 kernel (default 6,6)")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds; the median is reported")
     ap.add_argument("--shapes", nargs="*", help="MxNxK, default: the ViT list")
+    ap.add_argument("--rows", default="", help="also time these rows per register tile, e.g. 3,4,5,6")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 
@@ -53,24 +58,29 @@ def main() -> None:
         kernels = [("vnni", vnni, 8, 8)]
     else:
         kernels = [("avx2_u8s8", target, bits_a, bits_w), ("avx2_i16", target, 8, 8)]
+    kernels = [(v, tgt, ba, bw, None) for v, tgt, ba, bw in kernels]
+    kernels += [(v, tgt, ba, bw, int(r)) for v, tgt, ba, bw, _ in list(kernels) for r in filter(None, args.rows.split(","))]
     if targets.runnable_reason(amx) is None:
-        kernels.insert(0, ("amx", amx, 8, 8))
+        kernels.insert(0, ("amx", amx, 8, 8, None))
     rng = np.random.default_rng(0)
 
-    names = [f"{v}(a{ba}w{bw})" for v, _, ba, bw in kernels]
+    names = [f"{v}(a{ba}w{bw}{f' r{r}' if r else ''})" for v, _, ba, bw, r in kernels]
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, "
           f"median of {args.rounds} interleaved rounds, ms per call")
     head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
-    head += "".join(f"{'torch/' + n.split('(')[0]:>18s}" for n in names)
-    head += "".join(f"{n.split('(')[0] + ' GMAC/s':>14s}" for n in names)
+    short = [f"{v}{f' r{r}' if r else ''}" for v, _, _, _, r in kernels]
+    head += "".join(f"{'torch/' + n:>18s}" for n in short)
+    head += "".join(f"{n + ' GMAC/s':>18s}" for n in short)
     print(head)
     for M, N, K in shapes:
         runs = []
-        for variant, tgt, ba, bw in kernels:
+        for variant, tgt, ba, bw, rows in kernels:
             if variant == "amx" and not Q.qdense_amx.fits(M, N, K):
                 runs.append(None)
                 continue
-            kern = build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True)
+            v = Q.VARIANTS[variant]
+            tiles = None if rows is None else (rows, Q.default_tiles(M, N, v, v.max_depth(ba, bw, K))[1])
+            kern = build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True, tiles=tiles)
             a_max, w_max = 2**ba - 1, (127 if bw >= 8 else 2**bw - 1)
             a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
             w = rng.integers(-w_max, w_max + 1, (N, K))
@@ -90,7 +100,7 @@ def main() -> None:
         med = [float(np.median(t)) * 1e3 if t else float("nan") for t in times]
         row = f"{f'{M}x{N}x{K}':>16s}" + "".join(f"{t:20.3f}" for t in med[:-1]) + f"{med[-1]:12.3f}"
         row += "".join(f"{med[-1] / t:17.2f}x" for t in med[:-1])
-        print(row + "".join(f"{M * N * K / t / 1e6:14.1f}" for t in med[:-1]), flush=True)
+        print(row + "".join(f"{M * N * K / t / 1e6:18.1f}" for t in med[:-1]), flush=True)
 
 
 if __name__ == "__main__":
