@@ -57,14 +57,11 @@ class FuseAttentionOutputCodes:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         self.rewritten = 0
-        bb = relax.BlockBuilder(mod)
-        kernels = AttentionKernels(bb)
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function):
-                continue
-            uses = var_uses(func)
 
-            def fuse(root, m, uses=uses):
+        def rewrite(func: relax.Function, kernels: AttentionKernels) -> relax.Function:
+            uses, bb = var_uses(func), kernels.bb
+
+            def fuse(root, m):
                 call = m[_ATTENTION]
                 kernel = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
                 spec = spec_of(kernel) if isinstance(kernel, tvm.tirx.PrimFunc) else None
@@ -91,5 +88,6 @@ class FuseAttentionOutputCodes:
 
             for pattern in _TAIL.patterns[:-1]:  # the largest match first
                 func = rewrite_call(pattern, calls_only(fuse), func)
-            bb.update_func(gv, rewrite_call(_TAIL.codes, calls_only(fuse), func))
-        return kernels.finish()
+            return rewrite_call(_TAIL.codes, calls_only(fuse), func)
+
+        return AttentionKernels.rewrite(mod, rewrite)

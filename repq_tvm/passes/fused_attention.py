@@ -251,6 +251,17 @@ class AttentionKernels:
     def finish(self) -> tvm.IRModule:
         return without_replaced(self.bb.get(), self.replaced)
 
+    @staticmethod
+    def rewrite(mod: tvm.IRModule, rewrite) -> tvm.IRModule:
+        """``mod`` with each Relax function f replaced by ``rewrite(f, kernels)`` (which adds its fused kernels
+        through ``kernels``, an `AttentionKernels` of a builder on ``mod``), then `finish`ed: both attention passes'
+        walk over the module."""
+        kernels = AttentionKernels(relax.BlockBuilder(mod))
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                kernels.bb.update_func(gv, rewrite(func, kernels))
+        return kernels.finish()
+
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttention")
 class FuseAttention:
@@ -264,15 +275,12 @@ class FuseAttention:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         self.rewritten = 0
-        bb = relax.BlockBuilder(mod)
-        kernels = AttentionKernels(bb)
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function):
-                continue
+
+        def rewrite(func: relax.Function, kernels: AttentionKernels) -> relax.Function:
             uses = var_uses(func)
             bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
 
-            def fuse(av_call, m, uses=uses, bound=bound):
+            def fuse(av_call, m):
                 qk_call, lw_call = m[_QK], m[_WEIGHTS]
                 specs = (_spec(mod, qk_call, "qbmm"), _spec(mod, lw_call, "log_weights"),
                          _spec(mod, av_call, "attn_v"))
@@ -300,5 +308,6 @@ class FuseAttention:
                 return relax.call_tir(kernel, relax.Tuple(args),
                                       relax.TensorType((spec["Bt"], spec["M"], spec["D"]), "float32"))
 
-            bb.update_func(gv, rewrite_call(_ATTN_V, calls_only(fuse), func))
-        return kernels.finish()
+            return rewrite_call(_ATTN_V, calls_only(fuse), func)
+
+        return AttentionKernels.rewrite(mod, rewrite)

@@ -22,14 +22,14 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_util import is_op, rewrite_functions, static_shape, var_uses
+from ..relax_util import is_op, rewrite_functions, static_shape
 from .fused_attention import qkv_third
 from .qdense_tail import FusedKernels, plain_qdense_spec
 
 
 def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
     """Every qkv projection whose whole float output goes to the three quantizers (the plans `_Fuse` carries out)."""
-    bound, users, uses = {}, {}, var_uses(func)
+    bound, users = {}, {}
     for block in func.body.blocks:
         for b in block.bindings:
             bound[b.var] = b.value
@@ -37,6 +37,7 @@ def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
                 b.value, lambda e, v=b.var: users.setdefault(e, []).append(v) if isinstance(e, relax.Var) else None)
     relax.analysis.post_order_visit(func.body.body,
                                     lambda e: users.setdefault(e, []).append(None) if isinstance(e, relax.Var) else None)
+    uses = {v: len(u) for v, u in users.items()}  # `relax_util.var_uses`, from the same walk
 
     def only_user(var, op):
         u = users.get(var, [])
