@@ -238,10 +238,10 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     in registers) only buffers below that, anything bigger is a workspace alloc+free per tile.
     Rows: max or max − 1, whichever wastes fewer padded rows (ragged M is computed, not stored).  Smaller tiles
     save at most a few padded rows and share each k step's weight loads among fewer rows: int16 tiles of 4 rows
-    were 8-18% slower than the better of 5 and 6 (Zen 3, 2 threads, Swin-T's 196 / 784 / 3136-row linears; u8 x
-    s8 showed no difference); sdot 3 x 4 ~14% fewer MACs/cycle than 5 x 4 (llvm-mca); VNNI 3 x 3 holds 9
-    accumulators, fewer than the 10 that hide vpdpbusd's latency (DeiT's 197 rows had taken it, to save 2 rows;
-    not timed since).
+    were slower than 5 or 6 on most of Swin-T's linears (up to 18%; Zen 3, 2 threads, `benchmarks/kernel_dense.py
+    --rows 4,5,6`) and the whole Swin-T 4-6% (`benchmarks/compare_artifacts.py`); u8 x s8 within 3%; sdot 3 x 4
+    ~14% fewer MACs/cycle than 5 x 4 (llvm-mca); VNNI 3 x 3 holds 9 accumulators, fewer than the 10 that hide
+    vpdpbusd's latency (DeiT's 197 rows had taken it, to save 2 rows; not timed since).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     n_blocks = ceil_to(N, v.lanes) // v.lanes
