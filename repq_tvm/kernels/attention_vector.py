@@ -18,7 +18,7 @@ variant         q @ kᵀ (the logits of 4 rows x 2 or 4 key blocks)    attn @ V 
 ==============  ====================================================  ===================================
 
 then per row `log_weights`' fused softmax (`log_weights.softmax_codes_macro`: same sums in the same order),
-`log_weights.plane_weight` of each code, and `attn_v`'s combination of the planes (`attn_v._acc_total`).
+`log_weights.plane_weight` of each code, and `attn_v`'s combination of the planes (`attn_v.acc_total_f64`).
 
 Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
 float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]; out
@@ -62,8 +62,8 @@ from .attention_amx import (
     kernel_name,  # noqa: F401  (one naming for both fused kernels)
 )
 from .attention_amx import attention_spec as amx_spec
-from .attn_v import _acc_total, _check_args, padded_tokens, to_float32
-from .log_weights import VECTOR, plane_weight, softmax_codes_macro
+from .attn_v import _check_args, acc_total_f64, padded_tokens
+from .log_weights import HALF, VECTOR, plane_weight, softmax_codes_macro
 from .packing import ceil_to
 
 RB = 4  # rows per block: the softmax reductions of 4 rows run interleaved, as in `attention_amx`
@@ -107,8 +107,14 @@ def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, 
             "variant": variant}
 
 
+def word_part(word, c: int, dtype: str):
+    """int32 of part c of an int32 word of packed ``dtype`` values (part 0 the low bits), as a vector load
+    reinterprets it; the emulation's reading of `kp` / `vp`."""
+    return T.Cast("int32", T.Cast(dtype, T.shift_right(word, c * tvm.DataType(dtype).bits)))
+
+
 class _TileSums:
-    """``acc[b, plane, a, (j, lane)]`` for `attn_v._acc_total`: S_p of a tile's row a, d block j, lane."""
+    """``acc[b, plane, a, (j, lane)]`` for `attn_v.acc_total_f64`: S_p of a tile's row a, d block j, lane."""
 
     def __init__(self, acc):
         self.acc = acc
@@ -133,6 +139,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         raise ValueError(f"depth {D} could overflow the int32 accumulator")
     planes, top = attn_planes(parities, groups), 2 ** spec["bits"] - 1
     n_r, n_p = ceil_to(N, VECTOR), padded_tokens(N)  # logits / codes / weights rows; tokens in whole pairs
+    n_w = ceil_to(n_p, HALF)  # codes and weights formed: the tokens attn @ V reads, in whole half vectors
     nb, steps, d_blocks = -(-N // lanes), D // kpack, D // lanes
     kt = min(kt, nb)  # key blocks per q @ kᵀ tile
     db = av_blocks(D, variant, planes)
@@ -157,8 +164,11 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         def q_at(y, b, m, d):
             return qkv_code(y, 0, b, m, d)
 
-        def k_at(kc, b, n, d):
-            return kc[n, d]
+        def k_at(y, b, n, d):
+            return qkv_code(y, 1, b, n, d)
+
+        def v_at(y, b, n, d):
+            return qkv_code(y, 2, b, n, d)
     else:
         def q_at(q, b, m, d):
             return q[b, m, d]
@@ -166,8 +176,9 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         def k_at(k, b, n, d):
             return k[b, n, d]
 
-    v_at = k_at
-    softmax_codes = softmax_codes_macro(N, parities, spec["scale"], top, RB)
+        v_at = k_at
+    softmax_codes = softmax_codes_macro(N, parities, spec["scale"], top, RB, n_w)
+    k_dtype = "int8" if vnni else "int16"  # q @ kᵀ's k operands
     pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
     vpdpwssd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512")
@@ -178,41 +189,41 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         if emulate:
             for ln, c in T.grid(lanes, kpack):
                 if vnni:
-                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", qc[i, s * kpack + c]) * T.Cast(
-                        "int32", kp[n0 + j, s, ln, c])
+                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", qc[i, s * kpack + c]) * word_part(
+                        kp[n0 + j, s, ln], c, k_dtype)
                 else:
-                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", qa[i, s * kpack + c]) * T.Cast(
-                        "int32", kp[n0 + j, s, ln, c])
+                    acc[i, j, ln] = acc[i, j, ln] + T.Cast("int32", qa[i, s * kpack + c]) * word_part(
+                        kp[n0 + j, s, ln], c, k_dtype)
         elif vnni:  # q's 4 u8 codes as one word, broadcast
             acc[i, j, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
                 vpdpbusd, acc.vload([i, j, 0], dtype="int32x16"),
                 T.reinterpret(T.broadcast(T.reinterpret(qc.vload([i, s * 4], dtype="uint8x4"), dtype="int32"), 16),
                               dtype="uint8x64"),
-                kp.vload([n0 + j, s, 0, 0], dtype="int8x64"), dtype="int32x16")
+                T.reinterpret(kp.vload([n0 + j, s, 0], dtype="int32x16"), dtype="int8x64"), dtype="int32x16")
         else:
             acc[i, j, T.ramp(0, 1, lanes)] = acc.vload([i, j, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
                 pmaddwd, T.reinterpret(T.broadcast(T.reinterpret(qa.vload([i, s * 2], dtype="int16x2"),
                                                                  dtype="int32"), 8), dtype="int16x16"),
-                kp.vload([n0 + j, s, 0, 0], dtype="int16x16"), dtype="int32x8")
+                T.reinterpret(kp.vload([n0 + j, s, 0], dtype="int32x8"), dtype="int16x16"), dtype="int32x8")
 
     @T.macro
     def av_step(acc, a, p, j, wb, i, t, vp, d0):
         """acc[a, p, j] += the plane-p weights of block row i at token pair t x V's d block d0 + j."""
         if emulate:
             for ln, c in T.grid(lanes, 2):
-                acc[a, p, j, ln] = acc[a, p, j, ln] + T.Cast("int32", wb[p, i, t * 2 + c]) * T.Cast(
-                    "int32", vp[d0 + j, t, ln, c])
+                acc[a, p, j, ln] = acc[a, p, j, ln] + T.Cast("int32", wb[p, i, t * 2 + c]) * word_part(
+                    vp[d0 + j, t, ln], c, "int16")
         else:
             pair = T.meta_var(T.reinterpret(wb.vload([p, i, t * 2], dtype="int16x2"), dtype="int32"))
             if vnni:
                 acc[a, p, j, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
                     vpdpwssd, acc.vload([a, p, j, 0], dtype="int32x16"),
                     T.reinterpret(T.broadcast(pair, 16), dtype="int16x32"),
-                    vp.vload([d0 + j, t, 0, 0], dtype="int16x32"), dtype="int32x16")
+                    T.reinterpret(vp.vload([d0 + j, t, 0], dtype="int32x16"), dtype="int16x32"), dtype="int32x16")
             else:
                 acc[a, p, j, T.ramp(0, 1, lanes)] = acc.vload([a, p, j, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
                     pmaddwd, T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
-                    vp.vload([d0 + j, t, 0, 0], dtype="int16x16"), dtype="int32x8")
+                    T.reinterpret(vp.vload([d0 + j, t, 0], dtype="int32x8"), dtype="int16x16"), dtype="int32x8")
 
     def with_terms(x, t0, t1, b, m, n):
         """x plus the logit terms of head b, row m, key n, in the order of the graph's adds (the tables' keys are
@@ -269,38 +280,42 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
             for a in T.unroll(AV_ROWS):
                 for j in T.unroll(db):
                     for ln in T.vectorized(lanes):
-                        total = T.meta_var(_acc_total(_TileSums(acc), b, a, (j, ln), planes, parities, f))
+                        total = T.meta_var(acc_total_f64(_TileSums(acc), b, a, (j, ln), planes, parities, f))
                         store(out, b, m0 + r0 * AV_ROWS + a, (dt * db + j) * lanes + ln,
-                              to_float32(total, not vnni) * v_scale[0])
+                              total.astype("float32") * v_scale[0])
 
     @T.macro
-    def plane_weights(codes, wb, i, c, p):
-        for ln in T.vectorized(VECTOR):
-            wb[p, i, c * VECTOR + ln] = plane_weight(codes[i, c * VECTOR + ln], p, sqrt2, f, groups)
+    def plane_weights(codes, wb, i, n0, lanes):
+        """Every plane's int16 weights of codes n0 .. n0 + lanes − 1 of row i, in one loop: the planes share the
+        code's shift and group (a loop per plane computed them again); the planes are constants in the code (a
+        plane loop evaluated every plane's selects at run time)."""
+        for ln in T.vectorized(lanes):
+            wb[0, i, n0 + ln] = plane_weight(codes[i, n0 + ln], 0, sqrt2, f, groups)
+            if planes > 1:
+                wb[1, i, n0 + ln] = plane_weight(codes[i, n0 + ln], 1, sqrt2, f, groups)
+            if planes > 2:
+                wb[2, i, n0 + ln] = plane_weight(codes[i, n0 + ln], 2, sqrt2, f, groups)
 
     @T.macro
     def weights(codes, wb):
-        """Each plane's int16 weights of the block's codes; the planes are constants in the code (a plane loop
-        evaluated every plane's selects at run time)."""
-        for i, c in T.grid(RB, n_r // VECTOR):
-            plane_weights(codes, wb, i, c, 0)
-            if planes > 1:
-                plane_weights(codes, wb, i, c, 1)
-            if planes > 2:
-                plane_weights(codes, wb, i, c, 2)
-
-    k_dtype = "int8" if vnni else "int16"
+        """The block's weights of the tokens attn @ V reads (`n_w`)."""
+        for i in range(RB):
+            for c in range(n_w // VECTOR):
+                plane_weights(codes, wb, i, c * VECTOR, VECTOR)
+            if n_w % VECTOR != 0:
+                plane_weights(codes, wb, i, n_w // VECTOR * VECTOR, HALF)
 
     @T.macro
     def head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1):
         """Head b: pack its k and V, then its row blocks (q, k, v: the kernel's inputs or the head's codes,
         read through `q_at` / `k_at` / `v_at`)."""
-        kp = T.alloc_buffer((nb, steps, lanes, kpack), k_dtype, scope="local")  # keys = lanes
+        kp = T.alloc_buffer((nb, steps, lanes), "int32", scope="local")  # words of kpack k operands; keys = lanes
         kterm = T.alloc_buffer((nb * lanes,), "int32", scope="local")
         qsum = T.alloc_buffer((RB,), "int32", scope="local")
         qc = T.alloc_buffer((RB, D), "uint8", scope="local")  # the block's q codes
         qa = T.alloc_buffer((RB, D), "int16", scope="local")  # the block's q − z_q (avx2_i16)
-        vp = T.alloc_buffer((d_blocks, n_p // 2, lanes, 2), "int16", scope="local")  # v − z_v, token pairs
+        vp = T.alloc_buffer((d_blocks, n_p // 2, lanes), "int32", scope="local")  # words: v − z_v of a token pair
+        krow = T.alloc_buffer((D,), k_dtype, scope="local")  # one key's k operands
         L = T.alloc_buffer((RB, n_r), "float32", scope="local")
         codes = T.alloc_buffer((RB, n_r), "int32", scope="local")
         wb = T.alloc_buffer((planes, RB, n_r), "int16", scope="local")
@@ -308,27 +323,28 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         row = T.alloc_buffer((RB, 3), "float32", scope="local")  # max, sum, code bias
         acc_qk = T.alloc_buffer((RB, kt, lanes), "int32", scope="local")
         acc_av = T.alloc_buffer((AV_ROWS, planes, db, lanes), "int32", scope="local")
-        for n0, s, ln, c in T.grid(nb, steps, lanes, kpack):
-            if vnni:  # u8 k − 128 as s8; 0 past N
-                kp[n0, s, ln, c] = T.if_then_else(
-                    n0 * lanes + ln < N, T.Cast("int8", T.Cast("int32", k_at(k, b, T.min(n0 * lanes + ln, N - 1),
-                                                                             s * kpack + c)) - 128), T.int8(0))
-            else:
-                kp[n0, s, ln, c] = T.if_then_else(
-                    n0 * lanes + ln < N, T.Cast("int16", T.Cast("int32", k_at(k, b, T.min(n0 * lanes + ln, N - 1),
-                                                                              s * kpack + c)) - qk_zp[1]),
-                    T.int16(0))
-        if vnni:  # the zero points' column term z_q·(Σ_d k − z_k·D)
-            for n in range(nb * lanes):
+        for n in range(N):  # key n's operands (avx2_i16: k − z_k int16; vnni: u8 k − 128 as s8), a vector, then
+            # its words into lane n % lanes of the key block
+            for d in T.vectorized(D):
+                krow[d] = T.Cast(k_dtype, T.Cast("int32", k_at(k, b, n, d)) - (128 if vnni else qk_zp[1]))
+            for s in range(steps):
+                kp[n // lanes, s, n % lanes] = T.reinterpret(krow.vload([s * kpack], dtype=f"{k_dtype}x{kpack}"),
+                                                             dtype="int32")
+            if vnni:  # the zero points' column term z_q·(Σ_d k − z_k·D)
                 kterm[n] = 0
-                if n < N:
-                    for d in range(D):
-                        kterm[n] = kterm[n] + T.Cast("int32", k_at(k, b, n, d))
-                    kterm[n] = qk_zp[0] * (kterm[n] - qk_zp[1] * D)
-        for d0, t, ln, c in T.grid(d_blocks, n_p // 2, lanes, 2):
-            vp[d0, t, ln, c] = T.if_then_else(
-                t * 2 + c < N, T.Cast("int16", T.Cast("int32", v_at(v, b, T.min(t * 2 + c, N - 1), d0 * lanes + ln))
-                                      - v_zp[0]), T.int16(0))
+                for d in range(D):
+                    kterm[n] = kterm[n] + T.Cast("int32", krow[d])
+                kterm[n] = qk_zp[0] * (kterm[n] + (128 - qk_zp[1]) * D)
+        for n in range(nb * lanes - N):  # keys past N: 0
+            for s in range(steps):
+                kp[(N + n) // lanes, s, (N + n) % lanes] = 0
+            kterm[N + n] = 0
+        for d0, t in T.grid(d_blocks, n_p // 2):  # tokens 2t and 2t + 1 (0 past N) as the low and high halves
+            for ln in T.vectorized(lanes):
+                vp[d0, t, ln] = T.bitwise_or(
+                    T.bitwise_and(T.Cast("int32", v_at(v, b, t * 2, d0 * lanes + ln)) - v_zp[0], 0xFFFF),
+                    T.shift_left(T.Select(t * 2 + 1 < N, T.Cast("int32", v_at(v, b, T.min(t * 2 + 1, N - 1),
+                                                                             d0 * lanes + ln)) - v_zp[0], 0), 16))
         for i, n in T.grid(RB, n_r):
             L[i, n] = T.float32(0)
         for blk in range(-(-M // RB)):
@@ -354,14 +370,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                  out: T.Buffer(output.shape, output.dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             for b in T.parallel(Bt):
-                kc = T.alloc_buffer((N, D), "uint8", scope="local")  # the head's k and v codes
-                vc = T.alloc_buffer((N, D), "uint8", scope="local")
-                for n in range(N):
-                    for d in T.vectorized(D):
-                        kc[n, d] = qkv_code(y, 1, b, n, d)
-                    for d in T.vectorized(D):
-                        vc[n, d] = qkv_code(y, 2, b, n, d)
-                head(y, kc, vc, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1)
+                head(y, y, y, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1)
 
     return _without_params(main, ("t0", "t1")[len(terms):]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 

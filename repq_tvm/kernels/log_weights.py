@@ -45,6 +45,7 @@ from .attn_v import padded_tokens
 # the 197-token rows of DeiT-Small ran 1.7x faster than in one ymm (0.50 against 0.88 ms per 6x197x197 call,
 # Zen 3, 2 threads)
 VECTOR = 16
+HALF = VECTOR // 2  # one ymm of int32 / float32: the step of a row's ragged end in the fused attention kernels
 
 
 def code_thresholds(scale: float, sqrt2: bool) -> tuple[int, list[int]]:
@@ -108,22 +109,49 @@ def softmax_code(mx, x, bias, slope, top: int):
     return tvm.tirx.Select(c > top, -1, tvm.tirx.max(c, 0))
 
 
-def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int):
+def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int, n_codes: int | None = None):
     """The macro ``softmax_codes(L, codes, part, row, r0)`` of the fused attention kernels: rows r0 .. r0 + rows − 1
-    of float32 logits ``L`` (``n`` tokens, padded to whole `VECTOR`s) → int32 codes (−1 past ``n``), the fused
-    softmax of this module (same sums in the same order, so the same codes bit for bit), the rows' reductions
-    interleaved (each is a chain of dependent adds; several keep the core busy).  ``part`` float32 [rows, VECTOR]
-    and ``row`` float32 [rows, 3] (max, sum, code bias) are scratch; ``m``: 2 for log√2, 1 for log2."""
+    of float32 logits ``L`` (``n`` tokens, padded to whole `VECTOR`s) → int32 codes (−1 past ``n``) of the first
+    ``n_codes`` columns (default: every padded one), the fused softmax of this module (same sums in the same order,
+    so the same codes bit for bit), the rows' reductions interleaved (each is a chain of dependent adds; several
+    keep the core busy).  ``part`` float32 [rows, VECTOR] and ``row`` float32 [rows, 3] (max, sum, code bias) are
+    scratch; ``m``: 2 for log√2, 1 for log2.
+
+    The last vector of a row is read in `HALF` lanes when the tokens past the whole vectors fit in them (Swin's
+    49 of 64): the lanes left out would add −∞ to a max and 0 to a sum, which changes neither."""
     n_r, lowest, slope = -(-n // VECTOR) * VECTOR, tvm.tirx.min_value("float32"), softmax_slope(m)
+    full, tail = n // VECTOR, -(-(n % VECTOR) // HALF) * HALF  # whole vectors, lanes of the last one read
+    n_codes = n_r if n_codes is None else n_codes
+    if n_codes % HALF or n_codes > n_r:
+        raise ValueError(f"codes of {n_codes} columns: not whole half vectors of the {n_r} padded ones")
+
+    @T.macro
+    def reduce_max(L, part, r0, c, lanes):
+        for i in T.unroll(rows):
+            for ln in T.vectorized(lanes):
+                part[i, ln] = T.max(part[i, ln], T.Select(c * VECTOR + ln < n, L[r0 + i, c * VECTOR + ln], lowest))
+
+    @T.macro
+    def reduce_sum(L, part, row, r0, c, lanes):
+        for i in T.unroll(rows):
+            for ln in T.vectorized(lanes):
+                part[i, ln] = part[i, ln] + T.Select(
+                    c * VECTOR + ln < n, epilogue.fast_exp(L[r0 + i, c * VECTOR + ln] - row[i, 0]), T.float32(0))
+
+    @T.macro
+    def row_codes(L, codes, row, r0, i, n0, lanes):
+        for ln in T.vectorized(lanes):
+            codes[i, n0 + ln] = T.Select(n0 + ln < n, softmax_code(row[i, 0], L[r0 + i, n0 + ln], row[i, 2], slope, top),
+                                         -1)
 
     @T.macro
     def softmax_codes(L, codes, part, row, r0):
         for i, ln in T.grid(rows, VECTOR):
             part[i, ln] = lowest
-        for c in range(n_r // VECTOR):
-            for i in T.unroll(rows):
-                for ln in T.vectorized(VECTOR):
-                    part[i, ln] = T.max(part[i, ln], T.Select(c * VECTOR + ln < n, L[r0 + i, c * VECTOR + ln], lowest))
+        for c in range(full):
+            reduce_max(L, part, r0, c, VECTOR)
+        if tail > 0:
+            reduce_max(L, part, r0, full, tail)
         for i in T.unroll(rows):
             row[i, 0] = lowest
         for ln in range(VECTOR):
@@ -131,11 +159,10 @@ def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int):
                 row[i, 0] = T.max(row[i, 0], part[i, ln])
         for i, ln in T.grid(rows, VECTOR):
             part[i, ln] = T.float32(0)
-        for c in range(n_r // VECTOR):
-            for i in T.unroll(rows):
-                for ln in T.vectorized(VECTOR):
-                    part[i, ln] = part[i, ln] + T.Select(
-                        c * VECTOR + ln < n, epilogue.fast_exp(L[r0 + i, c * VECTOR + ln] - row[i, 0]), T.float32(0))
+        for c in range(full):
+            reduce_sum(L, part, row, r0, c, VECTOR)
+        if tail > 0:
+            reduce_sum(L, part, row, r0, full, tail)
         for i in T.unroll(rows):
             row[i, 1] = T.float32(0)
         for ln in range(VECTOR):
@@ -144,10 +171,10 @@ def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int):
         for i in T.unroll(rows):
             row[i, 2] = _code_bias(row[i, 1], m, scale)
         for i in T.unroll(rows):
-            for c in range(n_r // VECTOR):
-                for ln in T.vectorized(VECTOR):
-                    codes[i, c * VECTOR + ln] = T.Select(
-                        c * VECTOR + ln < n, softmax_code(row[i, 0], L[r0 + i, c * VECTOR + ln], row[i, 2], slope, top), -1)
+            for c in range(n_codes // VECTOR):
+                row_codes(L, codes, row, r0, i, c * VECTOR, VECTOR)
+            if n_codes % VECTOR != 0:
+                row_codes(L, codes, row, r0, i, n_codes // VECTOR * VECTOR, HALF)
 
     return softmax_codes
 
