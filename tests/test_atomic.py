@@ -76,17 +76,14 @@ def test_full_disk_keeps_the_previous_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def w4_artifact_and_w8_file(tmp_path_factory):
-    """A W4 artifact (copied per test) and a W8 calibrated file of the ViT fixture."""
+def w4_artifact_and_w8_file(vit_host_build, tmp_path_factory):
+    """A W4 artifact (the shared ViT fixture build, copied per test) and a W8 calibrated file of the ViT fixture."""
     from repq_tvm.cli import main
 
-    root = tmp_path_factory.mktemp("atomic")
-    cals = [str(root / f"w{b}.repq") for b in (4, 8)]
-    for bits, cal in zip((4, 8), cals):
-        assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "--w-bits", str(bits),
-                     "--a-bits", str(bits), "-o", cal, "--quiet"]) == 0
-    assert main(["compile", cals[0], "--target", "x86_64-avx2", "-o", str(root / "art"), "--quiet"]) == 0
-    return str(root / "art"), cals[1]
+    cal = str(tmp_path_factory.mktemp("atomic") / "w8.repq")
+    assert main(["calibrate", "--model", "vit_cifar10", "--calib-size", "8", "--w-bits", "8", "--a-bits", "8",
+                 "-o", cal, "--quiet"]) == 0
+    return vit_host_build[1], cal
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
