@@ -118,7 +118,7 @@ def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int, n_cod
     scratch; ``m``: 2 for log√2, 1 for log2.
 
     The last vector of a row is read in `HALF` lanes when the tokens past the whole vectors fit in them (Swin's
-    49 of 64): the lanes left out would add −∞ to a max and 0 to a sum, which changes neither."""
+    49 of 64): the lanes left out would take a max with the lowest float and add 0 to a sum, which changes neither."""
     n_r, lowest, slope = -(-n // VECTOR) * VECTOR, tvm.tirx.min_value("float32"), softmax_slope(m)
     full, tail = n // VECTOR, -(-(n % VECTOR) // HALF) * HALF  # whole vectors, lanes of the last one read
     n_codes = n_r if n_codes is None else n_codes
