@@ -44,11 +44,12 @@ def built_once(tmp_path_factory, name: str, build) -> str:
     return str(folder)
 
 
-# The slowest test files, slowest first (summed test times under `make test` on an AVX2 Zen 3, in s: 252, 144, 135,
-# 123, 118, 66, 61, 60, 55, 48, 46, 44, 41, 36). pytest-xdist hands out whole files in collection order: the long ones
-# first, the short ones fill in (the files not listed keep their alphabetical order).
-SLOWEST_FIRST = ("test_compile", "test_kernel_arm", "test_tuning", "test_timm_models", "test_cli_fuzz",
-                 "test_fixtures", "test_rpc", "test_pass_qdense_epilogues", "test_atomic", "test_threads",
+# The slowest test files, slowest first (per-file sums of `make test`'s pytest command with --junitxml, AVX2 Zen 3,
+# in s: 252, 144, 135, 123, 118, 72 (test_atomic, before it reused the shared ViT build), 66, 61, 60, 48, 46, 44, 41,
+# 36). pytest-xdist hands out whole files in collection order: the long ones first, the short ones fill in (the
+# files not listed keep their alphabetical order).
+SLOWEST_FIRST = ("test_compile", "test_kernel_arm", "test_tuning", "test_timm_models", "test_cli_fuzz", "test_atomic",
+                 "test_fixtures", "test_rpc", "test_pass_qdense_epilogues", "test_threads",
                  "test_pass_fused_attention", "test_frontends", "test_kernel_attention_vector", "test_targets")
 
 

@@ -30,8 +30,9 @@ M ≥ 4, D a multiple of the vector's int32 lanes (8 / 16).
 With ``qkv`` in the spec ({"heads": H, "codes": three (scale, zero point, top)}), the kernel reads the qkv
 projection's float output instead, ``main(y, qk_zp, qk_scale, v_zp, v_scale, out)`` with y float32
 [batch·T, 3·H·D] (Bt = batch·H, M = N = T), and quantizes head b's q, k and v itself (`epilogue.codes`: the
-unfused quantizer's operations): k and v once per head into local codes, q per row block.  Why: otherwise three
-kernels per block slice, move and quantize them (`passes.qkv_head_split`), writing and reading the codes again.
+unfused quantizer's operations): k and v once per head, straight into the packed operands, q per row block.  Why:
+otherwise three kernels per block slice, move and quantize them (`passes.qkv_head_split`), writing and reading the
+codes again.
 
 With ``logit_terms`` in the spec ([[div, mod], …], at most two) the kernel takes one float32 table ``[mod, M, Np]``
 per term after ``v_scale`` (`logit_term_shape`: keys padded with zeros to whole `VECTOR`s) and adds row
@@ -307,8 +308,8 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
 
     @T.macro
     def head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1):
-        """Head b: pack its k and V, then its row blocks (q, k, v: the kernel's inputs or the head's codes,
-        read through `q_at` / `k_at` / `v_at`)."""
+        """Head b: pack its k and V, then its row blocks (q, k, v: the kernel's inputs, or the qkv output three
+        times, read through `q_at` / `k_at` / `v_at`)."""
         kp = T.alloc_buffer((nb, steps, lanes), "int32", scope="local")  # words of kpack k operands; keys = lanes
         kterm = T.alloc_buffer((nb * lanes,), "int32", scope="local")
         qsum = T.alloc_buffer((RB,), "int32", scope="local")
@@ -338,7 +339,8 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         for n in range(nb * lanes - N):  # keys past N: 0
             for s in range(steps):
                 kp[(N + n) // lanes, s, (N + n) % lanes] = 0
-            kterm[N + n] = 0
+            if vnni:
+                kterm[N + n] = 0
         for d0, t in T.grid(d_blocks, n_p // 2):  # tokens 2t and 2t + 1 (0 past N) as the low and high halves
             for ln in T.vectorized(lanes):
                 vp[d0, t, ln] = T.bitwise_or(

@@ -172,8 +172,8 @@ def acc_total_f64(acc, b, m, d, planes: int, parities: int, f: int):
     """`_acc_total`'s acc as an exact float64, from int32 plane sums: the √2 product S·C (C = `SQRT2_FIXED`, up to
     2^61) split as S·C_hi·2^q + S·C_lo with C_lo < 2^q, so (S·C + 2^(q−1)) >> q = S·C_hi + ⌊(S·C_lo + 2^(q−1))·2^−q⌋,
     every step an integer below 2^53 (|S| < 2^31).  Cast to float32 it is `to_float32` of the int64 acc bit for bit.
-    Why: AVX2 has no 64-bit arithmetic shift, multiply or conversion to float; the int64 combination and its float64
-    detour took 16% of Swin-T's 49-token attention kernel (perf, Zen 3), more than the products of its 3 planes' loop."""
+    Why: AVX2 has no 64-bit arithmetic shift, multiply or conversion to float, and the int64 combination emulated
+    them per output, which weighs most in small heads (Swin's 49 tokens: few products per output)."""
     g, q = ATTN_EXTRA_BITS, SQRT2_Q - ATTN_EXTRA_BITS
     c_hi, c_lo = SQRT2_FIXED >> q, SQRT2_FIXED & ((1 << q) - 1)
 
