@@ -149,9 +149,9 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, i
 def qdense(
     M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1,
     compensate: bool = False, gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
-    codes_operand: tuple[str, int] | None = None,
+    codes_operand: tuple[str, int] | None = None, a_rows: int | None = None,
 ) -> list[te.Tensor]:
-    """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) out]`` in ``variant``'s layouts.
+    """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) (res,) (rows,) out]`` in ``variant``'s layouts.
 
     ``m_tile > 1`` computes the accumulator on ``ceil(M/m_tile)*m_tile`` rows (tensorize cannot take
     the tail predicate a ragged M split makes); the extra rows are discarded.  ``compensate`` adds
@@ -160,15 +160,21 @@ def qdense(
     point, top code; with the epilogue) stores the uint8 codes of GELU of the float result instead of it
     (`epilogue.gelu_codes`), or with ``codes_operand`` = (dtype, minus) those codes as the next kernel's activation
     operand (`epilogue.as_operand`: int16 centred, sdot's int8); ``residual`` takes one more input ``res`` [M, N]
-    float32 and stores ``res + y``.
+    float32 and stores ``res + y``.  ``a_rows``: A has that many rows and output row m is computed from A's row
+    ``rows[m]`` (one more input, int32 [M]): a row permutation or gather of the activations (Swin's window
+    partition, cyclic shift and their reverses) read in place instead of copied by a kernel of its own.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     L, P = v.lanes, v.kpack
     n_p, k_p, m_p = ceil_to(N, L), ceil_to(K, P), ceil_to(M, m_tile)
-    A = te.placeholder((M, k_p), v.a_dtype, name="A")
+    A = te.placeholder((a_rows or M, k_p), v.a_dtype, name="A")
     W = te.placeholder((n_p // L, k_p // P, L, P), v.w_dtype, name="W")
     # Rows past M read row M-1 again (clamped index) and are never stored: no padded copy of A.
     row = (lambda m: te.min(m, M - 1)) if m_p != M else (lambda m: m)
+    rows = te.placeholder((M,), "int32", name="rows") if a_rows else None
+    if rows is not None:  # a tile's rows gathered into a stage of their own (`_tile`): tensorize takes no index load
+        gathered_a = te.compute((m_p, k_p), lambda m, k: A[rows[row(m)], k], name="A_rows")
+        A_in, A, row = A, gathered_a, (lambda m: m)
     k = te.reduce_axis((0, k_p), name="k")
     acc = te.compute(
         (m_p, n_p),
@@ -177,15 +183,16 @@ def qdense(
         ),
         name="acc",
     )
-    inputs, total = [A, W], (lambda m, n: acc[m, n])
+    inputs, total = [A_in if rows is not None else A, W], (lambda m, n: acc[m, n])
     if compensate:
         comp = te.placeholder((N,), "int32", name="comp")
         ks = te.reduce_axis((0, k_p), name="ks")
         asum = te.compute((m_p,), lambda m: te.sum(A[row(m), ks].astype("int32"), axis=ks), name="asum")
         inputs.append(comp)
         total = lambda m, n: acc[m, n] + comp[n] * asum[m]  # noqa: E731
+    table = [rows] if rows is not None else []
     if not epilogue:
-        return [*inputs, te.compute((M, N), lambda m, n: total(m, n), name="out")]
+        return [*inputs, *table, te.compute((M, N), lambda m, n: total(m, n), name="out")]
     zp_wsum = te.placeholder((N,), "int32", name="zp_wsum")
     scale = te.placeholder((N,), "float32", name="scale")
     bias = te.placeholder((N,), "float32", name="bias")
@@ -196,7 +203,7 @@ def qdense(
         return epilogue_ops.tail(y, gelu_codes, res[m, n] if residual else None, codes_operand)
 
     out = te.compute((M, N), value, name="out")
-    return [*inputs, zp_wsum, scale, bias, *([res] if residual else []), out]
+    return [*inputs, zp_wsum, scale, bias, *([res] if residual else []), *table, out]
 
 
 def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
@@ -207,7 +214,8 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
         return _amx_func(spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
                      compensate=spec["compensate"], gelu_codes=spec.get("gelu_codes"),
-                     residual=bool(spec.get("residual")), codes_operand=_operand(spec.get("codes_operand")))
+                     residual=bool(spec.get("residual")), codes_operand=_operand(spec.get("codes_operand")),
+                     a_rows=spec.get("rows"))
     return _with_spec(te.create_prim_func(tensors), spec)
 
 
@@ -274,8 +282,10 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     padded acc rows/columns, stored masked.  ``mi`` and ``nbi`` may be sampled MetaSchedule variables
     (`repq_tvm.tuning.spaces`): the schedule is the same for fixed and sampled sizes.
     """
-    if compensate and (order, parallel) != ("rows", "outer"):
-        raise ValueError("compensated kernels run row tiles outer, in parallel (their row sums once per row tile)")
+    gather = _gather_block(sch)
+    if (compensate or gather is not None) and (order, parallel) != ("rows", "outer"):
+        raise ValueError("compensated and row-gathering kernels run row tiles outer, in parallel (their row sums and "
+                         "gathered rows once per row tile)")
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
     m, n = sch.get_loops(out)
     mo, mo_i = sch.split(m, [None, mi])
@@ -286,6 +296,11 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     sch.compute_at(acc, inner, preserve_unit_loops=True)
     if compensate:  # the row sums once per row tile, for all its column tiles
         sch.compute_at(sch.get_sblock("asum"), mo, preserve_unit_loops=True)
+    if gather is not None:  # the tile's activation rows, copied once per row tile (after its consumers moved there)
+        sch.compute_at(gather, mo, preserve_unit_loops=True)
+        k_g = sch.get_loops(gather)[-1]
+        width = next(w for w in (16, 8, 4, 2, 1) if int(sch.get(k_g).extent) % w == 0)
+        sch.vectorize(sch.split(k_g, [None, width])[1])
     m_i, n_t, k = sch.get_loops(acc)[-3:]
     nb_i, lane = sch.split(n_t, [nbi, v.lanes])
     if depth == 1:  # no unit loop: the depth-1 intrinsics have none (tensorize is structural)
@@ -299,6 +314,14 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     return acc, (kb, m_i, nb_i, kd, lane, kp)
 
 
+def _gather_block(sch: Schedule):
+    """The ``A_rows`` stage of a kernel that reads its activation rows through a table (`qdense`), else None."""
+    try:
+        return sch.get_sblock("A_rows")
+    except Exception:  # noqa: BLE001  (tvm raises its own ScheduleError: no such block)
+        return None
+
+
 def apply_tensorized(
     sch: Schedule, v: Variant, mi, nbi, depth: int = 1, ref: bool = False, compensate: bool = False,
     order: str = "rows", parallel: str | None = None,
@@ -309,7 +332,7 @@ def apply_tensorized(
     """
     register_intrinsics()
     register_arm_intrinsics()
-    parallel = parallel or ("outer" if compensate else "tiles")
+    parallel = parallel or ("outer" if compensate or _gather_block(sch) is not None else "tiles")
     acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate, order, parallel)
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -331,7 +354,7 @@ def schedule_tensorized(
 def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, compensate: bool = False) -> Schedule:
     """Any-CPU schedule: same tiling, plain loops, the lanes of a block vectorized."""
     sch = Schedule(func)
-    parallel = "outer" if compensate else "tiles"
+    parallel = "outer" if compensate or _gather_block(sch) is not None else "tiles"
     acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi, compensate=compensate, parallel=parallel)
     sch.reorder(kp, m_i, nb_i, lane)
     for loop in (kp, m_i, nb_i):
@@ -360,7 +383,7 @@ def schedule_qdense(
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
-    codes_operand: tuple[str, int] | None = None,
+    codes_operand: tuple[str, int] | None = None, a_rows: int | None = None,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -374,7 +397,8 @@ def schedule_qdense(
     code) fuses GELU and the next quantizer into the epilogue (uint8 output, `epilogue.gelu_codes`);
     ``codes_operand`` = (dtype, minus) stores those codes as the next kernel reads them (`epilogue.as_operand`);
     ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes`` (AMX
-    only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention kernels' layout.
+    only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention kernels' layout.  ``a_rows``
+    reads the activation rows through a row table (`qdense`; not the amx kernel).
     """
     if (gelu_codes is not None or residual or qkv_codes is not None) and not epilogue:
         raise ValueError("gelu_codes, residual and qkv_codes need the float epilogue (epilogue=True)")
@@ -389,6 +413,8 @@ def schedule_qdense(
     else:
         raise ValueError(f"variant must be 'auto' or one of {tuple(VARIANTS)}, got {variant!r}")
     if v.name == "amx":
+        if a_rows is not None:
+            raise ValueError("the amx qdense reads its activation rows in order: no a_rows")
         if codes_operand is not None:
             raise ValueError("the amx qdense stores uint8 codes only (its consumers read them so): no codes_operand")
         return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual,
@@ -420,7 +446,7 @@ def schedule_qdense(
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": v.name, "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1,
-            **_tail_spec(gelu_codes, residual, None, codes_operand)}
+            **_tail_spec(gelu_codes, residual, None, codes_operand), **({"rows": int(a_rows)} if a_rows else {})}
     func = qdense_func(spec)
     if v.tensorized:
         sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)

@@ -12,6 +12,7 @@
                          fused_attention   q@kᵀ → log√2 weights → attn @ V kernels → one attention kernel (AMX, VNNI, AVX2)
                          attention_out_codes attention → heads to tokens → quantize → the attention kernel storing proj's codes
                          qkv_head_split    qkv → heads → q, k, v       → q, k, v → heads (one fused kernel each)
+                         row_moves         window partition / shift, and reverse + add → the linear's row table
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
        load time       weight unpacking moved out of `main` into a function run once at load
                        (`load_time_weights`: weights stay narrow in the library)
@@ -45,6 +46,7 @@ from .qkv_codes_epilogue import FuseQKVCodesEpilogue
 from .qkv_head_split import SplitQKVHeads
 from .quantized_qk import LowerQuantizedQK
 from .residual_epilogue import FuseResidualEpilogue
+from .row_moves import FoldRowMoves
 
 # (IR dump name, pass class taking the target, compile-stats key counting its rewrites), in order
 INTEGER_PASSES = (
@@ -58,6 +60,7 @@ INTEGER_PASSES = (
     ("fused-attention", FuseAttention, "fused_attention"),  # the three attention kernels of the passes above
     ("attention-out-codes", FuseAttentionOutputCodes, "fused_attention_out_codes"),
     ("qkv-head-split", SplitQKVHeads, "split_qkv_thirds"),  # where qkv-codes-epilogue did not apply
+    ("row-moves", FoldRowMoves, "folded_row_moves"),  # last: no pass after it rebuilds a kernel from its spec
 )
 
 

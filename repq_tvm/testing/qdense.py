@@ -20,10 +20,10 @@ class QDense:
 
     def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable,
                  compensate: bool = False, gelu_codes: tuple | None = None, residual: bool = False,
-                 qkv_codes: dict | None = None, codes_operand: tuple | None = None):
+                 qkv_codes: dict | None = None, codes_operand: tuple | None = None, a_rows: int | None = None):
         self.M, self.N, self.K, self.epilogue, self.compensate = M, N, K, epilogue, compensate
         self.gelu_codes, self.residual, self.qkv_codes = gelu_codes, residual, qkv_codes
-        self.codes_operand = codes_operand
+        self.codes_operand, self.a_rows = codes_operand, a_rows
         self.variant, self.bits_a, self.bits_w, self.ref, self.tiles = variant, *bits, ref, tiles
         self.Kp = ceil_to(K, variant.kpack)
         self.target, self.executable = target, executable
@@ -86,9 +86,9 @@ class QDense:
                 raise ValueError(f"|weight| exceeds {w_max} (bits_w={self.bits_w})")
 
     def _args(self, a, *rest):
-        """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res]."""
-        if len(rest) != 1 + self.compensate + 3 * self.epilogue + self.residual:
-            raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias, [res]])")
+        """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res], then [rows]."""
+        if len(rest) != 1 + self.compensate + 3 * self.epilogue + self.residual + bool(self.a_rows):
+            raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias, [res]], [rows])")
         dtype = np.uint8 if self.gelu_codes or self.qkv_codes else np.float32 if self.epilogue else np.int32
         if self.codes_operand:
             dtype = np.dtype(self.codes_operand[0])
@@ -125,13 +125,13 @@ def build_qdense(
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
-    codes_operand: tuple[str, int] | None = None,
+    codes_operand: tuple[str, int] | None = None, a_rows: int | None = None,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments)."""
     sch, v, tiles, compensate = schedule_qdense(
         M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
         tiles=tiles, depth=depth, compensate=compensate, gelu_codes=gelu_codes, residual=residual, qkv_codes=qkv_codes,
-        codes_operand=codes_operand)
+        codes_operand=codes_operand, a_rows=a_rows)
     exe = tvm.compile(sch.mod, target=as_target(target))
     return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual,
-                  qkv_codes, codes_operand)
+                  qkv_codes, codes_operand, a_rows)
