@@ -20,8 +20,9 @@ HOST = Q.host_target(1)
 
 
 def _kernels():
-    """(variant, ref): every x86 variant this CPU runs natively, and VNNI through its plain-loop twin everywhere."""
-    out = [("vnni", True)]
+    """(variant, ref): every x86 variant this CPU runs natively; VNNI and Arm's sdot through their plain-loop twins,
+    and the plain-loop fallback, everywhere."""
+    out = [("vnni", True), ("neon_sdot", True), ("fallback", False)]
     for name in ("avx2_i16", "avx2_u8s8", "vnni"):
         if Q.target_has(HOST, Q.VARIANTS[name].feature):
             out.append((name, False))
@@ -45,7 +46,7 @@ def test_kernel_reads_rows_through_the_table(variant, ref, a_rows, M):
     kw = dict(variant=variant, ref=ref, bits_a=bits, bits_w=bits, epilogue=True, residual=True)
     plain = build_qdense(M, N, K, HOST, **kw)
     table = build_qdense(M, N, K, HOST, a_rows=a_rows, **kw)
-    assert table.compensate == (variant == "vnni")
+    assert table.compensate == plain.compensate == (bits == 8 and variant != "avx2_i16")
     zp = 2 ** (bits - 1)
     params = plain.epilogue_params(w, np.full(N, 5e-4, np.float32), 0.02, zp, np.linspace(-1, 1, N, dtype=np.float32))
     want = plain(plain.prepare_activation(a[rows], zp), *plain.weight_args(w), *params, res)

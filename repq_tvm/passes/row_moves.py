@@ -138,7 +138,8 @@ def _rebuild(value, data):
 @tvm.transform.module_pass(opt_level=0, name="FoldRowMoves")
 class FoldRowMoves:
     """Row moves before a qdense kernel's activation and between its output and a residual add → the kernel's
-    row table (module docstring).  `.rewritten` counts the kernels that read rows through a table now."""
+    row table (module docstring).  `.rewritten` counts the kernel calls rewritten: with a table, or (moves that
+    keep the row order, e.g. transposes of unit axes) with their operand taken before the moves."""
 
     def __init__(self, target):
         self.target, self.rewritten = target, 0

@@ -133,8 +133,10 @@ class _QDense:
     @staticmethod
     def searchable(spec: dict) -> bool:
         """The plain-loop fallback (aarch64 without dotprod) has no intrinsic core to tile around, the AMX kernel
-        is one fixed blocking of all eight tile registers (`kernels.qdense_amx`): neither is searched."""
-        return qd.VARIANTS[spec["variant"]].tensorized and spec["variant"] != "amx"
+        is one fixed blocking of all eight tile registers (`kernels.qdense_amx`): neither is searched.  Nor are
+        kernels that read their rows through a table (``rows``, `passes.row_moves`): on random inputs they would
+        read out of bounds (`tasks.indirect_loads`)."""
+        return qd.VARIANTS[spec["variant"]].tensorized and spec["variant"] != "amx" and not spec.get("rows")
 
 
 class _AttnV:
