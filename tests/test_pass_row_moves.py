@@ -29,13 +29,21 @@ def _kernels():
     return out
 
 
-@pytest.mark.parametrize("variant,ref", _kernels(), ids=str)
-@pytest.mark.parametrize("a_rows,M", [(197, 197), (100, 131), (300, 41)], ids=["permutation", "repeats", "gather"])
-def test_kernel_reads_rows_through_the_table(variant, ref, a_rows, M):
+CASES = {"permutation": (197, 197), "repeats": (100, 131), "gather": (300, 41)}
+
+
+def _kernel_cases():
+    """Every variant on a permutation; the rows read twice or not at all on the native int16 kernel and VNNI's twin."""
+    out = [(v, ref, "permutation") for v, ref in _kernels()]
+    return out + [(v, ref, case) for v, ref in (("avx2_i16", False), ("vnni", True)) for case in ("repeats", "gather")]
+
+
+@pytest.mark.parametrize("variant,ref,case", _kernel_cases(), ids=str)
+def test_kernel_reads_rows_through_the_table(variant, ref, case):
     """Row m of the output is the kernel's row for A[rows[m]]: the same as the kernel without a table run on the
     gathered rows, with the residual added and, on VNNI, the compensation of 8-bit weights (row sums of the
     gathered rows); M not a multiple of the tile's rows."""
-    N, K = 48, 72
+    (a_rows, M), N, K = CASES[case], 48, 72
     bits = 4 if variant == "avx2_u8s8" else 8
     rng = np.random.default_rng(a_rows)
     a = rng.integers(0, 2 ** bits, (a_rows, K), dtype=np.uint8)
@@ -127,8 +135,9 @@ def _linear(bb, x, seed, n=C, bits=8):
     return bb.emit(relax.op.add(y, relax.const(rng.standard_normal(n).astype(np.float32))))
 
 
-def swin_block(shift: int):
-    """x → LayerNorm → shift → windows → codes → linear → codes → linear → windows back → unshift → x + that."""
+def swin_block(shift: int, bits: int):
+    """x → LayerNorm → shift → windows → codes → linear → codes → linear → windows back → unshift → x + that;
+    ``bits``-bit codes (below 8: clipped, as `canonical.uniform_qdq` writes them)."""
     h, w = 8, 8
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, h, w, C), "float32"))
@@ -137,7 +146,7 @@ def swin_block(shift: int):
             t = bb.emit(relax.op.nn.layer_norm(x, relax.const(np.ones(C, np.float32)),
                                                relax.const(np.zeros(C, np.float32)), axes=[-1]))
             t = partition(bb, roll(bb, t, -shift) if shift else t, WINDOW)
-            y = _linear(bb, _linear(bb, t, 1), 2)
+            y = _linear(bb, _linear(bb, t, 1, bits=bits), 2, bits=bits)
             y = bb.emit(relax.op.reshape(y, [1, h // WINDOW, w // WINDOW, WINDOW, WINDOW, C]))
             y = bb.emit(relax.op.permute_dims(y, [0, 1, 3, 2, 4, 5]))
             y = bb.emit(relax.op.reshape(y, [1, h, w, C]))
@@ -157,11 +166,11 @@ def _ops(mod) -> list[str]:
             if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
 
 
-@pytest.mark.parametrize("shift", [0, SHIFT], ids=["windows", "shifted windows"])
-def test_pass_before_after(shift):
+@pytest.mark.parametrize("shift,bits", [(0, 8), (SHIFT, 8), (SHIFT, 4)], ids=str)
+def test_pass_before_after(shift, bits):
     """Both moves go into the kernels: no transpose, slice or concat left, no add; the first linear's codes come
     straight from the LayerNorm; the kernels are `schedule_qdense`'s with the tables; the same output bit for bit."""
-    before = LowerQuantizedLinear(HOST)(swin_block(shift))
+    before = LowerQuantizedLinear(HOST)(swin_block(shift, bits))
     fold = FoldRowMoves(HOST)
     after = fold(before)
     assert fold.rewritten == 2
@@ -176,7 +185,7 @@ def test_pass_before_after(shift):
     assert sorted(s.get("rows", 0) for s in specs.values()) == [64, 64] and \
         sorted(bool(s.get("residual")) for s in specs.values()) == [False, True]
     for name, spec in specs.items():
-        sch, _, _, _ = Q.schedule_qdense(spec["M"], spec["N"], spec["K"], HOST, bits_a=8, bits_w=spec["bits_w"],
+        sch, _, _, _ = Q.schedule_qdense(spec["M"], spec["N"], spec["K"], HOST, bits_a=bits, bits_w=spec["bits_w"],
                                          variant=spec["variant"], epilogue=True, compensate=spec["compensate"],
                                          residual=bool(spec.get("residual")), a_rows=spec["rows"])
         gv = next(gv for gv in after.get_global_vars() if gv.name_hint == name)

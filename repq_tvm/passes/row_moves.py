@@ -50,7 +50,8 @@ def _elementwise(value) -> bool:
     """A per-element op whose other operands are scalar constants."""
     if not any(is_call(value, op) for op in _ELEMENTWISE):
         return False
-    return all(scalar_const(a) is not None or isinstance(a, relax.PrimValue) for a in value.args[1:])
+    return all(scalar_const(a) is not None or isinstance(a, (tvm.tirx.IntImm, tvm.tirx.FloatImm))  # clip's bounds
+               for a in value.args[1:])
 
 
 def _apply(value, x: np.ndarray) -> np.ndarray:
