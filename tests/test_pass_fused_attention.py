@@ -251,8 +251,9 @@ def test_logit_term_tables_are_the_smallest_period():
 def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch):
     """The Swin fixture built for x86_64-avx2 (runs on every CPU here) with the attention passes and without them:
     every block's attention is one kernel (the relative position bias its logit term, q, k, v from the qkv output,
-    proj's codes stored; no q@kᵀ, softmax, attn @ V, slice or heads → tokens → quantize kernel left) and the logits
-    are equal bit for bit."""
+    proj's codes stored; no q@kᵀ, softmax, attn @ V, slice or heads → tokens → quantize kernel left), and with
+    `row_moves` no cyclic shift kernel either (the window moves are the linears' row tables), and the logits are
+    equal bit for bit."""
     import json
     import re
     import subprocess
@@ -268,7 +269,8 @@ def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch):
     with open(tmp_path / "fused" / "manifest.json") as f:
         stats = json.load(f)["compile"]
     assert stats["fused_attention"] == stats["fused_attention_out_codes"] == 6  # one per block
-    without = [p for p in pipeline.INTEGER_PASSES if p[0] not in ("fused-attention", "attention-out-codes")]
+    assert stats["folded_row_moves"] > 0  # `row_moves`: the window moves into qkv and proj (no kernel of their own)
+    without = [p for p in pipeline.INTEGER_PASSES if p[0] not in ("fused-attention", "attention-out-codes", "row-moves")]
     monkeypatch.setattr(pipeline, "INTEGER_PASSES", without)
     api.compile_artifact(cal, str(tmp_path / "plain"), target="x86_64-avx2", progress=False)
 
@@ -283,6 +285,9 @@ def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch):
     assert len([k for k in kernels("fused") if re.search(moved, k)]) < len([k for k in kernels("plain")
                                                                             if re.search(moved, k)])
     assert len([k for k in kernels("fused") if re.search(r"repq_attention_\w+_t1_qkv_out_codes", k)]) >= 2
+    rolls = r"strided_slice\d*_strided_slice\d*_concatenate"  # the cyclic shifts
+    assert [k for k in kernels("fused") if re.search(rolls, k)] == [] and len(
+        [k for k in kernels("plain") if re.search(rolls, k)]) >= 2
     fused, plain = Runner(str(tmp_path / "fused")), Runner(str(tmp_path / "plain"))
     x = np.random.default_rng(0).standard_normal((2, *fused.input_shape[1:])).astype(np.float32)
     logits = [fused.predict(x), plain.predict(x)]

@@ -124,11 +124,15 @@ def row_table(expr, bound: dict, elementwise: bool = False):
 
 
 def _copies(expr, source, bound: dict) -> int:
-    """How many ops of the move tree from ``source`` to ``expr`` copy data (all but reshapes)."""
+    """How many moves between ``source`` and ``expr`` copy data (transposes, slices, concats: not reshapes, and
+    not the elementwise ops the input side keeps)."""
     if expr.same_as(source):
         return 0
     value = bound.get(expr, expr)
-    return int(not is_call(value, "relax.reshape")) + sum(_copies(x, source, bound) for x in _inputs(value))
+    if isinstance(value, relax.Var):  # an alias
+        return _copies(value, source, bound)
+    copies = any(is_call(value, op) for op in _MOVES[1:])
+    return int(copies) + sum(_copies(x, source, bound) for x in _inputs(value))
 
 
 def _rebuild(value, data):
