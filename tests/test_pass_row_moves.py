@@ -192,3 +192,28 @@ def test_pass_before_after(shift, bits):
         tvm.ir.assert_structural_equal(after[gv], scheduled_kernel(sch, name))
     x = np.random.default_rng(0).standard_normal((1, 8, 8, C)).astype(np.float32) * 3
     np.testing.assert_array_equal(run(after, x), run(before, x))
+
+
+def test_codes_moved_after_their_quantizer_are_left_alone():
+    """A quantizer below the moves (codes shifted, then cast): the pass rebuilds only the ops above the moves, so it
+    must not fold these (the quantizer would be lost); the module is unchanged."""
+    rng = np.random.default_rng(3)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, C), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            s, z = relax.const(0.05, "float32"), relax.const(128, "uint8")
+            q = bb.emit(relax.op.quantize(x, s, z, axis=-1, out_dtype="uint8"))
+            t = partition(bb, roll(bb, q, -SHIFT), WINDOW)
+            dq = bb.emit(relax.op.dequantize(t, s, z, axis=-1, out_dtype="float32"))
+            w = rng.integers(0, 256, (C, C))
+            wh = bb.emit(canonical.weight_dq(relax.const(w.astype(np.uint8)), relax.const(
+                np.full(C, 0.02, np.float32)), relax.const(np.full(C, 128, np.uint8))))
+            out = bb.emit_output(bb.emit(relax.op.matmul(dq, relax.op.permute_dims(wh, [1, 0]), out_dtype="float32")))
+        bb.emit_func_output(out)
+    before = LowerQuantizedLinear(HOST)(bb.get())
+    assert any(gv.name_hint.startswith("repq_qdense") for gv in before.get_global_vars())
+    fold = FoldRowMoves(HOST)
+    after = fold(before)
+    assert fold.rewritten == 0
+    tvm.ir.assert_structural_equal(after, before)

@@ -201,8 +201,18 @@ class FoldRowMoves:
                 if spec is None or not call.args[1].fields:
                     return call
                 a = call.args[1].fields[0]
-                found = row_table(a, bound, elementwise=True) if uses.get(a) == 1 else None
-                if found is None:
+                ops, e = [], a  # the elementwise ops (and reshapes) above the moves, outermost first
+                while True:
+                    value = bound.get(e, e)
+                    if _elementwise(value):
+                        ops.append(value)
+                    elif not is_call(value, "relax.reshape") and not (isinstance(value, relax.Var)
+                                                                      and not value.same_as(e)):  # (an alias)
+                        break
+                    e = value if isinstance(value, relax.Var) else value.args[0]
+                # below them only moves: an elementwise op between two moves would be left out of the rebuild
+                below, found = row_table(e, bound), row_table(a, bound, elementwise=True)
+                if uses.get(a) != 1 or not ops or below is None or found is None or not below[0].same_as(found[0]):
                     return call
                 source, rows = found
                 src_shape = static_shape(source)
@@ -210,16 +220,6 @@ class FoldRowMoves:
                 identity = len(rows) == r and np.array_equal(rows, np.arange(r))
                 if len(rows) != spec["M"] or (identity and not _copies(a, source, bound)):
                     return call  # reshapes only: nothing to fold
-                ops, e = [], a  # the elementwise ops above the moves, outermost first
-                while True:
-                    value = bound.get(e, e)
-                    if _elementwise(value):
-                        ops.append(value)
-                    elif not any(is_call(value, op) for op in _MOVES):
-                        break
-                    if e.same_as(source) or is_call(value, "relax.concat"):
-                        break
-                    e = value.args[0]
                 # moves that keep the order (transposes of unit axes): the same kernel, its operand from the source
                 fused = call.args[0] if identity else kernels.get(call, spec, a_rows=r)
                 self.rewritten += 1
