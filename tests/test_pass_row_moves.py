@@ -217,3 +217,19 @@ def test_codes_moved_after_their_quantizer_are_left_alone():
     after = fold(before)
     assert fold.rewritten == 0
     tvm.ir.assert_structural_equal(after, before)
+
+
+def test_a_linear_on_the_functions_input_is_left_alone():
+    """The operand's walk down through the quantizer and casts ends at a parameter (no binding): nothing to fold
+    (this walk once looped there)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, C), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(_linear(bb, x, 4))
+        bb.emit_func_output(out)
+    before = LowerQuantizedLinear(HOST)(bb.get())
+    fold = FoldRowMoves(HOST)
+    after = fold(before)
+    assert fold.rewritten == 0
+    tvm.ir.assert_structural_equal(after, before)
