@@ -314,6 +314,19 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     return acc, (kb, m_i, nb_i, kd, lane, kp)
 
 
+STACK_BYTES = 1024  # TVM's CPU lowering puts smaller constant-size buffers on the stack (runtime::kMaxStackAlloca)
+
+
+def stack_rows(mi: int, K: int, v: Variant, a_rows: int | None) -> int:
+    """Rows per tile of a kernel that copies its rows through a table (``a_rows``): one row fewer when that puts the
+    row tile's copy on the stack.  Above TVM's limit the copy is a workspace allocated and freed per row tile (two
+    runtime calls per row tile: Swin-T's stage 1, K = 96 int16, 6 rows = 1152 bytes)."""
+    if not a_rows or not v.tensorized:
+        return mi
+    row_bytes = ceil_to(K, v.kpack) * np.dtype(v.a_dtype).itemsize
+    return mi - 1 if mi * row_bytes >= STACK_BYTES > (mi - 1) * row_bytes and mi > 4 else mi
+
+
 def _gather_block(sch: Schedule):
     """The ``A_rows`` stage of a kernel that reads its activation rows through a table (`qdense`), else None."""
     try:
@@ -372,6 +385,7 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
         return Schedule(_amx_func(spec, emulate=ref))
     depth = v.max_depth(spec["bits_a"], spec["bits_w"], spec["K"])
     mi, nbi = default_tiles(spec["M"], spec["N"], v, depth)
+    mi = stack_rows(mi, spec["K"], v, spec.get("rows"))
     func = qdense_func(spec)
     if v.tensorized:
         return schedule_tensorized(func, v, mi, nbi, depth, ref, spec["compensate"])
@@ -441,6 +455,7 @@ def schedule_qdense(
     if v.feature and not ref and not target_has(target, v.feature):
         raise ValueError(f"target {as_target(target)} lacks {v.feature} needed by {v.name}")
     mi, nbi = tiles or default_tiles(M, N, v, depth)
+    mi = mi if tiles else stack_rows(mi, K, v, a_rows)
     n_tiles = ceil_to(N, v.lanes) // v.lanes
     if n_tiles % nbi:
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
