@@ -162,8 +162,7 @@ def _ops_of(binding) -> str | None:
 
 
 def _ops(mod) -> list[str]:
-    return [b.value.op.name for block in mod["main"].body.blocks for b in block.bindings
-            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
+    return [op for block in mod["main"].body.blocks for b in block.bindings if (op := _ops_of(b))]
 
 
 @pytest.mark.parametrize("shift,bits", [(0, 8), (SHIFT, 8), (SHIFT, 4)], ids=str)

@@ -172,22 +172,23 @@ def qdense(
     # Rows past M read row M-1 again (clamped index) and are never stored: no padded copy of A.
     row = (lambda m: te.min(m, M - 1)) if m_p != M else (lambda m: m)
     rows = te.placeholder((M,), "int32", name="rows") if a_rows else None
+    a_at = lambda m, k: A[row(m), k]  # noqa: E731  (what the products and row sums read of A)
     if rows is not None:  # a tile's rows gathered into a stage of their own (`_tile`): tensorize takes no index load
-        gathered_a = te.compute((m_p, k_p), lambda m, k: A[rows[row(m)], k], name="A_rows")
-        A_in, A, row = A, gathered_a, (lambda m: m)
+        gathered = te.compute((m_p, k_p), lambda m, k: A[rows[row(m)], k], name="A_rows")
+        a_at = lambda m, k: gathered[m, k]  # noqa: E731
     k = te.reduce_axis((0, k_p), name="k")
     acc = te.compute(
         (m_p, n_p),
         lambda m, n: te.sum(
-            A[row(m), k].astype("int32") * W[n // L, k // P, n % L, k % P].astype("int32"), axis=k
+            a_at(m, k).astype("int32") * W[n // L, k // P, n % L, k % P].astype("int32"), axis=k
         ),
         name="acc",
     )
-    inputs, total = [A_in if rows is not None else A, W], (lambda m, n: acc[m, n])
+    inputs, total = [A, W], (lambda m, n: acc[m, n])
     if compensate:
         comp = te.placeholder((N,), "int32", name="comp")
         ks = te.reduce_axis((0, k_p), name="ks")
-        asum = te.compute((m_p,), lambda m: te.sum(A[row(m), ks].astype("int32"), axis=ks), name="asum")
+        asum = te.compute((m_p,), lambda m: te.sum(a_at(m, ks).astype("int32"), axis=ks), name="asum")
         inputs.append(comp)
         total = lambda m, n: acc[m, n] + comp[n] * asum[m]  # noqa: E731
     table = [rows] if rows is not None else []
@@ -267,7 +268,7 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
 
 
 def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool = False, order: str = "rows",
-          parallel: str = "tiles"):
+          parallel: str | None = None):
     """Tile `out` into (rows x lane blocks) tiles, compute acc (and the row sums) per tile, parallel tiles.
 
     Driven from `out` (acc and asum `compute_at` its tile loops) because the compensated epilogue has
@@ -275,7 +276,8 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     tile's activation rows stay in L1 while its column tiles run), "cols" column tiles (a weight panel
     stays in L1).  ``parallel`` "tiles" runs all tiles in parallel, "outer" only the outer tile loop;
     with compensation only row tiles do, rows outer, so each computes its row sums once for all its
-    column tiles (recomputing them per tile cost 25% at 197x384x384 on Zen 4, once per row tile ~0%).
+    column tiles (recomputing them per tile cost 25% at 197x384x384 on Zen 4, once per row tile ~0%); so do
+    kernels that gather their rows through a table.  None: "outer" for those two, else "tiles".
     Inside a tile acc is split into (k outer, row, block, k tiles, lane, kpack): its int32 accumulators
     live across the whole k loop (registers after LLVM's SROA); ``depth`` weight tiles form one
     intrinsic step, tensorized at the returned ``kd`` loop.  Ragged M and N tiles are computed whole on
@@ -283,6 +285,7 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     (`repq_tvm.tuning.spaces`): the schedule is the same for fixed and sampled sizes.
     """
     gather = _gather_block(sch)
+    parallel = parallel or ("outer" if compensate or gather is not None else "tiles")
     if (compensate or gather is not None) and (order, parallel) != ("rows", "outer"):
         raise ValueError("compensated and row-gathering kernels run row tiles outer, in parallel (their row sums and "
                          "gathered rows once per row tile)")
@@ -319,7 +322,7 @@ STACK_BYTES = 1024  # TVM's CPU lowering puts smaller constant-size buffers on t
 
 def stack_rows(mi: int, K: int, v: Variant, a_rows: int | None) -> int:
     """Rows per tile of a kernel that copies its rows through a table (``a_rows``): one row fewer when that puts the
-    row tile's copy on the stack.  Above TVM's limit the copy is a workspace allocated and freed per row tile (two
+    row tile's copy on the stack (never below 4 rows).  Above TVM's limit the copy is a workspace allocated and freed per row tile (two
     runtime calls per row tile: Swin-T's stage 1, K = 96 int16, 6 rows = 1152 bytes)."""
     if not a_rows or not v.tensorized:
         return mi
@@ -341,11 +344,10 @@ def apply_tensorized(
 ) -> Schedule:
     """Register-tiled schedule on ``sch`` whose inner step is ``v.intrin(depth)`` (or its plain-loop twin).
 
-    ``parallel`` defaults to "outer" with compensation, else "tiles" (`_tile`).
+    ``parallel``: `_tile`'s default when None.
     """
     register_intrinsics()
     register_arm_intrinsics()
-    parallel = parallel or ("outer" if compensate or _gather_block(sch) is not None else "tiles")
     acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate, order, parallel)
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -367,8 +369,7 @@ def schedule_tensorized(
 def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, compensate: bool = False) -> Schedule:
     """Any-CPU schedule: same tiling, plain loops, the lanes of a block vectorized."""
     sch = Schedule(func)
-    parallel = "outer" if compensate or _gather_block(sch) is not None else "tiles"
-    acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi, compensate=compensate, parallel=parallel)
+    acc, (kb, m_i, nb_i, _, lane, kp) = _tile(sch, v, mi, nbi, compensate=compensate)
     sch.reorder(kp, m_i, nb_i, lane)
     for loop in (kp, m_i, nb_i):
         sch.unroll(loop)

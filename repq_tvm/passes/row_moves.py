@@ -27,7 +27,8 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from ..relax_util import calls_only, emitted, int_list, is_op as is_call, scalar_const, static_shape, var_uses
 from .qdense_tail import FusedKernels, plain_qdense_spec
 
-_MOVES = ("relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.concat")
+_COPIES = ("relax.permute_dims", "relax.strided_slice", "relax.concat")  # the moves that copy data
+_MOVES = ("relax.reshape", *_COPIES)
 # per-element ops with scalar constants: they commute with moving rows (the linears' activation quantizer and casts)
 _ELEMENTWISE = ("relax.quantize", "relax.clip", "relax.astype", "relax.subtract")
 
@@ -75,13 +76,12 @@ def _apply(value, x: np.ndarray) -> np.ndarray:
     raise _NotAMove
 
 
-def row_table(expr, bound: dict, elementwise: bool = False):
-    """(source variable, rows) if ``expr`` is one tensor's rows moved (`_MOVES`; with ``elementwise``, also through
-    `_ELEMENTWISE` ops): row i of ``expr`` viewed as [M, C] is row ``rows[i]`` of the source viewed as [R, C], C the
-    unchanged last axis.  None otherwise (another op, two sources, channels mixed across rows)."""
+def _source(expr, bound: dict, elementwise: bool = False):
+    """The one variable every path of the tree of `_MOVES` (with ``elementwise``, also `_ELEMENTWISE` ops) above
+    ``expr`` ends in, else None."""
     leaves = set()
 
-    def leaf(e):  # the variable every path of the tree ends in
+    def leaf(e):
         value = bound.get(e, e)
         if isinstance(value, relax.Var) and not value.same_as(e):  # an alias
             return leaf(value)
@@ -95,9 +95,19 @@ def row_table(expr, bound: dict, elementwise: bool = False):
 
     try:
         leaf(expr)
-        if len(leaves) != 1:
-            return None
-        (source,) = leaves
+    except _NotAMove:
+        return None
+    return next(iter(leaves)) if len(leaves) == 1 else None
+
+
+def row_table(expr, bound: dict, elementwise: bool = False):
+    """(source variable, rows) if ``expr`` is one tensor's rows moved (`_MOVES`; with ``elementwise``, also through
+    `_ELEMENTWISE` ops): row i of ``expr`` viewed as [M, C] is row ``rows[i]`` of the source viewed as [R, C], C the
+    unchanged last axis.  None otherwise (another op, two sources, channels mixed across rows)."""
+    source = _source(expr, bound, elementwise)
+    if source is None:
+        return None
+    try:
         shape, out_shape = static_shape(source), static_shape(expr)
         if shape is None or out_shape is None or shape[-1] != out_shape[-1]:
             return None
@@ -131,7 +141,7 @@ def _copies(expr, source, bound: dict) -> int:
     value = bound.get(expr, expr)
     if isinstance(value, relax.Var):  # an alias
         return _copies(value, source, bound)
-    copies = any(is_call(value, op) for op in _MOVES[1:])
+    copies = any(is_call(value, op) for op in _COPIES)
     return int(copies) + sum(_copies(x, source, bound) for x in _inputs(value))
 
 
@@ -211,8 +221,8 @@ class FoldRowMoves:
                         break
                     e = value if isinstance(value, relax.Var) else value.args[0]
                 # below them only moves: an elementwise op between two moves would be left out of the rebuild
-                below, found = row_table(e, bound), row_table(a, bound, elementwise=True)
-                if uses.get(a) != 1 or not ops or below is None or found is None or not below[0].same_as(found[0]):
+                below, found = _source(e, bound), row_table(a, bound, elementwise=True)
+                if uses.get(a) != 1 or not ops or below is None or found is None or not below.same_as(found[0]):
                     return call
                 source, rows = found
                 src_shape = static_shape(source)
