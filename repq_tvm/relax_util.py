@@ -90,6 +90,11 @@ def var_uses(func: relax.Function) -> dict:
     return uses
 
 
+def bound_values(func: relax.Function) -> dict:
+    """The value bound to each variable of `func`'s binding blocks (to walk a pattern's operands back)."""
+    return {b.var: b.value for block in func.body.blocks for b in block.bindings}
+
+
 def activation_dequant(dq) -> tuple[relax.Expr, float, int] | None:
     """(codes, scale, zero point) if the call `dq` is a layer-wise float32 dequantize of non-constant uint8 codes.
 

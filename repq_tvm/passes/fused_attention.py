@@ -38,6 +38,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from ..relax_util import (
+    bound_values,
     calls_only,
     code_bits,
     const_array,
@@ -278,7 +279,7 @@ class FuseAttention:
 
         def rewrite(func: relax.Function, kernels: AttentionKernels) -> relax.Function:
             uses = var_uses(func)
-            bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+            bound = bound_values(func)
 
             def fuse(av_call, m):
                 qk_call, lw_call = m[_QK], m[_WEIGHTS]

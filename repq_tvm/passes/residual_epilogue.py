@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from ..relax_util import calls_only, emitted, static_shape, var_uses
+from ..relax_util import bound_values, calls_only, emitted, static_shape, var_uses
 from .qdense_tail import FusedKernels, plain_qdense_spec
 
 _KERNEL = is_op("relax.call_tir")(wildcard(), wildcard())
@@ -44,7 +44,7 @@ class FuseResidualEpilogue:
             if not isinstance(func, relax.Function):
                 continue
             uses = var_uses(func)
-            bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+            bound = bound_values(func)
 
             def fuse(add, m):
                 reshape, call = m[_SHAPED], m[_KERNEL]

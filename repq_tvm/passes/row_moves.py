@@ -24,7 +24,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from ..relax_util import calls_only, emitted, int_list, is_op as is_call, scalar_const, static_shape, var_uses
+from ..relax_util import bound_values, calls_only, emitted, int_list, scalar_const, static_shape, var_uses
+from ..relax_util import is_op as is_call
 from .qdense_tail import FusedKernels, plain_qdense_spec
 
 _COPIES = ("relax.permute_dims", "relax.strided_slice", "relax.concat")  # the moves that copy data
@@ -166,7 +167,7 @@ class FoldRowMoves:
             if not isinstance(func, relax.Function):
                 continue
             uses = var_uses(func)
-            bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+            bound = bound_values(func)
             kernels_of = {g for g, _ in mod.functions_items()}
 
             def gatherable(call):
@@ -246,7 +247,7 @@ class FoldRowMoves:
 
             func = rewrite_call(_ADD, calls_only(output_side), func)
             bb.update_func(gv, func)
-            bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+            bound = bound_values(func)
             uses = var_uses(func)
             bb.update_func(gv, rewrite_call(_KERNEL, calls_only(input_side), func))
         return kernels.finish()
