@@ -248,24 +248,30 @@ def test_logit_term_tables_are_the_smallest_period():
     assert _periodic(rng.standard_normal((6, 4, 4))) == (1, 6)  # no repetition: one table per head
 
 
-def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch):
+def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch, capfd):
     """The Swin fixture built for x86_64-avx2 (runs on every CPU here) with the attention passes and without them:
     every block's attention is one kernel (the relative position bias its logit term, q, k, v from the qkv output,
     proj's codes stored; no q@kᵀ, softmax, attn @ V, slice or heads → tokens → quantize kernel left), and with
     `row_moves` no cyclic shift kernel either (the window moves are the linears' row tables), and the logits are
-    equal bit for bit."""
+    equal bit for bit.  W8/A8 on held-out images: with the product q·kᵀ·scale fused into the relative position
+    bias's add by an FMA (`epilogue.as_stored`), 2 of these 32 images moved by up to 0.027 at these bit widths (none
+    at W4/A4, nor on random inputs)."""
     import json
     import re
     import subprocess
 
-    from repq_tvm import api
+    from repq_tvm import api, data, models
     from repq_tvm.cli import main
     from repq_tvm.deploy.runtime import Runner
+    from repq_tvm.evaluate import load_batch, make_transform
     from repq_tvm.passes import pipeline
 
     cal = str(tmp_path / "swin.repq")
-    assert main(["calibrate", "--model", "swin_cifar10", "--calib-size", "8", "-o", cal, "--quiet"]) == 0
+    assert main(["calibrate", "--model", "swin_cifar10", "--w-bits", "8", "--a-bits", "8", "-o", cal, "--quiet"]) == 0
+    capfd.readouterr()
     api.compile_artifact(cal, str(tmp_path / "fused"), target="x86_64-avx2", progress=False)
+    # the relative position bias's gather folds without TVM's "fast mode" take warning (`normalize._take_mode`)
+    assert "Warning" not in capfd.readouterr().err
     with open(tmp_path / "fused" / "manifest.json") as f:
         stats = json.load(f)["compile"]
     assert stats["fused_attention"] == stats["fused_attention_out_codes"] == 6  # one per block
@@ -289,9 +295,12 @@ def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch):
     assert [k for k in kernels("fused") if re.search(rolls, k)] == [] and len(
         [k for k in kernels("plain") if re.search(rolls, k)]) >= 2
     fused, plain = Runner(str(tmp_path / "fused")), Runner(str(tmp_path / "plain"))
-    x = np.random.default_rng(0).standard_normal((2, *fused.input_shape[1:])).astype(np.float32)
-    logits = [fused.predict(x), plain.predict(x)]
-    assert np.array_equal(*logits) and np.abs(logits[0]).max() > 0
+    source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
+    x, _ = load_batch(source, np.linspace(0, len(source) - 1, 32).astype(int),
+                      make_transform(fused.manifest["preprocessing"]))
+    logits = [fused.predict(x.numpy()), plain.predict(x.numpy())]
+    differ = np.nonzero(np.abs(logits[0] - logits[1]).max(1))[0]
+    assert differ.size == 0 and np.abs(logits[0]).max() > 0, f"images {differ.tolist()} differ"
 
 
 def test_logit_terms_take_at_most_two_constants():

@@ -5,6 +5,7 @@ Each rewrite undoes one way a frontend spells a canonical op:
 - ONNX Q/DQ with a scalar scale carries axis=1 → axis=-1 (the axis is meaningless for a scalar);
 - the documented ONNX log-quantizer pattern → `call_pure_packed("repq.log_sqrt2_fake_quant")` (or log2);
 - torch `split` + tuple indexing (unbind) → the `strided_slice` ONNX gives; static `shape_of` → a constant;
+- `take` in "fast" mode (no bounds) → "clip";
 - spelling-only differences: `x + 0`, zero padding, reshape chains, `permute_dims(axes=None)`, matmul out_dtype;
 then constants are folded (parameter-only arithmetic such as Swin's relative-position bias) while the
 uint8 weight codes are kept out of reach of FoldConstant, so `dequantize(codes)` is not folded to floats.
@@ -49,7 +50,7 @@ class _Canonicalize(PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         for rewrite in (self._qdq_axis, self._clip, self._log_quant, self._shape, self._zero_add, self._out_dtype,
-                        self._reshape, self._zero_pad):
+                        self._reshape, self._zero_pad, self._take_mode):
             new = rewrite(call)
             if new is not None:
                 return new
@@ -130,6 +131,14 @@ class _Canonicalize(PyExprMutator):
             if (isinstance(c, tvm.ir.GenericConst) and not np.any(c.value.numpy())
                     and _static_shape(call.args[keep]) == _static_shape(call)):
                 return call.args[keep]
+        return None
+
+    def _take_mode(self, call):
+        """take(mode="fast") → take(mode="clip"): both frontends import an index op as "fast" take, which reads out of
+        bounds on a bad index (TVM warns so at every legalization, once per Swin block while folding its relative
+        position bias); clamped indices cost nothing on constants and keep a run-time gather in bounds."""
+        if _is_op(call, "relax.take") and call.attrs.mode == "fast":
+            return relax.op.take(*call.args, axis=call.attrs.axis, mode="clip")
         return None
 
     def _out_dtype(self, call):

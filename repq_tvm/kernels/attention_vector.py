@@ -228,7 +228,10 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
 
     def with_terms(x, t0, t1, b, m, n):
         """x plus the logit terms of head b, row m, key n, in the order of the graph's adds (the tables' keys are
-        padded to whole vectors, `logit_term_shape`: the padded logits are never used)."""
+        padded to whole vectors, `logit_term_shape`: the padded logits are never used).  x is rounded first, as
+        `qbmm` stores it (`epilogue.as_stored`: no FMA of the logits' scale and the first term)."""
+        if terms:
+            x = epilogue.as_stored(x)
         for term, (div, mod) in zip((t0, t1), terms):
             x = x + term[(b // div) % mod, m, n]
         return x

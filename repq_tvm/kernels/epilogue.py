@@ -48,6 +48,15 @@ def fast_exp(x):
     return tvm.tirx.max(scale * y, x)
 
 
+def as_stored(x):
+    """``x`` rounded to float32 as if stored and read back: an arithmetic fence, so LLVM cannot fuse the multiply
+    that made ``x`` into the add that takes it.  Why: TVM's LLVM backend contracts ``a · b + c`` into one FMA (one
+    rounding) on x86 and aarch64 alike; where the unfused graph stores the product in one kernel and adds to it in
+    the next (Swin's q @ kᵀ, then its relative position bias), a fused kernel must round the product on its own, or a
+    logit moves by an ulp and, rarely, a code with it (seen on the Swin fixture at W8/A8)."""
+    return tvm.tirx.call_llvm_pure_intrin(x.ty.dtype, "llvm.arithmetic.fence", x)
+
+
 def fast_erf(x):
     """TVM's polynomial erf as a scalar expression, operation for operation (`tests/test_pass_qdense_epilogues.py` checks
     it against `topi.fast_erf` bit for bit)."""
