@@ -355,6 +355,10 @@ def apply_tensorized(
     sch.tensorize(kd, ref_name(intrin) if ref else intrin)
     sch.unroll(m_i)
     sch.unroll(nb_i)
+    # the epilogue of a tile unrolled too: its vectors' chains (GELU's erf, the codes) are independent and long,
+    # and a loop over the rows left few of them in flight (README, Latency: the whole-model A/B)
+    for loop in sch.get_loops(sch.get_sblock("out"))[-3:-1]:
+        sch.unroll(loop)
     return sch
 
 
