@@ -44,13 +44,13 @@ def built_once(tmp_path_factory, name: str, build) -> str:
     return str(folder)
 
 
-# The slowest test files, slowest first (per-file sums of `make test`'s pytest command with --junitxml, AVX2 Zen 3,
-# in s: 252, 144, 135, 123, 118, 72 (test_atomic, before it reused the shared ViT build), 66, 61, 60, 48, 46, 44, 41,
-# 36). pytest-xdist hands out whole files in collection order: the long ones first, the short ones fill in (the
-# files not listed keep their alphabetical order).
-SLOWEST_FIRST = ("test_compile", "test_kernel_arm", "test_tuning", "test_timm_models", "test_cli_fuzz", "test_atomic",
-                 "test_fixtures", "test_rpc", "test_pass_qdense_epilogues", "test_threads",
-                 "test_pass_fused_attention", "test_frontends", "test_kernel_attention_vector", "test_targets")
+# The slowest test files, slowest first (per-file sums of the suite's pytest command with --junitxml, AVX2 Zen 3,
+# 2026-12-04, in s: 280, 154, 151, 147, 121, 75, 64, 61, 59, 57, 54, 48, 41, 37, 28 of 1535 in all). pytest-xdist
+# hands out whole files in collection order: the long ones first, the short ones fill in (the files not listed keep
+# their alphabetical order).
+SLOWEST_FIRST = ("test_compile", "test_kernel_arm", "test_tuning", "test_timm_models", "test_cli_fuzz", "test_fixtures",
+                 "test_atomic", "test_frontends", "test_rpc", "test_pass_qdense_epilogues", "test_threads",
+                 "test_kernel_attention_vector", "test_pass_fused_attention", "test_targets", "test_api")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -71,6 +71,33 @@ def vit_host_build(tmp_path_factory):
 
     root = built_once(tmp_path_factory, "vit_host", build)
     return f"{root}/m.repq", f"{root}/art"
+
+
+@pytest.fixture(scope="session")
+def vit_w8_build(tmp_path_factory):
+    """(calibrated file, artifact folder) of the ViT fixture at W8/A8 (32 calibration images: what deployment users
+    start with), compiled for `host`; built once per run and read-only, as `vit_host_build`."""
+    from repq_tvm.cli import main
+
+    def build(root):
+        assert main(["calibrate", "--model", "vit_cifar10", "--w-bits", "8", "--a-bits", "8", "-o",
+                     f"{root}/m.repq", "--quiet"]) == 0
+        assert main(["compile", f"{root}/m.repq", "--target", "host", "-o", f"{root}/art", "--quiet"]) == 0
+
+    root = built_once(tmp_path_factory, "vit_w8", build)
+    return f"{root}/m.repq", f"{root}/art"
+
+
+@pytest.fixture(scope="session")
+def swin_w8_calibrated(tmp_path_factory) -> str:
+    """The Swin fixture calibrated at W8/A8 (32 images), built once per run; read-only."""
+    from repq_tvm.cli import main
+
+    def build(root):
+        assert main(["calibrate", "--model", "swin_cifar10", "--w-bits", "8", "--a-bits", "8", "-o",
+                     f"{root}/m.repq", "--quiet"]) == 0
+
+    return f"{built_once(tmp_path_factory, 'swin_w8', build)}/m.repq"
 
 
 def require_cross_compiler(target: str) -> None:

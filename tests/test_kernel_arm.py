@@ -275,7 +275,7 @@ def test_whole_model_on_plain_neon_has_no_sdot(vit_host_build, tmp_path):
     assert all(re.search(r"\tsmlal2?\t", body) for body in dense.values())
 
 
-def test_graph_rewrite_through_the_stand_in_matches_the_host_build(tmp_path, monkeypatch):
+def test_graph_rewrite_through_the_stand_in_matches_the_host_build(vit_w8_build, tmp_path, monkeypatch):
     """W8/A8 ViT fixture with every linear rewritten for sdot (s8 activations q − 128 with the fold in the
     zero-point constant, [N/4, K/4, 4, 4] packing, compensation) but built for this host through the
     stand-in: logits bit-identical to the host's own build."""
@@ -283,9 +283,7 @@ def test_graph_rewrite_through_the_stand_in_matches_the_host_build(tmp_path, mon
     from repq_tvm.deploy.runtime import Runner
     from repq_tvm.evaluate import load_batch, make_transform
 
-    repq = str(tmp_path / "vit_w8a8.repq")
-    api.calibrate_to_file("vit_cifar10", repq, w_bits=8, a_bits=8, calib_size=8, progress=False)
-    api.compile_artifact(repq, str(tmp_path / "host"), target="host")
+    repq, host_art = vit_w8_build  # the shared W8/A8 build for this host
     schedule, built = Q.schedule_qdense, []
 
     def sdot_stand_in(*args, **kw):
@@ -296,7 +294,7 @@ def test_graph_rewrite_through_the_stand_in_matches_the_host_build(tmp_path, mon
     monkeypatch.setattr(Q, "schedule_qdense", sdot_stand_in)
     api.compile_artifact(repq, str(tmp_path / "sdot"), target="host")
     assert len(built) >= 6  # one kernel per linear shape and the patch embedding
-    host, sdot = Runner(str(tmp_path / "host")), Runner(str(tmp_path / "sdot"))
+    host, sdot = Runner(host_art), Runner(str(tmp_path / "sdot"))
     source = data.open_images(models.fixture_file(models.FIXTURE_EVAL_DATA))
     x, _ = load_batch(source, np.arange(0, 1000, 125), make_transform(host.manifest["preprocessing"]))
     np.testing.assert_array_equal(sdot.predict(x.numpy()), host.predict(x.numpy()))

@@ -248,7 +248,7 @@ def test_logit_term_tables_are_the_smallest_period():
     assert _periodic(rng.standard_normal((6, 4, 4))) == (1, 6)  # no repetition: one table per head
 
 
-def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch, capfd):
+def test_swin_fixture_same_logits_as_the_three_kernels(swin_w8_calibrated, tmp_path, monkeypatch, capfd):
     """The Swin fixture built for x86_64-avx2 (runs on every CPU here) with the attention passes and without them:
     every block's attention is one kernel (the relative position bias its logit term, q, k, v from the qkv output,
     proj's codes stored; no q@kᵀ, softmax, attn @ V, slice or heads → tokens → quantize kernel left), and with
@@ -261,13 +261,11 @@ def test_swin_fixture_same_logits_as_the_three_kernels(tmp_path, monkeypatch, ca
     import subprocess
 
     from repq_tvm import api, data, models
-    from repq_tvm.cli import main
     from repq_tvm.deploy.runtime import Runner
     from repq_tvm.evaluate import load_batch, make_transform
     from repq_tvm.passes import pipeline
 
-    cal = str(tmp_path / "swin.repq")
-    assert main(["calibrate", "--model", "swin_cifar10", "--w-bits", "8", "--a-bits", "8", "-o", cal, "--quiet"]) == 0
+    cal = swin_w8_calibrated
     capfd.readouterr()
     api.compile_artifact(cal, str(tmp_path / "fused"), target="x86_64-avx2", progress=False)
     # the relative position bias's gather folds without TVM's "fast mode" take warning (`normalize._take_mode`)
