@@ -13,6 +13,9 @@ float32(acc): checked bit for bit first.
 
 ``--rows`` adds each kernel again with that many rows per register tile (its default lane blocks), to check
 `kernels.qdense.default_tiles`' choice of rows on this CPU: the default's rows are in the first columns.
+``--gelu`` adds each kernel again with fc1's fused GELU → codes tail (`kernels.epilogue.gelu_codes`, the codes as
+fc2 reads them), checked bit for bit against the same kernel with the intrinsic's plain-loop twin: the tail's cost
+is the difference to the first column.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds; the median is reported")
     ap.add_argument("--shapes", nargs="*", help="MxNxK, default: the ViT list")
     ap.add_argument("--rows", default="", help="also time these rows per register tile, e.g. 3,4,5,6")
+    ap.add_argument("--gelu", action="store_true", help="also time each kernel with fc1's fused GELU → codes tail")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 
@@ -61,39 +65,54 @@ def main() -> None:
         kernels = [("avx2_u8s8", target, bits_a, bits_w), ("avx2_i16", target, 8, 8)]
     else:  # a saturating u8 x s8 kernel is refused (`schedule_qdense`); 8-bit codes are the int16 kernel's
         kernels = [("avx2_i16", target, 8, 8)]
-    kernels = [(v, tgt, ba, bw, None) for v, tgt, ba, bw in kernels]
-    kernels += [(v, tgt, ba, bw, int(r)) for v, tgt, ba, bw, _ in list(kernels) for r in filter(None, args.rows.split(","))]
     if targets.runnable_reason(amx) is None:
-        kernels.insert(0, ("amx", amx, 8, 8, None))
+        kernels.insert(0, ("amx", amx, 8, 8))
+    kernels = [(v, tgt, ba, bw, None, False) for v, tgt, ba, bw in kernels]
+    kernels += [(v, tgt, ba, bw, int(r), False) for v, tgt, ba, bw, _, _ in list(kernels)
+                for r in filter(None, args.rows.split(","))]
+    kernels += [(v, tgt, ba, bw, None, True) for v, tgt, ba, bw, r, _ in list(kernels) if args.gelu and r is None]
     rng = np.random.default_rng(0)
 
-    names = [f"{v}(a{ba}w{bw}{f' r{r}' if r else ''})" for v, _, ba, bw, r in kernels]
+    label = lambda r, gelu: (f" r{r}" if r else "") + (" gelu" if gelu else "")  # noqa: E731
+    names = [f"{v}(a{ba}w{bw}{label(r, g)})" for v, _, ba, bw, r, g in kernels]
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, "
           f"median of {args.rounds} interleaved rounds, ms per call")
     head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
-    short = [f"{v}{f' r{r}' if r else ''}" for v, _, _, _, r in kernels]
+    short = [f"{v}{label(r, g)}" for v, _, _, _, r, g in kernels]
     head += "".join(f"{'torch/' + n:>18s}" for n in short)
     head += "".join(f"{n + ' GMAC/s':>18s}" for n in short)
     print(head)
     for M, N, K in shapes:
         runs = []
-        for variant, tgt, ba, bw, rows in kernels:
+        for variant, tgt, ba, bw, rows, gelu in kernels:
             if variant == "amx" and not Q.qdense_amx.fits(M, N, K):
                 runs.append(None)
                 continue
             v = Q.VARIANTS[variant]
             tiles = None if rows is None else (rows, Q.default_tiles(M, N, v, v.max_depth(ba, bw, K))[1])
-            kern = build_qdense(M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True, tiles=tiles)
             a_max, w_max = 2**ba - 1, (127 if bw >= 8 else 2**bw - 1)
+            # fc1's tail as the compiler builds it: uint8 codes, or the int16 kernel's centred codes for fc2
+            tail = {} if not gelu else {"gelu_codes": (0.02, 10, 255),
+                                        **({"codes_operand": ("int16", 10)} if variant == "avx2_i16" else {})}
+            build = lambda ref=False: build_qdense(  # noqa: E731
+                M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True, tiles=tiles, ref=ref, **tail)
+            kern = build()
             a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
             w = rng.integers(-w_max, w_max + 1, (N, K))
             a_zp = 0 if variant != "avx2_i16" else a_max // 2
-            unit = (np.zeros(N, np.int32), np.ones(N, np.float32), np.zeros(N, np.float32))
+            # unit scale: the output is float32(acc); with the GELU tail, a scale putting GELU's inputs around ±3
+            scale = np.full(N, 1.0 if not gelu else 3.0 / (a_max * w_max * K ** 0.5 / 3), np.float32)
+            unit = (np.zeros(N, np.int32), scale, np.zeros(N, np.float32))
             call = kern._args(kern.prepare_activation(a, a_zp), *kern.weight_args(w), *unit)
             fn = kern.function()
             fn(*call)
-            exact = ((a.astype(np.int64) - a_zp) @ w.astype(np.int64).T).astype(np.float32)  # float32(acc)
-            assert np.array_equal(call[-1].numpy(), exact), f"{variant} {M}x{N}x{K} not exact"
+            if gelu:  # the same tail on the intrinsic's plain-loop twin, bit for bit
+                twin = build(ref=True)
+                twin_out = twin(kern.prepare_activation(a, a_zp), *kern.weight_args(w), *unit)
+                assert np.array_equal(call[-1].numpy(), twin_out), f"{variant} gelu {M}x{N}x{K} differs from its twin"
+            else:
+                exact = ((a.astype(np.int64) - a_zp) @ w.astype(np.int64).T).astype(np.float32)  # float32(acc)
+                assert np.array_equal(call[-1].numpy(), exact), f"{variant} {M}x{N}x{K} not exact"
             runs.append(lambda fn=fn, call=call: fn(*call))
         x, wt = torch.randn(M, K), torch.randn(N, K)
         runs.append(lambda: x @ wt.T)
