@@ -68,8 +68,8 @@ def main() -> None:
     if targets.runnable_reason(amx) is None:
         kernels.insert(0, ("amx", amx, 8, 8))
     kernels = [(v, tgt, ba, bw, None, False) for v, tgt, ba, bw in kernels]
-    kernels += [(v, tgt, ba, bw, int(r), False) for v, tgt, ba, bw, _, _ in list(kernels)
-                for r in filter(None, args.rows.split(","))]
+    kernels += [(v, tgt, ba, bw, int(r), False) for v, tgt, ba, bw, _, _ in list(kernels) if v != "amx"
+                for r in filter(None, args.rows.split(","))]  # the AMX kernel has one fixed blocking
     kernels += [(v, tgt, ba, bw, None, True) for v, tgt, ba, bw, r, _ in list(kernels) if args.gelu and r is None]
     rng = np.random.default_rng(0)
 
