@@ -100,15 +100,15 @@ def main() -> None:
             a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
             w = rng.integers(-w_max, w_max + 1, (N, K))
             a_zp = 0 if variant != "avx2_i16" else a_max // 2
-            # unit scale: the output is float32(acc); with the GELU tail, a scale putting GELU's inputs around ±3
+            # unit scale: the output is float32(acc); with the GELU tail, a scale putting GELU's inputs at a few units
             scale = np.full(N, 1.0 if not gelu else 3.0 / (a_max * w_max * K ** 0.5 / 3), np.float32)
-            unit = (np.zeros(N, np.int32), scale, np.zeros(N, np.float32))
-            call = kern._args(kern.prepare_activation(a, a_zp), *kern.weight_args(w), *unit)
+            operands = (kern.prepare_activation(a, a_zp), *kern.weight_args(w),
+                        np.zeros(N, np.int32), scale, np.zeros(N, np.float32))
+            call = kern._args(*operands)
             fn = kern.function()
             fn(*call)
             if gelu:  # the same tail on the intrinsic's plain-loop twin, bit for bit
-                twin = build(ref=True)
-                twin_out = twin(kern.prepare_activation(a, a_zp), *kern.weight_args(w), *unit)
+                twin_out = build(ref=True)(*operands)
                 assert np.array_equal(call[-1].numpy(), twin_out), f"{variant} gelu {M}x{N}x{K} differs from its twin"
             else:
                 exact = ((a.astype(np.int64) - a_zp) @ w.astype(np.int64).T).astype(np.float32)  # float32(acc)
