@@ -37,6 +37,7 @@ def main() -> None:
 
     from repq_tvm import targets
     from repq_tvm.kernels import qdense_amx
+    from repq_tvm.kernels.epilogue import quantizer_args
 
     if not {"amx_tile", "amx_int8"} <= targets.host_flags():
         sys.exit("kernel_amx_tails: error: this CPU lacks amx_int8")
@@ -51,7 +52,7 @@ def main() -> None:
     for tail in args.tails.split(","):
         N, K = TAILS[tail]
         kw = {"qkv": {"qkv_codes": {"tokens": TOKENS, "heads": HEADS, "codes": [(0.05, 120, 255)] * 3}},
-              "gelu": {"gelu_codes": (0.02, 10, 255)}}.get(tail, {"residual": True} if "res" in tail else {})
+              "gelu": {"gelu_codes": 255}}.get(tail, {"residual": True} if "res" in tail else {})
         exe = tvm.compile(tvm.IRModule({"main": qdense_amx.qdense_amx_func(M, N, K, **kw)}), target=target)
         arrays = [rng.integers(0, 256, (M, K)).astype(np.uint8),
                   rng.integers(-128, 128, (N // 16, K // 4, 16, 4)).astype(np.int8),
@@ -61,6 +62,7 @@ def main() -> None:
             arrays += [np.zeros((args.batch, HEADS, TOKENS, DIM // HEADS), np.uint8)] * 3
         else:
             arrays += [rng.standard_normal((M, N)).astype(np.float32)] if "res" in tail else []
+            arrays += [quantizer_args(0.02, 10)] if tail == "gelu" else []
             arrays.append(np.zeros((M, N), np.uint8 if tail == "gelu" else np.float32))
         timer = exe.mod.time_evaluator("main", tvm.cpu(), number=args.number, repeat=args.rounds)
         times = timer(*[tvm.runtime.tensor(a) for a in arrays]).results

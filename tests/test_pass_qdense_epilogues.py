@@ -90,10 +90,11 @@ def test_fused_kernel_stores_the_codes_of_the_unfused_output(variant, ref):
 
 
 @pytest.mark.parametrize("variant,ref", [k for k in _kernels() if k[0] != "amx"], ids=lambda p: str(p))
-@pytest.mark.parametrize("operand", [("int16", 23), ("int8", 128), ("int8", 0)], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("operand", [("int16", 23), ("int16", "z"), ("int8", 128), ("int8", 0)],
+                         ids=lambda p: f"{p[0]}-{p[1]}")
 def test_fused_kernel_stores_the_codes_as_the_next_kernels_operand(variant, ref, operand):
     """``codes_operand``: the codes as fc2 reads them (AVX2 int16 ``q − z``, sdot's int8 ``q − 128`` or ``q``), the
-    uint8 kernel's codes cast as `quantized_linear`'s ops cast them."""
+    uint8 kernel's codes cast as `quantized_linear`'s ops cast them ("z": minus the run-time quantizer's zero point)."""
     M, N, K, codes = 37, 48, 64, (0.0173, 23, 255 if operand != ("int8", 0) else 127)
     rng = np.random.default_rng(4)
     a = rng.integers(0, 256, (M, K), dtype=np.uint8)
@@ -104,7 +105,7 @@ def test_fused_kernel_stores_the_codes_as_the_next_kernels_operand(variant, ref,
                               codes_operand=form)
         params = kernel.epilogue_params(w, np.full(N, 5e-4, np.float32), 0.02, 120, np.zeros(N, np.float32))
         outs.append(kernel(kernel.prepare_activation(a, 120), *kernel.weight_args(w), *params))
-    dtype, minus = operand
+    dtype, minus = operand[0], codes[1] if operand[1] == "z" else operand[1]
     assert outs[1].dtype == np.dtype(dtype) and len(np.unique(outs[0])) > 20
     np.testing.assert_array_equal(outs[1], (outs[0].astype(np.int16) - minus).astype(dtype))
 
@@ -113,7 +114,36 @@ def test_codes_operand_needs_the_codes_and_a_kernel_operand_type():
     with pytest.raises(ValueError, match="codes_operand is the form of the gelu_codes: it needs gelu_codes"):
         Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, codes_operand=("int16", 3))
     with pytest.raises(ValueError, match="codes_operand stores int16 or int8 codes, not float32"):
-        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, gelu_codes=(0.1, 3, 255), codes_operand=("float32", 3))
+        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, gelu_codes=255, codes_operand=("float32", 3))
+
+
+def test_gelu_codes_of_a_kernel_is_its_top_code():
+    """The quantizer is an operand of the kernel, not part of it: a (scale, zero point, top) tuple is refused."""
+    with pytest.raises(TypeError, match=r"gelu_codes is the top code 2\^b - 1 \(the quantizer is the kernel's quant "
+                                        r"operand\), got \(0.1, 3, 255\)"):
+        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, gelu_codes=(0.1, 3, 255))
+
+
+@pytest.mark.parametrize("variant,ref", [("vnni", True), ("amx", True)] + [("avx2_i16", False)] * ("avx2" in FLAGS),
+                         ids=lambda p: str(p))
+def test_one_kernel_stores_the_codes_of_any_quantizer_it_is_given(variant, ref):
+    """The run-time quantizer operand (`epilogue.quantizer_args`): one compiled kernel, called with three
+    quantizers, stores for each the codes of the constant quantizer (`epilogue.gelu_codes`) bit for bit."""
+    M, N, K = 40, 64, 128
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 256, (M, K), dtype=np.uint8)
+    w = (rng.integers(0, 256, (N, K)) - rng.integers(0, 256, (N, 1))).astype(np.int16)
+    plain = build_qdense(M, N, K, HOST, variant=variant, epilogue=True, ref=ref)
+    kernel = build_qdense(M, N, K, HOST, variant=variant, epilogue=True, ref=ref, gelu_codes=(0.0173, 23, 255))
+    operands = lambda k: (k.prepare_activation(a, 120), *k.weight_args(w),  # noqa: E731
+                          *k.epilogue_params(w, np.full(N, 4e-4, np.float32), 0.02, 120, np.zeros(N, np.float32)))
+    y = plain(*operands(plain))
+    for codes in [(0.0173, 23, 255), (0.0411, 0, 255), (0.29, 3, 15)]:
+        kernel.gelu_codes = codes  # what the harness passes as the kernel's quant operand
+        got = kernel(*operands(kernel))
+        tail = _compile_te(lambda x: te.compute((M * N,), lambda i: epilogue.gelu_codes(x[i], *codes)), M * N, "uint8")
+        assert len(np.unique(got)) > 8
+        np.testing.assert_array_equal(got.ravel(), _apply(tail, y))
 
 
 def linear_then(bits: int, tail):
@@ -162,9 +192,43 @@ def test_pass_before_after(bits):
     spec = __import__("json").loads(str(before[old].attrs["repq.kernel"]))
     sch, _, _, _ = Q.schedule_qdense(spec["M"], spec["N"], spec["K"], HOST, bits_a=bits, bits_w=spec["bits_w"],
                                      variant=spec["variant"], epilogue=True, compensate=spec["compensate"],
-                                     gelu_codes=(0.021, 17, 2 ** bits - 1))
+                                     gelu_codes=2 ** bits - 1)
     tvm.ir.assert_structural_equal(after[gv], scheduled_kernel(sch, gv.name_hint))
+    (call,) = _calls_of(after, gv)  # the quantizer: the call's last operand
+    np.testing.assert_array_equal(call.args[1].fields[-1].value.numpy(), epilogue.quantizer_args(0.021, 17))
     assert old not in after.get_global_vars()  # the float-output kernel is gone
+    np.testing.assert_array_equal(run(after, x), run(before, x))
+
+
+def _calls_of(mod, gv) -> list:
+    return [b.value for b in mod["main"].body.blocks[0].bindings
+            if isinstance(b.value, relax.Call) and b.value.args and b.value.args[0].same_as(gv)]
+
+
+def test_blocks_that_differ_in_their_quantizer_share_one_kernel():
+    """Two fc1 → GELU → codes with the same shapes and other quantizers (two blocks of a ViT): one fused kernel,
+    called with each block's quantizer; the same output as the unfused module."""
+
+    def tail(bb, x, y):
+        _, w2, s_w2, z_w2, s_a, z_a, b2 = case(8, n=64, k=64, seed=9)  # a second linear of fc1's shape
+        xh = bb.emit(canonical.uniform_qdq(x, s_a, z_a, 8))
+        wh = bb.emit(canonical.weight_dq(relax.const(w2.astype(np.uint8)), relax.const(s_w2),
+                                         relax.const(z_w2.astype(np.uint8))))
+        y2 = bb.emit(relax.op.add(bb.emit(relax.op.matmul(xh, relax.op.permute_dims(wh, [1, 0]), out_dtype="float32")),
+                                  relax.const(b2)))
+        first = bb.emit(canonical.uniform_qdq(bb.emit(relax.op.nn.gelu(y)), 0.021, 17, 8))
+        second = bb.emit(canonical.uniform_qdq(bb.emit(relax.op.nn.gelu(y2)), 0.034, 9, 8))
+        return bb.emit(relax.op.add(first, second))
+
+    mod, x = linear_then(8, tail)
+    before = LowerQuantizedLinear(HOST)(mod)
+    fuse = FuseGeluCodesEpilogue(HOST)
+    after = fuse(before)
+    assert fuse.rewritten == 2
+    (gv,) = [gv for gv in after.get_global_vars() if "_gelu" in gv.name_hint]
+    quants = [c.args[1].fields[-1].value.numpy() for c in _calls_of(after, gv)]
+    np.testing.assert_array_equal(np.stack(quants), np.stack([epilogue.quantizer_args(0.021, 17),
+                                                              epilogue.quantizer_args(0.034, 9)]))
     np.testing.assert_array_equal(run(after, x), run(before, x))
 
 
@@ -209,10 +273,11 @@ def test_pass_stores_fc2s_operand(bits, preset, operand):
     assert sum(op in casts for op in _ops(after)) * 2 == sum(op in casts for op in _ops(before)) > 0  # fc1's input's
     (gv,) = [gv for gv in after.get_global_vars() if gv.name_hint.endswith("_gelu0")]
     spec = __import__("json").loads(str(after[gv].attrs["repq.kernel"]))
-    assert spec["codes_operand"] == list(operand) and spec["gelu_codes"][1:] == [17, 2 ** bits - 1]
+    operand = ("int16", "z") if operand == ("int16", 17) else operand  # centred codes: the run-time zero point
+    assert spec["codes_operand"] == list(operand) and spec["gelu_codes"] == {"top": 2 ** bits - 1}
     sch, _, _, _ = Q.schedule_qdense(spec["M"], spec["N"], spec["K"], target, bits_a=bits, bits_w=spec["bits_w"],
                                      variant=spec["variant"], epilogue=True, compensate=spec["compensate"],
-                                     gelu_codes=(0.021, 17, 2 ** bits - 1), codes_operand=operand)
+                                     gelu_codes=2 ** bits - 1, codes_operand=operand)
     tvm.ir.assert_structural_equal(after[gv], scheduled_kernel(sch, gv.name_hint))
     if preset.startswith("x86"):
         def run_on(m):
@@ -268,7 +333,7 @@ def test_residual_pass_before_after(swapped):
 
 def test_one_tail_per_kernel():
     with pytest.raises(ValueError, match="one tail per kernel: gelu_codes, residual or qkv_codes"):
-        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, residual=True, gelu_codes=(0.1, 3, 255))
+        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, residual=True, gelu_codes=255)
     with pytest.raises(ValueError, match="gelu_codes, residual and qkv_codes need the float epilogue"):
         Q.schedule_qdense(65, 96, 128, HOST, residual=True)
 

@@ -161,9 +161,12 @@ def test_sampled_log_weights_candidates_match_their_definition(case):
     assert_sampled_candidates_match(spaces.spec_of(func), case[3], seeds=2, stride=1)
 
 
-def test_gelu_codes_kernels_of_every_layer_share_one_task_and_its_trace():
-    """fc1 → GELU → codes kernels differ only in their quantizer: one task, whose traced schedule applies to each
-    layer's kernel (the same loops, that layer's constants); the plain kernel of the shape is another task."""
+def test_gelu_codes_kernels_of_every_layer_are_one_task_and_take_its_trace():
+    """fc1 → GELU → codes kernels take their quantizer as an operand: every layer's is one kernel, one task, whose
+    traced schedule applies to it; the plain kernel of the shape is another task; and a tuning log recorded when
+    the quantizer was part of the kernel (spec ``gelu_codes`` = [scale, zero point, top]) keeps its task."""
+    import json
+
     from tvm.s_tir import Schedule
 
     def spec(codes):
@@ -171,13 +174,15 @@ def test_gelu_codes_kernels_of_every_layer_share_one_task_and_its_trace():
                                      epilogue=True, gelu_codes=codes)
         return spaces.spec_of(sch.mod["main"])
 
-    a, b, plain = spec((0.021, 3, 255)), spec((0.034, 7, 255)), spec(None)
-    keys = [tasks.group_key(tvm.IRModule({"main": spaces.definition(s)})) for s in (a, b, plain)]
+    a, plain = spec(255), spec(None)
+    assert a["gelu_codes"] == {"top": 255}
+    legacy = spaces.definition(a).with_attr("repq.kernel", json.dumps({**a, "gelu_codes": [0.021, 3, 255]}))
+    keys = [tasks.group_key(tvm.IRModule({"main": f})) for f in (spaces.definition(a), legacy, spaces.definition(plain))]
     assert keys[0] == keys[1] != keys[2]
     traced = spaces.design_spaces(Schedule(spaces.definition(a)))[0]
-    other = Schedule(spaces.definition(b))
+    other = Schedule(spaces.definition(a))
     traced.trace.apply_to_schedule(other, remove_postproc=False)
-    assert spaces.spec_of(other.mod["main"]) == b and other.trace.insts[-1].kind.name == traced.trace.insts[-1].kind.name
+    assert spaces.spec_of(other.mod["main"]) == a and other.trace.insts[-1].kind.name == traced.trace.insts[-1].kind.name
 
 
 def test_log_weights_of_every_layer_share_one_task_on_the_emitted_schedule():

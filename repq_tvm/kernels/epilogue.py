@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import NamedTuple
 
 import numpy as np
 import tvm
@@ -89,48 +90,102 @@ def reciprocal_f32(scale: float) -> float:
 
 
 def divide(y, scale: float):
-    """float32 ``y / scale`` for a constant ``scale``, bit for bit the division, without the divider: q = y·r with
-    r the correctly rounded reciprocal (`reciprocal_f32`), then one correction q + fma(−q, s, y)·r (Markstein's
-    theorem: with r within half an ulp of 1/s and q within an ulp of y/s, the fma residual is exact and the
-    corrected quotient is the correctly rounded y/s).  Holds for finite y whose quotient and residual stay normal
-    (|y| > 2^−100 or so; below, the two may differ in the last bit of a quotient far below any rounding step of a
-    quantizer); y = ±inf gives NaN.  Why: `vdivps` is one per ~10 cycles per vector on the CPUs here, the three
-    FMA-port operations are not: the u8 codes of a 197 x 1536 tensor took 28 → 16 us (Sapphire Rapids, 2 threads)."""
-    s, r = _f32(float(np.float32(scale))), _f32(reciprocal_f32(scale))
+    """float32 ``y / scale`` for a constant ``scale``, bit for bit the division, without the divider (`divide_by`)."""
+    q = Quantizer.constant(scale, 0)
+    return divide_by(y, q.s, q.r)
+
+
+def divide_by(y, s, r):
+    """float32 ``y / s`` with ``r`` the correctly rounded reciprocal of ``s`` (`reciprocal_f32`; both float32
+    expressions: constants or loads), bit for bit the division, without the divider: q = y·r, then one correction
+    q + fma(−q, s, y)·r (Markstein's theorem: with r within half an ulp of 1/s and q within an ulp of y/s, the fma
+    residual is exact and the corrected quotient is the correctly rounded y/s).  Holds for finite y whose quotient
+    and residual stay normal (|y| > 2^−100 or so; below, the two may differ in the last bit of a quotient far below
+    any rounding step of a quantizer); y = ±inf gives NaN.  Why: `vdivps` is one per ~10 cycles per vector on the
+    CPUs here, the three FMA-port operations are not: the u8 codes of a 197 x 1536 tensor took 28 → 16 us
+    (Sapphire Rapids, 2 threads)."""
     q = y * r
     residual = tvm.tirx.call_intrin(q.ty.dtype, "tirx.fma", -q, s, y)
     return tvm.tirx.call_intrin(q.ty.dtype, "tirx.fma", residual, r, q)
 
 
-def codes(y, scale: float, zp: int, top: int):
-    """uint8 code of ``y`` under the layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
-    q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(divide(y, scale)) + _f32(float(zp)), _f32(255.0)), _f32(0.0))
-    code = q.astype("uint8")
+class Quantizer(NamedTuple):
+    """A layer-wise quantizer as float32 expressions: scale ``s``, its correctly rounded reciprocal ``r``
+    (`reciprocal_f32`) and zero point ``z``; constants (`constant`) or loads of a kernel's run-time operand
+    (`loaded`, filled with `quantizer_args`).  The codes take the same operations either way, so they are the same;
+    why the operand: kernels that differ only in their quantizer (fc1 → GELU → codes of every block of a ViT) are
+    then one kernel, compiled once instead of once per layer."""
+
+    s: object
+    r: object
+    z: object
+
+    @classmethod
+    def constant(cls, scale: float, zp: int) -> Quantizer:
+        s = float(np.float32(scale))
+        return cls(_f32(s), _f32(reciprocal_f32(s)), _f32(float(zp)))
+
+    @classmethod
+    def loaded(cls, quant) -> Quantizer:
+        """From a float32 [`QUANT`] buffer (a TE placeholder or a TIR buffer)."""
+        return cls(quant[0], quant[1], quant[2])
+
+
+QUANT = 3  # elements of a kernel's run-time quantizer operand: (s, r, z)
+
+
+def quantizer_args(scale: float, zp: int) -> np.ndarray:
+    """The run-time quantizer operand of (``scale``, ``zp``): float32 [s, 1/s correctly rounded, z] (`Quantizer`)."""
+    s = np.float32(scale)
+    return np.array([s, reciprocal_f32(float(s)), zp], np.float32)
+
+
+def quantize_codes(y, q: Quantizer, top: int):
+    """uint8 code of ``y`` under the layer-wise quantizer ``q``, clipped to ``top``: TVM's legalization of
+    ``relax.quantize`` (``clip(round(y / s) + z, 0, 255)``), then the canonical ``clip(code, 0, top)``."""
+    v = tvm.tirx.max(tvm.tirx.min(tvm.tirx.round(divide_by(y, q.s, q.r)) + q.z, _f32(255.0)), _f32(0.0))
+    code = v.astype("uint8")
     if top < 255:
         code = tvm.tirx.min(code, tvm.tirx.const(top, "uint8"))
     return code
 
 
+def codes(y, scale: float, zp: int, top: int):
+    """uint8 code of ``y`` under the constant layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
+    return quantize_codes(y, Quantizer.constant(scale, zp), top)
+
+
 def gelu_codes(y, scale: float, zp: int, top: int):
-    """uint8 code of ``gelu(y)`` under the layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
+    """uint8 code of ``gelu(y)`` under the constant layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
     return codes(gelu(y), scale, zp, top)
 
 
-def as_operand(code, operand: tuple[str, int] | None):
+ZERO_POINT = "z"  # the ``minus`` of a codes operand that subtracts the quantizer's own zero point (`as_operand`)
+
+
+def as_operand(code, operand: tuple[str, int | str] | None, zero=None):
     """A uint8 code as the next qdense kernel reads its activations (`kernels.qdense` variants): ``(dtype, minus)``
     = int16 ``code − minus`` (the int16 kernels' centred codes) or int8 ``code − minus`` (sdot's shifted codes); None:
-    the code itself.  The same cast and subtraction as the ops `passes.quantized_linear` emits for it."""
+    the code itself.  The same cast and subtraction as the ops `passes.quantized_linear` emits for it.  ``minus`` =
+    `ZERO_POINT`: the zero point ``zero`` of the quantizer that made the code (a float32 expression holding an
+    integer, `Quantizer.z`: read at run time, so the same kernel serves every layer's centred codes)."""
     if operand is None:
         return code
     dtype, minus = operand
-    value = code.astype("int16") - tvm.tirx.const(int(minus), "int16")
+    if minus == ZERO_POINT:
+        if zero is None:
+            raise ValueError("a codes operand that subtracts the zero point needs the quantizer's")
+        sub = zero.astype("int16")
+    else:
+        sub = tvm.tirx.const(int(minus), "int16")
+    value = code.astype("int16") - sub
     return value if dtype == "int16" else value.astype(dtype)
 
 
-def tail(y, codes: tuple | None = None, res=None, operand: tuple[str, int] | None = None):
+def tail(y, codes: tuple[Quantizer, int] | None = None, res=None, operand: tuple[str, int | str] | None = None):
     """What a qdense epilogue stores for its float result ``y``: ``res + y`` (a residual add: IEEE addition
-    commutes, so either operand order of the add it replaces), `gelu_codes` (``codes`` = scale, zero point,
-    top; ``operand``: as the next kernel reads them, `as_operand`), or ``y``."""
+    commutes, so either operand order of the add it replaces), the codes of GELU of ``y`` (``codes`` = (quantizer,
+    top code), `quantize_codes`; ``operand``: as the next kernel reads them, `as_operand`), or ``y``."""
     if res is not None:
         return res + y
-    return y if codes is None else as_operand(gelu_codes(y, *codes), operand)
+    return y if codes is None else as_operand(quantize_codes(gelu(y), *codes), operand, codes[0].z)

@@ -148,17 +148,18 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, i
 # --- compute ---------------------------------------------------------------------------------
 def qdense(
     M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1,
-    compensate: bool = False, gelu_codes: tuple[float, int, int] | None = None, residual: bool = False,
-    codes_operand: tuple[str, int] | None = None, a_rows: int | None = None,
+    compensate: bool = False, gelu_codes: int | None = None, residual: bool = False,
+    codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None,
 ) -> list[te.Tensor]:
-    """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) (res,) (rows,) out]`` in ``variant``'s layouts.
+    """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) (quant,) (res,) (rows,) out]`` in ``variant``'s layouts.
 
     ``m_tile > 1`` computes the accumulator on ``ceil(M/m_tile)*m_tile`` rows (tensorize cannot take
     the tail predicate a ragged M split makes); the extra rows are discarded.  ``compensate`` adds
     ``comp[n] * asum[m]`` (``asum`` = the row sums of A, computed in the kernel) to the accumulator:
-    the weights were offset by ``comp`` to fit int8 (`packing.weight_offset`).  ``gelu_codes`` (scale, zero
-    point, top code; with the epilogue) stores the uint8 codes of GELU of the float result instead of it
-    (`epilogue.gelu_codes`), or with ``codes_operand`` = (dtype, minus) those codes as the next kernel's activation
+    the weights were offset by ``comp`` to fit int8 (`packing.weight_offset`).  ``gelu_codes`` (the top code
+    2^b − 1; with the epilogue) stores the uint8 codes of GELU of the float result instead of it under the
+    quantizer of one more input, ``quant`` (float32 [3], `epilogue.quantizer_args`: read at run time, so the
+    fc1 kernels of all blocks are one), or with ``codes_operand`` = (dtype, minus) those codes as the next kernel's activation
     operand (`epilogue.as_operand`: int16 centred, sdot's int8); ``residual`` takes one more input ``res`` [M, N]
     float32 and stores ``res + y``.  ``a_rows``: A has that many rows and output row m is computed from A's row
     ``rows[m]`` (one more input, int32 [M]): a row permutation or gather of the activations (Swin's window
@@ -198,13 +199,16 @@ def qdense(
     scale = te.placeholder((N,), "float32", name="scale")
     bias = te.placeholder((N,), "float32", name="bias")
     res = te.placeholder((M, N), "float32", name="res") if residual else None
+    quant = te.placeholder((epilogue_ops.QUANT,), "float32", name="quant") if gelu_codes is not None else None
+    codes = None if quant is None else (epilogue_ops.Quantizer.loaded(quant), gelu_codes)
 
     def value(m, n):
         y = (total(m, n) - zp_wsum[n]).astype("float32") * scale[n] + bias[n]
-        return epilogue_ops.tail(y, gelu_codes, res[m, n] if residual else None, codes_operand)
+        return epilogue_ops.tail(y, codes, res[m, n] if residual else None, codes_operand)
 
     out = te.compute((M, N), value, name="out")
-    return [*inputs, zp_wsum, scale, bias, *([res] if residual else []), *table, out]
+    return [*inputs, zp_wsum, scale, bias, *([quant] if quant is not None else []), *([res] if residual else []),
+            *table, out]
 
 
 def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
@@ -214,7 +218,7 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     if v.name == "amx":
         return _amx_func(spec)
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
-                     compensate=spec["compensate"], gelu_codes=spec.get("gelu_codes"),
+                     compensate=spec["compensate"], gelu_codes=gelu_top(spec),
                      residual=bool(spec.get("residual")), codes_operand=_operand(spec.get("codes_operand")),
                      a_rows=spec.get("rows"))
     return _with_spec(te.create_prim_func(tensors), spec)
@@ -223,9 +227,14 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
 def _amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     """The AMX kernel of a spec (one hand-written kernel: its definition and its schedule)."""
     func = qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=emulate,
-                                      gelu_codes=spec.get("gelu_codes"), residual=bool(spec.get("residual")),
+                                      gelu_codes=gelu_top(spec), residual=bool(spec.get("residual")),
                                       qkv_codes=spec.get("qkv_codes"))
     return _with_spec(func, spec)
+
+
+def gelu_top(spec: dict) -> int | None:
+    """The top code of a spec's GELU → codes tail, or None without one."""
+    return int(spec["gelu_codes"]["top"]) if spec.get("gelu_codes") else None
 
 
 def _with_spec(func: tvm.tirx.PrimFunc, spec: dict) -> tvm.tirx.PrimFunc:
@@ -402,8 +411,8 @@ def schedule_qdense(
     M: int, N: int, K: int, target=X86_VNNI_TARGET, *, bits_a: int = 8, bits_w: int = 8,
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
-    gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
-    codes_operand: tuple[str, int] | None = None, a_rows: int | None = None,
+    gelu_codes: int | None = None, residual: bool = False, qkv_codes: dict | None = None,
+    codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -413,9 +422,11 @@ def schedule_qdense(
     ``tiles`` = (rows, lane blocks) and ``depth`` (int16 pre-accumulation of u8 x s8) default to
     `default_tiles` and `Variant.max_depth`.  ``compensate`` (default: 8-bit weights on an int8
     variant) adds the in-kernel row-sum correction for weights offset into int8
-    (`packing.weight_offset`); returns it as the last element.  ``gelu_codes`` = (scale, zero point, top
-    code) fuses GELU and the next quantizer into the epilogue (uint8 output, `epilogue.gelu_codes`);
-    ``codes_operand`` = (dtype, minus) stores those codes as the next kernel reads them (`epilogue.as_operand`);
+    (`packing.weight_offset`); returns it as the last element.  ``gelu_codes`` = the top code 2^b − 1 fuses GELU
+    and the next quantizer into the epilogue (uint8 output; the quantizer is the kernel's run-time ``quant``
+    operand, `qdense`);
+    ``codes_operand`` = (dtype, minus) stores those codes as the next kernel reads them (`epilogue.as_operand`;
+    minus `epilogue.ZERO_POINT`: the quantizer's zero point, as the operand holds it);
     ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes`` (AMX
     only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention kernels' layout.  ``a_rows``
     reads the activation rows through a row table (`qdense`; not the amx kernel).
@@ -426,6 +437,9 @@ def schedule_qdense(
         raise ValueError("one tail per kernel: gelu_codes, residual or qkv_codes")
     if codes_operand is not None and gelu_codes is None:
         raise ValueError("codes_operand is the form of the gelu_codes: it needs gelu_codes")
+    if gelu_codes is not None and (isinstance(gelu_codes, bool) or not isinstance(gelu_codes, int | np.integer)):
+        raise TypeError(f"gelu_codes is the top code 2^b - 1 (the quantizer is the kernel's quant operand), "
+                        f"got {gelu_codes!r}")
     if variant == "auto":
         v = choose_variant(target, bits_a, bits_w, (M, N, K) if epilogue and compensate is not False else None)
     elif variant in VARIANTS:
@@ -476,18 +490,23 @@ def schedule_qdense(
     return sch, v, (mi, nbi, depth), compensate
 
 
-def _operand(entry) -> tuple[str, int] | None:
+def _operand(entry) -> tuple[str, int | str] | None:
     """A spec's ``codes_operand`` ([dtype, minus] in JSON) as the tuple `qdense` takes."""
-    return None if entry is None else (str(entry[0]), int(entry[1]))
+    return None if entry is None else (str(entry[0]), _minus(entry[1]))
+
+
+def _minus(minus) -> int | str:
+    return minus if minus == epilogue_ops.ZERO_POINT else int(minus)
 
 
 def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None) -> dict:
     """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys);
-    quantizer scales as the float32 values the kernels compute with."""
+    quantizer scales as the float32 values the kernels compute with (GELU → codes: its top code only, the
+    quantizer being an operand)."""
     codes = lambda c: [float(np.float32(c[0])), int(c[1]), int(c[2])]  # noqa: E731
     if gelu_codes is not None:
-        operand = {} if codes_operand is None else {"codes_operand": [str(codes_operand[0]), int(codes_operand[1])]}
-        return {"gelu_codes": codes(gelu_codes), **operand}
+        operand = {} if codes_operand is None else {"codes_operand": [str(codes_operand[0]), _minus(codes_operand[1])]}
+        return {"gelu_codes": {"top": int(gelu_codes)}, **operand}
     if residual:
         return {"residual": True}
     if qkv_codes is not None:

@@ -154,12 +154,13 @@ def tile_macros(emulate: bool, rows: int = ROWS):
     return zero, dot, store
 
 
-def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: tuple | None = None,
+def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: int | None = None,
                     residual: bool = False, qkv_codes: dict | None = None):
-    """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, [res,] out)`` (signature of `qdense.qdense` with
-    compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU).
-    The tails of `epilogue.tail`: ``gelu_codes`` (scale, zero point, top): ``out`` holds the uint8 codes of
-    GELU of the result; ``residual``: ``out = res + result``.  ``qkv_codes`` ({"tokens", "heads", "codes": three
+    """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, [quant | res,] out)`` (signature of `qdense.qdense`
+    with compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU).
+    The tails of `epilogue.tail`: ``gelu_codes`` (the top code): ``out`` holds the uint8 codes of GELU of the
+    result under the run-time quantizer ``quant`` (float32 [3], `epilogue.quantizer_args`); ``residual``:
+    ``out = res + result``.  ``qkv_codes`` ({"tokens", "heads", "codes": three
     (scale, zero point, top)}): the result is a fused q/k/v projection ``[B·tokens, 3·heads·D]``; ``out`` is
     three outputs ``q, k, v`` ``[B, heads, tokens, D]`` uint8 (in place of ``out``), each the codes under its own
     quantizer, in the layout the attention kernels read (`passes.qkv_codes_epilogue`)."""
@@ -187,8 +188,11 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
         """The float epilogue of accumulator C[slot, r, n mod 32] of output row m, column n (`qdense.qdense`'s)."""
         return T.Cast("float32", C[slot, r, n % COLS] + comp[n] * asum[m] - zp_wsum[n]) * scale[n] + bias[n]
 
-    def tail(y, res, m, n):
-        return epilogue.tail(y, gelu_codes, None if res is None else res[m, n])
+    def tail(y, extra, m, n):
+        """``extra``: the quantizer operand of GELU → codes, the residual input of a residual add, or None."""
+        if gelu_codes is not None:
+            return epilogue.tail(y, (epilogue.Quantizer.loaded(extra), gelu_codes))
+        return epilogue.tail(y, None, None if extra is None else extra[m, n])
 
     ta_shape, tb_shape, tc_shape = ((2, 16, 64), (2, 16, 64), (4, 16, 16)) if emulate else ((1,), (1,), (1,))
 
@@ -246,7 +250,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
     @T.macro
     def finish(C, slot, ep, m0, nb, r_lo, r_hi):
         """The epilogue (and tail) of rows r_lo .. r_hi - 1 of the block at rows m0.., column block nb, from C[slot];
-        ``ep`` = (comp, asum, zp_wsum, scale, bias, res, out)."""
+        ``ep`` = (comp, asum, zp_wsum, scale, bias, the tail's input (`tail`), out)."""
         finish_rows(C, slot, ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], m0, nb, r_lo, r_hi)
 
     def products_of(rows: int):
@@ -344,6 +348,17 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: t
             body(A, W, comp, zp_wsum, scale, bias, None, (q, k, v))
 
         return main_qkv
+
+    if gelu_codes is not None:
+        @T.prim_func
+        def main_gelu(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
+                      comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"),
+                      scale: T.Buffer((N,), "float32"), bias: T.Buffer((N,), "float32"),
+                      quant: T.Buffer((epilogue.QUANT,), "float32"), out: T.Buffer(out_shape, out_dtype)):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            body(A, W, comp, zp_wsum, scale, bias, quant, out)
+
+        return main_gelu
 
     if residual:
         @T.prim_func

@@ -8,6 +8,7 @@ import tvm
 
 from ..kernels import packing
 from ..kernels.packing import ceil_to
+from ..kernels.epilogue import quantizer_args
 from ..kernels.qdense import X86_VNNI_TARGET, Variant, schedule_qdense
 from ..targets import as_target, check_runnable
 
@@ -86,9 +87,13 @@ class QDense:
                 raise ValueError(f"|weight| exceeds {w_max} (bits_w={self.bits_w})")
 
     def _args(self, a, *rest):
-        """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res], then [rows]."""
+        """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res], then [rows]; with
+        ``gelu_codes`` the kernel's quantizer operand goes in after bias (`epilogue.quantizer_args`)."""
         if len(rest) != 1 + self.compensate + 3 * self.epilogue + self.residual + bool(self.a_rows):
             raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias, [res]], [rows])")
+        if self.gelu_codes:
+            at = 1 + self.compensate + 3
+            rest = (*rest[:at], quantizer_args(*self.gelu_codes[:2]), *rest[at:])
         dtype = np.uint8 if self.gelu_codes or self.qkv_codes else np.float32 if self.epilogue else np.int32
         if self.codes_operand:
             dtype = np.dtype(self.codes_operand[0])
@@ -127,10 +132,12 @@ def build_qdense(
     gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
     codes_operand: tuple[str, int] | None = None, a_rows: int | None = None,
 ) -> QDense:
-    """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments)."""
+    """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments, but ``gelu_codes`` =
+    (scale, zero point, top code): the kernel gets the top code, its calls the quantizer operand)."""
     sch, v, tiles, compensate = schedule_qdense(
         M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
-        tiles=tiles, depth=depth, compensate=compensate, gelu_codes=gelu_codes, residual=residual, qkv_codes=qkv_codes,
+        tiles=tiles, depth=depth, compensate=compensate, gelu_codes=None if gelu_codes is None else int(gelu_codes[2]),
+        residual=residual, qkv_codes=qkv_codes,
         codes_operand=codes_operand, a_rows=a_rows)
     exe = tvm.compile(sch.mod, target=as_target(target))
     return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual,

@@ -96,8 +96,9 @@ def _sampled_rows(sch: Schedule, rows: list[int], apply) -> Schedule:
 
 class _QDense:
     """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth.  The twelve
-    fc1 → GELU → codes kernels of a ViT differ only in their quantizer: one task, one schedule; the form their
-    codes are stored in (``codes_operand``: the next kernel's int16 or int8) sets no loop."""
+    fc1 → GELU → codes kernels of a ViT take their quantizer as an operand: one kernel, one task (``gelu_codes``
+    stays a constants entry: logs recorded when it held the quantizer keep their key); the form their codes are
+    stored in (``codes_operand``: the next kernel's int16 or int8) sets no loop."""
 
     exact, free, constants = True, ("codes_operand",), ("gelu_codes",)
 

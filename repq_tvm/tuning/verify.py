@@ -20,6 +20,7 @@ import tvm
 from tvm.s_tir import Schedule
 
 from .. import targets
+from ..kernels.epilogue import quantizer_args
 from ..kernels.packing import code_bounds
 from . import spaces
 
@@ -61,7 +62,9 @@ def random_args(func: tvm.tirx.PrimFunc, spec: dict | None, seed: int = 0) -> li
     params = _params(func)
     args = []
     for i, (name, shape, dtype) in enumerate(params):
-        if i == len(params) - 1 or (spec is not None and name in ("scale", "bias")):
+        if spec is not None and name == "quant":  # a run-time quantizer (GELU → codes): a valid one, codes spread
+            args.append(quantizer_args(64.0, 128))
+        elif i == len(params) - 1 or (spec is not None and name in ("scale", "bias")):
             fill = {"scale": 1, "bias": 0}.get(name, 0) if i < len(params) - 1 else 0
             args.append(np.full(shape, fill, dtype))
         elif dtype.startswith("float"):
