@@ -13,8 +13,8 @@ float32(acc): checked bit for bit first.
 
 ``--rows`` adds each kernel again with that many rows per register tile (its default lane blocks), to check
 `kernels.qdense.default_tiles`' choice of rows on this CPU: the default's rows are in the first columns.
-``--gelu`` adds each kernel again with fc1's fused GELU → codes tail (`kernels.epilogue.gelu_codes`, the codes as
-fc2 reads them), checked bit for bit against the same kernel with the intrinsic's plain-loop twin: the tail's cost
+``--gelu`` adds each kernel again with fc1's fused GELU → codes tail (`kernels.epilogue.tail`, the codes as
+fc2 reads them, the quantizer a run-time operand as the compiler builds it), checked bit for bit against the same kernel with the intrinsic's plain-loop twin: the tail's cost
 is the difference to the first column.
 """
 
@@ -51,6 +51,7 @@ def main() -> None:
 
     from repq_tvm import targets
     from repq_tvm.kernels import qdense as Q
+    from repq_tvm.kernels.epilogue import ZERO_POINT
     from repq_tvm.testing.qdense import build_qdense
 
     torch.set_num_threads(args.threads)
@@ -93,7 +94,7 @@ def main() -> None:
             a_max, w_max = 2**ba - 1, (127 if bw >= 8 else 2**bw - 1)
             # fc1's tail as the compiler builds it: uint8 codes, or the int16 kernel's centred codes for fc2
             tail = {} if not gelu else {"gelu_codes": (0.02, 10, 255),
-                                        **({"codes_operand": ("int16", 10)} if variant == "avx2_i16" else {})}
+                                        **({"codes_operand": ("int16", ZERO_POINT)} if variant == "avx2_i16" else {})}
             build = lambda ref=False: build_qdense(  # noqa: E731
                 M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True, tiles=tiles, ref=ref, **tail)
             kern = build()

@@ -33,7 +33,7 @@ def _apply(compiled, values: np.ndarray) -> np.ndarray:
 
 
 def test_scalar_gelu_and_codes_are_the_unfused_ops_bit_for_bit():
-    """`epilogue.gelu` is `fast_math.gelu` (topi's erf) and `gelu_codes` TVM's quantize legalization + clip."""
+    """`epilogue.gelu` is `fast_math.gelu` (topi's erf) and `epilogue.codes` TVM's quantize legalization + clip."""
     v = np.concatenate([np.random.default_rng(0).normal(0, 3, 1 << 15), [0, -0.0, 4.5, -4.5, 1e-30, 60, -60]])
     n = v.size
     scalar = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.gelu(x[i])), n, "float32")
@@ -41,7 +41,7 @@ def test_scalar_gelu_and_codes_are_the_unfused_ops_bit_for_bit():
     assert np.array_equal(_apply(scalar, v).view(np.int32), _apply(tensor, v).view(np.int32))
     s, z = np.float32(0.0123), 19
     for top in (255, 15):
-        codes = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.gelu_codes(x[i], float(s), z, top)),
+        codes = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.codes(epilogue.gelu(x[i]), float(s), z, top)),
                             n, "uint8")
         g = _apply(tensor, v)
         expected = np.clip(np.clip(np.round(g / s) + np.float32(z), 0, 255), 0, top).astype(np.uint8)
@@ -85,7 +85,8 @@ def test_fused_kernel_stores_the_codes_of_the_unfused_output(variant, ref):
         params = kernel.epilogue_params(w, w_scale, 0.02, 120, bias)
         outs.append(kernel(kernel.prepare_activation(a, 120), *kernel.weight_args(w), *params))
     assert outs[1].dtype == np.uint8 and len(np.unique(outs[1])) > 20
-    tail = _compile_te(lambda x: te.compute((M * N,), lambda i: epilogue.gelu_codes(x[i], *codes)), M * N, "uint8")
+    tail = _compile_te(lambda x: te.compute((M * N,), lambda i: epilogue.codes(epilogue.gelu(x[i]), *codes)), M * N,
+                       "uint8")
     np.testing.assert_array_equal(outs[1].ravel(), _apply(tail, outs[0]))
 
 
@@ -128,7 +129,7 @@ def test_gelu_codes_of_a_kernel_is_its_top_code():
                          ids=lambda p: str(p))
 def test_one_kernel_stores_the_codes_of_any_quantizer_it_is_given(variant, ref):
     """The run-time quantizer operand (`epilogue.quantizer_args`): one compiled kernel, called with three
-    quantizers, stores for each the codes of the constant quantizer (`epilogue.gelu_codes`) bit for bit."""
+    quantizers, stores for each the codes of GELU under the constant quantizer (`epilogue.codes`) bit for bit."""
     M, N, K = 40, 64, 128
     rng = np.random.default_rng(7)
     a = rng.integers(0, 256, (M, K), dtype=np.uint8)
@@ -141,7 +142,8 @@ def test_one_kernel_stores_the_codes_of_any_quantizer_it_is_given(variant, ref):
     for codes in [(0.0173, 23, 255), (0.0411, 0, 255), (0.29, 3, 15)]:
         kernel.gelu_codes = codes  # what the harness passes as the kernel's quant operand
         got = kernel(*operands(kernel))
-        tail = _compile_te(lambda x: te.compute((M * N,), lambda i: epilogue.gelu_codes(x[i], *codes)), M * N, "uint8")
+        tail = _compile_te(lambda x: te.compute((M * N,), lambda i: epilogue.codes(epilogue.gelu(x[i]), *codes)),
+                           M * N, "uint8")
         assert len(np.unique(got)) > 8
         np.testing.assert_array_equal(got.ravel(), _apply(tail, y))
 

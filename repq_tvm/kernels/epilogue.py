@@ -122,8 +122,8 @@ class Quantizer(NamedTuple):
 
     @classmethod
     def constant(cls, scale: float, zp: int) -> Quantizer:
-        s = float(np.float32(scale))
-        return cls(_f32(s), _f32(reciprocal_f32(s)), _f32(float(zp)))
+        """The values of `quantizer_args` as constants."""
+        return cls(*(_f32(float(v)) for v in quantizer_args(scale, zp)))
 
     @classmethod
     def loaded(cls, quant) -> Quantizer:
@@ -153,11 +153,6 @@ def quantize_codes(y, q: Quantizer, top: int):
 def codes(y, scale: float, zp: int, top: int):
     """uint8 code of ``y`` under the constant layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
     return quantize_codes(y, Quantizer.constant(scale, zp), top)
-
-
-def gelu_codes(y, scale: float, zp: int, top: int):
-    """uint8 code of ``gelu(y)`` under the constant layer-wise quantizer (``scale``, ``zp``), clipped to ``top``."""
-    return codes(gelu(y), scale, zp, top)
 
 
 ZERO_POINT = "z"  # the ``minus`` of a codes operand that subtracts the quantizer's own zero point (`as_operand`)

@@ -160,8 +160,8 @@ def qdense(
     2^b − 1; with the epilogue) stores the uint8 codes of GELU of the float result instead of it under the
     quantizer of one more input, ``quant`` (float32 [3], `epilogue.quantizer_args`: read at run time, so the
     fc1 kernels of all blocks are one), or with ``codes_operand`` = (dtype, minus) those codes as the next
-    kernel's activation operand (`epilogue.as_operand`: int16 centred, sdot's int8); ``residual`` takes one more input ``res`` [M, N]
-    float32 and stores ``res + y``.  ``a_rows``: A has that many rows and output row m is computed from A's row
+    kernel's activation operand (`epilogue.as_operand`: int16 centred, sdot's int8); ``residual`` takes one more
+    input ``res`` [M, N] float32 and stores ``res + y``.  ``a_rows``: A has that many rows and output row m is computed from A's row
     ``rows[m]`` (one more input, int32 [M]): a row permutation or gather of the activations (Swin's window
     partition, cyclic shift and their reverses) read in place instead of copied by a kernel of its own.
     """

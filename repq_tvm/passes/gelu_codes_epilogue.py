@@ -11,7 +11,8 @@ and replaces q by ``reshape(call_tir(repq_qdense_…_gelu<i>, (*args, quant)), S
 `kernels.epilogue.quantizer_args`; the same GELU and rounding as the unfused ops, so the codes are the same), one
 kernel per distinct (spec, b): the fc1 kernels of all blocks of a ViT are one, compiled once.  Why the fusion: the
 unfused path wrote fc1's float32 output to memory and a separate kernel read it back (in DeiT-Small, 1.2 MB per
-block each way) to store 1 byte per element.  Where y, its reshape or the GELU has another reader the match is left alone.
+block each way) to store 1 byte per element.  Where y, its reshape or the GELU has another reader the match is left
+alone.
 
 Where fc2 reads its activations as int16 or int8 (AVX2's `vpmaddwd` kernels: ``q − z``; sdot: ``q − 128``), the
 casts `quantized_linear` put after q for that are matched with it (`qdense_tail.CodesTail`), and fc1 stores them
