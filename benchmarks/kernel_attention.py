@@ -39,6 +39,7 @@ def main() -> None:
     from repq_tvm import targets
     from repq_tvm.kernels import attention_amx as A
     from repq_tvm.kernels import attention_vector as AV
+    from repq_tvm.kernels.attention_consts import attention_consts
     from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
     from repq_tvm.kernels.log_weights import log_weights_primfunc
     from repq_tvm.kernels.qbmm import qbmm_primfunc
@@ -71,14 +72,13 @@ def main() -> None:
         qk_zp, v_zp = np.array([128, 131], np.int32), np.array([2 ** (args.bits - 1)], np.int32)
         qk_scale, v_scale = np.array([9e-4], np.float32), np.array([3e-6], np.float32)  # logits of spread ~±10
         s_attn = 0.0073
-        spec = A.attention_spec(bt, m, n, d, scale=s_attn, bits=args.bits, sqrt2=True, f=f, groups=groups,
-                                v_bits=args.bits)
+        spec = A.attention_spec(bt, m, n, d, bits=args.bits, sqrt2=True, f=f, groups=groups, v_bits=args.bits)
         variant = AV.variant_for(host)
         if has_amx:
             fused_fn, fused_name = build(A.attention_amx_func(spec), amx), "fused amx"
         elif variant is not None and AV.fits(m, n, d, variant):
-            vspec = AV.attention_spec(bt, m, n, d, scale=s_attn, bits=args.bits, sqrt2=True, f=f, groups=groups,
-                                      v_bits=args.bits, variant=variant)
+            vspec = AV.attention_spec(bt, m, n, d, bits=args.bits, sqrt2=True, f=f, groups=groups, v_bits=args.bits,
+                                      variant=variant)
             fused_fn, fused_name = build(AV.attention_vector_func(vspec), host), f"fused {variant}"
         else:
             fused_fn, fused_name = None, None
@@ -86,6 +86,7 @@ def main() -> None:
         lw_fn = build(log_weights_primfunc((bt, m, n), s_attn, args.bits, True, f, groups, host, softmax=True)[0], host)
         av_fn = build(attn_v_primfunc(bt, m, n, d, host, parities=2, groups=groups, f=f, v_bits=args.bits)[0], host)
         qk_args, av_args = tensors(q, k, qk_zp, qk_scale), tensors(v, v_zp, v_scale)
+        (consts,) = tensors(attention_consts(s_attn))  # the fused kernel's run-time constants
         logits, w, out3, out = tensors(np.empty((bt, m, n), np.float32),
                                        np.zeros((bt, ops.attn_planes(2, groups), m, padded_tokens(n)), np.int16),
                                        np.empty((bt, m, d), np.float32), np.empty((bt, m, d), np.float32))
@@ -100,10 +101,10 @@ def main() -> None:
         runs = {"q@kT": lambda: qk_fn(*qk_args, logits), "weights": lambda: lw_fn(logits, w),
                 "attn@V": lambda: av_fn(w, *av_args, out3), "3 kernels": three}
         if fused_fn is not None:
-            fused_fn(*qk_args, *av_args, out)
+            fused_fn(*qk_args, *av_args, consts, out)
             if not np.array_equal(out.numpy(), out3.numpy()):
                 sys.exit(f"kernel_attention: error: the fused kernel differs from the three kernels at {bt}x{m}x{n}x{d}")
-            runs[fused_name] = lambda: fused_fn(*qk_args, *av_args, out)
+            runs[fused_name] = lambda: fused_fn(*qk_args, *av_args, consts, out)
         runs["torch fp32"] = lambda: torch.softmax(tq @ tk.transpose(1, 2) * d ** -0.5, dim=-1) @ tv
         return runs
 

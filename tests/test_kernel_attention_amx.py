@@ -8,6 +8,7 @@ import tvm
 
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as A
+from repq_tvm.kernels.attention_consts import attention_consts
 from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
 from repq_tvm.kernels.log_weights import log_weights_primfunc
 from repq_tvm.kernels.qbmm import qbmm_primfunc
@@ -59,10 +60,10 @@ def test_fused_attention_equals_the_three_kernels(mode, bt, m, n, d, bits, sqrt2
     v_zp = rng.integers(0, 2 ** v_bits, 1).astype(np.int32)
     qk_scale, v_scale = np.array([9e-4], np.float32), np.array([3e-6], np.float32)  # logits of spread ~±10
     s_attn = 0.0073
-    spec = A.attention_spec(bt, m, n, d, scale=s_attn, bits=bits, sqrt2=sqrt2, f=f, groups=groups, v_bits=v_bits)
+    spec = A.attention_spec(bt, m, n, d, bits=bits, sqrt2=sqrt2, f=f, groups=groups, v_bits=v_bits)
     fused = _build(A.attention_amx_func(spec, emulate=mode == "emulated"), AMX if mode == "native" else HOST)
     out = tvm.runtime.tensor(np.empty((bt, m, d), np.float32))
-    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale), out)
+    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, attention_consts(s_attn)), out)
     expected = _unfused(bt, m, n, d, s_attn, bits, sqrt2, f, groups, v_bits, q, k, v, qk_zp, qk_scale, v_zp, v_scale)
     assert np.array_equal(out.numpy(), expected)
 
@@ -70,14 +71,13 @@ def test_fused_attention_equals_the_three_kernels(mode, bt, m, n, d, bits, sqrt2
 def test_fused_attention_asm_on_any_cpu():
     """Built for the AMX preset on any host: q@kᵀ on tdpbusd, attn @ V on tdpbuud, the bands by vpermb."""
     f = ops.attn_frac_bits(197, 8)
-    spec = A.attention_spec(6, 197, 197, 64, scale=0.0073, bits=8, sqrt2=True, f=f, groups=ops.attn_groups(8, f, True),
-                            v_bits=8)
+    spec = A.attention_spec(6, 197, 197, 64, bits=8, sqrt2=True, f=f, groups=ops.attn_groups(8, f, True), v_bits=8)
     asm = tvm.compile(tvm.IRModule({"main": A.attention_amx_func(spec)}), target=AMX).mod.inspect_source("asm")
     assert all(i in asm for i in ("tdpbusd", "tdpbuud", "tileloadd", "vpermb"))
 
 
 def test_fused_attention_refuses_what_it_cannot_block():
-    spec = A.attention_spec(1, 40, 45, 32, scale=0.01, bits=8, sqrt2=True, f=14, groups=2, v_bits=8)
+    spec = A.attention_spec(1, 40, 45, 32, bits=8, sqrt2=True, f=14, groups=2, v_bits=8)
     with pytest.raises(ValueError, match="amx attention needs M >= 32, N >= 32 and D % 64 == 0"):
         A.attention_amx_func(spec)
     assert A.fits(197, 197, 64) and not A.fits(31, 197, 64) and not A.fits(65, 65, 32)

@@ -12,6 +12,8 @@ from test_kernel_attention_amx import CASES, _build, _tensors, _unfused
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as AM
 from repq_tvm.kernels import attention_vector as A
+from repq_tvm.kernels.attention_consts import attention_consts, with_quantizer
+from repq_tvm.kernels.epilogue import ZERO_POINT
 from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
 from repq_tvm.kernels.log_weights import log_weights_primfunc
 from repq_tvm.kernels.qbmm import qbmm_primfunc
@@ -22,12 +24,13 @@ HOST = targets.tvm_target("x86_64-avx2", 1)
 HAS = {"avx2_i16": "avx2" in targets.host_flags(), "vnni": {"avx512f", "avx512_vnni"} <= targets.host_flags()}
 # the AMX kernel's cases, plus rows and keys of fewer than a block (4 rows, 5 keys: one partial key block)
 VECTOR_CASES = [*CASES, (3, 4, 5, 64, 8, True, 8), (1, 9, 17, 16, 8, True, 8)]
+S_ATTN = 0.0073  # the log quantizer's scale of the cases (a run-time constant of the fused kernels)
 
 
 def _spec(bt, m, n, d, bits, sqrt2, v_bits, variant):
     f = ops.attn_frac_bits(n, v_bits)
-    return A.attention_spec(bt, m, n, d, scale=0.0073, bits=bits, sqrt2=sqrt2, f=f,
-                            groups=ops.attn_groups(bits, f, sqrt2), v_bits=v_bits, variant=variant)
+    return A.attention_spec(bt, m, n, d, bits=bits, sqrt2=sqrt2, f=f, groups=ops.attn_groups(bits, f, sqrt2),
+                            v_bits=v_bits, variant=variant)
 
 
 @functools.cache
@@ -41,7 +44,7 @@ def _case(bt, m, n, d, bits, sqrt2, v_bits):
     v_zp = rng.integers(0, 2 ** v_bits, 1).astype(np.int32)
     qk_scale, v_scale = np.array([9e-4], np.float32), np.array([3e-6], np.float32)  # logits of spread ~±10
     inputs = (q, k, qk_zp, qk_scale, v, v_zp, v_scale)
-    return inputs, _unfused(bt, m, n, d, 0.0073, bits, sqrt2, f, ops.attn_groups(bits, f, sqrt2), v_bits, q, k, v,
+    return inputs, _unfused(bt, m, n, d, S_ATTN, bits, sqrt2, f, ops.attn_groups(bits, f, sqrt2), v_bits, q, k, v,
                             qk_zp, qk_scale, v_zp, v_scale)
 
 
@@ -58,7 +61,7 @@ def test_fused_vector_attention_equals_the_three_kernels(variant, mode, bt, m, n
     target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
     fused = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
     out = tvm.runtime.tensor(np.empty((bt, m, d), np.float32))
-    fused(*_tensors(*inputs), out)
+    fused(*_tensors(*inputs, attention_consts(S_ATTN)), out)
     assert np.array_equal(out.numpy(), expected)
 
 
@@ -105,22 +108,25 @@ def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batc
     spec = _spec(batch * heads, t, t, d, bits, True, bits, variant)
     target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
     plain = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
-    fused = _build(A.attention_vector_func({**spec, "qkv": {"heads": heads, "codes": quantizers}},
+    fused = _build(A.attention_vector_func({**spec, "qkv": {"heads": heads, "tops": [t for *_, t in quantizers]}},
                                            emulate=mode == "emulated"), target)
     expected, out = (tvm.runtime.tensor(np.empty((batch * heads, t, d), np.float32)) for _ in range(2))
-    plain(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale), expected)
-    fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale), out)
+    plain(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, attention_consts(S_ATTN)), expected)
+    consts = attention_consts(S_ATTN, {slot: (s, z) for slot, (s, z, _) in zip("qkv", quantizers)})
+    fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale, consts), out)
     assert np.array_equal(out.numpy(), expected.numpy())
     assert np.abs(expected.numpy()).max() > 0
 
 
 def _token_codes(heads_out, heads, scale, zp, bits, operand):
     """`reference.ops.quantize` of float heads [B·H, T, D] in token order [B, T, H·D], as the output projection
-    reads them (``operand``: int16 code − minus)."""
+    reads them (``operand``: int16 code − minus, `ZERO_POINT`: minus the zero point)."""
     bt, t, d = heads_out.shape
     tokens = heads_out.reshape(bt // heads, heads, t, d).transpose(0, 2, 1, 3).reshape(bt // heads, t, heads * d)
     codes = ops.quantize(tokens, scale, zp, bits).astype(np.int64)
-    return codes - operand[1] if operand else codes
+    if not operand:
+        return codes
+    return codes - (zp if operand[1] == ZERO_POINT else operand[1])
 
 
 # the fused kernels with ``out_codes``: the vector variants (AVX2 natively, VNNI emulated) and AMX (emulated)
@@ -128,7 +134,8 @@ OUT_CODES_KERNELS = [("avx2_i16", "native"), ("vnni", "emulated"), ("amx", "emul
 
 
 @pytest.mark.parametrize("variant,mode", OUT_CODES_KERNELS)
-@pytest.mark.parametrize("heads,operand,bits", [(3, None, 8), (2, ("int16", 129), 8), (6, None, 4)])
+@pytest.mark.parametrize("heads,operand,bits", [(3, None, 8), (2, ("int16", 129), 8), (2, ("int16", ZERO_POINT), 8),
+                                                (6, None, 4)])
 def test_fused_attention_stores_the_output_projections_codes(variant, mode, heads, operand, bits):
     """With ``out_codes`` the kernel stores, in token order, the codes of the next quantizer of its float output
     (and the int16 operand an AVX2 projection reads): those of the kernel without it, quantized by the oracle."""
@@ -139,12 +146,12 @@ def test_fused_attention_stores_the_output_projections_codes(variant, mode, head
         spec = {**spec, "variant": "amx"}
     scale = float(np.abs(expected).max()) / 2 ** (bits - 1) * 1.3  # codes from 0 to 2^b − 1, a few clipped
     top = 2 ** bits - 1
-    spec = {**spec, "out_codes": {"heads": heads, "codes": [scale, 2 ** (bits - 1), top], "operand": operand}}
+    spec = {**spec, "out_codes": {"heads": heads, "top": top, "operand": operand}}
     target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
     fused = _build(A.attention_func(spec, emulate=mode == "emulated"), target)
     output = AM.Output(spec)
     out = tvm.runtime.tensor(np.empty(output.shape, output.dtype))
-    fused(*_tensors(*inputs), out)
+    fused(*_tensors(*inputs, attention_consts(S_ATTN, {"out": (scale, 2 ** (bits - 1))})), out)
     want = _token_codes(expected, heads, scale, 2 ** (bits - 1), bits, operand)
     assert out.dtype == (operand[0] if operand else "uint8") and out.shape == (bt // heads, t, heads * d)
     assert np.array_equal(out.numpy().astype(np.int64), want)
@@ -152,8 +159,52 @@ def test_fused_attention_stores_the_output_projections_codes(variant, mode, head
     assert A.kernel_name(spec).endswith("_codes_out_codes")
 
 
+@pytest.mark.parametrize("variant,mode", [("avx2_i16", "native"), ("vnni", "emulated")])
+def test_one_kernel_serves_every_blocks_constants(variant, mode):
+    """The softmax's log quantizer and the q, k, v and output quantizers are run-time constants (`attention_consts`):
+    one compiled kernel (qkv in, proj's centred codes out, as AVX2 models run it), called with two blocks' constants,
+    gives each block what the unfused kernels built with that block's constants give (log weights with its scale
+    baked in, the oracle's quantizers), bit for bit."""
+    batch, heads, t, d, bits = 2, 3, 45, 64, 8
+    bt, top, rng = batch * heads, 2 ** bits - 1, np.random.default_rng(7)
+    f = ops.attn_frac_bits(t, bits)
+    spec = {**_spec(bt, t, t, d, bits, True, bits, variant), "qkv": {"heads": heads, "tops": [top] * 3},
+            "out_codes": {"heads": heads, "top": top, "operand": ["int16", ZERO_POINT]}}
+    target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
+    fused = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
+    output = AM.Output(spec)
+    # (softmax scale, q/k/v quantizers, output quantizer: its scale's share of the output's range, zero point)
+    blocks = [(0.0073, [(0.031, 131), (0.027, 120), (0.05, 128)], (1.3, 127)),
+              (0.0112, [(0.02, 125), (0.041, 133), (0.037, 122)], (0.9, 118))]
+    seen = []
+    for s_attn, qkv, (share, z_out) in blocks:
+        y = (rng.standard_normal((batch * t, 3 * heads * d)) * 2).astype(np.float32)
+        heads_of = y.reshape(batch, t, 3, heads, d).transpose(2, 0, 3, 1, 4).reshape(3, bt, t, d)
+        q, k, v = (ops.quantize(heads_of[i], s, z, bits).astype(np.uint8) for i, (s, z) in enumerate(qkv))
+        qk_zp, v_zp = np.array([qkv[0][1], qkv[1][1]], np.int32), np.array([qkv[2][1]], np.int32)
+        qk_scale, v_scale = np.array([9e-4], np.float32), np.array([3e-6], np.float32)
+        heads_out = _unfused(bt, t, t, d, s_attn, bits, True, f, ops.attn_groups(bits, f, True), bits, q, k, v, qk_zp,
+                             qk_scale, v_zp, v_scale)
+        s_out = float(np.abs(heads_out).max()) / 2 ** (bits - 1) * share  # codes over the range, a few clipped
+        want = _token_codes(heads_out, heads, s_out, z_out, bits, ("int16", ZERO_POINT))
+        consts = with_quantizer(attention_consts(s_attn, dict(zip("qkv", qkv))), "out", s_out, z_out)
+        out = tvm.runtime.tensor(np.empty(output.shape, output.dtype))
+        fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale, consts), out)
+        assert np.array_equal(out.numpy().astype(np.int64), want)
+        assert len(np.unique(want)) > 32
+        seen.append(out.numpy())
+    assert not np.array_equal(*seen)
+
+
+def test_attention_consts_refuse_what_they_cannot_hold():
+    with pytest.raises(ValueError, match=r"no quantizer slot \['o'\] in a fused attention"):
+        attention_consts(0.01, {"o": (0.1, 128)})
+    with pytest.raises(ValueError, match=r"attention constants are float64 \[13\], got shape \(3,\)"):
+        with_quantizer(np.zeros(3), "out", 0.1, 128)
+
+
 def test_output_codes_refuse_a_head_count_that_does_not_divide_the_batch():
-    spec = {**_spec(6, 45, 45, 64, 8, True, 8, "avx2_i16"), "out_codes": {"heads": 4, "codes": [0.1, 128, 255]}}
+    spec = {**_spec(6, 45, 45, 64, 8, True, 8, "avx2_i16"), "out_codes": {"heads": 4, "top": 255}}
     with pytest.raises(ValueError, match="out_codes needs Bt = batch x heads, got Bt=6, heads=4"):
         A.attention_vector_func(spec)
 
@@ -177,7 +228,7 @@ def test_fused_attention_adds_the_logit_terms(variant, mode):
     y = (logits.numpy().reshape(windows, heads, t, t) + bias).reshape(windows // masks, masks, heads, t, t)
     y = (y + mask[None, :, None]).reshape(bt, t, t)
     (w,) = _tensors(np.zeros((bt, ops.attn_planes(2, groups), t, padded_tokens(t)), np.int16))
-    _build(log_weights_primfunc((bt, t, t), 0.0073, 8, True, f, groups, HOST, softmax=True)[0], HOST)(
+    _build(log_weights_primfunc((bt, t, t), S_ATTN, 8, True, f, groups, HOST, softmax=True)[0], HOST)(
         *_tensors(y), w)
     expected = tvm.runtime.tensor(np.empty((bt, t, d), np.float32))
     _build(attn_v_primfunc(bt, t, t, d, HOST, parities=2, groups=groups, f=f)[0], HOST)(
@@ -189,11 +240,12 @@ def test_fused_attention_adds_the_logit_terms(variant, mode):
     target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
     fused = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
     out = tvm.runtime.tensor(np.empty((bt, t, d), np.float32))
-    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, *tables), out)
+    consts = attention_consts(S_ATTN)
+    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, *tables, consts), out)
     assert np.array_equal(out.numpy(), expected.numpy()) and np.abs(out.numpy()).max() > 0
     assert A.kernel_name(spec).endswith("_t2_codes")
     # without the mask's adds the output differs: the terms are read
-    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, tables[0], np.zeros_like(tables[1])), out)
+    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, tables[0], np.zeros_like(tables[1]), consts), out)
     assert not np.array_equal(out.numpy(), expected.numpy())
     with pytest.raises(ValueError, match="at most two logit terms"):
         A.attention_vector_func({**spec, "logit_terms": [[1, 1]] * 3})

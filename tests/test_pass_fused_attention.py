@@ -10,6 +10,7 @@ from tvm import relax
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as A
 from repq_tvm.kernels import attention_vector
+from repq_tvm.kernels.attention_consts import attention_consts
 from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
 from repq_tvm.kernels.log_weights import log_weights_primfunc
 from repq_tvm.kernels.qbmm import qbmm_primfunc
@@ -54,7 +55,7 @@ def _before(target, extra_reader: bool = False) -> tvm.IRModule:
 
 
 def _after(variant: str = "amx") -> tvm.IRModule:
-    spec = A.attention_spec(BT, M, N, D, scale=S_ATTN, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8)
+    spec = A.attention_spec(BT, M, N, D, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8)
     spec = {**spec, "variant": variant}
     name = A.kernel_name(spec)
     kernel = attention_vector.attention_func(spec).with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True) \
@@ -64,7 +65,8 @@ def _after(variant: str = "amx") -> tvm.IRModule:
     fused = bb.add_func(kernel, name)
     with bb.function("main", [q, k, v]):
         with bb.dataflow():
-            o = bb.emit_output(relax.call_tir(fused, relax.Tuple([q, k, *QK_PARAMS, v, *V_PARAMS]),
+            o = bb.emit_output(relax.call_tir(fused, relax.Tuple([q, k, *QK_PARAMS, v, *V_PARAMS,
+                                                                   relax.const(attention_consts(S_ATTN), "float64")]),
                                               relax.TensorType((BT, M, D), "float32")))
         bb.emit_func_output(o)
     return bb.get()
@@ -77,6 +79,38 @@ def test_before_after_fused_attention(preset, variant):
     fuse = FuseAttention(target)
     tvm.ir.assert_structural_equal(fuse(_before(target)), _after(variant))
     assert fuse.rewritten == 1
+
+
+def test_blocks_with_other_softmax_scales_share_one_kernel():
+    """Two blocks' attentions that differ only in the log quantizer's scale (their softmax kernels are two, the
+    scale a constant of each): one fused kernel, each call with its own scale in its ``consts``."""
+    avx2 = targets.tvm_target("x86_64-avx2")
+    bb = relax.BlockBuilder()
+    q, k, v = _inputs()
+    qk, _, av = _three_kernels(bb, avx2)
+    scales = (S_ATTN, 0.0112)
+    lws = [bb.add_func(log_weights_primfunc((BT, M, N), s, BITS, True, F, GROUPS, avx2, softmax=True)[0], f"lw{i}")
+           for i, s in enumerate(scales)]
+    with bb.function("main", [q, k, v]):
+        with bb.dataflow():
+            outs = []
+            for lw in lws:
+                y = bb.emit(relax.call_tir(qk, relax.Tuple([q, k, *QK_PARAMS]), relax.TensorType((BT, M, N), "float32")))
+                w = bb.emit(relax.call_tir(lw, relax.Tuple([y]),
+                                           relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
+                outs.append(bb.emit(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]),
+                                                   relax.TensorType((BT, M, D), "float32"))))
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    fuse = FuseAttention(avx2)
+    after = fuse(bb.get())
+    assert fuse.rewritten == 2
+    assert [gv.name_hint for gv, f in after.functions_items() if isinstance(f, tvm.tirx.PrimFunc)] == [
+        A.kernel_name({**A.attention_spec(BT, M, N, D, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
+                       "variant": "avx2_i16"})]
+    calls = [b.value for b in after["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)]
+    assert len({c.args[0].name_hint for c in calls}) == 1
+    assert [c.args[1].fields[-1].value.numpy()[0] for c in calls] == [attention_consts(s)[0] for s in scales]
 
 
 def test_left_alone_on_aarch64():
@@ -126,8 +160,9 @@ def _before_qkv(target, zps=(3, 130, 7), codes_read_elsewhere: bool = False) -> 
 def test_before_after_q_k_v_quantized_in_the_fused_kernel():
     """The vector kernel takes the qkv output itself: slices, head moves and quantizers go (one kernel call)."""
     avx2 = targets.tvm_target("x86_64-avx2")
-    spec = {**A.attention_spec(BT, M, N, D, scale=S_ATTN, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
-            "variant": "avx2_i16", "qkv": {"heads": H, "codes": [[float(np.float32(s)), z, top] for s, z, top in QUANTIZERS]}}
+    spec = {**A.attention_spec(BT, M, N, D, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
+            "variant": "avx2_i16", "qkv": {"heads": H, "tops": [top for *_, top in QUANTIZERS]}}
+    consts = attention_consts(S_ATTN, {slot: (s, z) for slot, (s, z, _) in zip("qkv", QUANTIZERS)})
     name = A.kernel_name(spec)
     assert name.endswith("_qkv")
     kernel = attention_vector.attention_func(spec).with_attr("global_symbol", name).with_attr(
@@ -137,7 +172,8 @@ def test_before_after_q_k_v_quantized_in_the_fused_kernel():
     fused = bb.add_func(kernel, name)
     with bb.function("main", [x]):
         with bb.dataflow():
-            o = bb.emit_output(relax.call_tir(fused, relax.Tuple([x, QK_PARAMS[0], QK_PARAMS[1], *V_PARAMS]),
+            o = bb.emit_output(relax.call_tir(fused, relax.Tuple([x, QK_PARAMS[0], QK_PARAMS[1], *V_PARAMS,
+                                                                   relax.const(consts, "float64")]),
                                               relax.TensorType((BT, M, D), "float32")))
         bb.emit_func_output(o)
     fuse = FuseAttention(avx2)
@@ -153,7 +189,7 @@ def test_q_k_v_stay_codes_when_the_kernel_cannot_take_their_quantizers(case):
     out = FuseAttention(avx2)(_before_qkv(avx2, **case))
     (call,) = [b.value for b in out["main"].body.blocks[0].bindings if "repq_attention" in str(getattr(
         b.value, "args", [""])[0])]
-    assert len(call.args[1].fields) == 7 and call.args[0].name_hint.endswith("_codes")
+    assert len(call.args[1].fields) == 8 and call.args[0].name_hint.endswith("_codes")
 
 
 def test_amx_targets_keep_the_three_kernels_where_the_amx_kernel_does_not_fit():
@@ -209,7 +245,7 @@ def test_before_after_logit_terms():
     window (H, masks), keys padded to whole vectors, added in the graph's order."""
     avx2 = targets.tvm_target("x86_64-avx2")
     bias, mask = _terms()
-    spec = {**A.attention_spec(BT, M, N, D, scale=S_ATTN, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
+    spec = {**A.attention_spec(BT, M, N, D, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
             "variant": "avx2_i16", "logit_terms": [[1, H], [H, MASKS]]}
     name = A.kernel_name(spec)
     kernel = attention_vector.attention_func(spec).with_attr("global_symbol", name).with_attr(
@@ -222,7 +258,8 @@ def test_before_after_logit_terms():
     with bb.function("main", [q, k, v]):
         with bb.dataflow():
             o = bb.emit_output(relax.call_tir(fused, relax.Tuple([q, k, *QK_PARAMS, v, *V_PARAMS,
-                                                                   *map(relax.const, tables)]),
+                                                                   *map(relax.const, tables),
+                                                                   relax.const(attention_consts(S_ATTN), "float64")]),
                                               relax.TensorType((BT, M, D), "float32")))
         bb.emit_func_output(o)
     fuse = FuseAttention(avx2)
@@ -231,7 +268,7 @@ def test_before_after_logit_terms():
     # the mask alone: one term, per window
     (call,) = [b.value for b in fuse(_before_terms(avx2, bias_first=False))["main"].body.blocks[0].bindings
                if "repq_attention" in str(getattr(b.value, "args", [""])[0])]
-    assert call.args[0].name_hint.endswith("_t1_codes") and len(call.args[1].fields) == 8
+    assert call.args[0].name_hint.endswith("_t1_codes") and len(call.args[1].fields) == 9
     # on AMX (its kernel adds no terms) the three kernels stay
     assert FuseAttention(AMX)(_before_terms(AMX)).get_global_var("lw") is not None
 
@@ -288,7 +325,11 @@ def test_swin_fixture_same_logits_as_the_three_kernels(swin_w8_calibrated, tmp_p
     moved = r"transpose\d*_reshape\d*_quantize"  # heads → tokens → quantize, and the windows' partition before qkv
     assert len([k for k in kernels("fused") if re.search(moved, k)]) < len([k for k in kernels("plain")
                                                                             if re.search(moved, k)])
-    assert len([k for k in kernels("fused") if re.search(r"repq_attention_\w+_t1_qkv_out_codes", k)]) >= 2
+    attention = [k for k in kernels("fused") if k.startswith("repq_attention_")]
+    assert [k for k in attention if re.search(r"_t1_qkv_out_codes", k)]
+    # one kernel per shape and tail (the blocks' scales and quantizers are its run-time constants): no name with a
+    # number TVM appends to tell copies apart, fewer kernels than blocks
+    assert all(re.search(r"_out_codes$", k) for k in attention) and len(attention) < stats["fused_attention"]
     rolls = r"strided_slice\d*_strided_slice\d*_concatenate"  # the cyclic shifts
     assert [k for k in kernels("fused") if re.search(rolls, k)] == [] and len(
         [k for k in kernels("plain") if re.search(rolls, k)]) >= 2

@@ -21,7 +21,9 @@ Each step is the unfused kernel's own arithmetic, so the result is theirs bit fo
 
 Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
 float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]
-(`attn_v`'s); out float32 ``[Bt, M, D]``.  Heads run in parallel; each packs its k, V and row sums first.
+(`attn_v`'s), ``consts`` float64 (`attention_consts`: the log quantizer's log2(s), the output quantizer); out
+float32 ``[Bt, M, D]``.  The spec holds the structure only (shapes, code widths, which tails): every block of a
+model with the same shapes runs the same kernel.  Heads run in parallel; each packs its k, V and row sums first.
 Shapes it takes (`fits`): M ≥ 32 and N ≥ 32, D a multiple of 64 (the tile's k step over the head dim).
 
 ``emulate=True``: plain loops on tile-shaped buffers instead of the tile instructions (any CPU).
@@ -41,6 +43,7 @@ from . import (
     epilogue,
     macro_lookup,  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 )
+from .attention_consts import CONSTS, loaded_log2_scale, loaded_quantizer
 from .attn_v import HI_SHIFT, _acc_total, _check_args, weight_bands
 from .attn_v_amx import _PlaneSums, band_byte
 from .log_weights import VECTOR, plane_weight, softmax_codes_macro
@@ -65,9 +68,10 @@ class Output:
     """What a fused attention stores for its float result of head b, row m, column d (`store`).
 
     Without ``out_codes`` in the spec: float32 ``[Bt, M, D]``, attn @ V's output.  With ``out_codes`` = {"heads": H,
-    "codes": (scale, zero point, top), "operand": None or (dtype, minus)}: the output projection's input codes in
-    token layout ``[Bt/H, M, H·D]`` (head b's column d at (b mod H)·D + d), as that layer reads them
-    (`epilogue.codes`, `epilogue.as_operand`: the unfused quantizer's and casts' operations).  Why: otherwise a
+    "top": 2^b − 1, "operand": None or (dtype, minus)}: the output projection's input codes in token layout
+    ``[Bt/H, M, H·D]`` (head b's column d at (b mod H)·D + d), as that layer reads them, under the "out" quantizer
+    of the kernel's ``consts`` (`epilogue.quantize_codes`, `epilogue.as_operand`, minus `epilogue.ZERO_POINT`: that
+    quantizer's zero point; the unfused quantizer's and casts' operations).  Why: otherwise a
     kernel per block moved the float heads back to token order and quantized them (`passes.attention_out_codes`).
     """
 
@@ -79,23 +83,26 @@ class Output:
             return
         if self.heads < 1 or bt % self.heads:
             raise ValueError(f"out_codes needs Bt = batch x heads, got Bt={bt}, heads={self.heads}")
-        self.quantizer = tuple(codes["codes"])
+        self.top = int(codes["top"])
         self.operand = tuple(codes["operand"]) if codes.get("operand") else None
         self.shape = (bt // self.heads, m, self.heads * d)
         self.dtype = self.operand[0] if self.operand else "uint8"
 
-    def value(self, x):
-        """The stored value of float result ``x``."""
-        return epilogue.as_operand(epilogue.codes(x, *self.quantizer), self.operand) if self.heads else x
+    def value(self, x, consts):
+        """The stored value of float result ``x`` (``consts``: the kernel's `attention_consts` buffer)."""
+        if not self.heads:
+            return x
+        quant = loaded_quantizer(consts, "out")
+        return epilogue.as_operand(epilogue.quantize_codes(x, quant, self.top), self.operand, quant.z)
 
     def store_macro(self, D: int):
-        """The macro ``store(out, b, m, d, x)``."""
+        """The macro ``store(out, consts, b, m, d, x)``."""
         heads, value = self.heads, self.value
 
         @T.macro
-        def store(out, b, m, d, x):
+        def store(out, consts, b, m, d, x):
             if heads > 0:
-                out[b // heads, m, (b % heads) * D + d] = value(x)
+                out[b // heads, m, (b % heads) * D + d] = value(x, consts)
             else:
                 out[b, m, d] = x
 
@@ -134,13 +141,12 @@ def fits(M: int, N: int, D: int) -> bool:
     return M >= ROWS and N >= COLS and D % K_STEP == 0
 
 
-def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, sqrt2: bool, f: int, groups: int,
+def attention_spec(Bt: int, M: int, N: int, D: int, *, bits: int, sqrt2: bool, f: int, groups: int,
                    v_bits: int) -> dict:
-    """The kernel spec (``scale`` (as float32), ``bits``, ``sqrt2``, ``f``, ``groups``: the log quantizer's, as
-    `log_weights_spec`;
-    ``v_bits``: V's code width, as `attn_v`)."""
-    return {"kind": "attention", "Bt": Bt, "M": M, "N": N, "D": D, "scale": float(np.float32(scale)), "bits": bits,
-            "sqrt2": bool(sqrt2), "f": f, "groups": groups, "v_bits": v_bits, "variant": "amx"}
+    """The kernel spec (``bits``, ``sqrt2``, ``f``, ``groups``: the log quantizer's, as `log_weights_spec`; its scale
+    is a run-time constant, `attention_consts`; ``v_bits``: V's code width, as `attn_v`)."""
+    return {"kind": "attention", "Bt": Bt, "M": M, "N": N, "D": D, "bits": bits, "sqrt2": bool(sqrt2), "f": f,
+            "groups": groups, "v_bits": v_bits, "variant": "amx"}
 
 
 def kernel_name(spec: dict) -> str:
@@ -157,7 +163,8 @@ def kernel_name(spec: dict) -> str:
 
 
 def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
-    """PrimFunc ``main(q, k, qk_zp, qk_scale, v, v_zp, v_scale, out)`` of a spec, carrying it as ``repq.kernel``."""
+    """PrimFunc ``main(q, k, qk_zp, qk_scale, v, v_zp, v_scale, consts, out)`` of a spec, carrying it as
+    ``repq.kernel``."""
     Bt, M, N, D = spec["Bt"], spec["M"], spec["N"], spec["D"]
     sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
     parities = 2 if sqrt2 else 1
@@ -211,7 +218,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
 
         return logits
 
-    softmax_codes = softmax_codes_macro(N, parities, spec["scale"], top, RB)
+    softmax_codes = softmax_codes_macro(N, parities, top, RB)
 
     @T.macro
     def weights(codes, tab, wb, wsum, bsum, sad, i, r, slot):
@@ -239,10 +246,10 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                 wsum[slot * planes + p, r] = bsum[p]
 
     @T.macro
-    def codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, rows, slot):
+    def codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, consts, rows, slot):
         """The block's rows of L → codes → bands in slot ``slot`` (RB rows at a time)."""
         for rb in range(rows // RB):
-            softmax_codes(L, codes, part, row, rb * RB)
+            softmax_codes(L, codes, part, row, rb * RB, loaded_log2_scale(consts))
             for i in range(RB):
                 weights(codes, tab, wb, wsum, bsum, sad, i, rb * RB + i, slot)
 
@@ -252,7 +259,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
         zero_tiles, dot_tiles, store_tiles = tile_macros(emulate, rows)
 
         @T.macro
-        def attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, m0, slot):
+        def attn_v(vp, wb, wsum, v_zp, v_scale, consts, out, C, ta, tbu, tc, b, m0, slot):
             for db in range(d_blocks):
                 for pb in range(pb_count):
                     zero_tiles(tc)
@@ -276,7 +283,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                     for j in T.vectorized(COLS):
                         total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0, slot * planes), b, r, j, planes,
                                                                       parities, f))
-                        store(out, b, m0 + r, db * COLS + j, T.Cast("float32", total) * v_scale[0])
+                        store(out, consts, b, m0 + r, db * COLS + j, T.Cast("float32", total) * v_scale[0])
 
         return attn_v
 
@@ -286,7 +293,8 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     @T.prim_func
     def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
              qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
-             v_scale: T.Buffer((1,), "float32"), out: T.Buffer(output.shape, output.dtype)):
+             v_scale: T.Buffer((1,), "float32"), consts: T.Buffer((CONSTS,), "float64"),
+             out: T.Buffer(output.shape, output.dtype)):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         if not emulate:
             request_amx()
@@ -339,17 +347,17 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
             # software-pipelined: block mb's weights are written one block before its tile products read them
             # (two slots of bands): a tile load of bytes just stored by vector code waits for those stores
             logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, 0)
-            codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, ROWS, 0)
+            codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, consts, ROWS, 0)
             for mb in range(full):
                 if mb + 1 < full:
                     logits(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, T.min((mb + 1) * ROWS, M - ROWS))
-                    codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, ROWS, (mb + 1) % 2)
+                    codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, consts, ROWS, (mb + 1) % 2)
                 elif half:  # the last block: 16 rows from M − 16
                     logits_half(q, kb, qk_zp, qk_scale, qsum, kterm, L, Cq, ta, tbs, tc, b, M - HALF)
-                    codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, HALF, (mb + 1) % 2)
-                attn_v(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, T.min(mb * ROWS, M - ROWS), mb % 2)
+                    codes_and_weights(L, codes, part, row, tab, wb, wsum, bsum, sad, consts, HALF, (mb + 1) % 2)
+                attn_v(vp, wb, wsum, v_zp, v_scale, consts, out, C, ta, tbu, tc, b, T.min(mb * ROWS, M - ROWS), mb % 2)
             if half:
-                attn_v_half(vp, wb, wsum, v_zp, v_scale, out, C, ta, tbu, tc, b, M - HALF, full % 2)
+                attn_v_half(vp, wb, wsum, v_zp, v_scale, consts, out, C, ta, tbu, tc, b, M - HALF, full % 2)
             if not emulate:
                 T.evaluate(amx_intrin("tilerelease"))
 

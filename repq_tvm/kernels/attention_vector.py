@@ -21,16 +21,18 @@ then per row `log_weights`' fused softmax (`log_weights.softmax_codes_macro`: sa
 `log_weights.plane_weight` of each code, and `attn_v`'s combination of the planes (`attn_v.acc_total_f64`).
 
 Inputs: q, k, V u8 ``[Bt, M, D]``, ``[Bt, N, D]``, ``[Bt, N, D]``; ``qk_zp`` int32 [2] = (z_q, z_k), ``qk_scale``
-float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1]; out
-float32 ``[Bt, M, D]``, or with ``out_codes`` the output projection's codes (`attention_amx.Output`).  Heads run
+float32 [1] (the logits' scale, softmax scale folded in), ``v_zp`` int32 [1], ``v_scale`` float32 [1], then the
+logit terms' tables (below), then ``consts`` float64 (`attention_consts`: the log quantizer's log2(s), the q, k, v
+and output quantizers); out float32 ``[Bt, M, D]``, or with ``out_codes`` the output projection's codes
+(`attention_amx.Output`).  Heads run
 in parallel; each packs its k and V first (O(N·D) against O(M·N·D)).  Row blocks of 4 (the last at M − 4: its
 rows are computed again, with the same values).  Shapes it takes (`fits`):
 M ≥ 4, D a multiple of the vector's int32 lanes (8 / 16).
 
-With ``qkv`` in the spec ({"heads": H, "codes": three (scale, zero point, top)}), the kernel reads the qkv
-projection's float output instead, ``main(y, qk_zp, qk_scale, v_zp, v_scale, out)`` with y float32
-[batch·T, 3·H·D] (Bt = batch·H, M = N = T), and quantizes head b's q, k and v itself (`epilogue.codes`: the
-unfused quantizer's operations): k and v once per head, straight into the packed operands, q per row block.  Why:
+With ``qkv`` in the spec ({"heads": H, "tops": the three codes' 2^b − 1}), the kernel reads the qkv projection's
+float output instead, ``main(y, qk_zp, qk_scale, v_zp, v_scale, [terms,] consts, out)`` with y float32
+[batch·T, 3·H·D] (Bt = batch·H, M = N = T), and quantizes head b's q, k and v itself under the consts' q, k and v
+quantizers (`epilogue.quantize_codes`: the unfused quantizer's operations): k and v once per head, straight into the packed operands, q per row block.  Why:
 otherwise three kernels per block slice, move and quantize them (`passes.qkv_head_split`), writing and reading the
 codes again.
 
@@ -63,6 +65,7 @@ from .attention_amx import (
     kernel_name,  # noqa: F401  (one naming for both fused kernels)
 )
 from .attention_amx import attention_spec as amx_spec
+from .attention_consts import CONSTS, SLOTS, loaded_log2_scale, loaded_quantizer
 from .attn_v import _check_args, acc_total_f64, padded_tokens
 from .log_weights import HALF, VECTOR, plane_weight, softmax_codes_macro
 from .packing import ceil_to
@@ -101,11 +104,10 @@ def av_blocks(D: int, variant: str, planes: int) -> int:
     return max(b for b in range(1, blocks + 1) if blocks % b == 0 and AV_ROWS * planes * b <= acc)
 
 
-def attention_spec(Bt: int, M: int, N: int, D: int, *, scale: float, bits: int, sqrt2: bool, f: int, groups: int,
-                   v_bits: int, variant: str) -> dict:
+def attention_spec(Bt: int, M: int, N: int, D: int, *, bits: int, sqrt2: bool, f: int, groups: int, v_bits: int,
+                   variant: str) -> dict:
     """The kernel spec, as `attention_amx.attention_spec` with the variant."""
-    return {**amx_spec(Bt, M, N, D, scale=scale, bits=bits, sqrt2=sqrt2, f=f, groups=groups, v_bits=v_bits),
-            "variant": variant}
+    return {**amx_spec(Bt, M, N, D, bits=bits, sqrt2=sqrt2, f=f, groups=groups, v_bits=v_bits), "variant": variant}
 
 
 def word_part(word, c: int, dtype: str):
@@ -126,7 +128,8 @@ class _TileSums:
 
 
 def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
-    """PrimFunc ``main(q, k, qk_zp, qk_scale, v, v_zp, v_scale, out)`` of a spec, carrying it as ``repq.kernel``."""
+    """PrimFunc ``main(q, k, qk_zp, qk_scale, v, v_zp, v_scale, [t0, t1,] consts, out)`` of a spec, carrying it as
+    ``repq.kernel``."""
     Bt, M, N, D, variant = spec["Bt"], spec["M"], spec["N"], spec["D"], spec["variant"]
     sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
     parities, vnni = (2 if sqrt2 else 1), variant == "vnni"
@@ -152,33 +155,34 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     term_shapes = [logit_term_shape(mod, M, N) for _, mod in terms] + [(1, 1, 1)] * (2 - len(terms))
     qkv = spec.get("qkv")
     if qkv is not None:
-        heads, quantizers = qkv["heads"], [tuple(c) for c in qkv["codes"]]
+        heads, tops = qkv["heads"], [int(t) for t in qkv["tops"]]
         batch = Bt // heads
         if batch * heads != Bt or M != N:
             raise ValueError(f"q, k and v from one qkv output need Bt = batch x {heads} heads and M = N, got Bt={Bt}, "
                              f"M={M}, N={N}")
 
-        def qkv_code(y, third, b, n, d):
+        def qkv_code(y, consts, third, b, n, d):
             """The code of token n, column d of head b's q (third 0), k (1) or v (2): the unfused quantizer of y."""
-            return epilogue.codes(y[(b // heads) * N + n, (third * heads + b % heads) * D + d], *quantizers[third])
+            return epilogue.quantize_codes(y[(b // heads) * N + n, (third * heads + b % heads) * D + d],
+                                           loaded_quantizer(consts, SLOTS[third]), tops[third])
 
-        def q_at(y, b, m, d):
-            return qkv_code(y, 0, b, m, d)
+        def q_at(y, consts, b, m, d):
+            return qkv_code(y, consts, 0, b, m, d)
 
-        def k_at(y, b, n, d):
-            return qkv_code(y, 1, b, n, d)
+        def k_at(y, consts, b, n, d):
+            return qkv_code(y, consts, 1, b, n, d)
 
-        def v_at(y, b, n, d):
-            return qkv_code(y, 2, b, n, d)
+        def v_at(y, consts, b, n, d):
+            return qkv_code(y, consts, 2, b, n, d)
     else:
-        def q_at(q, b, m, d):
+        def q_at(q, consts, b, m, d):
             return q[b, m, d]
 
-        def k_at(k, b, n, d):
+        def k_at(k, consts, b, n, d):
             return k[b, n, d]
 
         v_at = k_at
-    softmax_codes = softmax_codes_macro(N, parities, spec["scale"], top, RB, n_w)
+    softmax_codes = softmax_codes_macro(N, parities, top, RB, n_w)
     k_dtype = "int8" if vnni else "int16"  # q @ kᵀ's k operands
     pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
@@ -237,12 +241,12 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         return x
 
     @T.macro
-    def logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc, b, m0, t0, t1):
+    def logits(q, qk_zp, qk_scale, consts, qc, qa, kp, qsum, kterm, L, acc, b, m0, t0, t1):
         """L[i, n] = the logits of rows m0 + i (`qbmm`'s arithmetic, then the spec's logit terms), tiles of RB rows
         x kt key blocks (the last tile at nb − kt)."""
         for i in range(RB):
             for d in T.vectorized(D):
-                qc[i, d] = q_at(q, b, m0 + i, d)
+                qc[i, d] = q_at(q, consts, b, m0 + i, d)
         if vnni:
             for i in range(RB):
                 qsum[i] = 0
@@ -271,7 +275,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                                                    col)
 
     @T.macro
-    def attn_v(wb, vp, v_zp, v_scale, out, acc, b, m0):
+    def attn_v(wb, vp, v_zp, v_scale, consts, out, acc, b, m0):
         """out rows m0 .. m0 + RB − 1 from the block's weight planes: tiles of AV_ROWS rows x db d blocks."""
         for r0, dt in T.grid(RB // AV_ROWS, d_blocks // db):
             for a, p, j, ln in T.grid(AV_ROWS, planes, db, lanes):
@@ -285,7 +289,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                 for j in T.unroll(db):
                     for ln in T.vectorized(lanes):
                         total = T.meta_var(acc_total_f64(_TileSums(acc), b, a, (j, ln), planes, parities, f))
-                        store(out, b, m0 + r0 * AV_ROWS + a, (dt * db + j) * lanes + ln,
+                        store(out, consts, b, m0 + r0 * AV_ROWS + a, (dt * db + j) * lanes + ln,
                               total.astype("float32") * v_scale[0])
 
     @T.macro
@@ -310,7 +314,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
                 plane_weights(codes, wb, i, n_w // VECTOR * VECTOR, HALF)
 
     @T.macro
-    def head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1):
+    def head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, consts, out, b, t0, t1):
         """Head b: pack its k and V, then its row blocks (q, k, v: the kernel's inputs, or the qkv output three
         times, read through `q_at` / `k_at` / `v_at`)."""
         kp = T.alloc_buffer((nb, steps, lanes), "int32", scope="local")  # words of kpack k operands; keys = lanes
@@ -330,7 +334,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         for n in range(N):  # key n's operands (avx2_i16: k − z_k int16; vnni: u8 k − 128 as s8), a vector, then
             # its words into lane n % lanes of the key block
             for d in T.vectorized(D):
-                krow[d] = T.Cast(k_dtype, T.Cast("int32", k_at(k, b, n, d)) - (128 if vnni else qk_zp[1]))
+                krow[d] = T.Cast(k_dtype, T.Cast("int32", k_at(k, consts, b, n, d)) - (128 if vnni else qk_zp[1]))
             for s in range(steps):
                 kp[n // lanes, s, n % lanes] = T.reinterpret(krow.vload([s * kpack], dtype=f"{k_dtype}x{kpack}"),
                                                              dtype="int32")
@@ -347,35 +351,36 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         for d0, t in T.grid(d_blocks, n_p // 2):  # tokens 2t and 2t + 1 (0 past N) as the low and high halves
             for ln in T.vectorized(lanes):
                 vp[d0, t, ln] = T.bitwise_or(
-                    T.bitwise_and(T.Cast("int32", v_at(v, b, t * 2, d0 * lanes + ln)) - v_zp[0], 0xFFFF),
-                    T.shift_left(T.Select(t * 2 + 1 < N, T.Cast("int32", v_at(v, b, T.min(t * 2 + 1, N - 1),
+                    T.bitwise_and(T.Cast("int32", v_at(v, consts, b, t * 2, d0 * lanes + ln)) - v_zp[0], 0xFFFF),
+                    T.shift_left(T.Select(t * 2 + 1 < N, T.Cast("int32", v_at(v, consts, b, T.min(t * 2 + 1, N - 1),
                                                                              d0 * lanes + ln)) - v_zp[0], 0), 16))
         for i, n in T.grid(RB, n_r):
             L[i, n] = T.float32(0)
         for blk in range(-(-M // RB)):
-            logits(q, qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc_qk, b, T.min(blk * RB, M - RB), t0, t1)
-            softmax_codes(L, codes, part, row, 0)
+            logits(q, qk_zp, qk_scale, consts, qc, qa, kp, qsum, kterm, L, acc_qk, b, T.min(blk * RB, M - RB), t0, t1)
+            softmax_codes(L, codes, part, row, 0, loaded_log2_scale(consts))
             weights(codes, wb)
-            attn_v(wb, vp, v_zp, v_scale, out, acc_av, b, T.min(blk * RB, M - RB))
+            attn_v(wb, vp, v_zp, v_scale, consts, out, acc_av, b, T.min(blk * RB, M - RB))
 
     if qkv is None:
         @T.prim_func
         def main(q: T.Buffer((Bt, M, D), "uint8"), k: T.Buffer((Bt, N, D), "uint8"), qk_zp: T.Buffer((2,), "int32"),
                  qk_scale: T.Buffer((1,), "float32"), v: T.Buffer((Bt, N, D), "uint8"), v_zp: T.Buffer((1,), "int32"),
                  v_scale: T.Buffer((1,), "float32"), t0: T.Buffer(term_shapes[0], "float32"),
-                 t1: T.Buffer(term_shapes[1], "float32"), out: T.Buffer(output.shape, output.dtype)):
+                 t1: T.Buffer(term_shapes[1], "float32"), consts: T.Buffer((CONSTS,), "float64"),
+                 out: T.Buffer(output.shape, output.dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             for b in T.parallel(Bt):
-                head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1)
+                head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, consts, out, b, t0, t1)
     else:
         @T.prim_func
         def main(y: T.Buffer((batch * N, 3 * heads * D), "float32"), qk_zp: T.Buffer((2,), "int32"),
                  qk_scale: T.Buffer((1,), "float32"), v_zp: T.Buffer((1,), "int32"), v_scale: T.Buffer((1,), "float32"),
                  t0: T.Buffer(term_shapes[0], "float32"), t1: T.Buffer(term_shapes[1], "float32"),
-                 out: T.Buffer(output.shape, output.dtype)):
+                 consts: T.Buffer((CONSTS,), "float64"), out: T.Buffer(output.shape, output.dtype)):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             for b in T.parallel(Bt):
-                head(y, y, y, qk_zp, qk_scale, v_zp, v_scale, out, b, t0, t1)
+                head(y, y, y, qk_zp, qk_scale, v_zp, v_scale, consts, out, b, t0, t1)
 
     return _without_params(main, ("t0", "t1")[len(terms):]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 

@@ -39,6 +39,7 @@ from tvm.script import tirx as T
 from ..reference.ops import attn_planes, sqrt2_weight
 from ..relax_util import scheduled_kernel
 from . import epilogue
+from .attention_consts import log2_scale
 from .attn_v import padded_tokens
 
 # codes, weights and partial sums per vector step on every target: one zmm on AVX-512; two ymm on AVX2, where
@@ -69,8 +70,9 @@ def code_thresholds(scale: float, sqrt2: bool) -> tuple[int, list[int]]:
     return li - m, thresholds
 
 
-def _code_bias(total, m: int, scale: float):
-    """float32 m·(log2(total) + log2(s)) for a row's softmax sum ``total`` ≥ 1, computed in float64 from its
+def _code_bias(total, m: int, log2s):
+    """float32 m·(log2(total) + log2(s)) for a row's softmax sum ``total`` ≥ 1 and the float64 expression
+    ``log2s`` = log2(s) (a constant, or a fused attention's load: `attention_consts`), computed in float64 from its
     exponent and mantissa (log(M) = 2·atanh((M − 1)/(M + 1)), 9 series terms, error < 1e-11): no libm call, so
     x86 and aarch64 builds agree bit for bit (their log2f may not), and once per row, not per entry."""
     bits = tvm.tirx.reinterpret("int32", total)
@@ -81,8 +83,7 @@ def _code_bias(total, m: int, scale: float):
     for k in (15, 13, 11, 9, 7, 5, 3, 1):
         series = series * u2 + tvm.tirx.const(2.0 / k, "float64")
     log2_total = ((bits >> 23) - 127).astype("float64") + u * series * tvm.tirx.const(1 / math.log(2), "float64")
-    return (tvm.tirx.const(float(m), "float64") * (log2_total + tvm.tirx.const(math.log2(scale), "float64"))
-            ).astype("float32")
+    return (tvm.tirx.const(float(m), "float64") * (log2_total + log2s)).astype("float32")
 
 
 def _code(p, m: int, offset: int, thresholds: list[int], top: int):
@@ -109,8 +110,9 @@ def softmax_code(mx, x, bias, slope, top: int):
     return tvm.tirx.Select(c > top, -1, tvm.tirx.max(c, 0))
 
 
-def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int, n_codes: int | None = None):
-    """The macro ``softmax_codes(L, codes, part, row, r0)`` of the fused attention kernels: rows r0 .. r0 + rows − 1
+def softmax_codes_macro(n: int, m: int, top: int, rows: int, n_codes: int | None = None):
+    """The macro ``softmax_codes(L, codes, part, row, r0, log2s)`` of the fused attention kernels (``log2s``: the
+    float64 log2 of the quantizer's scale, `attention_consts`): rows r0 .. r0 + rows − 1
     of float32 logits ``L`` (``n`` tokens, padded to whole `VECTOR`s) → int32 codes (−1 past ``n``) of the first
     ``n_codes`` columns (default: every padded one), the fused softmax of this module (same sums in the same order,
     so the same codes bit for bit), the rows' reductions interleaved (each is a chain of dependent adds; several
@@ -145,7 +147,7 @@ def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int, n_cod
                                          -1)
 
     @T.macro
-    def softmax_codes(L, codes, part, row, r0):
+    def softmax_codes(L, codes, part, row, r0, log2s):
         for i, ln in T.grid(rows, VECTOR):
             part[i, ln] = lowest
         for c in range(full):
@@ -169,7 +171,7 @@ def softmax_codes_macro(n: int, m: int, scale: float, top: int, rows: int, n_cod
             for i in T.unroll(rows):
                 row[i, 1] = row[i, 1] + part[i, ln]
         for i in T.unroll(rows):
-            row[i, 2] = _code_bias(row[i, 1], m, scale)
+            row[i, 2] = _code_bias(row[i, 1], m, log2s)
         for i in T.unroll(rows):
             for c in range(n_codes // VECTOR):
                 row_codes(L, codes, row, r0, i, c * VECTOR, VECTOR)
@@ -223,7 +225,8 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
         mx = te.compute((bt, rows), lambda b, r: te.max(xr[b, r, k1], axis=k1), name="max")
         total = te.compute((bt, rows), lambda b, r: te.sum(tvm.tirx.Select(
             k2 < n, epilogue.fast_exp(xr[b, r, k2] - mx[b, r]), tvm.tirx.const(0, "float32")), axis=k2), name="sum")
-        bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, spec["scale"]), name="bias")
+        log2s = tvm.tirx.const(log2_scale(spec["scale"]), "float64")
+        bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, log2s), name="bias")
         slope = softmax_slope(m)
 
         def code(b, r, t):

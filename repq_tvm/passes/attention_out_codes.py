@@ -8,20 +8,25 @@ Matches, after `fused_attention` has made each attention one kernel call:
 
 and replaces q by ``call_tir(repq_attention_…_out_codes, args)`` [→ reshape]: the same kernel spec with
 ``out_codes`` (`attention_amx.Output`: the unfused quantizer's and casts' operations, so the same codes), one
-kernel per distinct spec.  Why: the float heads went to memory and a kernel per block read them back, moved them
+kernel per distinct spec; the quantizer goes into the call's ``consts`` (`kernels.attention_consts`, the last
+argument), so the blocks' calls share the kernel.  AVX2's centred int16 codes subtract that quantizer's zero point
+(`epilogue.ZERO_POINT`), not a constant of the kernel.  Why: the float heads went to memory and a kernel per block read them back, moved them
 to token order and quantized them (DeiT-Small: 12 calls; the last float round trip between two integer kernels
 of a block).  Where an intermediate has another reader the match is left alone.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from ..relax_util import calls_only, emitted, static_shape, var_uses
+from ..kernels.attention_consts import CONSTS, with_quantizer
+from ..kernels.epilogue import ZERO_POINT
+from ..relax_util import calls_only, const_array, emitted, static_shape, var_uses
 from ..tuning.spaces import spec_of
-from .fused_attention import AttentionKernels
+from .fused_attention import AttentionKernels, consts_arg
 from .qdense_tail import CodesTail
 
 _ATTENTION = is_op("relax.call_tir")(wildcard(), wildcard())
@@ -73,15 +78,21 @@ class FuseAttentionOutputCodes:
                         or not all(uses.get(m[p].args[0]) == 1 for p in (_HEADS, _TOKENS, _ROWS)):
                     return root
                 b, t, h, d = tokens
-                spec = {**spec, "out_codes": {"heads": h, "codes": list(tail["codes"]),
-                                              "operand": list(tail["operand"]) if tail["operand"] else None}}
+                (s, z, top), operand = tail["codes"], tail["operand"]
+                consts = const_array(call.args[1].fields[-1]) if isinstance(call.args[1], relax.Tuple) else None
+                if consts is None or consts.shape != (CONSTS,) or consts.dtype != np.float64:
+                    return root
+                if operand is not None and tuple(operand) == ("int16", z):  # AVX2's centred codes
+                    operand = ("int16", ZERO_POINT)
+                spec = {**spec, "out_codes": {"heads": h, "top": top, "operand": list(operand) if operand else None}}
+                args = relax.Tuple([*call.args[1].fields[:-1], consts_arg(with_quantizer(consts, "out", s, z))])
                 kernel = kernels.get(spec)
                 kernels.replaced.add(call.args[0])
                 self.rewritten += 1
                 dtype = str(root.ty.dtype)
 
                 def emit():
-                    out = bb.emit(relax.call_tir(kernel, call.args[1], relax.TensorType((b, t, h * d), dtype)))
+                    out = bb.emit(relax.call_tir(kernel, args, relax.TensorType((b, t, h * d), dtype)))
                     return out if list(shape) == [b, t, h * d] else relax.op.reshape(out, shape)
 
                 return emitted(bb, emit)

@@ -7,8 +7,8 @@ Matches, after `quantized_qk` and `log2_attention` have lowered the attention to
     w = call_tir(repq_log_weights_softmax_…, (y [→ reshape]*,))   int16 weight planes, the softmax fused
     o = call_tir(repq_attn_v_…, (w, v, v_zp, v_scale))            float32 [Bt, M, D]
 
-and replaces o by ``call_tir(repq_attention_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale[, terms]))``, the three
-kernels' arithmetic bit for bit: `kernels.attention_amx` on targets with AMX-INT8 (and AVX-512 VBMI, which every AMX CPU
+and replaces o by ``call_tir(repq_attention_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale[, terms], consts))``, the
+three kernels' arithmetic bit for bit: `kernels.attention_amx` on targets with AMX-INT8 (and AVX-512 VBMI, which every AMX CPU
 has) for shapes its tiles block, `kernels.attention_vector` on x86 targets without AMX (AVX-512 VNNI or AVX2).  Why:
 the three kernels wrote and read their intermediates (float32 logits, int16 weight planes) through memory.
 aarch64 keeps the three kernels; where y or w has another reader the match is left alone.  The constants added to
@@ -25,6 +25,10 @@ three thirds under their quantizers (what `qkv_head_split` would otherwise turn 
 
 and calls the kernel on ``x`` as [B·T, 3·H·D] with the three quantizers in its spec (`epilogue.codes`, the unfused
 quantize's operations).
+
+The kernel's spec holds the structure only: the log quantizer's scale (and the q, k, v quantizers) go into its
+``consts`` operand, a constant argument of each call (`kernels.attention_consts`), so all blocks of a model with the
+same shapes call one kernel (DeiT-Small: one, where twelve were compiled).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
+from ..kernels.attention_consts import SLOTS, attention_consts
 from ..relax_util import (
     bound_values,
     calls_only,
@@ -84,7 +89,7 @@ def attention_spec_of(qk: dict, lw: dict, av: dict, target, terms: int = 0) -> d
             or [av["Bt"], av["M"], av["N"], av["D"]] != [bt, m, n, d] or not av["epilogue"]
             or av["parities"] != (2 if lw["sqrt2"] else 1) or av["groups"] != lw["groups"] or av["f"] != lw["f"]):
         return None
-    quantizer = {"scale": lw["scale"], "bits": lw["bits"], "sqrt2": lw["sqrt2"], "f": lw["f"], "groups": lw["groups"],
+    quantizer = {"bits": lw["bits"], "sqrt2": lw["sqrt2"], "f": lw["f"], "groups": lw["groups"],
                  "v_bits": av["v_bits"]}
     if target_has(target, "amx-int8"):  # the tile products and the vpermb byte table; where the AMX kernel does
         # not fit (head dim 32: Swin, the ViT fixture) attn @ V alone stays on AMX tiles (`attn_v_amx`), unmeasured
@@ -230,6 +235,12 @@ def qkv_source(q, k, v, bound: dict, uses: dict, spec: dict, zps: tuple[list[int
     return rows, {"heads": h, "codes": [list(t[2]) for t in thirds]}
 
 
+def consts_arg(consts: np.ndarray) -> relax.Constant:
+    """A fused attention's ``consts`` (`kernels.attention_consts`) as a call argument: float64, as the kernel reads
+    it (`relax.const` would make a float64 array float32: log2(s) rounded, the softmax codes moved)."""
+    return relax.const(consts, "float64")
+
+
 class AttentionKernels:
     """The fused attention kernels a pass adds to ``bb``, one per spec (`kernels.attention_vector.attention_func`:
     AMX or vector by the spec's variant), and the kernels whose calls it replaced (`finish` drops those left
@@ -299,13 +310,16 @@ class FuseAttention:
                 zps = [const_array(qk_zp), const_array(v_zp)]
                 source = None if spec["variant"] == "amx" or any(z is None for z in zps) else qkv_source(
                     q, k, v, bound, uses, spec, [[int(z) for z in a.reshape(-1)] for a in zps])
+                quantizers = {}
                 if source is not None:
-                    spec = {**spec, "qkv": source[1]}
+                    spec = {**spec, "qkv": {"heads": source[1]["heads"], "tops": [t for *_, t in source[1]["codes"]]}}
+                    quantizers = {slot: (s, z) for slot, (s, z, _) in zip(SLOTS, source[1]["codes"])}
                 kernel = kernels.get(spec)
                 kernels.replaced.update(c.args[0] for c in (qk_call, lw_call, av_call))
                 self.rewritten += 1
                 args = [source[0], qk_zp, qk_scale, v_zp, v_scale] if source else [q, k, qk_zp, qk_scale, v, v_zp, v_scale]
                 args += [relax.const(table) for table in terms[1]]
+                args.append(consts_arg(attention_consts(specs[1]["scale"], quantizers)))
                 return relax.call_tir(kernel, relax.Tuple(args),
                                       relax.TensorType((spec["Bt"], spec["M"], spec["D"]), "float32"))
 
