@@ -82,6 +82,11 @@ def test_compile_and_run_at_224(name, bits, folder, tmp_path, capsys):
     kernels = set(re.findall(r"<(repq_qdense_\w+?)(?:_compute_)?>:", asm))
     assert all(any(v in k for v in variants) for k in kernels) and needle in asm, kernels
     assert sum(variants[0] in k for k in kernels) >= 4, kernels
+    # the fused attentions (where the target has a kernel for the heads: not Swin's on AMX): one kernel per shape and
+    # tail, the blocks' scales and quantizers its run-time constants (no copies TVM numbers apart)
+    attention = set(re.findall(r"<(repq_attention_\w+?)(?:_compute_)?>:", asm))
+    assert bool(attention) == (stats["fused_attention"] > 0), attention
+    assert len(attention) < max(2, stats["fused_attention"]) and all(k.endswith("_out_codes") for k in attention)
     cm = calibrated.load(cal)
     source = data.open_images(str(folder))
     x, _ = load_batch(source, np.arange(len(source)), make_transform(cm.preprocessing))
