@@ -114,7 +114,8 @@ def test_native_kernel_refuses_to_run_without_amx(monkeypatch):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_qkv_codes_are_the_split_and_quantized_output(mode):
-    """The qkv tail stores, per q/k/v, the codes of the float output's [B, heads, tokens, D] slice."""
+    """The qkv tail stores, per q/k/v, the codes of the float output's [B, heads, tokens, D] slice under its
+    quantizer, the kernel's run-time operand: one compiled kernel, called with two sets of quantizers."""
     from tvm import te
 
     from repq_tvm.kernels import epilogue
@@ -129,16 +130,18 @@ def test_qkv_codes_are_the_split_and_quantized_output(mode):
     y = plain(plain.prepare_activation(a), *plain.weight_args(w), *params)
     target = AMX_TARGET if mode == "native" else Q.host_target(1)
     fused = build_qdense(M, N, K, target, variant="amx", epilogue=True, ref=mode == "emulated", qkv_codes=cfg)
-    out = fused(fused.prepare_activation(a), *fused.weight_args(w), *params)
     split = y.reshape(B, tokens, 3, heads, D).transpose(2, 0, 3, 1, 4)  # [3, B, heads, tokens, D]
     x = te.placeholder((split[0].size,), "float32")
-    for i, codes in enumerate(cfg["codes"]):
-        f = tvm.compile(te.create_prim_func([x, te.compute(x.shape, lambda j: epilogue.codes(x[j], *codes))]),
-                        target=Q.host_target(1))
-        expected = tvm.runtime.tensor(np.zeros(split[i].size, np.uint8))
-        f(tvm.runtime.tensor(np.ascontiguousarray(split[i]).ravel()), expected)
-        np.testing.assert_array_equal(out[i].ravel(), expected.numpy())
-    assert len(np.unique(out[0])) > 100 and out[2].max() <= 15
+    for quantizers in (cfg["codes"], [(0.07, 131, 255), (0.021, 90, 255), (0.045, 128, 15)]):  # the same tops
+        fused.qkv_codes = {**cfg, "codes": quantizers}  # what the harness passes as the kernel's quant operand
+        out = fused(fused.prepare_activation(a), *fused.weight_args(w), *params)
+        for i, codes in enumerate(quantizers):
+            f = tvm.compile(te.create_prim_func([x, te.compute(x.shape, lambda j: epilogue.codes(x[j], *codes))]),
+                            target=Q.host_target(1))
+            expected = tvm.runtime.tensor(np.zeros(split[i].size, np.uint8))
+            f(tvm.runtime.tensor(np.ascontiguousarray(split[i]).ravel()), expected)
+            np.testing.assert_array_equal(out[i].ravel(), expected.numpy())
+        assert len(np.unique(out[0])) > 100 and all(out[i].max() <= top for i, (_, _, top) in enumerate(quantizers))
 
 
 def test_fast_macro_lookup_parses_the_same_kernel(monkeypatch):

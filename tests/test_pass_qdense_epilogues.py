@@ -338,6 +338,10 @@ def test_one_tail_per_kernel():
         Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, residual=True, gelu_codes=255)
     with pytest.raises(ValueError, match="gelu_codes, residual and qkv_codes need the float epilogue"):
         Q.schedule_qdense(65, 96, 128, HOST, residual=True)
+    with pytest.raises(TypeError, match=r"qkv_codes is \{'tokens', 'heads', 'tops'\} \(the quantizers are the kernel's "
+                                        r"quant operand\), got keys \['codes', 'heads', 'tokens'\]"):
+        Q.schedule_qdense(64, 192, 128, targets.tvm_target("x86_64-amx"), epilogue=True, variant="amx",
+                          qkv_codes={"tokens": 32, "heads": 2, "codes": [(0.1, 128, 255)] * 3})
 
 
 # --- the q/k/v codes (`passes.qkv_codes_epilogue`, AMX kernels) ------------------------------------------
@@ -356,7 +360,8 @@ def test_qkv_pass_on_the_vit_fixture(vit_host_build, tmp_path, monkeypatch):
     assert stats["fused_qkv_codes"] == 6  # one per block
     symbols = subprocess.run(["nm", "-D", str(tmp_path / "fused" / "model.so")], capture_output=True, text=True,
                              check=True).stdout
-    assert symbols.count("_qkv0") >= 1 and "strided_slice" not in symbols
+    # one kernel for the six blocks (their quantizers are its operand), no split left
+    assert symbols.count("_qkv0") >= 1 and "_qkv1" not in symbols and "strided_slice" not in symbols
     monkeypatch.setattr(pipeline, "INTEGER_PASSES", [p for p in pipeline.INTEGER_PASSES if p[0] != "qkv-codes-epilogue"])
     api.compile_artifact(cal, str(tmp_path / "plain"), target="x86_64-amx", progress=False)
     plain_symbols = subprocess.run(["nm", "-D", str(tmp_path / "plain" / "model.so")], capture_output=True,
@@ -400,7 +405,9 @@ def _before_amx_qkv(batch: int, squeeze_axis=(0,), clip_top: int | None = 15) ->
 
 def test_qkv_pass_stores_the_three_codes_of_one_amx_projection():
     """One kernel call with three [B, H, T, D] outputs bound to the codes' variables: no split, squeeze or
-    quantize left, the quantizers (k's clip to 4 bits included) in the kernel's spec."""
+    quantize left, the codes' tops (k's clip to 4 bits included) in the kernel's spec, the quantizers its call's
+    ``quant`` operand."""
+    from repq_tvm.kernels.epilogue import quantizer_args
     import json
 
     from repq_tvm.passes.qkv_codes_epilogue import FuseQKVCodesEpilogue
@@ -413,10 +420,12 @@ def test_qkv_pass_stores_the_three_codes_of_one_amx_projection():
     (kernel,) = [f for _, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
                  and json.loads(str(f.attrs["repq.kernel"])).get("qkv_codes")]
     qkv = json.loads(str(kernel.attrs["repq.kernel"]))["qkv_codes"]
-    assert [qkv["tokens"], qkv["heads"]] == [33, 2]
-    np.testing.assert_allclose([c[0] for c in qkv["codes"]], [0.03, 0.02, 0.05], rtol=1e-6)
-    assert [c[1:] for c in qkv["codes"]] == [[3, 255], [1, 15], [7, 255]]
+    assert qkv == {"tokens": 33, "heads": 2, "tops": [255, 15, 255]}
     bound = {b.var: b.value for b in out["main"].body.blocks[0].bindings}
+    (call,) = [v for v in bound.values() if isinstance(v, relax.Call) and isinstance(v.args[0], tvm.ir.GlobalVar)
+               and "_qkv" in v.args[0].name_hint]
+    np.testing.assert_array_equal(call.args[1].fields[-1].value.numpy(),
+                                  [quantizer_args(s, z) for s, z in [(0.03, 3), (0.02, 1), (0.05, 7)]])
     items = [bound[x] for x in bound[out["main"].body.body].fields]  # q, k, v: the kernel's outputs 0, 1, 2
     assert [i.index for i in items] == [0, 1, 2] and all(i.tuple_value.same_as(items[0].tuple_value) for i in items)
     assert [int(d) for d in items[0].tuple_value.ty.fields[0].shape] == [2, 2, 33, 32]

@@ -427,8 +427,9 @@ def schedule_qdense(
     operand, `qdense`);
     ``codes_operand`` = (dtype, minus) stores those codes as the next kernel reads them (`epilogue.as_operand`;
     minus `epilogue.ZERO_POINT`: the quantizer's zero point, as the operand holds it);
-    ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes`` (AMX
-    only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention kernels' layout.  ``a_rows``
+    ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes``
+    ({"tokens", "heads", "tops"}, AMX only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention
+    kernels' layout, under the quantizers of its run-time ``quant`` operand.  ``a_rows``
     reads the activation rows through a row table (`qdense`; not the amx kernel).
     """
     if (gelu_codes is not None or residual or qkv_codes is not None) and not epilogue:
@@ -440,6 +441,9 @@ def schedule_qdense(
     if gelu_codes is not None and (isinstance(gelu_codes, bool) or not isinstance(gelu_codes, int | np.integer)):
         raise TypeError(f"gelu_codes is the top code 2^b - 1 (the quantizer is the kernel's quant operand), "
                         f"got {gelu_codes!r}")
+    if qkv_codes is not None and set(qkv_codes) != {"tokens", "heads", "tops"}:
+        raise TypeError(f"qkv_codes is {{'tokens', 'heads', 'tops'}} (the quantizers are the kernel's quant operand), "
+                        f"got keys {sorted(qkv_codes)}")
     if variant == "auto":
         v = choose_variant(target, bits_a, bits_w, (M, N, K) if epilogue and compensate is not False else None)
     elif variant in VARIANTS:
@@ -500,10 +504,8 @@ def _minus(minus) -> int | str:
 
 
 def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None) -> dict:
-    """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys);
-    quantizer scales as the float32 values the kernels compute with (GELU → codes: its top code only, the
-    quantizer being an operand)."""
-    codes = lambda c: [float(np.float32(c[0])), int(c[1]), int(c[2])]  # noqa: E731
+    """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys); of a
+    codes tail its top codes only, the quantizers being the kernel's operands."""
     if gelu_codes is not None:
         operand = {} if codes_operand is None else {"codes_operand": [str(codes_operand[0]), _minus(codes_operand[1])]}
         return {"gelu_codes": {"top": int(gelu_codes)}, **operand}
@@ -511,7 +513,7 @@ def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None) -> dic
         return {"residual": True}
     if qkv_codes is not None:
         return {"qkv_codes": {"tokens": int(qkv_codes["tokens"]), "heads": int(qkv_codes["heads"]),
-                              "codes": [codes(c) for c in qkv_codes["codes"]]}}
+                              "tops": [int(t) for t in qkv_codes["tops"]]}}
     return {}
 
 

@@ -160,10 +160,11 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
     with compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU).
     The tails of `epilogue.tail`: ``gelu_codes`` (the top code): ``out`` holds the uint8 codes of GELU of the
     result under the run-time quantizer ``quant`` (float32 [3], `epilogue.quantizer_args`); ``residual``:
-    ``out = res + result``.  ``qkv_codes`` ({"tokens", "heads", "codes": three
-    (scale, zero point, top)}): the result is a fused q/k/v projection ``[B·tokens, 3·heads·D]``; ``out`` is
-    three outputs ``q, k, v`` ``[B, heads, tokens, D]`` uint8 (in place of ``out``), each the codes under its own
-    quantizer, in the layout the attention kernels read (`passes.qkv_codes_epilogue`)."""
+    ``out = res + result``.  ``qkv_codes`` ({"tokens", "heads", "tops": the three codes' 2^b − 1}): the result is
+    a fused q/k/v projection ``[B·tokens, 3·heads·D]``; ``out`` is three outputs ``q, k, v`` ``[B, heads, tokens,
+    D]`` uint8 (in place of ``out``), each the codes under its own quantizer, row i of the run-time operand
+    ``quant`` float32 [3, 3] (after ``bias``; `epilogue.quantizer_args` of q's, k's, v's), in the layout the
+    attention kernels read (`passes.qkv_codes_epilogue`).  Why operands: the blocks' qkv kernels are then one."""
     if not fits(M, N, K):
         raise ValueError(f"amx qdense needs M >= {ROWS}, N % {COLS} == 0 and K padded to 4 a multiple of {K_STEP}, "
                          f"got {M}x{N}x{K}")
@@ -182,7 +183,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
             raise ValueError(f"qkv codes need M = B x {tokens} tokens and N = 3 x {heads} heads x D with D % {COLS} "
                              f"== 0, got {M}x{N}")
         out_shape = (M // tokens, heads, tokens, dim)
-        qkv = [tuple(c) for c in qkv_codes["codes"]]
+        tops = [int(t) for t in qkv_codes["tops"]]
 
     def result(C, slot, comp, asum, zp_wsum, scale, bias, r, m, n):
         """The float epilogue of accumulator C[slot, r, n mod 32] of output row m, column n (`qdense.qdense`'s)."""
@@ -220,15 +221,16 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
                 T.evaluate(amx_intrin("tileloadd64", T.int8(6 + i), T.address_of(W[nb * 2 + i, kt * 16, 0, 0]), T.int64(64)))
 
     @T.macro
-    def qkv_row(out, C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, which, q_scale, q_zp, q_top):  # q, k or v
-        """Row r of the block's codes if column block nb belongs to q, k or v = ``which``: head h = its columns //
-        D, dims from its columns % D; row m0 + r = image b, token t."""
+    def qkv_row(out, C, slot, comp, asum, zp_wsum, scale, bias, quant, m0, r, nb, which, top):  # q, k or v
+        """Row r of the block's codes if column block nb belongs to q, k or v = ``which`` (its quantizer: row
+        ``which`` of ``quant``): head h = its columns // D, dims from its columns % D; row m0 + r = image b,
+        token t."""
         if nb * COLS // (heads * dim) == which:
             for j in T.vectorized(COLS):
                 out[(m0 + r) // tokens, nb * COLS % (heads * dim) // dim, (m0 + r) % tokens,
-                    nb * COLS % dim + j] = epilogue.codes(
-                        result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), q_scale, q_zp,
-                        q_top)
+                    nb * COLS % dim + j] = epilogue.quantize_codes(
+                        result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j),
+                        epilogue.Quantizer(quant[which, 0], quant[which, 1], quant[which, 2]), top)
 
     @T.macro
     def finish_rows(C, slot, comp, asum, zp_wsum, scale, bias, res, out, m0, nb, r_lo, r_hi):
@@ -239,13 +241,10 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
                         result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j), res, m0 + r,
                         nb * COLS + j)
         else:
-            for r in range(r_lo, r_hi):  # one branch per q, k, v: its quantizer's constants, as the unfused ops
-                qkv_row(out[0], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 0, qkv[0][0], qkv[0][1],
-                        qkv[0][2])
-                qkv_row(out[1], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 1, qkv[1][0], qkv[1][1],
-                        qkv[1][2])
-                qkv_row(out[2], C, slot, comp, asum, zp_wsum, scale, bias, m0, r, nb, 2, qkv[2][0], qkv[2][1],
-                        qkv[2][2])
+            for r in range(r_lo, r_hi):  # one branch per q, k, v: its quantizer, the unfused ops' operations
+                qkv_row(out[0], C, slot, comp, asum, zp_wsum, scale, bias, res, m0, r, nb, 0, tops[0])
+                qkv_row(out[1], C, slot, comp, asum, zp_wsum, scale, bias, res, m0, r, nb, 1, tops[1])
+                qkv_row(out[2], C, slot, comp, asum, zp_wsum, scale, bias, res, m0, r, nb, 2, tops[2])
 
     @T.macro
     def finish(C, slot, ep, m0, nb, r_lo, r_hi):
@@ -343,9 +342,10 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
         def main_qkv(A: T.Buffer((M, Kp), "uint8"), W: T.Buffer((N // 16, Kp // 4, 16, 4), "int8"),
                      comp: T.Buffer((N,), "int32"), zp_wsum: T.Buffer((N,), "int32"),
                      scale: T.Buffer((N,), "float32"), bias: T.Buffer((N,), "float32"),
-                     q: T.Buffer(out_shape, "uint8"), k: T.Buffer(out_shape, "uint8"), v: T.Buffer(out_shape, "uint8")):
+                     quant: T.Buffer((3, epilogue.QUANT), "float32"), q: T.Buffer(out_shape, "uint8"),
+                     k: T.Buffer(out_shape, "uint8"), v: T.Buffer(out_shape, "uint8")):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            body(A, W, comp, zp_wsum, scale, bias, None, (q, k, v))
+            body(A, W, comp, zp_wsum, scale, bias, quant, (q, k, v))
 
         return main_qkv
 

@@ -9,7 +9,9 @@ Matches, after `quantized_linear` has made the qkv projection an AMX kernel call
 
 and replaces it by one call of the kernel with ``qkv_codes`` (`kernels.qdense_amx`: three outputs [B, H, T, D]
 uint8, each of q, k, v under its own quantizer, the same operations as the unfused quantize), whose outputs are
-bound to the variables the quantizes were bound to.  (Views into one [3, B, H, T, D] output would save nothing
+bound to the variables the quantizes were bound to.  The quantizers are a constant argument of the call (the
+kernel's ``quant``, `kernels.epilogue.quantizer_args` of q's, k's and v's), so the blocks' qkv projections of one
+shape call one kernel.  (Views into one [3, B, H, T, D] output would save nothing
 and the kernels downstream require offset-free buffers.)  Why: the unfused path
 wrote the float32 qkv output (1.2 MB per image), moved it with a transpose kernel and read it again three
 times to quantize; at batch 8 the transpose alone took 10 of DeiT-Small's 122 ms on Sapphire Rapids.
@@ -18,10 +20,12 @@ Only AMX kernels have this tail (the tensorized TE kernels of the other variants
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..kernels.epilogue import quantizer_args
 from ..relax_util import is_op, rewrite_functions, static_shape
 from .fused_attention import qkv_third
 from .qdense_tail import FusedKernels, plain_qdense_spec
@@ -48,7 +52,7 @@ def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
         if not is_op(call, "relax.call_tir"):
             continue
         spec = plain_qdense_spec(mod, call)
-        if spec is None or spec["variant"] != "amx":
+        if spec is None or spec["variant"] != "amx" or not isinstance(call.args[1], relax.Tuple):
             continue
         v, skip = y, [y]
         while (nxt := only_user(v, "relax.reshape")) is not None:
@@ -77,7 +81,8 @@ def _chains(func: relax.Function, mod: tvm.IRModule) -> list[dict]:
         else:
             if len(slices) == 3 and all(r is not None for r in roots):
                 plans.append({"y": y, "call": call, "spec": spec, "skip": skip + chain, "roots": roots,
-                              "qkv": {"tokens": T, "heads": H, "codes": codes}, "shape": (B, H, T, D)})
+                              "qkv": {"tokens": T, "heads": H, "tops": [top for *_, top in codes]},
+                              "quant": np.stack([quantizer_args(s, z) for s, z, _ in codes]), "shape": (B, H, T, D)})
     return plans
 
 
@@ -96,8 +101,9 @@ class _Fuse(PyExprMutator):
             return
         B, H, T, D = plan["shape"]
         gv = self.kernels.get(plan["call"], plan["spec"], qkv_codes=plan["qkv"])
-        out = self.builder_.emit(relax.call_tir(gv, plan["call"].args[1],
-                                                [relax.TensorType((B, H, T, D), "uint8")] * 3), name_hint="qkv_codes")
+        args = relax.Tuple([*plan["call"].args[1].fields, relax.const(plan["quant"])])
+        out = self.builder_.emit(relax.call_tir(gv, args, [relax.TensorType((B, H, T, D), "uint8")] * 3),
+                                 name_hint="qkv_codes")
         for i, root in enumerate(plan["roots"]):
             self.builder_.emit_normalized(relax.VarBinding(root, self.builder_.normalize(relax.TupleGetItem(out, i))))
 

@@ -88,12 +88,15 @@ class QDense:
 
     def _args(self, a, *rest):
         """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res], then [rows]; with
-        ``gelu_codes`` the kernel's quantizer operand goes in after bias (`epilogue.quantizer_args`)."""
+        ``gelu_codes`` or ``qkv_codes`` the kernel's quantizer operand goes in after bias (`epilogue.quantizer_args`:
+        one, or q's, k's and v's)."""
         if len(rest) != 1 + self.compensate + 3 * self.epilogue + self.residual + bool(self.a_rows):
             raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias, [res]], [rows])")
-        if self.gelu_codes:
+        quant = quantizer_args(*self.gelu_codes[:2]) if self.gelu_codes else np.stack(
+            [quantizer_args(*c[:2]) for c in self.qkv_codes["codes"]]) if self.qkv_codes else None
+        if quant is not None:
             at = 1 + self.compensate + 3
-            rest = (*rest[:at], quantizer_args(*self.gelu_codes[:2]), *rest[at:])
+            rest = (*rest[:at], quant, *rest[at:])
         dtype = np.uint8 if self.gelu_codes or self.qkv_codes else np.float32 if self.epilogue else np.int32
         if self.codes_operand:
             dtype = np.dtype(self.codes_operand[0])
@@ -133,11 +136,13 @@ def build_qdense(
     codes_operand: tuple[str, int] | None = None, a_rows: int | None = None,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments, but ``gelu_codes`` =
-    (scale, zero point, top code): the kernel gets the top code, its calls the quantizer operand)."""
+    (scale, zero point, top code) and ``qkv_codes`` = {"tokens", "heads", "codes": three (scale, zero point, top)}:
+    the kernel gets the top codes, its calls the quantizer operand)."""
     sch, v, tiles, compensate = schedule_qdense(
         M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
         tiles=tiles, depth=depth, compensate=compensate, gelu_codes=None if gelu_codes is None else int(gelu_codes[2]),
-        residual=residual, qkv_codes=qkv_codes,
+        residual=residual, qkv_codes=None if qkv_codes is None else {
+            "tokens": qkv_codes["tokens"], "heads": qkv_codes["heads"], "tops": [c[2] for c in qkv_codes["codes"]]},
         codes_operand=codes_operand, a_rows=a_rows)
     exe = tvm.compile(sch.mod, target=as_target(target))
     return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual,

@@ -62,8 +62,8 @@ def random_args(func: tvm.tirx.PrimFunc, spec: dict | None, seed: int = 0) -> li
     params = _params(func)
     args = []
     for i, (name, shape, dtype) in enumerate(params):
-        if spec is not None and name == "quant":  # a run-time quantizer (GELU → codes): a valid one, codes spread
-            args.append(quantizer_args(64.0, 128))
+        if spec is not None and name == "quant":  # run-time quantizers (GELU → codes, q/k/v): valid ones, codes spread
+            args.append(np.ascontiguousarray(np.broadcast_to(quantizer_args(64.0, 128), shape)))
         elif i == len(params) - 1 or (spec is not None and name in ("scale", "bias")):
             fill = {"scale": 1, "bias": 0}.get(name, 0) if i < len(params) - 1 else 0
             args.append(np.full(shape, fill, dtype))
