@@ -51,14 +51,15 @@ def main() -> None:
           f"(median of {args.rounds} rounds of {args.number})")
     for tail in args.tails.split(","):
         N, K = TAILS[tail]
-        kw = {"qkv": {"qkv_codes": {"tokens": TOKENS, "heads": HEADS, "codes": [(0.05, 120, 255)] * 3}},
+        kw = {"qkv": {"qkv_codes": {"tokens": TOKENS, "heads": HEADS, "tops": [255] * 3}},
               "gelu": {"gelu_codes": 255}}.get(tail, {"residual": True} if "res" in tail else {})
         exe = tvm.compile(tvm.IRModule({"main": qdense_amx.qdense_amx_func(M, N, K, **kw)}), target=target)
         arrays = [rng.integers(0, 256, (M, K)).astype(np.uint8),
                   rng.integers(-128, 128, (N // 16, K // 4, 16, 4)).astype(np.int8),
                   rng.integers(-100, 100, N).astype(np.int32), rng.integers(-1000, 1000, N).astype(np.int32),
                   np.full(N, 1e-5, np.float32), rng.standard_normal(N).astype(np.float32)]
-        if tail == "qkv":
+        if tail == "qkv":  # the three quantizers, then q, k, v
+            arrays += [np.stack([quantizer_args(0.05, 120)] * 3)]
             arrays += [np.zeros((args.batch, HEADS, TOKENS, DIM // HEADS), np.uint8)] * 3
         else:
             arrays += [rng.standard_normal((M, N)).astype(np.float32)] if "res" in tail else []
