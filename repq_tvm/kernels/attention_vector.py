@@ -32,9 +32,9 @@ M ≥ 4, D a multiple of the vector's int32 lanes (8 / 16).
 With ``qkv`` in the spec ({"heads": H, "tops": the three codes' 2^b − 1}), the kernel reads the qkv projection's
 float output instead, ``main(y, qk_zp, qk_scale, v_zp, v_scale, [terms,] consts, out)`` with y float32
 [batch·T, 3·H·D] (Bt = batch·H, M = N = T), and quantizes head b's q, k and v itself under the consts' q, k and v
-quantizers (`epilogue.quantize_codes`: the unfused quantizer's operations): k and v once per head, straight into the packed operands, q per row block.  Why:
-otherwise three kernels per block slice, move and quantize them (`passes.qkv_head_split`), writing and reading the
-codes again.
+quantizers (`epilogue.quantize_codes`: the unfused quantizer's operations): k and v once per head, straight into
+the packed operands, q per row block.  Why: otherwise three kernels per block slice, move and quantize them
+(`passes.qkv_head_split`), writing and reading the codes again.
 
 With ``logit_terms`` in the spec ([[div, mod], …], at most two) the kernel takes one float32 table ``[mod, M, Np]``
 per term after ``v_scale`` (`logit_term_shape`: keys padded with zeros to whole `VECTOR`s) and adds row

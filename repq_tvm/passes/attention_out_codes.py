@@ -10,9 +10,9 @@ and replaces q by ``call_tir(repq_attention_…_out_codes, args)`` [→ reshape]
 ``out_codes`` (`attention_amx.Output`: the unfused quantizer's and casts' operations, so the same codes), one
 kernel per distinct spec; the quantizer goes into the call's ``consts`` (`kernels.attention_consts`, the last
 argument), so the blocks' calls share the kernel.  AVX2's centred int16 codes subtract that quantizer's zero point
-(`epilogue.ZERO_POINT`), not a constant of the kernel.  Why: the float heads went to memory and a kernel per block read them back, moved them
-to token order and quantized them (DeiT-Small: 12 calls; the last float round trip between two integer kernels
-of a block).  Where an intermediate has another reader the match is left alone.
+(`epilogue.ZERO_POINT`), not a constant of the kernel.  Why: the float heads went to memory and a kernel per
+block read them back, moved them to token order and quantized them (DeiT-Small: 12 calls; the last float round
+trip between two integer kernels of a block).  Where an intermediate has another reader the match is left alone.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ three thirds under their quantizers (what `qkv_head_split` would otherwise turn 
     p  = permute_dims(reshape*(x, [B, T, 3, H, D]), [2, 0, 3, 1, 4])
     q  = reshape*(clip?(quantize(squeeze(strided_slice(p, [0], [0], [1]), [0]), s_q, z_q)))     k: 1, v: 2
 
-and calls the kernel on ``x`` as [B·T, 3·H·D] with the three quantizers in its spec (`epilogue.codes`, the unfused
-quantize's operations).
+and calls the kernel on ``x`` as [B·T, 3·H·D] with the three quantizers in its ``consts`` (below;
+`epilogue.quantize_codes`, the unfused quantize's operations).
 
 The kernel's spec holds the structure only: the log quantizer's scale (and the q, k, v quantizers) go into its
 ``consts`` operand, a constant argument of each call (`kernels.attention_consts`), so all blocks of a model with the

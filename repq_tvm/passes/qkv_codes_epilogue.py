@@ -11,9 +11,8 @@ and replaces it by one call of the kernel with ``qkv_codes`` (`kernels.qdense_am
 uint8, each of q, k, v under its own quantizer, the same operations as the unfused quantize), whose outputs are
 bound to the variables the quantizes were bound to.  The quantizers are a constant argument of the call (the
 kernel's ``quant``, `kernels.epilogue.quantizer_args` of q's, k's and v's), so the blocks' qkv projections of one
-shape call one kernel.  (Views into one [3, B, H, T, D] output would save nothing
-and the kernels downstream require offset-free buffers.)  Why: the unfused path
-wrote the float32 qkv output (1.2 MB per image), moved it with a transpose kernel and read it again three
+shape call one kernel.  (Views into one [3, B, H, T, D] output would save nothing and the kernels downstream
+require offset-free buffers.)  Why: the unfused path wrote the float32 qkv output (1.2 MB per image), moved it with a transpose kernel and read it again three
 times to quantize; at batch 8 the transpose alone took 10 of DeiT-Small's 122 ms on Sapphire Rapids.
 Only AMX kernels have this tail (the tensorized TE kernels of the other variants store one [M, N] output).
 """
