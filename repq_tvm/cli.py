@@ -82,7 +82,7 @@ def _fused(result: dict) -> str:
     """The attentions whose three kernels became one (`passes.fused_attention`), if any, and how many of those
     store the output projection's codes (`passes.attention_out_codes`)."""
     n, codes = result.get("fused_attention", 0), result.get("fused_attention_out_codes", 0)
-    return (f" ({n} attentions as one kernel each: q@kᵀ, softmax, attn@V"
+    return (f" ({n} attentions each fused into one kernel call: q@kᵀ, softmax, attn@V"
             + (f", {codes} storing proj's codes" if codes else "") + ")") if n else ""
 
 
