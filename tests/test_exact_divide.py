@@ -67,3 +67,47 @@ def test_quantize_legalization_divides_exactly_without_the_divider():
     x = _values(0.0173, 4000, seed=3).reshape(4, 1000)
     out = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(out, np.clip(np.round(x / np.float32(0.0173)) + 7, 0, 255).astype(np.uint8))
+
+
+def _layer_norm_codes(quantizers) -> tvm.IRModule:
+    """x → LayerNorm → quantize → int16 → minus the zero point (an AVX2 linear's centred codes), once per
+    quantizer: the per-block chain of a ViT."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((65, 128), "float32"))
+    rng = np.random.default_rng(4)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            outs = []
+            for s, z in quantizers:
+                gamma, beta = (relax.const(rng.standard_normal(128).astype(np.float32)) for _ in range(2))
+                y = bb.emit(relax.op.nn.layer_norm(x, gamma, beta, [1]))
+                q = bb.emit(relax.op.quantize(y, relax.const(s, "float32"), relax.const(z, "int8"), -1, "uint8"))
+                wide = bb.emit(relax.op.astype(q, "int16"))
+                outs.append(bb.emit(relax.op.subtract(wide, relax.const(z, "int16"))))
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_layer_norm_codes_of_every_block_are_one_kernel():
+    """The quantizer's scale and zero point and the centring's zero point are run-time operands
+    (`fast_math`): two blocks' LayerNorm → codes chains with other quantizers fuse into one kernel, called with
+    each block's operands, and give bit for bit the codes of TVM's own legalization (the constants in the code,
+    the divider)."""
+    quantizers = [(0.0173, 7), (0.0411, 120)]
+    mod = _layer_norm_codes(quantizers)
+    with HOST:
+        fused = tvm.transform.Sequential(legalize_passes())(mod)
+    kernels = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and kernels[0].startswith("fused_layer_norm_quantize"), kernels
+    x = np.random.default_rng(5).standard_normal((65, 128)).astype(np.float32) * 3
+    got = relax.VirtualMachine(tvm.compile(fused, target=HOST), tvm.cpu())["main"](tvm.runtime.tensor(x))
+    # the reference: TVM's own legalization and fusion
+    with HOST:
+        plain = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    want = relax.VirtualMachine(tvm.compile(plain, target=HOST), tvm.cpu())["main"](tvm.runtime.tensor(x))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
+        assert len(np.unique(g.numpy())) > 20
+    assert not np.array_equal(got[0].numpy(), got[1].numpy())

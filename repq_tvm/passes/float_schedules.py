@@ -98,8 +98,8 @@ def _read_order(stmt, n_loops: int) -> list[int] | None:
     if len(stmt.iter_vars) != n_loops or not stmt.reads:
         return None
 
-    def size(read) -> int:
-        return math.prod(r.extent.value if isinstance(r.extent, tirx.IntImm) else 1 for r in read.region)
+    def size(read) -> int:  # the whole buffer's: a block reads one element of its input but all of a small operand
+        return math.prod(d.value if isinstance(d, tirx.IntImm) else 1 for d in read.source.shape)
 
     read = max(stmt.reads, key=size)
     position = []
