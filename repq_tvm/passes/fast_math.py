@@ -77,7 +77,8 @@ def _quantize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     scale, zp = (_try_convert_to_scalar_const(a) for a in call.args[1:])
     out_dtype = call.attrs.out_dtype
     if (isinstance(scale, tirx.FloatImm) and str(scale.ty.dtype) == "float32" and str(call.args[0].ty.dtype) == "float32"
-            and "int" in out_dtype and isinstance(zp, tirx.IntImm | tirx.FloatImm) and _static(call.args[0])):
+            and "int" in out_dtype and isinstance(zp, tirx.IntImm | tirx.FloatImm) and float(zp.value).is_integer()
+            and _static(call.args[0])):
         quant = relax.const(quantizer_args(float(scale.value), int(zp.value)))
         return _elementwise(bb, lambda x, q: quantize(x, q, out_dtype), [call.args[0]], quant, "quantize", call.ty)
     return _tvm_quantize(bb, call)
