@@ -176,9 +176,9 @@ def kernel_family(symbol: str, int8_dot: str | None) -> str | None:
 
 def kernel_group(symbol: str) -> str:
     """The kind of a kernel: TVM names each fused copy apart (``fused_softmax_log_codes7``, one per block)
-    so their counters go.  Integer kernels are shared per shape, but those whose constants differ per block
-    (the fused attentions ``…_codes3`` / ``…_qkv3``, whose softmax scales differ; fc1's GELU epilogue ``…_gelu0``
-    was one per block too until its quantizer became an operand) are one per block: the number after those tags
+    so their counters go.  Integer kernels are shared per shape; the fused tails carry a number after their tag
+    (fc1's GELU epilogue ``…_gelu0``, AMX qkv ``…_qkv0``), and artifacts built before their quantizers became
+    operands have one copy per block (``…_gelu7``, the fused attentions ``…_codes3`` / ``…_qkv3``): that number
     goes, the shapes and bit widths (``…_a8w8``) stay."""
     if symbol.startswith(INTEGER_PREFIXES):
         return re.sub(r"(gelu|_res|_qkv|_codes)\d+$", r"\1", symbol)

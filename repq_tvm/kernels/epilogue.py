@@ -126,9 +126,9 @@ class Quantizer(NamedTuple):
         return cls(*(_f32(float(v)) for v in quantizer_args(scale, zp)))
 
     @classmethod
-    def loaded(cls, quant) -> Quantizer:
-        """From a float32 [`QUANT`] buffer (a TE placeholder or a TIR buffer)."""
-        return cls(quant[0], quant[1], quant[2])
+    def loaded(cls, quant, *row) -> Quantizer:
+        """From a float32 [`QUANT`] buffer (a TE placeholder or a TIR buffer), or row ``row`` of one of several."""
+        return cls(*(quant[(*row, i)] for i in range(QUANT)))
 
 
 QUANT = 3  # elements of a kernel's run-time quantizer operand: (s, r, z)

@@ -230,7 +230,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
                 out[(m0 + r) // tokens, nb * COLS % (heads * dim) // dim, (m0 + r) % tokens,
                     nb * COLS % dim + j] = epilogue.quantize_codes(
                         result(C, slot, comp, asum, zp_wsum, scale, bias, r, m0 + r, nb * COLS + j),
-                        epilogue.Quantizer(quant[which, 0], quant[which, 1], quant[which, 2]), top)
+                        epilogue.Quantizer.loaded(quant, which), top)
 
     @T.macro
     def finish_rows(C, slot, comp, asum, zp_wsum, scale, bias, res, out, m0, nb, r_lo, r_hi):

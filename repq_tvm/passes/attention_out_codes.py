@@ -9,8 +9,8 @@ Matches, after `fused_attention` has made each attention one kernel call:
 and replaces q by ``call_tir(repq_attention_…_out_codes, args)`` [→ reshape]: the same kernel spec with
 ``out_codes`` (`attention_amx.Output`: the unfused quantizer's and casts' operations, so the same codes), one
 kernel per distinct spec; the quantizer goes into the call's ``consts`` (`kernels.attention_consts`, the last
-argument), so the blocks' calls share the kernel.  AVX2's centred int16 codes subtract that quantizer's zero point
-(`epilogue.ZERO_POINT`), not a constant of the kernel.  Why: the float heads went to memory and a kernel per
+argument), so the blocks' calls share the kernel (AVX2's centred int16 codes subtract that quantizer's zero point,
+`CodesTail`).  Why: the float heads went to memory and a kernel per
 block read them back, moved them to token order and quantized them (DeiT-Small: 12 calls; the last float round
 trip between two integer kernels of a block).  Where an intermediate has another reader the match is left alone.
 """
@@ -23,7 +23,6 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..kernels.attention_consts import CONSTS, with_quantizer
-from ..kernels.epilogue import ZERO_POINT
 from ..relax_util import calls_only, const_array, emitted, static_shape, var_uses
 from ..tuning.spaces import spec_of
 from .fused_attention import AttentionKernels, consts_arg
@@ -82,8 +81,6 @@ class FuseAttentionOutputCodes:
                 consts = const_array(call.args[1].fields[-1]) if isinstance(call.args[1], relax.Tuple) else None
                 if consts is None or consts.shape != (CONSTS,) or consts.dtype != np.float64:
                     return root
-                if operand is not None and tuple(operand) == ("int16", z):  # AVX2's centred codes
-                    operand = ("int16", ZERO_POINT)
                 spec = {**spec, "out_codes": {"heads": h, "top": top, "operand": list(operand) if operand else None}}
                 args = relax.Tuple([*call.args[1].fields[:-1], consts_arg(with_quantizer(consts, "out", s, z))])
                 kernel = kernels.get(spec)

@@ -25,7 +25,7 @@ from tvm import relax, te, tirx, topi
 from tvm.relax.transform.legalize_ops.common import _try_convert_to_scalar_const
 from tvm.relax.transform.legalize_ops.qdq import _quantize as _tvm_quantize
 
-from ..kernels.epilogue import divide_by, quantizer_args
+from ..kernels.epilogue import Quantizer, divide_by, quantizer_args
 from .load_time_weights import FoldConstantsAtRunTime
 
 ELEMENTWISE = "repq.elementwise"  # attribute of the PrimFuncs `Elementwise` marks as such after TVM's analysis
@@ -51,8 +51,10 @@ def quantize(data: te.Tensor, quant: te.Tensor, out_dtype: str) -> te.Tensor:
     float32 scale and zero point read from ``quant`` = `quantizer_args` (s, 1/s, z), the division by `divide_by`."""
     lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
 
+    s, r, z = Quantizer.loaded(quant)
+
     def compute(*i):
-        q = te.round(divide_by(data[i], quant[0], quant[1])) + quant[2]
+        q = te.round(divide_by(data[i], s, r)) + z
         return te.max(te.min(q, hi), lo).astype(out_dtype)
 
     return te.compute(data.shape, compute, name="quantized")

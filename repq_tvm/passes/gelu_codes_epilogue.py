@@ -27,7 +27,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from ..kernels.epilogue import ZERO_POINT, quantizer_args
+from ..kernels.epilogue import quantizer_args
 from ..relax_util import calls_only, emitted, static_shape, var_uses
 from .qdense_tail import CodesTail, FusedKernels, plain_qdense_spec
 
@@ -64,8 +64,6 @@ class FuseGeluCodesEpilogue:
                         or not all(uses.get(x) == 1 for x in (gelu.args[0], reshape.args[0])):
                     return root
                 operand, (s, z, top) = tail["operand"], tail["codes"]
-                if operand == ("int16", z):  # AVX2's centred codes: minus the zero point the operand holds
-                    operand = ("int16", ZERO_POINT)
                 fused = kernels.get(call, spec, gelu_codes=top,
                                     **({} if operand is None else {"codes_operand": operand}))
                 self.rewritten += 1

@@ -10,6 +10,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from ..kernels.epilogue import ZERO_POINT
 from ..relax_util import code_bits, scalar_const, scheduled_kernel
 
 
@@ -21,7 +22,9 @@ class CodesTail:
        [a = subtract(astype(q, int16), c)   |   astype(subtract(astype(q, int16), c), int8)   |   astype(q, int8)]
 
     the casts `quantized_linear` puts before an int16 (AVX2 `vpmaddwd`: ``q − z``) or sdot (``q − 128``) kernel.
-    A fused epilogue stores ``a`` itself (``operand``, `epilogue.as_operand`), or q.
+    A fused epilogue stores ``a`` itself (``operand``, `epilogue.as_operand`), or q.  AVX2's ``q − z`` is the
+    operand ("int16", `epilogue.ZERO_POINT`): the fused kernel subtracts the zero point of the quantizer it reads at
+    run time, so the blocks' kernels stay one.
     """
 
     def __init__(self, source):
@@ -49,7 +52,7 @@ class CodesTail:
         return (want, int(c)) if dtype == want else None
 
     def tail(self, root, m, uses: dict) -> dict | None:
-        """{"codes": (s, z, 2^b − 1), "operand": (dtype, minus) or None} of a match rooted at ``root``, or None where
+        """{"codes": (s, z, 2^b − 1), "operand": (dtype, minus: an int or `ZERO_POINT`) or None} of a match rooted at ``root``, or None where
         an intermediate has another reader (the quantize's input included) or the casts are not `quantized_linear`'s."""
         quant, clip = m[self.codes], m.get(self.clipped)
         operand = None
@@ -64,6 +67,8 @@ class CodesTail:
                 or (clip is not None and uses.get(clip.args[0]) != 1):
             return None
         top = 2 ** code_bits(clip if clip is not None else quant) - 1
+        if operand == ("int16", int(z)):  # AVX2's centred codes: minus the quantizer's own zero point
+            operand = ("int16", ZERO_POINT)
         return {"codes": (float(s), int(z), top), "operand": operand}
 
 
