@@ -89,6 +89,13 @@ def test_variants_and_what_the_kernel_refuses():
         A.attention_vector_func({**_spec(1, 40, 45, 64, 8, True, 8, "vnni"), "variant": "sse"})
 
 
+def _qkv_head_codes(y, heads, t, d, quantizers, bits):
+    """q, k, v codes [batch·H, T, D] of a qkv output y [batch·T, 3·H·D] under (scale, zero point) each: the unfused
+    head split and `reference.ops.quantize` (round half to even)."""
+    thirds = y.reshape(-1, t, 3, heads, d).transpose(2, 0, 3, 1, 4).reshape(3, -1, t, d)
+    return [ops.quantize(thirds[i], s, z, bits).astype(np.uint8) for i, (s, z) in enumerate(quantizers)]
+
+
 @pytest.mark.parametrize("variant,mode", [("avx2_i16", "native"), ("vnni", "emulated")])
 @pytest.mark.parametrize("batch,heads,t,d,bits", [(2, 3, 45, 64, 8), (1, 4, 65, 32, 4)])
 def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batch, heads, t, d, bits):
@@ -100,8 +107,7 @@ def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batc
     rng = np.random.default_rng(t)
     y = (rng.standard_normal((batch * t, 3 * heads * d)) * 2).astype(np.float32)
     quantizers = [(0.031, 131, 2 ** bits - 1), (0.027, 120, 2 ** bits - 1), (0.05, 2 ** (bits - 1), 2 ** bits - 1)]
-    heads_of = y.reshape(batch, t, 3, heads, d).transpose(2, 0, 3, 1, 4).reshape(3, batch * heads, t, d)
-    q, k, v = (ops.quantize(heads_of[i], s, z, bits).astype(np.uint8) for i, (s, z, _) in enumerate(quantizers))
+    q, k, v = _qkv_head_codes(y, heads, t, d, [(s, z) for s, z, _ in quantizers], bits)
     qk_zp = np.array([quantizers[0][1], quantizers[1][1]], np.int32)
     v_zp, qk_scale, v_scale = np.array([quantizers[2][1]], np.int32), np.array([9e-4], np.float32), np.array([3e-6],
                                                                                                                 np.float32)
@@ -179,8 +185,7 @@ def test_one_kernel_serves_every_blocks_constants(variant, mode):
     seen = []
     for s_attn, qkv, (share, z_out) in blocks:
         y = (rng.standard_normal((batch * t, 3 * heads * d)) * 2).astype(np.float32)
-        heads_of = y.reshape(batch, t, 3, heads, d).transpose(2, 0, 3, 1, 4).reshape(3, bt, t, d)
-        q, k, v = (ops.quantize(heads_of[i], s, z, bits).astype(np.uint8) for i, (s, z) in enumerate(qkv))
+        q, k, v = _qkv_head_codes(y, heads, t, d, qkv, bits)
         qk_zp, v_zp = np.array([qkv[0][1], qkv[1][1]], np.int32), np.array([qkv[2][1]], np.int32)
         qk_scale, v_scale = np.array([9e-4], np.float32), np.array([3e-6], np.float32)
         heads_out = _unfused(bt, t, t, d, s_attn, bits, True, f, ops.attn_groups(bits, f, True), bits, q, k, v, qk_zp,

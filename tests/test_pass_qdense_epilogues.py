@@ -407,7 +407,6 @@ def test_qkv_pass_stores_the_three_codes_of_one_amx_projection():
     """One kernel call with three [B, H, T, D] outputs bound to the codes' variables: no split, squeeze or
     quantize left, the codes' tops (k's clip to 4 bits included) in the kernel's spec, the quantizers its call's
     ``quant`` operand."""
-    from repq_tvm.kernels.epilogue import quantizer_args
     import json
 
     from repq_tvm.passes.qkv_codes_epilogue import FuseQKVCodesEpilogue
@@ -425,7 +424,7 @@ def test_qkv_pass_stores_the_three_codes_of_one_amx_projection():
     (call,) = [v for v in bound.values() if isinstance(v, relax.Call) and isinstance(v.args[0], tvm.ir.GlobalVar)
                and "_qkv" in v.args[0].name_hint]
     np.testing.assert_array_equal(call.args[1].fields[-1].value.numpy(),
-                                  [quantizer_args(s, z) for s, z in [(0.03, 3), (0.02, 1), (0.05, 7)]])
+                                  [epilogue.quantizer_args(s, z) for s, z in [(0.03, 3), (0.02, 1), (0.05, 7)]])
     items = [bound[x] for x in bound[out["main"].body.body].fields]  # q, k, v: the kernel's outputs 0, 1, 2
     assert [i.index for i in items] == [0, 1, 2] and all(i.tuple_value.same_as(items[0].tuple_value) for i in items)
     assert [int(d) for d in items[0].tuple_value.ty.fields[0].shape] == [2, 2, 33, 32]
