@@ -39,9 +39,9 @@ def main() -> None:
     from repq_tvm import targets
     from repq_tvm.kernels import attention_amx as A
     from repq_tvm.kernels import attention_vector as AV
-    from repq_tvm.kernels.attention_consts import attention_consts
+    from repq_tvm.kernels.attention_consts import attention_consts, log2_scale
     from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
-    from repq_tvm.kernels.log_weights import log_weights_primfunc
+    from repq_tvm.kernels.log_weights import log2_scale_operand, log_weights_primfunc
     from repq_tvm.kernels.qbmm import qbmm_primfunc
     from repq_tvm.reference import ops
 
@@ -83,22 +83,23 @@ def main() -> None:
         else:
             fused_fn, fused_name = None, None
         qk_fn = build(qbmm_primfunc(bt, m, n, d, host)[0], host)
-        lw_fn = build(log_weights_primfunc((bt, m, n), s_attn, args.bits, True, f, groups, host, softmax=True)[0], host)
+        lw_fn = build(log_weights_primfunc((bt, m, n), args.bits, True, f, groups, host, softmax=True)[0], host)
         av_fn = build(attn_v_primfunc(bt, m, n, d, host, parities=2, groups=groups, f=f, v_bits=args.bits)[0], host)
         qk_args, av_args = tensors(q, k, qk_zp, qk_scale), tensors(v, v_zp, v_scale)
-        (consts,) = tensors(attention_consts(s_attn))  # the fused kernel's run-time constants
+        # the run-time constants: the weights kernel's log2(s), the fused kernel's consts
+        log2s, consts = tensors(log2_scale_operand(s_attn), attention_consts(log2_scale(s_attn)))
         logits, w, out3, out = tensors(np.empty((bt, m, n), np.float32),
                                        np.zeros((bt, ops.attn_planes(2, groups), m, padded_tokens(n)), np.int16),
                                        np.empty((bt, m, d), np.float32), np.empty((bt, m, d), np.float32))
 
         def three():
             qk_fn(*qk_args, logits)
-            lw_fn(logits, w)
+            lw_fn(logits, log2s, w)
             av_fn(w, *av_args, out3)
 
         tq, tk, tv = (torch.randn(bt, x, d) for x in (m, n, n))
         three()
-        runs = {"q@kT": lambda: qk_fn(*qk_args, logits), "weights": lambda: lw_fn(logits, w),
+        runs = {"q@kT": lambda: qk_fn(*qk_args, logits), "weights": lambda: lw_fn(logits, log2s, w),
                 "attn@V": lambda: av_fn(w, *av_args, out3), "3 kernels": three}
         if fused_fn is not None:
             fused_fn(*qk_args, *av_args, consts, out)

@@ -8,9 +8,9 @@ import tvm
 
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as A
-from repq_tvm.kernels.attention_consts import attention_consts
+from repq_tvm.kernels.attention_consts import attention_consts, log2_scale
 from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
-from repq_tvm.kernels.log_weights import log_weights_primfunc
+from repq_tvm.kernels.log_weights import log2_scale_operand, log_weights_primfunc
 from repq_tvm.kernels.qbmm import qbmm_primfunc
 from repq_tvm.reference import ops
 
@@ -40,7 +40,8 @@ def _unfused(bt, m, n, d, s_attn, bits, sqrt2, f, groups, v_bits, q, k, v, qk_zp
     planes = ops.attn_planes(2 if sqrt2 else 1, groups)
     (w,) = _tensors(np.zeros((bt, planes, m, padded_tokens(n)), np.int16))
     _build(qbmm_primfunc(bt, m, n, d, HOST)[0], HOST)(*_tensors(q, k, qk_zp, qk_scale), logits)
-    _build(log_weights_primfunc((bt, m, n), s_attn, bits, sqrt2, f, groups, HOST, softmax=True)[0], HOST)(logits, w)
+    _build(log_weights_primfunc((bt, m, n), bits, sqrt2, f, groups, HOST, softmax=True)[0], HOST)(
+        logits, *_tensors(log2_scale_operand(s_attn)), w)
     av = attn_v_primfunc(bt, m, n, d, HOST, parities=2 if sqrt2 else 1, groups=groups, f=f, v_bits=v_bits)[0]
     _build(av, HOST)(w, *_tensors(v, v_zp, v_scale), out)
     return out.numpy()
@@ -63,7 +64,7 @@ def test_fused_attention_equals_the_three_kernels(mode, bt, m, n, d, bits, sqrt2
     spec = A.attention_spec(bt, m, n, d, bits=bits, sqrt2=sqrt2, f=f, groups=groups, v_bits=v_bits)
     fused = _build(A.attention_amx_func(spec, emulate=mode == "emulated"), AMX if mode == "native" else HOST)
     out = tvm.runtime.tensor(np.empty((bt, m, d), np.float32))
-    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, attention_consts(s_attn)), out)
+    fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, attention_consts(log2_scale(s_attn))), out)
     expected = _unfused(bt, m, n, d, s_attn, bits, sqrt2, f, groups, v_bits, q, k, v, qk_zp, qk_scale, v_zp, v_scale)
     assert np.array_equal(out.numpy(), expected)
 

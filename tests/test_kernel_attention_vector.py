@@ -12,10 +12,10 @@ from test_kernel_attention_amx import CASES, _build, _tensors, _unfused
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as AM
 from repq_tvm.kernels import attention_vector as A
-from repq_tvm.kernels.attention_consts import attention_consts, with_quantizer
+from repq_tvm.kernels.attention_consts import attention_consts, log2_scale, with_quantizer
 from repq_tvm.kernels.epilogue import ZERO_POINT
 from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
-from repq_tvm.kernels.log_weights import log_weights_primfunc
+from repq_tvm.kernels.log_weights import log2_scale_operand, log_weights_primfunc
 from repq_tvm.kernels.qbmm import qbmm_primfunc
 from repq_tvm.reference import ops
 
@@ -61,7 +61,7 @@ def test_fused_vector_attention_equals_the_three_kernels(variant, mode, bt, m, n
     target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
     fused = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
     out = tvm.runtime.tensor(np.empty((bt, m, d), np.float32))
-    fused(*_tensors(*inputs, attention_consts(S_ATTN)), out)
+    fused(*_tensors(*inputs, attention_consts(log2_scale(S_ATTN))), out)
     assert np.array_equal(out.numpy(), expected)
 
 
@@ -117,8 +117,8 @@ def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batc
     fused = _build(A.attention_vector_func({**spec, "qkv": {"heads": heads, "tops": [t for *_, t in quantizers]}},
                                            emulate=mode == "emulated"), target)
     expected, out = (tvm.runtime.tensor(np.empty((batch * heads, t, d), np.float32)) for _ in range(2))
-    plain(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, attention_consts(S_ATTN)), expected)
-    consts = attention_consts(S_ATTN, {slot: (s, z) for slot, (s, z, _) in zip("qkv", quantizers)})
+    plain(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, attention_consts(log2_scale(S_ATTN))), expected)
+    consts = attention_consts(log2_scale(S_ATTN), {slot: (s, z) for slot, (s, z, _) in zip("qkv", quantizers)})
     fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale, consts), out)
     assert np.array_equal(out.numpy(), expected.numpy())
     assert np.abs(expected.numpy()).max() > 0
@@ -157,7 +157,7 @@ def test_fused_attention_stores_the_output_projections_codes(variant, mode, head
     fused = _build(A.attention_func(spec, emulate=mode == "emulated"), target)
     output = AM.Output(spec)
     out = tvm.runtime.tensor(np.empty(output.shape, output.dtype))
-    fused(*_tensors(*inputs, attention_consts(S_ATTN, {"out": (scale, 2 ** (bits - 1))})), out)
+    fused(*_tensors(*inputs, attention_consts(log2_scale(S_ATTN), {"out": (scale, 2 ** (bits - 1))})), out)
     want = _token_codes(expected, heads, scale, 2 ** (bits - 1), bits, operand)
     assert out.dtype == (operand[0] if operand else "uint8") and out.shape == (bt // heads, t, heads * d)
     assert np.array_equal(out.numpy().astype(np.int64), want)
@@ -169,8 +169,8 @@ def test_fused_attention_stores_the_output_projections_codes(variant, mode, head
 def test_one_kernel_serves_every_blocks_constants(variant, mode):
     """The softmax's log quantizer and the q, k, v and output quantizers are run-time constants (`attention_consts`):
     one compiled kernel (qkv in, proj's centred codes out, as AVX2 models run it), called with two blocks' constants,
-    gives each block what the unfused kernels built with that block's constants give (log weights with its scale
-    baked in, the oracle's quantizers), bit for bit."""
+    gives each block what the unfused kernels give with that block's constants (the log weights kernel with its
+    log2(s), the oracle's quantizers), bit for bit."""
     batch, heads, t, d, bits = 2, 3, 45, 64, 8
     bt, top, rng = batch * heads, 2 ** bits - 1, np.random.default_rng(7)
     f = ops.attn_frac_bits(t, bits)
@@ -192,7 +192,7 @@ def test_one_kernel_serves_every_blocks_constants(variant, mode):
                              qk_scale, v_zp, v_scale)
         s_out = float(np.abs(heads_out).max()) / 2 ** (bits - 1) * share  # codes over the range, a few clipped
         want = _token_codes(heads_out, heads, s_out, z_out, bits, ("int16", ZERO_POINT))
-        consts = with_quantizer(attention_consts(s_attn, dict(zip("qkv", qkv))), "out", s_out, z_out)
+        consts = with_quantizer(attention_consts(log2_scale(s_attn), dict(zip("qkv", qkv))), "out", s_out, z_out)
         out = tvm.runtime.tensor(np.empty(output.shape, output.dtype))
         fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale, consts), out)
         assert np.array_equal(out.numpy().astype(np.int64), want)
@@ -203,7 +203,7 @@ def test_one_kernel_serves_every_blocks_constants(variant, mode):
 
 def test_attention_consts_refuse_what_they_cannot_hold():
     with pytest.raises(ValueError, match=r"no quantizer slot \['o'\] in a fused attention"):
-        attention_consts(0.01, {"o": (0.1, 128)})
+        attention_consts(log2_scale(0.01), {"o": (0.1, 128)})
     with pytest.raises(ValueError, match=r"attention constants are float64 \[13\], got shape \(3,\)"):
         with_quantizer(np.zeros(3), "out", 0.1, 128)
 
@@ -233,8 +233,8 @@ def test_fused_attention_adds_the_logit_terms(variant, mode):
     y = (logits.numpy().reshape(windows, heads, t, t) + bias).reshape(windows // masks, masks, heads, t, t)
     y = (y + mask[None, :, None]).reshape(bt, t, t)
     (w,) = _tensors(np.zeros((bt, ops.attn_planes(2, groups), t, padded_tokens(t)), np.int16))
-    _build(log_weights_primfunc((bt, t, t), S_ATTN, 8, True, f, groups, HOST, softmax=True)[0], HOST)(
-        *_tensors(y), w)
+    _build(log_weights_primfunc((bt, t, t), 8, True, f, groups, HOST, softmax=True)[0], HOST)(
+        *_tensors(y, log2_scale_operand(S_ATTN)), w)
     expected = tvm.runtime.tensor(np.empty((bt, t, d), np.float32))
     _build(attn_v_primfunc(bt, t, t, d, HOST, parities=2, groups=groups, f=f)[0], HOST)(
         w, *_tensors(v, v_zp, v_scale), expected)
@@ -245,7 +245,7 @@ def test_fused_attention_adds_the_logit_terms(variant, mode):
     target = targets.tvm_target(PRESET[variant], 1) if mode == "native" else HOST
     fused = _build(A.attention_vector_func(spec, emulate=mode == "emulated"), target)
     out = tvm.runtime.tensor(np.empty((bt, t, d), np.float32))
-    consts = attention_consts(S_ATTN)
+    consts = attention_consts(log2_scale(S_ATTN))
     fused(*_tensors(q, k, qk_zp, qk_scale, v, v_zp, v_scale, *tables, consts), out)
     assert np.array_equal(out.numpy(), expected.numpy()) and np.abs(out.numpy()).max() > 0
     assert A.kernel_name(spec).endswith("_t2_codes")

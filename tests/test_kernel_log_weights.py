@@ -22,7 +22,9 @@ bt, m, n, bits, softmax = 1, 16, 13, 8, {softmax}  # 208 floats: 832 bytes, a mu
 target = host_target(1)
 f = ops.attn_frac_bits(n, bits)
 g = ops.attn_groups(bits, f, True)
-func, _ = L.log_weights_primfunc((bt, m, n), 0.0073, bits, True, f, g, target, softmax=softmax)
+func, _ = L.log_weights_primfunc((bt, m, n), bits, True, f, g, target, softmax=softmax,
+                                 scale=None if softmax else 0.0073)
+log2s = [tvm.runtime.tensor(L.log2_scale_operand(0.0073))] if softmax else []  # the fused softmax's operand
 fn = tvm.compile(tvm.IRModule({{"main": func.with_attr("global_symbol", "main")}}), target=target).jit()["main"]
 nbytes, page = bt * m * n * 4, mmap.PAGESIZE
 buf = mmap.mmap(-1, 2 * page)
@@ -32,9 +34,9 @@ x = np.frombuffer(buf, np.float32, count=bt * m * n, offset=page - nbytes).resha
 rng = np.random.default_rng(0)
 x[...] = rng.standard_normal((bt, m, n)) * 3 if softmax else rng.dirichlet(np.ones(n), (bt, m))
 w = tvm.runtime.tensor(np.zeros((bt, ops.attn_planes(2, g), m, padded_tokens(n)), np.int16))
-fn(tvm.runtime.from_dlpack(x), w)
+fn(tvm.runtime.from_dlpack(x), *log2s, w)
 copy = tvm.runtime.tensor(np.zeros_like(w.numpy()))
-fn(tvm.runtime.tensor(np.ascontiguousarray(x)), copy)
+fn(tvm.runtime.tensor(np.ascontiguousarray(x)), *log2s, copy)
 assert np.array_equal(w.numpy(), copy.numpy()) and w.numpy().any()
 print("read inside")
 """

@@ -9,7 +9,7 @@ from tvm import relax
 
 from repq_tvm import targets
 from repq_tvm.kernels import attention_vector as A
-from repq_tvm.kernels.attention_consts import attention_consts, with_quantizer
+from repq_tvm.kernels.attention_consts import attention_consts, log2_scale, with_quantizer
 from repq_tvm.kernels.epilogue import ZERO_POINT
 from repq_tvm.passes.attention_out_codes import FuseAttentionOutputCodes
 from repq_tvm.reference import ops
@@ -19,7 +19,7 @@ B, H, T, D = 2, 3, 45, 64
 F = ops.attn_frac_bits(T, 8)
 SPEC = A.attention_spec(B * H, T, T, D, bits=8, sqrt2=True, f=F, groups=ops.attn_groups(8, F, True), v_bits=8,
                         variant="avx2_i16")
-CONSTS = attention_consts(0.0073)
+CONSTS = attention_consts(log2_scale(0.0073))
 S, Z = 0.0213, 131
 
 

@@ -10,9 +10,9 @@ from tvm import relax
 from repq_tvm import targets
 from repq_tvm.kernels import attention_amx as A
 from repq_tvm.kernels import attention_vector
-from repq_tvm.kernels.attention_consts import attention_consts
+from repq_tvm.kernels.attention_consts import attention_consts, log2_scale
 from repq_tvm.kernels.attn_v import attn_v_primfunc, padded_tokens
-from repq_tvm.kernels.log_weights import log_weights_primfunc
+from repq_tvm.kernels.log_weights import log2_scale_operand, log_weights_primfunc
 from repq_tvm.kernels.qbmm import qbmm_primfunc
 from repq_tvm.passes.fused_attention import FuseAttention
 from repq_tvm.reference import ops
@@ -26,6 +26,16 @@ QK_PARAMS = [relax.const(np.array([3, 130], np.int32)), relax.const(np.array([9e
 V_PARAMS = [relax.const(np.array([7], np.int32)), relax.const(np.array([3e-6], np.float32))]
 
 
+def _log2s(scale):
+    """The fused-softmax weights kernel's run-time log2(s), as `log2_attention` passes it."""
+    return relax.const(log2_scale_operand(scale), "float64")
+
+
+def _consts(scale, quantizers=None):
+    """The fused kernel's ``consts`` argument, as `fused_attention` passes it."""
+    return relax.const(attention_consts(log2_scale(scale), quantizers), "float64")
+
+
 def _inputs():
     return [relax.Var(name, relax.TensorType((BT, rows, D), "uint8")) for name, rows in (("q", M), ("k", N), ("v", N))]
 
@@ -33,7 +43,7 @@ def _inputs():
 def _three_kernels(bb, target):
     """q @ kᵀ, the fused softmax → weights and attn @ V kernels of the heads here, added to ``bb``."""
     return (bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk"),
-            bb.add_func(log_weights_primfunc((BT, M, N), S_ATTN, BITS, True, F, GROUPS, target, softmax=True)[0], "lw"),
+            bb.add_func(log_weights_primfunc((BT, M, N), BITS, True, F, GROUPS, target, softmax=True)[0], "lw"),
             bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av"))
 
 
@@ -46,7 +56,7 @@ def _before(target, extra_reader: bool = False) -> tvm.IRModule:
             y = bb.emit(relax.call_tir(qk, relax.Tuple([q, k, *QK_PARAMS]), relax.TensorType((BT, M, N), "float32")))
             y4 = bb.emit(relax.op.reshape(y, [1, BT, M, N]))
             x = bb.emit(relax.op.reshape(y4, [BT, M, N]))
-            w = bb.emit(relax.call_tir(lw, relax.Tuple([x]),
+            w = bb.emit(relax.call_tir(lw, relax.Tuple([x, _log2s(S_ATTN)]),
                                        relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
             o = bb.emit(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]), relax.TensorType((BT, M, D), "float32")))
             out = bb.emit_output(relax.Tuple([o, y]) if extra_reader else o)
@@ -66,7 +76,7 @@ def _after(variant: str = "amx") -> tvm.IRModule:
     with bb.function("main", [q, k, v]):
         with bb.dataflow():
             o = bb.emit_output(relax.call_tir(fused, relax.Tuple([q, k, *QK_PARAMS, v, *V_PARAMS,
-                                                                   relax.const(attention_consts(S_ATTN), "float64")]),
+                                                                   _consts(S_ATTN)]),
                                               relax.TensorType((BT, M, D), "float32")))
         bb.emit_func_output(o)
     return bb.get()
@@ -82,21 +92,19 @@ def test_before_after_fused_attention(preset, variant):
 
 
 def test_blocks_with_other_softmax_scales_share_one_kernel():
-    """Two blocks' attentions that differ only in the log quantizer's scale (their softmax kernels are two, the
-    scale a constant of each): one fused kernel, each call with its own scale in its ``consts``."""
+    """Two blocks' attentions that differ only in the log quantizer's scale (one softmax kernel, each call with
+    its own log2(s)): one fused kernel, each call with its own log2(s) in its ``consts``."""
     avx2 = targets.tvm_target("x86_64-avx2")
     bb = relax.BlockBuilder()
     q, k, v = _inputs()
-    qk, _, av = _three_kernels(bb, avx2)
+    qk, lw, av = _three_kernels(bb, avx2)
     scales = (S_ATTN, 0.0112)
-    lws = [bb.add_func(log_weights_primfunc((BT, M, N), s, BITS, True, F, GROUPS, avx2, softmax=True)[0], f"lw{i}")
-           for i, s in enumerate(scales)]
     with bb.function("main", [q, k, v]):
         with bb.dataflow():
             outs = []
-            for lw in lws:
+            for s in scales:
                 y = bb.emit(relax.call_tir(qk, relax.Tuple([q, k, *QK_PARAMS]), relax.TensorType((BT, M, N), "float32")))
-                w = bb.emit(relax.call_tir(lw, relax.Tuple([y]),
+                w = bb.emit(relax.call_tir(lw, relax.Tuple([y, _log2s(s)]),
                                            relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
                 outs.append(bb.emit(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]),
                                                    relax.TensorType((BT, M, D), "float32"))))
@@ -110,7 +118,7 @@ def test_blocks_with_other_softmax_scales_share_one_kernel():
                        "variant": "avx2_i16"})]
     calls = [b.value for b in after["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)]
     assert len({c.args[0].name_hint for c in calls}) == 1
-    assert [c.args[1].fields[-1].value.numpy()[0] for c in calls] == [attention_consts(s)[0] for s in scales]
+    assert [c.args[1].fields[-1].value.numpy()[0] for c in calls] == [log2_scale(s) for s in scales]
 
 
 def test_left_alone_on_aarch64():
@@ -149,8 +157,8 @@ def _before_qkv(target, zps=(3, 130, 7), codes_read_elsewhere: bool = False) -> 
                 codes.append(bb.emit(relax.op.reshape(c, [BT, M, D])))
             y = bb.emit(relax.call_tir(qk, relax.Tuple([codes[0], codes[1], *QK_PARAMS]),
                                        relax.TensorType((BT, M, N), "float32")))
-            w = bb.emit(relax.call_tir(lw, relax.Tuple([y]), relax.TensorType((BT, PLANES, M, padded_tokens(N)),
-                                                                            "int16")))
+            w = bb.emit(relax.call_tir(lw, relax.Tuple([y, _log2s(S_ATTN)]),
+                                       relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
             o = relax.call_tir(av, relax.Tuple([w, codes[2], *V_PARAMS]), relax.TensorType((BT, M, D), "float32"))
             o = bb.emit_output(relax.Tuple([o, quantized[0]]) if codes_read_elsewhere else o)
         bb.emit_func_output(o)
@@ -162,7 +170,7 @@ def test_before_after_q_k_v_quantized_in_the_fused_kernel():
     avx2 = targets.tvm_target("x86_64-avx2")
     spec = {**A.attention_spec(BT, M, N, D, bits=BITS, sqrt2=True, f=F, groups=GROUPS, v_bits=8),
             "variant": "avx2_i16", "qkv": {"heads": H, "tops": [top for *_, top in QUANTIZERS]}}
-    consts = attention_consts(S_ATTN, {slot: (s, z) for slot, (s, z, _) in zip("qkv", QUANTIZERS)})
+    consts = _consts(S_ATTN, {slot: (s, z) for slot, (s, z, _) in zip("qkv", QUANTIZERS)})
     name = A.kernel_name(spec)
     assert name.endswith("_qkv")
     kernel = attention_vector.attention_func(spec).with_attr("global_symbol", name).with_attr(
@@ -173,7 +181,7 @@ def test_before_after_q_k_v_quantized_in_the_fused_kernel():
     with bb.function("main", [x]):
         with bb.dataflow():
             o = bb.emit_output(relax.call_tir(fused, relax.Tuple([x, QK_PARAMS[0], QK_PARAMS[1], *V_PARAMS,
-                                                                   relax.const(consts, "float64")]),
+                                                                   consts]),
                                               relax.TensorType((BT, M, D), "float32")))
         bb.emit_func_output(o)
     fuse = FuseAttention(avx2)
@@ -232,7 +240,7 @@ def _before_terms(target, bias_first: bool = True) -> tvm.IRModule:
             y = bb.emit(relax.op.reshape(y, [WINDOWS // MASKS, MASKS, H, M, N]))
             y = bb.emit(relax.op.add(y, relax.const(mask)))
             x = bb.emit(relax.op.reshape(y, [BT, M, N]))
-            w = bb.emit(relax.call_tir(lw, relax.Tuple([x]),
+            w = bb.emit(relax.call_tir(lw, relax.Tuple([x, _log2s(S_ATTN)]),
                                        relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
             o = bb.emit_output(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]), relax.TensorType((BT, M, D),
                                                                                                  "float32")))
@@ -259,7 +267,7 @@ def test_before_after_logit_terms():
         with bb.dataflow():
             o = bb.emit_output(relax.call_tir(fused, relax.Tuple([q, k, *QK_PARAMS, v, *V_PARAMS,
                                                                    *map(relax.const, tables),
-                                                                   relax.const(attention_consts(S_ATTN), "float64")]),
+                                                                   _consts(S_ATTN)]),
                                               relax.TensorType((BT, M, D), "float32")))
         bb.emit_func_output(o)
     fuse = FuseAttention(avx2)

@@ -267,13 +267,22 @@ def _weights_of_codes(codes, dead, f, sqrt2, groups, n):
     return out
 
 
-def _run_log_weights(shape, s_attn, bits, sqrt2, f, groups, data, fused, planes_shape):
+def _log_weights_kernel(shape, bits, sqrt2, f, groups, fused, scale=None):
+    """The built kernel (fused: ``run(x, log2s, w)``; from p: ``run(x, w)``, the scale in the code)."""
     from repq_tvm.kernels.log_weights import log_weights_primfunc
 
-    func, name = log_weights_primfunc(shape, s_attn, bits, sqrt2, f, groups, TARGET, softmax=fused)
+    func, name = log_weights_primfunc(shape, bits, sqrt2, f, groups, TARGET, softmax=fused, scale=scale)
     assert name.startswith("repq_log_weights_softmax_" if fused else "repq_log_weights_")
+    return _build(func)
+
+
+def _run_log_weights(kernel, data, planes_shape, s_attn=None):
+    """Weights of ``data`` (with ``s_attn`` the fused kernel's run-time scale)."""
+    from repq_tvm.kernels.log_weights import log2_scale_operand
+
     out = tvm.runtime.tensor(np.full(planes_shape, 7, np.int16))
-    _build(func)(tvm.runtime.tensor(data), out)
+    log2s = [] if s_attn is None else [tvm.runtime.tensor(log2_scale_operand(s_attn))]
+    kernel(tvm.runtime.tensor(data), *log2s, out)
     return out.numpy()
 
 
@@ -296,7 +305,7 @@ def test_log_weights_kernel_matches_the_oracle(bits, sqrt2):
     alive = expect[..., :n] != 0
     assert alive.any(1).mean() > 0.1 and alive.any((0, 2, 3)).all()  # a real test: every plane has weights
     assert (groups == 2) == (bits == 8)
-    out = _run_log_weights((bt, m, n), s_attn, bits, sqrt2, f, groups, p, False, expect.shape)
+    out = _run_log_weights(_log_weights_kernel((bt, m, n), bits, sqrt2, f, groups, False, s_attn), p, expect.shape)
     assert np.array_equal(out, expect), int((out != expect).sum())
 
 
@@ -304,8 +313,9 @@ def test_log_weights_kernel_matches_the_oracle(bits, sqrt2):
 def test_fused_softmax_codes_are_the_exact_softmax_codes(bits, sqrt2):
     """With the softmax fused the codes come from the logits in the log domain, round(m·log2(e)·(max − x) +
     m·(log2 Σ + log2 s)): the exact softmax's codes up to float32 rounding, so they equal the float64 oracle's
-    wherever its value is not within 1e-4 of a rounding midpoint (a handful of the DeiT-sized rows' entries)."""
-    bt, m, n, s_attn = 2, 24, 197, 0.0037
+    wherever its value is not within 1e-4 of a rounding midpoint (a handful of the DeiT-sized rows' entries).
+    One compiled kernel, called with two blocks' scales (log2 s is its run-time operand)."""
+    bt, m, n = 2, 24, 197
     f = ops.attn_frac_bits(n, 8)
     groups = ops.attn_groups(bits, f, sqrt2)
     logits = (np.random.default_rng(bits).standard_normal((bt, m, n)) * 3).astype(np.float32)
@@ -314,17 +324,21 @@ def test_fused_softmax_codes_are_the_exact_softmax_codes(bits, sqrt2):
     x = logits.astype(np.float64)
     xm = x.max(-1, keepdims=True)
     mult = 2 if sqrt2 else 1
-    raw = mult * ((xm - x) * np.log2(np.e) + np.log2(np.exp(x - xm).sum(-1, keepdims=True)) + np.log2(s_attn))
-    top = 2 ** bits - 1
-    near = np.abs(raw - np.floor(raw) - 0.5) < 1e-4
-    codes = np.clip(np.round(raw), 0, top).astype(np.int32)
-    expect = _weights_of_codes(codes, raw > top + 0.5, f, sqrt2, groups, n)
-    out = _run_log_weights((bt, m, n), s_attn, bits, sqrt2, f, groups, logits, True, expect.shape)
-    differ = (out[..., :n] != expect[..., :n]).any(1)  # [bt, m, n]: an entry whose weights differ in any plane
-    assert not (differ & ~near).any(), np.argwhere(differ & ~near)[:5]
-    assert near.mean() < 1e-3 and (expect[..., :n] != 0).any(1).mean() > 0.1
-    assert (out[..., n] == 0).all()  # the padding token
-    assert (out[0, :, 1, :n][:, np.arange(n) != 5] == 0).all() and out[0, 0, 1, 5] == (1 << f)
+    kernel, outs = _log_weights_kernel((bt, m, n), bits, sqrt2, f, groups, True), []
+    for s_attn in (0.0037, 0.0215):
+        raw = mult * ((xm - x) * np.log2(np.e) + np.log2(np.exp(x - xm).sum(-1, keepdims=True)) + np.log2(s_attn))
+        top = 2 ** bits - 1
+        near = np.abs(raw - np.floor(raw) - 0.5) < 1e-4
+        codes = np.clip(np.round(raw), 0, top).astype(np.int32)
+        expect = _weights_of_codes(codes, raw > top + 0.5, f, sqrt2, groups, n)
+        out = _run_log_weights(kernel, logits, expect.shape, s_attn)
+        differ = (out[..., :n] != expect[..., :n]).any(1)  # [bt, m, n]: an entry whose weights differ in any plane
+        assert not (differ & ~near).any(), (s_attn, np.argwhere(differ & ~near)[:5])
+        assert near.mean() < 1e-3 and (expect[..., :n] != 0).any(1).mean() > 0.1
+        assert (out[..., n] == 0).all()  # the padding token
+        assert (out[0, :, 1, :n][:, np.arange(n) != 5] == 0).all() and out[0, 0, 1, 5] == (1 << f)
+        outs.append(out)
+    assert not np.array_equal(*outs)  # the scale reached the codes
 
 
 def test_pass_fuses_the_softmax_into_the_weights_kernel():
@@ -334,6 +348,31 @@ def test_pass_fuses_the_softmax_into_the_weights_kernel():
     assert any(x.startswith("repq_log_weights_softmax_sqrt2_2x9x9_b4_g1_f14") for x in names), names
     lowered = relax.transform.DeadCodeElimination()(lowered)
     assert "relax.nn.softmax" not in {c.op.name for c in _calls(lowered) if isinstance(c.op, tvm.ir.Op)}
+
+
+def test_blocks_with_other_log_scales_share_one_weights_kernel():
+    """Two attentions of one shape whose log quantizers differ in their scale: one fused-softmax weights kernel,
+    each call with its own log2(s) (float64), each result within the bound of its own fake-quant graph."""
+    from repq_tvm.kernels.log_weights import log2_scale_operand
+
+    cases, inputs = [], []
+    for seed, s_attn in ((1, 0.3855), (2, 0.0731)):
+        case, data = _case(seed, (2, 3), 17, 21, 12, 4, True, 4)
+        cases.append((*case[:2], s_attn, *case[3:]))
+        inputs.append(data)
+    mod = attention_module(cases)
+    lowered = LowerLog2Attention(TARGET)(mod)
+    kernels = [gv for gv in lowered.get_global_vars() if gv.name_hint.startswith("repq_log_weights_softmax_")]
+    assert len(kernels) == 1, kernels
+    calls = [c for c in _calls(lowered) if c.op.name == "relax.call_tir" and c.args[0].same_as(kernels[0])]
+    log2s = [c.args[1].fields[1].value.numpy() for c in calls]
+    assert [a.dtype for a in log2s] == [np.float64] * 2
+    assert sorted(a[0] for a in log2s) == sorted(log2_scale_operand(c[2])[0] for c in cases)
+    flat = [x for pair in inputs for x in pair]
+    for case, (logits, v), ref, out in zip(cases, inputs, run(mod, *flat), run(lowered, *flat)):
+        bound, _ = _bound(case, logits, v)
+        assert np.all(np.abs(out - ref) <= bound), case
+        assert np.abs(ref).max() > 0.1
 
 
 # --- Before/After: the rewritten graph, structurally ----------------------------------------------

@@ -151,8 +151,9 @@ LOG_WEIGHTS = [  # (shape, attention bits, softmax fused, target): DeiT-Small's 
 
 
 def log_weights(shape, bits, softmax, target, scale=0.0123):
-    return lw.log_weights_primfunc(shape, scale, bits, True, 14, attn_groups(bits, 14), tvm.target.Target(target),
-                                   softmax=softmax)
+    """The kernel; from p (not ``softmax``) with ``scale`` in its thresholds, fused with log2(s) a run-time operand."""
+    return lw.log_weights_primfunc(shape, bits, True, 14, attn_groups(bits, 14), tvm.target.Target(target),
+                                   softmax=softmax, scale=None if softmax else scale)
 
 
 @pytest.mark.parametrize("case", LOG_WEIGHTS, ids=lambda c: f"{'x'.join(map(str, c[0]))}-b{c[1]}-softmax{c[2]}")
@@ -188,9 +189,14 @@ def test_gelu_codes_kernels_of_every_layer_are_one_task_and_take_its_trace():
 
 
 def test_log_weights_of_every_layer_share_one_task_on_the_emitted_schedule():
-    func, name = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET)
-    other_scale, _ = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET, scale=0.02)
-    other_bits, _ = log_weights((4, 65, 65), 4, True, qd.X86_AVX2_TARGET)
+    """From p the scale is in the kernel (its thresholds) but not in the task; with the softmax fused it is a
+    run-time operand: one kernel for every layer."""
+    fused = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET)[0]
+    assert "scale" not in spaces.spec_of(fused) and [p.name for p in fused.params][1] == "log2s"
+    tvm.ir.assert_structural_equal(log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET, scale=0.02)[0], fused)
+    func, name = log_weights((4, 65, 65), 8, False, qd.X86_AVX2_TARGET)
+    other_scale, _ = log_weights((4, 65, 65), 8, False, qd.X86_AVX2_TARGET, scale=0.02)
+    other_bits, _ = log_weights((4, 65, 65), 4, False, qd.X86_AVX2_TARGET)
     key = tasks.group_key(tasks.definition_of(func))
     assert tasks.group_key(tasks.definition_of(other_scale)) == key != tasks.group_key(tasks.definition_of(other_bits))
     spec = spaces.spec_of(func)

@@ -24,17 +24,18 @@ CONSTS = 1 + QUANT * len(SLOTS)
 
 
 def log2_scale(scale: float) -> float:
-    """The float64 log2 of the float32 softmax scale (as the unfused `log_weights` kernel takes it)."""
+    """The float64 log2 of the float32 softmax scale (as the unfused `log_weights` kernel takes it too)."""
     return math.log2(float(np.float32(scale)))
 
 
-def attention_consts(scale: float, quantizers: dict | None = None) -> np.ndarray:
-    """float64 [`CONSTS`]: the softmax scale's log2 and the quantizers ``{slot: (scale, zero point)}``."""
+def attention_consts(log2s: float, quantizers: dict | None = None) -> np.ndarray:
+    """float64 [`CONSTS`]: the softmax scale's log2 (`log2_scale`, or the unfused kernel's ``log2s`` operand) and the
+    quantizers ``{slot: (scale, zero point)}``."""
     unknown = set(quantizers or {}) - set(SLOTS)
     if unknown:
         raise ValueError(f"no quantizer slot {sorted(unknown)} in a fused attention, only {SLOTS}")
     consts = np.zeros(CONSTS, np.float64)
-    consts[0] = log2_scale(scale)
+    consts[0] = log2s
     for slot in SLOTS:
         consts = with_quantizer(consts, slot, *(quantizers or {}).get(slot, (1.0, 0)))
     return consts

@@ -1,7 +1,9 @@
 """int16 attention weights from the attention probabilities, or straight from the logits (softmax fused).
 
-    main(x, w):  x float32 [Bt, M, N]  the probabilities p (``softmax=False``) or the logits (``softmax=True``)
-                 w int16 [Bt, planes, M, Np]  `reference.ops.attn_weights` of the log codes of p
+    main(x, w):         x float32 [Bt, M, N]  the probabilities p (``softmax=False``)
+    main(x, log2s, w):  x the logits p is the softmax of (``softmax=True``), log2s float64 [1] = log2 of the
+                        quantizer's scale (run time: one kernel for every block, `log2_scale_operand`)
+                        w int16 [Bt, planes, M, Np]  `reference.ops.attn_weights` of the log codes of p
 
 From p (``softmax=False``), codes come from p's float32 exponent and mantissa bits: no log per element (libm's
 logf does not vectorize and cost ~15 ns per attention entry), integer shifts, masks and compares against
@@ -12,8 +14,8 @@ From the logits (``softmax=True``) no probability is formed: −m·log2(p/s) of 
     code = round(m·log2(e)·(max − x) + m·(log2 Σ + log2 s)),    Σ = Σ_n exp(x_n − max)
 
 so each row takes its max, the sum of TVM's `fast_exp` (as `passes.fast_math` legalizes softmax; max and sum
-as vectors of partial results, rfactor), one float64 log2 of the sum (`_code_bias`), then one multiply-add and
-a rounding per entry.  These are the exact softmax's codes up to float32 rounding in the log domain: they differ
+as vectors of partial results, rfactor), one float64 log2 of the sum plus log2s (`_code_bias`), then one
+multiply-add and a rounding per entry.  These are the exact softmax's codes up to float32 rounding in the log domain: they differ
 from the float64 oracle's only where its value lies within ~1e-5 of a rounding midpoint (where the unfused
 graph's float32 p, another rounding of the same number, can fall either way too).  Codes past 2^b − 1 are −1 (no
 weight), as the oracle's; an underflowing p, which the oracle drops as 0, has a code past every weight group.
@@ -196,19 +198,31 @@ def plane_weight(c, plane, sqrt2: bool, f: int, groups: int):
     return tvm.tirx.Select(plane < parities, tvm.tirx.Select(g0, w0, 0), tvm.tirx.Select(g1, w1, 0)).astype("int16")
 
 
-def log_weights_spec(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, *,
-                     softmax: bool = False) -> dict:
+def log_weights_spec(shape, bits: int, sqrt2: bool, f: int, groups: int, *, softmax: bool = False,
+                     scale: float | None = None) -> dict:
     """The kernel spec: everything that determines the compute (`log_weights_func`); ``lanes`` (`VECTOR` on
     every target, so the softmax sums add in the same order on x86 and aarch64 builds) pads the fused
-    softmax's reductions to whole vectors.  `repq_tvm.tuning.spaces`
-    keys on it."""
-    return {"kind": "log_weights", "shape": [int(d) for d in shape], "scale": float(np.float32(scale)),
-            "bits": bits, "sqrt2": bool(sqrt2), "f": f, "groups": groups, "softmax": bool(softmax),
-            "lanes": VECTOR}
+    softmax's reductions to whole vectors.  `repq_tvm.tuning.spaces` keys on it.
+
+    From p (``softmax=False``) the quantizer's ``scale`` is in the spec: it sets the integer thresholds the codes
+    compare against (`code_thresholds`).  With the softmax fused the kernel reads log2(s) at run time (its
+    ``log2s`` operand) and the spec has no scale: one kernel serves every block's quantizer (`log2_scale_operand`)."""
+    if softmax == (scale is not None):
+        raise TypeError("log weights: the scale goes in the spec from p (softmax=False) only; with the softmax fused "
+                        "it is the run-time operand log2s")
+    spec = {"kind": "log_weights", "shape": [int(d) for d in shape], "bits": bits, "sqrt2": bool(sqrt2), "f": f,
+            "groups": groups, "softmax": bool(softmax), "lanes": VECTOR}
+    return spec if softmax else {**spec, "scale": float(np.float32(scale))}
+
+
+def log2_scale_operand(scale: float) -> np.ndarray:
+    """The fused-softmax kernel's ``log2s`` operand: float64 [1], log2 of the float32 scale (`attention_consts`)."""
+    return np.array([log2_scale(scale)], np.float64)
 
 
 def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
-    """The unscheduled PrimFunc ``main(x, w)`` of a spec, carrying it as its ``repq.kernel`` attribute."""
+    """The unscheduled PrimFunc of a spec, ``main(x, w)`` from p, ``main(x, log2s, w)`` with the softmax fused (log2s
+    float64 [1]), carrying the spec as its ``repq.kernel`` attribute."""
     bt, rows, n = spec["shape"]
     sqrt2, f, groups, lanes = spec["sqrt2"], spec["f"], spec["groups"], spec["lanes"]
     m = 2 if sqrt2 else 1
@@ -225,8 +239,8 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
         mx = te.compute((bt, rows), lambda b, r: te.max(xr[b, r, k1], axis=k1), name="max")
         total = te.compute((bt, rows), lambda b, r: te.sum(tvm.tirx.Select(
             k2 < n, epilogue.fast_exp(xr[b, r, k2] - mx[b, r]), tvm.tirx.const(0, "float32")), axis=k2), name="sum")
-        log2s = tvm.tirx.const(log2_scale(spec["scale"]), "float64")
-        bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, log2s), name="bias")
+        log2s = te.placeholder((1,), "float64", name="log2s")
+        bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, log2s[0]), name="bias")
         slope = softmax_slope(m)
 
         def code(b, r, t):
@@ -243,7 +257,7 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
         return plane_weight(codes[b, r, t], plane, sqrt2, f, groups)
 
     w = te.compute((bt, planes, rows, n_p), weight, name="w")
-    return te.create_prim_func([x, w]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+    return te.create_prim_func([x, log2s, w] if spec["softmax"] else [x, w]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 
 
 def apply_schedule(sch: Schedule, spec: dict, rows=1, vector: int | None = None, unroll=None) -> Schedule:
@@ -302,11 +316,12 @@ def default_schedule(spec: dict) -> Schedule:
     return apply_schedule(Schedule(log_weights_func(spec)), spec)
 
 
-def log_weights_primfunc(shape, scale: float, bits: int, sqrt2: bool, f: int, groups: int, target, *,
-                         softmax: bool = False):
-    """Scheduled PrimFunc ``main(x, w)`` (see the module docstring) and a unique name for it.  The kernel is the
-    same for every ``target`` (LLVM splits its 16-lane vectors to the target's registers)."""
-    spec = log_weights_spec(shape, scale, bits, sqrt2, f, groups, softmax=softmax)
+def log_weights_primfunc(shape, bits: int, sqrt2: bool, f: int, groups: int, target, *, softmax: bool = False,
+                         scale: float | None = None):
+    """Scheduled PrimFunc (see the module docstring and `log_weights_spec`: ``scale`` from p only) and a unique name
+    for it.  The kernel is the same for every ``target`` (LLVM splits its 16-lane vectors to the target's
+    registers)."""
+    spec = log_weights_spec(shape, bits, sqrt2, f, groups, softmax=softmax, scale=scale)
     bt, rows, n = shape
     kind = ("softmax_" if softmax else "") + ("sqrt2" if sqrt2 else "log2")
     name = f"repq_log_weights_{kind}_{bt}x{rows}x{n}_b{bits}_g{groups}_f{f}"

@@ -4,7 +4,7 @@ Matches, after `quantized_qk` and `log2_attention` have lowered the attention to
 
     y = call_tir(repq_qbmm_…, (q, k, qk_zp, qk_scale))            float32 [Bt, M, N], k in rows ("nd")
    [y = add(reshape*(y), bias) [, add(reshape*(y), mask)]]        Swin: constants added to the logits
-    w = call_tir(repq_log_weights_softmax_…, (y [→ reshape]*,))   int16 weight planes, the softmax fused
+    w = call_tir(repq_log_weights_softmax_…, (y [→ reshape]*, log2s))  int16 weight planes, the softmax fused
     o = call_tir(repq_attn_v_…, (w, v, v_zp, v_scale))            float32 [Bt, M, D]
 
 and replaces o by ``call_tir(repq_attention_…, (q, k, qk_zp, qk_scale, v, v_zp, v_scale[, terms], consts))``, the
@@ -26,9 +26,9 @@ three thirds under their quantizers (what `qkv_head_split` would otherwise turn 
 and calls the kernel on ``x`` as [B·T, 3·H·D] with the three quantizers in its ``consts`` (below;
 `epilogue.quantize_codes`, the unfused quantize's operations).
 
-The kernel's spec holds the structure only: the log quantizer's scale (and the q, k, v quantizers) go into its
-``consts`` operand, a constant argument of each call (`kernels.attention_consts`), so all blocks of a model with the
-same shapes call one kernel (DeiT-Small: one, where twelve were compiled).
+The kernel's spec holds the structure only: the log quantizer's log2(s) (the weights call's ``log2s``) and the q, k, v
+quantizers go into its ``consts`` operand, a constant argument of each call (`kernels.attention_consts`), so all blocks
+of a model with the same shapes call one kernel (DeiT-Small: one, where twelve were compiled).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ _QK = is_op("relax.call_tir")(wildcard(), wildcard())
 _BIASED = is_op("relax.add")(_reshaped(_QK), is_const())  # Swin: the relative position bias
 _MASKED = is_op("relax.add")(_reshaped(_BIASED), is_const())  # and the shifted windows' mask
 _LOGITS = _reshaped(_MASKED) | _reshaped(_BIASED) | _reshaped(_QK)
-_WEIGHTS = is_op("relax.call_tir")(wildcard(), is_tuple([_LOGITS]))
+_LOG2S = is_const()
+_WEIGHTS = is_op("relax.call_tir")(wildcard(), is_tuple([_LOGITS, _LOG2S]))
 _ATTN_V = is_op("relax.call_tir")(wildcard(), is_tuple([_WEIGHTS, wildcard(), is_const(), is_const()]))
 
 
@@ -319,7 +320,8 @@ class FuseAttention:
                 self.rewritten += 1
                 args = [source[0], qk_zp, qk_scale, v_zp, v_scale] if source else [q, k, qk_zp, qk_scale, v, v_zp, v_scale]
                 args += [relax.const(table) for table in terms[1]]
-                args.append(consts_arg(attention_consts(specs[1]["scale"], quantizers)))
+                log2s = float(const_array(m[_LOG2S]).reshape(-1)[0])
+                args.append(consts_arg(attention_consts(log2s, quantizers)))
                 return relax.call_tir(kernel, relax.Tuple(args),
                                       relax.TensorType((spec["Bt"], spec["M"], spec["D"]), "float32"))
 

@@ -12,7 +12,8 @@ and emits
     w = int16 weights [.., P, M, Np] (`reference.ops.attn_weights`): 2^(F − s) in the plane of the code's
         parity, code = round(−m·log2(p / s)) (m = 2, P = 2 for log√2; m = 1, P = 1 for log2), shift
         s = ⌈code/m⌉ (0 in the other planes, and where the quantizer underflows), computed from p's
-        exponent and mantissa bits with compile-time thresholds
+        exponent and mantissa bits with compile-time thresholds, or, where p is softmax(x), from the logits
+        x with log2(s) a run-time operand (one kernel for every block)
     y = call_tir(repq_attn_v kernel, [w, v_codes, z_v, s·s_v/2^(F+G)])   leading dims folded into one batch,
         F = attn_frac_bits(N, b) ≤ 14: the fewer V bits or tokens, the more fractional bits fit int32
 
@@ -38,19 +39,23 @@ from ..relax_util import static_shape as _static_shape
 def log_weights(bb: relax.BlockBuilder, x: relax.Expr, scale: float, bits: int, sqrt2: bool, f: int,
                 groups: int, target, softmax: bool) -> relax.Expr:
     """Emit `kernels.log_weights` on x [.., M, N] (the attention probabilities, or with `softmax` the logits
-    they are the softmax of); returns int16 [Bt, planes, M, Np] (leading dims folded into Bt)."""
+    they are the softmax of, the scale then a run-time operand: one kernel for every block); returns int16
+    [Bt, planes, M, Np] (leading dims folded into Bt)."""
     from ..kernels.attn_v import padded_tokens
-    from ..kernels.log_weights import log_weights_primfunc
+    from ..kernels.log_weights import log2_scale_operand, log_weights_primfunc
 
     shape = _static_shape(x)
     lead, (rows, n) = shape[:-2], shape[-2:]
     bt = int(np.prod(lead, dtype=np.int64))
     if len(lead) != 1:
         x = bb.emit(relax.op.reshape(x, [bt, rows, n]))
-    func, name = log_weights_primfunc((bt, rows, n), scale, bits, sqrt2, f, groups, target, softmax=softmax)
-    gv = bb.add_func(func, name)
+    func, name = log_weights_primfunc((bt, rows, n), bits, sqrt2, f, groups, target, softmax=softmax,
+                                      scale=None if softmax else scale)
+    gv = bb.add_func(func, name)  # deduplicated: the blocks' equal kernels are one function
+    # float64 on purpose: relax.const would make it float32 (log2(s) rounded, codes moved)
+    args = [x, relax.const(log2_scale_operand(scale), "float64")] if softmax else [x]
     planes = attn_planes(2 if sqrt2 else 1, groups)
-    return bb.emit(relax.call_tir(gv, [x], relax.TensorType((bt, planes, rows, padded_tokens(n)), "int16")))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType((bt, planes, rows, padded_tokens(n)), "int16")))
 
 
 def v_code_bits(codes, z_v: int) -> int:

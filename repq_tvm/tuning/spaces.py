@@ -214,8 +214,8 @@ class _LogWeights:
     the task loop's unroll limit sampled, one design space per vector width of the codes and weights (the
     spec's lanes, twice that).  Not bit for bit against the definition: the hand schedule already sums the
     softmax in `lanes` partial sums, which moves a code that sits at a rounding midpoint.  The quantizer's
-    scale only sets constants (integer thresholds, or the log-domain offset of the fused softmax's codes), so
-    the kernels of all layers share one schedule."""
+    scale only sets constants (the integer thresholds of the kernel from p; the fused softmax's kernel reads it
+    at run time and has none in its spec), so the kernels of all layers share one schedule."""
 
     exact, free = False, ("scale",)
 
