@@ -64,6 +64,13 @@ def test_attention_times_v_runs_on_udot(vit_aarch64_build):
     assert names and all(name.startswith("repq_attn_v_neon_udot_") for name in names), names
 
 
+def test_softmax_weights_are_one_kernel_for_every_block(vit_aarch64_build):
+    """aarch64 keeps the three attention kernels; the fused softmax → log weights one reads its log quantizer's
+    log2(s) at run time, so the fixture's six blocks call one kernel (each block's was a copy before)."""
+    names = kernel_symbols(os.path.join(vit_aarch64_build[1], "model.so"), "repq_log_weights_softmax_")
+    assert len({re.sub(r"_compute_$", "", name) for name in names}) == 1, names
+
+
 def test_manifest_records_the_cross_compile(vit_aarch64_build):
     manifest = json.load(open(os.path.join(vit_aarch64_build[1], "manifest.json")))
     assert manifest["target"]["name"] == TARGET
