@@ -15,9 +15,9 @@ From the logits (``softmax=True``) no probability is formed: −m·log2(p/s) of 
 
 so each row takes its max, the sum of TVM's `fast_exp` (as `passes.fast_math` legalizes softmax; max and sum
 as vectors of partial results, rfactor), one float64 log2 of the sum plus log2s (`_code_bias`), then one
-multiply-add and a rounding per entry.  These are the exact softmax's codes up to float32 rounding in the log domain: they differ
-from the float64 oracle's only where its value lies within ~1e-5 of a rounding midpoint (where the unfused
-graph's float32 p, another rounding of the same number, can fall either way too).  Codes past 2^b − 1 are −1 (no
+multiply-add and a rounding per entry.  These are the exact softmax's codes up to float32 rounding in the log
+domain: they differ from the float64 oracle's only where its value lies within ~1e-5 of a rounding midpoint (where
+the unfused graph's float32 p, another rounding of the same number, can fall either way too).  Codes past 2^b − 1 are −1 (no
 weight), as the oracle's; an underflowing p, which the oracle drops as 0, has a code past every weight group.
 Why: computing p = exp / Σ and its bits read the logits through a per-lane clamped index LLVM scalarized: per
 DeiT-Small call of 6x197x197, 0.264 → 0.229 ms (standalone column of `repq-tvm profile` on the DeiT-S W8/A8
@@ -257,7 +257,8 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
         return plane_weight(codes[b, r, t], plane, sqrt2, f, groups)
 
     w = te.compute((bt, planes, rows, n_p), weight, name="w")
-    return te.create_prim_func([x, log2s, w] if spec["softmax"] else [x, w]).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
+    params = [x, log2s, w] if spec["softmax"] else [x, w]
+    return te.create_prim_func(params).with_attr("repq.kernel", json.dumps(spec, sort_keys=True))
 
 
 def apply_schedule(sch: Schedule, spec: dict, rows=1, vector: int | None = None, unroll=None) -> Schedule:
