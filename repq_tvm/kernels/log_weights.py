@@ -17,8 +17,9 @@ so each row takes its max, the sum of TVM's `fast_exp` (as `passes.fast_math` le
 as vectors of partial results, rfactor), one float64 log2 of the sum plus log2s (`_code_bias`), then one
 multiply-add and a rounding per entry.  These are the exact softmax's codes up to float32 rounding in the log
 domain: they differ from the float64 oracle's only where its value lies within ~1e-5 of a rounding midpoint (where
-the unfused graph's float32 p, another rounding of the same number, can fall either way too).  Codes past 2^b − 1 are −1 (no
-weight), as the oracle's; an underflowing p, which the oracle drops as 0, has a code past every weight group.
+the unfused graph's float32 p, another rounding of the same number, can fall either way too).  Codes past
+2^b − 1 are −1 (no weight), as the oracle's; an underflowing p, which the oracle drops as 0, has a code past
+every weight group.
 Why: computing p = exp / Σ and its bits read the logits through a per-lane clamped index LLVM scalarized: per
 DeiT-Small call of 6x197x197, 0.264 → 0.229 ms (standalone column of `repq-tvm profile` on the DeiT-S W8/A8
 artifacts compiled at f9fba36 and 362a0fa, Sapphire Rapids, 2 threads; 0.141 with whole 512-bit vectors).
