@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+import tvm
 
 from conftest import extreme_codes
 from repq_tvm import targets
@@ -185,6 +186,53 @@ def test_default_row_tiles_are_the_largest_two_sizes():
     assert Q.default_tiles(196, 384, "avx2_u8s8", 4) == (6, 1)  # not 4 rows, though 196 = 49 x 4
     assert [Q.default_tiles(m, 384, "vnni") for m in (197, 196, 1576)] == [(5, 3), (4, 3), (4, 3)]
     assert Q.default_tiles(3, 384, "avx2_i16") == (3, 2)  # fewer rows than a tile: one tile of M
+
+
+def test_large_m_int16_kernels_run_column_blocks():
+    """From `BLOCK_MIN_ROWS` rows, int16 kernels whose weights exceed `BLOCK_BYTES` run L2-sized blocks of column
+    tiles outermost (serial), row tiles in parallel inside; fewer rows, int8 weights, compensated or row-gathering
+    kernels keep rows outer.  The block divides the column tiles."""
+    i16, u8s8 = Q.VARIANTS["avx2_i16"], Q.VARIANTS["avx2_u8s8"]
+    # DeiT-S at batch 8: fc1, qkv, fc2 (16-column tiles of 12 / 12 / 48 KB)
+    assert [Q.column_block(1576, n, k, i16, 2) for n, k in ((1536, 384), (1152, 384), (384, 1536))] == [16, 18, 4]
+    assert Q.column_block(197, 1536, 384, i16, 2) is None  # batch 1
+    assert Q.column_block(1576, 1536, 384, u8s8, 1) is None  # int8 weights
+    assert Q.column_block(1576, 1536, 384, i16, 2, gather=True) is None
+    assert Q.column_block(1576, 128, 384, i16, 2) is None  # 96 KB of weights: one block is all of them
+    sch = Q.schedule_qdense(1030, 1024, 160, Q.X86_AVX2_TARGET, variant="avx2_i16", epilogue=True)[0]
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("out"))]
+    assert [int(lp.extent) for lp in loops[:3]] == [2, 206, 32]  # 2 blocks x 206 row tiles (of 5) x 32 column tiles
+    serial, parallel = tvm.tirx.ForKind.SERIAL, tvm.tirx.ForKind.PARALLEL
+    assert [lp.kind for lp in loops[:3]] == [serial, parallel, serial]
+    sch = Q.schedule_qdense(197, 1024, 160, Q.X86_AVX2_TARGET, variant="avx2_i16", epilogue=True)[0]
+    assert sch.get(sch.get_loops(sch.get_sblock("out"))[0]).kind == parallel  # rows x tiles, fused
+
+
+def test_column_blocks_are_exact_with_every_tail(monkeypatch):
+    """The blocks order (1031 rows: ragged; 2 blocks) gives the rows order's results bit for bit: the int32
+    accumulator against the integer reference, fc1's GELU → codes tail (AVX2's centred int16 codes) and the
+    residual add against the same kernels with rows outer."""
+    from repq_tvm.kernels.epilogue import ZERO_POINT
+
+    M, N, K = 1031, 1024, 160
+    _target("avx2_i16", False)
+    a, w = _operands(M, N, K, "avx2_i16", 8, 8, seed=5)
+    kernel = _build(M, N, K, "avx2_i16", 8, 8, False)
+    np.testing.assert_array_equal(kernel(kernel.prepare_activation(a), *kernel.weight_args(w)).astype(np.int64),
+                                  P.reference(a, w))
+    rng = np.random.default_rng(6)
+    w_scale = np.full(N, 3.0 / (255 * 255 * K ** 0.5 / 3), np.float32)  # GELU's inputs a few units wide
+    bias, res = rng.normal(0, 1, N).astype(np.float32), rng.normal(0, 1, (M, N)).astype(np.float32)
+    tails = [{"gelu_codes": (0.02, 131, 255), "codes_operand": ("int16", ZERO_POINT)}, {"residual": True}]
+    for tail in tails:
+        outs = []
+        for min_rows in (Q.BLOCK_MIN_ROWS, M + 1):  # blocks, then rows outer
+            monkeypatch.setattr(Q, "BLOCK_MIN_ROWS", min_rows)
+            k = _build(M, N, K, "avx2_i16", 8, 8, False, epilogue=True, **tail)
+            params = k.epilogue_params(w, w_scale, 1.0, 0, bias)
+            outs.append(k(k.prepare_activation(a), *k.weight_args(w), *params, *([res] if "residual" in tail else [])))
+        np.testing.assert_array_equal(outs[0], outs[1])
+        assert len(np.unique(outs[0])) > 100
 
 
 EPILOGUE = [0, 2, 3, 4, 6, 7]

@@ -276,14 +276,43 @@ def default_tiles(M: int, N: int, variant: Variant | str = "vnni", depth: int = 
     return min((mi, mi - 1), key=lambda t: ceil_to(M, t) - M), nbi
 
 
+# The "blocks" order (`_tile`, `column_block`): column tiles in blocks whose weights take at most BLOCK_BYTES, blocks
+# outermost, for int16 kernels of at least BLOCK_MIN_ROWS rows
+BLOCK_BYTES = 256 * 1024  # half the smallest per-core L2 of the CPUs here (Zen 3: 512 KB)
+BLOCK_MIN_ROWS = 1024
+
+
+def column_block(M: int, N: int, K: int, v: Variant, nbi: int, compensate: bool = False,
+                 gather: bool = False) -> int | None:
+    """Column tiles per block of the "blocks" order, or None: rows outer (the default order).
+
+    Rows outer, every row tile reads the whole weight matrix again, from L3 where it does not fit L2.  In blocks of
+    column tiles whose weights fit in half an L2, both cores' row tiles of one block read that block from their own
+    L2 and the activations are read once per block instead.  Measured on the AVX2-only Zen 3 (2 threads, 30
+    interleaved rounds, the int16 kernel alone): DeiT-S at batch 8 (M = 1576) fc1 1576x1536x384 7.28 → 6.54 ms,
+    qkv 1576x1152x384 7.11 → 6.41, fc2 1576x384x1536 7.38 → 6.58 (blocks of 196-221 KB; blocks of 295 KB and more
+    gained less or lost); at M ≤ 788 (batch 1 and 4, Swin-T's stage 2) and for the u8 x s8 kernel (int8 weights,
+    half the bytes) level within the noise, so those keep rows outer; VNNI and sdot kernels are not measured and keep
+    it too.  Kernels with compensation or gathered rows compute those per row tile: rows outer (`_tile`).  The
+    block divides the column tiles (ragged blocks do not tile); None where the weights fit one block."""
+    if v.name != "avx2_i16" or compensate or gather or M < BLOCK_MIN_ROWS:
+        return None
+    n_tiles = ceil_to(N, v.lanes) // v.lanes // nbi
+    tile_bytes = nbi * v.lanes * ceil_to(K, v.kpack) * np.dtype(v.w_dtype).itemsize
+    fits = [b for b in range(1, n_tiles) if n_tiles % b == 0 and b * tile_bytes <= BLOCK_BYTES]
+    return max(fits) if fits and n_tiles * tile_bytes > BLOCK_BYTES else None
+
+
 def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool = False, order: str = "rows",
-          parallel: str | None = None):
+          parallel: str | None = None, block: int | None = None):
     """Tile `out` into (rows x lane blocks) tiles, compute acc (and the row sums) per tile, parallel tiles.
 
     Driven from `out` (acc and asum `compute_at` its tile loops) because the compensated epilogue has
     two producers, which `reverse_compute_at` cannot take.  ``order`` "rows" puts row tiles outer (a
     tile's activation rows stay in L1 while its column tiles run), "cols" column tiles (a weight panel
-    stays in L1).  ``parallel`` "tiles" runs all tiles in parallel, "outer" only the outer tile loop;
+    stays in L1), "blocks" blocks of ``block`` column tiles outermost, serial, then row tiles, then the block's
+    column tiles (`column_block`: a block's weights stay in L2; default parallel "outer", the row tiles).
+    ``parallel`` "tiles" runs all tiles in parallel, "outer" only the outer tile loop;
     with compensation only row tiles do, rows outer, so each computes its row sums once for all its
     column tiles (recomputing them per tile cost 25% at 197x384x384 on Zen 4, once per row tile ~0%); so do
     kernels that gather their rows through a table.  None: "outer" for those two, else "tiles".
@@ -294,7 +323,9 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     (`repq_tvm.tuning.spaces`): the schedule is the same for fixed and sampled sizes.
     """
     gather = _gather_block(sch)
-    parallel = parallel or ("outer" if compensate or gather is not None else "tiles")
+    parallel = parallel or ("outer" if compensate or gather is not None or order == "blocks" else "tiles")
+    if (order == "blocks") != (block is not None):
+        raise ValueError("the blocks order takes a block of column tiles, the other orders none")
     if (compensate or gather is not None) and (order, parallel) != ("rows", "outer"):
         raise ValueError("compensated and row-gathering kernels run row tiles outer, in parallel (their row sums and "
                          "gathered rows once per row tile)")
@@ -303,8 +334,13 @@ def _tile(sch: Schedule, v: Variant, mi, nbi, depth: int = 1, compensate: bool =
     mo, mo_i = sch.split(m, [None, mi])
     nb, lane_o = sch.split(n, [None, v.lanes])
     nbo, nb_o = sch.split(nb, [None, nbi])
-    outer, inner = (mo, nbo) if order == "rows" else (nbo, mo)
-    sch.reorder(outer, inner, mo_i, nb_o, lane_o)
+    if order == "blocks":
+        blocks, nbo = sch.split(nbo, [None, block])
+        outer, inner = mo, nbo
+        sch.reorder(blocks, outer, inner, mo_i, nb_o, lane_o)
+    else:
+        outer, inner = (mo, nbo) if order == "rows" else (nbo, mo)
+        sch.reorder(outer, inner, mo_i, nb_o, lane_o)
     sch.compute_at(acc, inner, preserve_unit_loops=True)
     if compensate:  # the row sums once per row tile, for all its column tiles
         sch.compute_at(sch.get_sblock("asum"), mo, preserve_unit_loops=True)
@@ -349,15 +385,15 @@ def _gather_block(sch: Schedule):
 
 def apply_tensorized(
     sch: Schedule, v: Variant, mi, nbi, depth: int = 1, ref: bool = False, compensate: bool = False,
-    order: str = "rows", parallel: str | None = None,
+    order: str = "rows", parallel: str | None = None, block: int | None = None,
 ) -> Schedule:
     """Register-tiled schedule on ``sch`` whose inner step is ``v.intrin(depth)`` (or its plain-loop twin).
 
-    ``parallel``: `_tile`'s default when None.
+    ``parallel``: `_tile`'s default when None; ``block``: column tiles per block of the "blocks" order.
     """
     register_intrinsics()
     register_arm_intrinsics()
-    acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate, order, parallel)
+    acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate, order, parallel, block)
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
     intrin = v.intrin(depth)
@@ -374,10 +410,12 @@ def apply_tensorized(
 
 def schedule_tensorized(
     func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, depth: int = 1, ref: bool = False,
-    compensate: bool = False,
+    compensate: bool = False, block: int | None = None,
 ) -> Schedule:
-    """`apply_tensorized` on a new schedule of ``func`` (the hand defaults: rows outer)."""
-    return apply_tensorized(Schedule(func), v, mi, nbi, depth, ref, compensate)
+    """`apply_tensorized` on a new schedule of ``func``, the hand defaults: rows outer, or with ``block``
+    (`column_block`) the blocks order."""
+    order = "rows" if block is None else "blocks"
+    return apply_tensorized(Schedule(func), v, mi, nbi, depth, ref, compensate, order, block=block)
 
 
 def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, compensate: bool = False) -> Schedule:
@@ -403,7 +441,8 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     mi = stack_rows(mi, spec["K"], v, spec.get("rows"))
     func = qdense_func(spec)
     if v.tensorized:
-        return schedule_tensorized(func, v, mi, nbi, depth, ref, spec["compensate"])
+        block = column_block(spec["M"], spec["N"], spec["K"], v, nbi, spec["compensate"], bool(spec.get("rows")))
+        return schedule_tensorized(func, v, mi, nbi, depth, ref, spec["compensate"], block)
     return schedule_fallback(func, v, mi, nbi, spec["compensate"])
 
 
@@ -488,7 +527,8 @@ def schedule_qdense(
             **_tail_spec(gelu_codes, residual, None, codes_operand), **({"rows": int(a_rows)} if a_rows else {})}
     func = qdense_func(spec)
     if v.tensorized:
-        sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate)
+        sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate,
+                                  column_block(M, N, K, v, nbi, compensate, bool(a_rows)))
     else:
         sch = schedule_fallback(func, v, mi, nbi, compensate)
     return sch, v, (mi, nbi, depth), compensate
