@@ -74,6 +74,25 @@ def test_default_schedule_from_the_spec_is_the_hand_schedule():
     tvm.ir.assert_structural_equal(spaces.default_schedule(spaces.spec_of(sch.mod["main"]), ref=True).mod, sch.mod)
 
 
+def test_column_blocks_are_the_hand_schedule_and_in_the_search_space():
+    """A 1030-row int16 kernel with 320 KB of weights: the spec's default is `schedule_qdense`'s, in blocks of column
+    tiles (`qdense.column_block`); its design spaces hold that order too (a sampled candidate checked bit for bit), a
+    197-row kernel's none."""
+    def blocked(sch):
+        return len(sch.get_loops(sch.get_sblock("out"))) == 6  # blocks, row tiles, column tiles, then the tile's
+
+    spec = spec_of(1030, 1024, 160, "avx2_i16", 8, 8)
+    hand, *_ = qd.schedule_qdense(1030, 1024, 160, qd.X86_AVX2_TARGET, bits_a=8, bits_w=8, epilogue=True)
+    tvm.ir.assert_structural_equal(spaces.default_schedule(spec).mod, hand.mod)
+    assert blocked(hand)
+    definition = tvm.IRModule({"main": spaces.definition(spec)})
+    candidates = spaces.design_spaces(Schedule(definition, seed=1))
+    assert 0 < sum(map(blocked, candidates)) < len(candidates)
+    assert verify.check(next(filter(blocked, candidates)), definition, qd.X86_AVX2_TARGET) is None
+    few = tvm.IRModule({"main": spaces.definition(spec_of(197, 1024, 160, "avx2_i16", 8, 8))})
+    assert not any(map(blocked, spaces.design_spaces(Schedule(few, seed=1))))
+
+
 def test_only_kernels_with_a_search_space_are_tuned():
     fallback, *_ = qd.schedule_qdense(65, 128, 128, qd.AARCH64_NEON_TARGET, bits_a=8, bits_w=8, epilogue=True)
     vnni, *_ = qd.schedule_qdense(65, 128, 128, qd.X86_VNNI_TARGET, bits_a=8, bits_w=8, epilogue=True, ref=True)

@@ -95,7 +95,8 @@ def _sampled_rows(sch: Schedule, rows: list[int], apply) -> Schedule:
 
 
 class _QDense:
-    """`kernels.qdense`: rows and lane blocks per register tile, tile order, parallel loop, depth.  The twelve
+    """`kernels.qdense`: rows and lane blocks per register tile, tile order (rows or columns outer, and the blocks of
+    column tiles where the hand schedule takes them), parallel loop, depth.  The twelve
     fc1 → GELU → codes kernels of a ViT take their quantizer as an operand: one kernel, one task (``gelu_codes``
     stays a constants entry: logs recorded when it held the quantizer keep their key); the form their codes are
     stored in (``codes_operand``: the next kernel's int16 or int8) sets no loop."""
@@ -125,10 +126,13 @@ class _QDense:
             rows = _divisors(m_p, min(_MAX_ROWS, budget // nbi))
             if not rows:
                 continue
+            # where the hand schedule runs L2-sized blocks of column tiles (`qdense.column_block`), that order too
+            block = qd.column_block(spec["M"], spec["N"], spec["K"], v, nbi, spec["compensate"], bool(spec.get("rows")))
             for depth in depths:
-                for order, parallel in structures:
+                for order, parallel in structures + ([("blocks", "outer")] if block else []):
                     out.append(_sampled_rows(sch, rows, lambda s, mi: qd.apply_tensorized(
-                        s, v, mi, nbi, depth, False, spec["compensate"], order, parallel)))
+                        s, v, mi, nbi, depth, False, spec["compensate"], order, parallel,
+                        block if order == "blocks" else None)))
         return out
 
     @staticmethod
