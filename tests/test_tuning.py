@@ -212,7 +212,6 @@ def test_log_weights_of_every_layer_share_one_task_on_the_emitted_schedule():
     run-time operand: one kernel for every layer."""
     fused = log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET)[0]
     assert "scale" not in spaces.spec_of(fused) and [p.name for p in fused.params][1] == "log2s"
-    tvm.ir.assert_structural_equal(log_weights((4, 65, 65), 8, True, qd.X86_AVX2_TARGET, scale=0.02)[0], fused)
     func, name = log_weights((4, 65, 65), 8, False, qd.X86_AVX2_TARGET)
     other_scale, _ = log_weights((4, 65, 65), 8, False, qd.X86_AVX2_TARGET, scale=0.02)
     other_bits, _ = log_weights((4, 65, 65), 4, False, qd.X86_AVX2_TARGET)
