@@ -13,6 +13,8 @@ float32(acc): checked bit for bit first.
 
 ``--rows`` adds each kernel again with that many rows per register tile (its default lane blocks), to check
 `kernels.qdense.default_tiles`' choice of rows on this CPU: the default's rows are in the first columns.
+``--rows-outer`` adds each int16 kernel again with row tiles outer (where the compiler runs blocks of column tiles:
+1024+ rows, `kernels.qdense.column_block`), to compare the two orders.
 ``--gelu`` adds each kernel again with fc1's fused GELU → codes tail (`kernels.epilogue.tail`, the codes as
 fc2 reads them, the quantizer a run-time operand as the compiler builds it), checked bit for bit against the same kernel with the intrinsic's plain-loop twin: the tail's cost
 is the difference to the first column.
@@ -43,6 +45,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", help="MxNxK, default: the ViT list")
     ap.add_argument("--rows", default="", help="also time these rows per register tile, e.g. 3,4,5,6")
     ap.add_argument("--gelu", action="store_true", help="also time each kernel with fc1's fused GELU → codes tail")
+    ap.add_argument("--rows-outer", action="store_true", help="also time each kernel with row tiles outer where "
+                    "it runs blocks of column tiles (`kernels.qdense.column_block`: int16, 1024+ rows)")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 
@@ -68,24 +72,28 @@ def main() -> None:
         kernels = [("avx2_i16", target, 8, 8)]
     if targets.runnable_reason(amx) is None:
         kernels.insert(0, ("amx", amx, 8, 8))
-    kernels = [(v, tgt, ba, bw, None, False) for v, tgt, ba, bw in kernels]
-    kernels += [(v, tgt, ba, bw, int(r), False) for v, tgt, ba, bw, _, _ in list(kernels) if v != "amx"
+    # (variant, target, bits_a, bits_w, rows per tile or None, GELU tail, column blocks where the rule takes them)
+    kernels = [(v, tgt, ba, bw, None, False, True) for v, tgt, ba, bw in kernels]
+    kernels += [(v, tgt, ba, bw, int(r), False, True) for v, tgt, ba, bw, *_ in list(kernels) if v != "amx"
                 for r in filter(None, args.rows.split(","))]  # the AMX kernel has one fixed blocking
-    kernels += [(v, tgt, ba, bw, None, True) for v, tgt, ba, bw, r, _ in list(kernels) if args.gelu and r is None]
+    kernels += [(v, tgt, ba, bw, None, True, True) for v, tgt, ba, bw, r, *_ in list(kernels) if args.gelu and r is None]
+    kernels += [(v, tgt, ba, bw, r, g, False) for v, tgt, ba, bw, r, g, _ in list(kernels)
+                if args.rows_outer and v == "avx2_i16" and r is None]
     rng = np.random.default_rng(0)
 
-    label = lambda r, gelu: (f" r{r}" if r else "") + (" gelu" if gelu else "")  # noqa: E731
-    names = [f"{v}(a{ba}w{bw}{label(r, g)})" for v, _, ba, bw, r, g in kernels]
+    label = lambda r, gelu, blocks=True: (  # noqa: E731
+        (f" r{r}" if r else "") + (" gelu" if gelu else "") + ("" if blocks else " rows-outer"))
+    names = [f"{v}(a{ba}w{bw}{label(r, g, b)})" for v, _, ba, bw, r, g, b in kernels]
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, "
           f"median of {args.rounds} interleaved rounds, ms per call")
     head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
-    short = [f"{v}{label(r, g)}" for v, _, _, _, r, g in kernels]
+    short = [f"{v}{label(r, g, b)}" for v, _, _, _, r, g, b in kernels]
     head += "".join(f"{'torch/' + n:>18s}" for n in short)
     head += "".join(f"{n + ' GMAC/s':>18s}" for n in short)
     print(head)
     for M, N, K in shapes:
         runs = []
-        for variant, tgt, ba, bw, rows, gelu in kernels:
+        for variant, tgt, ba, bw, rows, gelu, blocks in kernels:
             if variant == "amx" and not Q.qdense_amx.fits(M, N, K):
                 runs.append(None)
                 continue
@@ -96,7 +104,8 @@ def main() -> None:
             tail = {} if not gelu else {"gelu_codes": (0.02, 10, 255),
                                         **({"codes_operand": ("int16", ZERO_POINT)} if variant == "avx2_i16" else {})}
             build = lambda ref=False: build_qdense(  # noqa: E731
-                M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True, tiles=tiles, ref=ref, **tail)
+                M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True, tiles=tiles, ref=ref,
+                column_blocks=blocks, **tail)
             kern = build()
             a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
             w = rng.integers(-w_max, w_max + 1, (N, K))

@@ -208,7 +208,7 @@ def test_large_m_int16_kernels_run_column_blocks():
     assert sch.get(sch.get_loops(sch.get_sblock("out"))[0]).kind == parallel  # rows x tiles, fused
 
 
-def test_column_blocks_are_exact_with_every_tail(monkeypatch):
+def test_column_blocks_are_exact_with_every_tail():
     """The blocks order (1031 rows: ragged; 2 blocks) gives the rows order's results bit for bit: the int32
     accumulator against the integer reference, fc1's GELU → codes tail (AVX2's centred int16 codes) and the
     residual add against the same kernels with rows outer."""
@@ -226,9 +226,8 @@ def test_column_blocks_are_exact_with_every_tail(monkeypatch):
     tails = [{"gelu_codes": (0.02, 131, 255), "codes_operand": ("int16", ZERO_POINT)}, {"residual": True}]
     for tail in tails:
         outs = []
-        for min_rows in (Q.BLOCK_MIN_ROWS, M + 1):  # blocks, then rows outer
-            monkeypatch.setattr(Q, "BLOCK_MIN_ROWS", min_rows)
-            k = _build(M, N, K, "avx2_i16", 8, 8, False, epilogue=True, **tail)
+        for blocks in (True, False):  # blocks, then rows outer
+            k = _build(M, N, K, "avx2_i16", 8, 8, False, epilogue=True, column_blocks=blocks, **tail)
             params = k.epilogue_params(w, w_scale, 1.0, 0, bias)
             outs.append(k(k.prepare_activation(a), *k.weight_args(w), *params, *([res] if "residual" in tail else [])))
         np.testing.assert_array_equal(outs[0], outs[1])

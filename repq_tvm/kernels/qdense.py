@@ -451,7 +451,7 @@ def schedule_qdense(
     variant: str = "auto", epilogue: bool = False, ref: bool = False,
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: int | None = None, residual: bool = False, qkv_codes: dict | None = None,
-    codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None,
+    codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None, column_blocks: bool = True,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -469,7 +469,8 @@ def schedule_qdense(
     ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes``
     ({"tokens", "heads", "tops"}, AMX only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention
     kernels' layout, under the quantizers of its run-time ``quant`` operand.  ``a_rows``
-    reads the activation rows through a row table (`qdense`; not the amx kernel).
+    reads the activation rows through a row table (`qdense`; not the amx kernel).  ``column_blocks`` False keeps
+    row tiles outer where `column_block` would block the column tiles (to compare the two orders).
     """
     if (gelu_codes is not None or residual or qkv_codes is not None) and not epilogue:
         raise ValueError("gelu_codes, residual and qkv_codes need the float epilogue (epilogue=True)")
@@ -527,8 +528,8 @@ def schedule_qdense(
             **_tail_spec(gelu_codes, residual, None, codes_operand), **({"rows": int(a_rows)} if a_rows else {})}
     func = qdense_func(spec)
     if v.tensorized:
-        sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate,
-                                  column_block(M, N, K, v, nbi, compensate, bool(a_rows)))
+        block = column_block(M, N, K, v, nbi, compensate, bool(a_rows)) if column_blocks else None
+        sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate, block)
     else:
         sch = schedule_fallback(func, v, mi, nbi, compensate)
     return sch, v, (mi, nbi, depth), compensate
