@@ -288,10 +288,10 @@ def column_block(M: int, N: int, K: int, v: Variant, nbi: int, compensate: bool 
 
     Rows outer, every row tile reads the whole weight matrix again, from L3 where it does not fit L2.  In blocks of
     column tiles whose weights fit in half an L2, both cores' row tiles of one block read that block from their own
-    L2 and the activations are read once per block instead.  Measured on the AVX2-only Zen 3 (2 threads, 30
-    interleaved rounds, the int16 kernel alone): DeiT-S at batch 8 (M = 1576) fc1 1576x1536x384 7.28 → 6.54 ms,
-    qkv 1576x1152x384 7.11 → 6.41, fc2 1576x384x1536 7.38 → 6.58 (blocks of 196-221 KB; blocks of 295 KB and more
-    gained less or lost); at M ≤ 788 (batch 1 and 4, Swin-T's stage 2) and for the u8 x s8 kernel (int8 weights,
+    L2 and the activations are read once per block instead.  Measured on the AVX2-only Zen 3 (2 threads, the int16
+    kernel alone, `benchmarks/kernel_dense.py --rows-outer`): DeiT-S at batch 8 (M = 1576) 3-8% faster (fc1
+    1576x1536x384 6.47 → 5.97 ms, fc2 1576x384x1536 6.30 → 5.85; README "Batch 8 since column blocks"); blocks of
+    196-221 KB beat 295 KB and more; at M ≤ 788 (batch 1 and 4, Swin-T's stage 2) and for the u8 x s8 kernel (int8 weights,
     half the bytes) level within the noise, so those keep rows outer; VNNI and sdot kernels are not measured and keep
     it too.  Kernels with compensation or gathered rows compute those per row tile: rows outer (`_tile`).  The
     block divides the column tiles (ragged blocks do not tile); None where the weights fit one block."""
