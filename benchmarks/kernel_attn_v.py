@@ -52,7 +52,7 @@ def main() -> None:
         runs = []
         for sqrt2 in (True, False):
             groups = ops.attn_groups(args.bits, f, sqrt2)
-            kern = AttnV(bt, m, n, d, target, parities=2 if sqrt2 else 1, groups=groups, f=f, v_bits=args.bits,
+            kern = AttnV(bt, m, n, d, target, parities=ops.ATTN_PARITIES, groups=groups, f=f, v_bits=args.bits,
                          epilogue=False, variant=variant)
             # codes of a softmax of random logits: realistic spread of shifts and dead entries
             logits = rng.standard_normal((bt, m, n)).astype(np.float32) * 3

@@ -207,7 +207,7 @@ def attn_v_rows(preset_name: str, shapes, cpus, llvm_mca: str, tmp: str, sysroot
         for bits in ATTN_BITS:
             f = ops.attn_frac_bits(N, bits)
             groups = ops.attn_groups(bits, f)
-            planes = ops.attn_planes(2, groups)
+            planes = ops.attn_planes(ops.ATTN_PARITIES, groups)
             kernel = AttnV(Bt, M, N, D, targets.tvm_target(preset), groups=groups, f=f, v_bits=bits)
             so = os.path.join(tmp, f"attn_v_{preset_name}_{Bt}x{M}x{N}x{D}_a{bits}.so")
             kernel.executable.export_library(so, fcompile=fcompile)

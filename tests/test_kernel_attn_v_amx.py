@@ -39,7 +39,7 @@ def test_amx_attn_v_is_bit_exact(mode, bits, sqrt2, v_bits, f, shape):
     if mode == "native" and not HAS_AMX:
         pytest.skip("this CPU lacks amx_int8: the kernel is checked through its emulation and its asm")
     f, groups, w, v, z_v = _operands(bits + 7 * v_bits, bits, sqrt2, v_bits, f, shape)
-    parities = 2 if sqrt2 else 1
+    parities = ops.ATTN_PARITIES
     kernel = AttnV(*shape, AMX if mode == "native" else HOST, parities=parities, groups=groups, f=f, v_bits=v_bits,
                    epilogue=False, variant="amx", ref=mode == "emulated")
     assert kernel.variant == "amx"

@@ -61,7 +61,7 @@ def test_weights_split_exactly_into_two_bytes():
             w = ops.attn_weights(codes, np.zeros_like(codes, bool), f, sqrt2, groups=2).astype(np.int64)
             hi, lo = w >> av.HI_SHIFT, w & ((1 << av.HI_SHIFT) - 1)
             assert np.array_equal((hi << av.HI_SHIFT) + lo, w) and w.min() >= 0
-            assert hi.max() <= 181 and lo.max() <= 127  # bytes: 181 = round(√2·2^14) >> 7
+            assert hi.max() <= 255 and lo.max() <= 127  # bytes: 255 = (2^15 − 1) >> 7, plane 1's largest
             bands = av.weight_bands(f, 2)
             assert bands == (1 if f <= 7 else 2) and (bands == 2 or w.max() <= 255), (f, sqrt2)
     assert av.weight_bands(7, 1) == 1 and av.weight_bands(8, 1) == 2  # group 0 only: 2^F < 256
@@ -108,7 +108,7 @@ CASES = [
     f"b{c[0]}{'s' if c[1] else 'l'}v{c[2]}-{'x'.join(map(str, c[3]))}-f{c[4]}" for c in CASES])
 def test_udot_schedule_is_bit_exact_through_its_twin(bits, sqrt2, v_bits, shape, f):
     groups, w, v, zps = _operands(bits + f, shape, bits, sqrt2, v_bits, f)
-    parities = 2 if sqrt2 else 1
+    parities = ops.ATTN_PARITIES
     kernel = _stand_in(shape, parities, groups, f, v_bits, epilogue=False)
     assert kernel.variant == "neon_udot"
     for z_v in zps:
@@ -117,17 +117,19 @@ def test_udot_schedule_is_bit_exact_through_its_twin(bits, sqrt2, v_bits, shape,
 
 @pytest.mark.parametrize("n,v_bits", [(197, 8), (65, 4), (3136, 8)])
 def test_sums_at_the_int32_bound_and_the_float_epilogue(n, v_bits):
-    """Weights at their largest (2^F, round(√2·2^F)) against |v − z| = 2^b − 1 on every token: Σ W·(v − z), the
+    """Weights at their largest (2^F, plane 1's largest) against |v − z| = 2^b − 1 on every token: Σ W·(v − z), the
     hi band's 2^7·Σ hi·v and z·Σ W as large as the F `attn_frac_bits` picks allows (near 2^31 unless F is capped
     at 14); float output bit for bit."""
     f, top = ops.attn_frac_bits(n, v_bits), 2**v_bits - 1
-    assert n * top * ops.sqrt2_weight(f) < 2**31 <= n * top * ops.sqrt2_weight(f + 1) or f == ops.ATTN_MAX_F
+    assert n * top * ops.attn_max_weight(f) < 2**31 <= n * top * ops.attn_max_weight(f + 1) or f == ops.ATTN_MAX_F
     codes, dead = np.zeros((1, 4, n), np.int64), np.zeros((1, 4, n), bool)
+    every = np.arange(4 * f + 3)
+    low = ops.attn_weights(every[None], np.zeros((1, every.size), bool), f, True, 2)[1, 0]
     codes[0, 1, ::2] = 1
-    codes[0, 2, :] = 2 * f + 1
+    codes[0, 2, :] = np.argmax(low)  # the code of the largest plane-1 weight
     w = ops.attn_weights(codes, dead, f, True, 2)
-    assert w.max() == ops.sqrt2_weight(f)
-    kernel = _stand_in((1, 4, n, 8), 2, 2, f, v_bits)
+    assert w[:, 1].max() == low.max() <= ops.attn_max_weight(f) and w[:, 0].max() == 1 << f
+    kernel = _stand_in((1, 4, n, 8), ops.ATTN_PARITIES, 2, f, v_bits)
     scale = 0.3855 * 0.02 / 2 ** (f + ops.ATTN_EXTRA_BITS)
     for value, z_v in ((top, 0), (0, top), (top, top)):
         v = np.full((1, n, 8), value, np.uint8)
@@ -159,14 +161,14 @@ def test_spec_interface_of_the_tuning_search():
 
 
 # --- the aarch64 build ----------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,groups", [((6, 197, 197, 64), 2), ((4, 65, 65, 32), 1)], ids=["deit-a8", "vit-a4"])
+@pytest.mark.parametrize("shape,groups", [((6, 197, 197, 64), 2), ((4, 65, 65, 32), 2)], ids=["deit", "vit"])
 def test_aarch64_hot_loop_is_udot(shape, groups):
     """The aarch64-neon-dotprod build: the innermost loop with the most udot is indexed udot (planes x rows x
     blocks x depth of them per step) on 8-byte weight loads and V tiles, nothing widening, no stack traffic; the
     kernel refuses to run on this host."""
     kernel = AttnV(*shape, Q.AARCH64_TARGET, groups=groups)
     assert kernel.variant == "neon_udot"
-    planes = ops.attn_planes(2, groups)
+    planes = ops.attn_planes(ops.ATTN_PARITIES, groups)
     rows, blocks = av.default_tiles(shape[1], "neon_udot", planes)
     asm = kernel.asm()
     hot = max(_inner_loops(asm), key=lambda body: body.count("udot"))
@@ -189,7 +191,7 @@ def test_udot_kernels_under_qemu_are_exact(tmp_path):
     calls, expected = [], []
     for bits, sqrt2, v_bits, shape, f in cases:
         groups, w, v, zps = _operands(bits + f, shape, bits, sqrt2, v_bits, f)
-        parities = 2 if sqrt2 else 1
+        parities = ops.ATTN_PARITIES
         kernel = AttnV(*shape, Q.AARCH64_TARGET, parities=parities, groups=groups, f=f, v_bits=v_bits,
                        epilogue=False)
         assert kernel.variant == "neon_udot"

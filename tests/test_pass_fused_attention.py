@@ -21,7 +21,7 @@ AMX = targets.tvm_target("x86_64-amx")
 BT, M, N, D, BITS, S_ATTN = 6, 65, 65, 64, 8, 0.0073
 F = ops.attn_frac_bits(N, 8)
 GROUPS = ops.attn_groups(BITS, F, True)
-PLANES = ops.attn_planes(2, GROUPS)
+PLANES = ops.attn_planes(ops.ATTN_PARITIES, GROUPS)
 QK_PARAMS = [relax.const(np.array([3, 130], np.int32)), relax.const(np.array([9e-4], np.float32))]
 V_PARAMS = [relax.const(np.array([7], np.int32)), relax.const(np.array([3e-6], np.float32))]
 
@@ -44,7 +44,7 @@ def _three_kernels(bb, target):
     """q @ kᵀ, the fused softmax → weights and attn @ V kernels of the heads here, added to ``bb``."""
     return (bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk"),
             bb.add_func(log_weights_primfunc((BT, M, N), BITS, True, F, GROUPS, target, softmax=True)[0], "lw"),
-            bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=2, groups=GROUPS, f=F)[0], "av"))
+            bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=ops.ATTN_PARITIES, groups=GROUPS, f=F)[0], "av"))
 
 
 def _before(target, extra_reader: bool = False) -> tvm.IRModule:
@@ -207,7 +207,7 @@ def test_amx_targets_keep_the_three_kernels_where_the_amx_kernel_does_not_fit():
 
     qk = {"Bt": 6, "M": 49, "N": 49, "D": 32, "b_layout": "nd"}
     lw = {"softmax": True, "shape": [6, 49, 49], "sqrt2": True, "groups": 2, "f": 14, "scale": 0.01, "bits": 8}
-    av = {"Bt": 6, "M": 49, "N": 49, "D": 32, "epilogue": True, "parities": 2, "groups": 2, "f": 14, "v_bits": 8}
+    av = {"Bt": 6, "M": 49, "N": 49, "D": 32, "epilogue": True, "parities": 1, "groups": 2, "f": 14, "v_bits": 8}
     assert attention_spec_of(qk, lw, av, AMX) is None
     assert attention_spec_of(qk, lw, av, targets.tvm_target("x86_64-avx512-vnni"))["variant"] == "vnni"
     assert attention_spec_of({**qk, "D": 64}, lw, {**av, "D": 64}, AMX)["variant"] == "amx"

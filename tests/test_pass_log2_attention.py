@@ -53,7 +53,7 @@ SHAPES = [(4, True, 4, (3, 13, 37, 20)), (6, True, 6, (2, 9, 11, 5)), (8, True, 
 def _check(bits, sqrt2, v_bits, shape, target, **kw):
     bt, m, n, d = shape
     f, groups, w, v, z_v = _operands(bits + 10 * sqrt2 + 100 * v_bits, bt, m, n, d, bits, sqrt2, v_bits)
-    parities = 2 if sqrt2 else 1
+    parities = ops.ATTN_PARITIES
     kernel = AttnV(bt, m, n, d, target, parities=parities, groups=groups, f=f, v_bits=v_bits, epilogue=False, **kw)
     acc = ops.attn_v_acc(w, v, z_v, f, v_bits, parities)
     assert np.array_equal(kernel(w, v, z_v), acc)
@@ -88,20 +88,22 @@ def test_vnni_kernel_asm_without_running_it():
 @pytest.mark.parametrize("n,v_bits", [(197, 8), (65, 4), (3136, 8)])
 def test_extreme_sums_and_float_epilogue(n, v_bits):
     """All codes 0 (weight 2^F), |v − z_v| = 2^b − 1 over N tokens: S = N·(2^b − 1)·2^F, near the int32
-    limit for the F `attn_frac_bits` picks (with the √2-rounded weights of group 1 as large as round(√2·2^F));
+    limit for the F `attn_frac_bits` picks (with the code of the largest plane-1 weight in a row of its own);
     the float output is float32(acc)·float32(scale), bit for bit."""
     bt, m, d = 1, 4, 8
     f = ops.attn_frac_bits(n, v_bits)
     assert f == {197: 14, 65: 14, 3136: 10}[n]
     top = 2 ** v_bits - 1
-    assert n * top * ops.sqrt2_weight(f) < 2 ** 31 <= n * top * ops.sqrt2_weight(f + 1) or f == 14
+    assert n * top * ops.attn_max_weight(f) < 2 ** 31 <= n * top * ops.attn_max_weight(f + 1) or f == 14
     kernel = AttnV(bt, m, n, d, VNNI if VNNI_SKIP is None else TARGET, groups=2, f=f, v_bits=v_bits)
     codes, dead = np.zeros((bt, m, n), np.int64), np.zeros((bt, m, n), bool)
     codes[0, 1, ::2] = 1  # a row of alternating √2 codes
-    codes[0, 2, :] = 2 * f + 1  # the largest group-1 weight, round(√2·2^F)
+    every = np.arange(4 * f + 3)
+    low = ops.attn_weights(every[None], np.zeros((1, every.size), bool), f, True, 2)[1, 0]
+    codes[0, 2, :] = np.argmax(low)  # the code of the largest plane-1 weight
     codes[0, 3, :] = 1
     w = ops.attn_weights(codes, dead, f, True, 2)
-    assert w.max() == ops.sqrt2_weight(f)
+    assert w[:, 1].max() == low.max() <= ops.attn_max_weight(f) and w[:, 0].max() == 1 << f
     scale = 0.3855 * 0.02 / 2 ** (f + ops.ATTN_EXTRA_BITS)
     for value, z_v in ((top, 0), (0, top)):
         v = np.full((bt, n, d), value, np.uint8)
@@ -208,7 +210,7 @@ def test_lowered_matches_fake_quant_graph(specs):
     for bits, sqrt2, v_bits in specs:  # the pass read b_v from the V clip (none at 8 bits) and picked F for it
         groups = ops.attn_groups(bits, ops.attn_frac_bits(21, v_bits), sqrt2)
         assert any(x.startswith("repq_attn_v_avx2_i16") and
-                   x.endswith(f"_p{2 if sqrt2 else 1}g{groups}_v{v_bits}_f{ops.attn_frac_bits(21, v_bits)}")
+                   x.endswith(f"_p{ops.ATTN_PARITIES}g{groups}_v{v_bits}_f{ops.attn_frac_bits(21, v_bits)}")
                    for x in names), names
 
     flat = [x for pair in inputs for x in pair]
@@ -262,7 +264,7 @@ def _build(func):
 
 def _weights_of_codes(codes, dead, f, sqrt2, groups, n):
     bt, m = codes.shape[:2]
-    out = np.zeros((bt, ops.attn_planes(2 if sqrt2 else 1, groups), m, n + 1), np.int16)
+    out = np.zeros((bt, ops.attn_planes(ops.ATTN_PARITIES, groups), m, n + 1), np.int16)
     out[..., :n] = ops.attn_weights(codes, dead, f, sqrt2, groups)
     return out
 
@@ -304,7 +306,7 @@ def test_log_weights_kernel_matches_the_oracle(bits, sqrt2):
     expect = _weights_of_codes(codes, dead, f, sqrt2, groups, n)
     alive = expect[..., :n] != 0
     assert alive.any(1).mean() > 0.1 and alive.any((0, 2, 3)).all()  # a real test: every plane has weights
-    assert (groups == 2) == (bits == 8)
+    assert groups == (2 if sqrt2 or bits == 8 else 1)  # plane 1: odd log√2 codes, or shifts past F
     out = _run_log_weights(_log_weights_kernel((bt, m, n), bits, sqrt2, f, groups, False, s_attn), p, expect.shape)
     assert np.array_equal(out, expect), int((out != expect).sum())
 
@@ -345,7 +347,7 @@ def test_pass_fuses_the_softmax_into_the_weights_kernel():
     mod = attention_module([((1, 2, 9, 9), 8, 0.5, 4, 0.05, 8, 4, True)])
     lowered = LowerLog2Attention(TARGET)(mod)
     names = {gv.name_hint for gv in lowered.get_global_vars()}
-    assert any(x.startswith("repq_log_weights_softmax_sqrt2_2x9x9_b4_g1_f14") for x in names), names
+    assert any(x.startswith("repq_log_weights_softmax_sqrt2_2x9x9_b4_g2_f14") for x in names), names
     lowered = relax.transform.DeadCodeElimination()(lowered)
     assert "relax.nn.softmax" not in {c.op.name for c in _calls(lowered) if isinstance(c.op, tvm.ir.Op)}
 
@@ -394,7 +396,7 @@ def test_before_after_attention_times_v():
         with bb.dataflow():
             v_codes = bb.emit(canonical.uniform_qdq(v, s_v, z_v, v_bits).args[0])
             w = log_weights(bb, logits, s_attn, bits, True, f, ops.attn_groups(bits, f, True), TARGET, softmax=True)
-            o = bb.emit(attn_v_call(bb, w, v_codes, z_v, scale, f, 2, TARGET, {}, v_bits))
+            o = bb.emit(attn_v_call(bb, w, v_codes, z_v, scale, f, ops.ATTN_PARITIES, TARGET, {}, v_bits))
             out = bb.emit_output(relax.Tuple([o]))
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(after, bb.get())

@@ -38,7 +38,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..reference import ops
-from ..reference.ops import attn_planes
+from ..reference.ops import ATTN_PARITIES, attn_planes
 from . import (
     epilogue,
     macro_lookup,  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
@@ -167,7 +167,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     ``repq.kernel``."""
     Bt, M, N, D = spec["Bt"], spec["M"], spec["N"], spec["D"]
     sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
-    parities = 2 if sqrt2 else 1
+    parities, m_log = ATTN_PARITIES, 2 if sqrt2 else 1
     _check_args(N, parities, groups, f, v_bits)
     if not fits(M, N, D):
         raise ValueError(f"amx attention needs M >= {ROWS}, N >= {COLS} and D % {K_STEP} == 0, got M={M}, N={N}, "
@@ -218,7 +218,7 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
 
         return logits
 
-    softmax_codes = softmax_codes_macro(N, parities, top, RB)
+    softmax_codes = softmax_codes_macro(N, m_log, top, RB)
 
     @T.macro
     def weights(codes, tab, wb, wsum, bsum, sad, i, r, slot):

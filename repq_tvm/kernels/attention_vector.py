@@ -53,7 +53,7 @@ import json
 import tvm
 from tvm.script import tirx as T
 
-from ..reference.ops import attn_planes
+from ..reference.ops import ATTN_PARITIES, attn_planes
 from ..targets import target_has
 from . import (
     epilogue,
@@ -132,7 +132,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     ``repq.kernel``."""
     Bt, M, N, D, variant = spec["Bt"], spec["M"], spec["N"], spec["D"], spec["variant"]
     sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
-    parities, vnni = (2 if sqrt2 else 1), variant == "vnni"
+    parities, m_log, vnni = ATTN_PARITIES, (2 if sqrt2 else 1), variant == "vnni"
     _check_args(N, parities, groups, f, v_bits)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
@@ -182,7 +182,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
             return k[b, n, d]
 
         v_at = k_at
-    softmax_codes = softmax_codes_macro(N, parities, top, RB, n_w)
+    softmax_codes = softmax_codes_macro(N, m_log, top, RB, n_w)
     k_dtype = "int8" if vnni else "int16"  # q @ kᵀ's k operands
     pmaddwd = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")

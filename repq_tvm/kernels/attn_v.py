@@ -63,10 +63,11 @@ from tvm.script import tirx as T
 
 from ..reference.ops import (
     ATTN_EXTRA_BITS,
+    ATTN_PARITIES,
     SQRT2_FIXED,
     SQRT2_Q,
+    attn_max_weight,
     attn_planes,
-    sqrt2_weight,
 )
 from ..relax_util import scheduled_kernel
 from ..targets import target_has
@@ -111,8 +112,9 @@ def padded_tokens(n: int) -> int:
 
 def weight_bands(f: int, groups: int) -> int:
     """u8 bands of the weights in the udot variant: 1 when every weight fits a byte (the largest is 2^F, or
-    round(√2·2^F) with group 1: F ≤ 7), else 2 (hi = W >> 7 ≤ 181 and lo = W & 127)."""
-    return 1 if (sqrt2_weight(f) if groups == 2 else 1 << f) < 256 else 2
+    2^(F + 1) − 1 with plane 1, `reference.ops.attn_max_weight`: F ≤ 7), else 2 (hi = W >> 7 ≤ 255 and
+    lo = W & 127)."""
+    return 1 if (attn_max_weight(f) if groups == 2 else 1 << f) < 256 else 2
 
 
 # accumulator vectors a register tile may hold: 32 zmm (VNNI) / 32 q (NEON) less operands, 16 ymm (AVX2);
@@ -139,13 +141,13 @@ def default_tiles(M: int, variant: str, planes: int = 2) -> tuple[int, int]:
 
 
 def _check_args(N: int, parities: int, groups: int, f: int, v_bits: int) -> None:
-    """Refuse what the kernel cannot compute exactly.  The bound N·(2^b − 1)·round(√2·2^F) < 2^31 covers every
+    """Refuse what the kernel cannot compute exactly.  The bound N·(2^b − 1)·(2^(F+1) − 1) < 2^31 covers every
     int32 sum of both formulations: Σ W·(v − z) (int16), and udot's Σ W·v, z·Σ W, 2^7·Σ hi·v ≤ Σ W·v and the
-    partial sums between them (all weights ≤ round(√2·2^F), codes and z ≤ 2^b − 1)."""
+    partial sums between them (all weights ≤ `attn_max_weight`, codes and z ≤ 2^b − 1)."""
     if parities not in (1, 2) or groups not in (1, 2) or not 1 <= f <= 14 or not 1 <= v_bits <= 8:
         raise ValueError(f"parities {parities}, groups {groups}, F {f}, V bits {v_bits}: need 1 or 2, 1 or 2, "
                          "[1, 14], [1, 8]")
-    if N * ((1 << v_bits) - 1) * sqrt2_weight(f) >= 1 << 31:
+    if N * ((1 << v_bits) - 1) * attn_max_weight(f) >= 1 << 31:
         raise ValueError(f"{N} tokens of {v_bits}-bit V with F={f} could overflow int32 (see attn_frac_bits)")
 
 
@@ -205,7 +207,7 @@ def to_float32(acc, via_float64: bool):
     return (magic - tvm.tirx.const(6755399441055744.0, "float64")).astype("float32")
 
 
-def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14, v_bits: int = 8,
+def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14, v_bits: int = 8,
            lanes: int = 16, tiles=(3, 4), epilogue: bool = True, via_float64: bool = False) -> list[te.Tensor]:
     """TE compute ``[W, V, zp, scale, out]`` (``[W, V, zp, out]`` with the int64 acc when not ``epilogue``);
     W has ``groups * parities`` planes (`reference.ops.attn_weights`); ``via_float64``: see `to_float32`."""
@@ -243,7 +245,7 @@ def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 
     return [W, V, zp, scale, out]
 
 
-def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14,
+def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
                 v_bits: int = 8, tiles=(3, 2), epilogue: bool = True) -> tvm.tirx.PrimFunc:
     """PrimFunc of the "neon_udot" variant (module docstring) with `attn_v`'s inputs and outputs:
     ``main(W, V, zp, scale, out)``, or ``main(W, V, zp, out)`` with the int64 acc when not ``epilogue``.
@@ -344,7 +346,7 @@ def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: i
     return main
 
 
-def attn_v_spec(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14,
+def attn_v_spec(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
                 v_bits: int = 8, variant: str = "vnni_i16", tiles: tuple[int, int] = (3, 4),
                 epilogue: bool = True) -> dict:
     """The kernel spec: everything that determines the TE compute, the (rows, lane blocks) tile it was padded
@@ -483,7 +485,7 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     return apply_schedule(Schedule(attn_v_func(spec)), spec["variant"], spec["m_tile"], spec["d_tile"] // lanes, ref)
 
 
-def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = 2, groups: int = 1, f: int = 14,
+def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
                     v_bits: int = 8, variant: str | None = None, tiles: tuple[int, int] | None = None,
                     ref: bool = False, epilogue: bool = True) -> tuple[Schedule, str]:
     """The scheduled kernel and its variant; ``ref`` swaps in the intrinsic's plain-loop twin (any CPU)."""
@@ -510,7 +512,7 @@ def kernel_name(Bt, M, N, D, parities, groups, f, v_bits, variant) -> str:
     return f"repq_attn_v_{variant}_{Bt}x{M}x{N}x{D}_p{parities}g{groups}_v{v_bits}_f{f}"
 
 
-def attn_v_primfunc(Bt: int, M: int, N: int, D: int, target, *, parities: int = 2, groups: int = 1, f: int = 14,
+def attn_v_primfunc(Bt: int, M: int, N: int, D: int, target, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
                     v_bits: int = 8) -> tuple[tvm.tirx.PrimFunc, str]:
     """The scheduled PrimFunc ``main(W, V, zp, scale, out)`` (marked scheduled) and a unique name for it."""
     sch, variant = schedule_attn_v(Bt, M, N, D, target, parities=parities, groups=groups, f=f, v_bits=v_bits)

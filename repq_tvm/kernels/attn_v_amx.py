@@ -29,7 +29,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from ..reference.ops import attn_planes
+from ..reference.ops import ATTN_PARITIES, attn_planes
 from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 from .attn_v import HI_SHIFT, _acc_total, _check_args, padded_tokens, weight_bands
 from .packing import ceil_to
@@ -74,7 +74,7 @@ def band_byte(w, band, bands: int):
     return tvm.tirx.Select(band == 0, w >> T.int16(HI_SHIFT), w & T.int16((1 << HI_SHIFT) - 1))
 
 
-def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = 2, groups: int = 1, f: int = 14,
+def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
                     v_bits: int = 8, epilogue: bool = True, emulate: bool = False):
     """PrimFunc ``main(W, V, zp, scale, out)`` (``main(W, V, zp, out)`` with the int64 acc when not ``epilogue``),
     `attn_v.attn_v`'s signature: W int16 ``[Bt, planes, M, Np]``, V u8 ``[Bt, N, D]``."""

@@ -39,7 +39,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
-from ..reference.ops import attn_planes, sqrt2_weight
+from ..reference.ops import ATTN_PARITIES, SQRT2_FIXED, SQRT2_Q, attn_planes
 from ..relax_util import scheduled_kernel
 from . import epilogue
 from .attention_consts import log2_scale
@@ -185,18 +185,17 @@ def softmax_codes_macro(n: int, m: int, top: int, rows: int, n_codes: int | None
 
 
 def plane_weight(c, plane, sqrt2: bool, f: int, groups: int):
-    """int16 weight of log code ``c`` (−1: none) in weight plane ``plane``: `reference.ops.attn_weights`."""
-    one, r_f, parities = tvm.tirx.const(1, "int32"), sqrt2_weight(f), 2 if sqrt2 else 1
-    s = (c + 1) >> 1 if sqrt2 else c
-    w0 = one << (f - tvm.tirx.max(tvm.tirx.min(s, f), 0))
-    g0 = tvm.tirx.all(c >= 0, s <= f, ((c & 1) if sqrt2 else 0) == plane)
-    if groups == 1:
-        return tvm.tirx.Select(g0, w0, 0).astype("int16")
-    rr = tvm.tirx.max(tvm.tirx.min(s - f - 1, f + 1), 0)
-    w1 = (tvm.tirx.Select((c & 1) == 1, (r_f + ((one << rr) >> 1)) >> rr, (one << f) >> rr) if sqrt2
-          else (one << f) >> rr)
-    g1 = tvm.tirx.all(c >= 0, s > f, s <= 2 * f + 1)
-    return tvm.tirx.Select(plane < parities, tvm.tirx.Select(g0, w0, 0), tvm.tirx.Select(g1, w1, 0)).astype("int16")
+    """int16 weight of log code ``c`` (−1: none) in weight plane ``plane``: `reference.ops.attn_weights` (W in int32:
+    at most 2^(2F + 1) ≤ 2^29, and the odd codes' Q30 sum below 2^31)."""
+    one, s = tvm.tirx.const(1, "int32"), (c + 1) >> 1 if sqrt2 else c
+    e = 2 * f + 1 - tvm.tirx.max(tvm.tirx.min(s, 2 * f + 1), 0)
+    w = one << e
+    if sqrt2:
+        w = tvm.tirx.Select((c & 1) == 1, (tvm.tirx.const(SQRT2_FIXED, "int32")
+                                           + (one << tvm.tirx.max(SQRT2_Q - 1 - e, 0))) >> (SQRT2_Q - e), w)
+    hi, lo = w >> (f + 1), w & ((1 << (f + 1)) - 1)
+    part = (hi if plane == 0 else lo) if isinstance(plane, int) else tvm.tirx.Select(plane == 0, hi, lo)
+    return tvm.tirx.Select(tvm.tirx.all(c >= 0, s <= 2 * f + 1), part, 0).astype("int16")
 
 
 def log_weights_spec(shape, bits: int, sqrt2: bool, f: int, groups: int, *, softmax: bool = False,
@@ -227,7 +226,7 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
     bt, rows, n = spec["shape"]
     sqrt2, f, groups, lanes = spec["sqrt2"], spec["f"], spec["groups"], spec["lanes"]
     m = 2 if sqrt2 else 1
-    top, planes, n_p = 2 ** spec["bits"] - 1, attn_planes(m, groups), padded_tokens(n)
+    top, planes, n_p = 2 ** spec["bits"] - 1, attn_planes(ATTN_PARITIES, groups), padded_tokens(n)
     x = te.placeholder((bt, rows, n), "float32", name="x")
     if spec["softmax"]:
         n_r = -(-n // lanes) * lanes

@@ -31,7 +31,7 @@ from tvm import relax
 from tvm.relax.dpl import ExternFuncPattern, is_const, is_op, rewrite_call, wildcard
 
 from ..frontends.canonical import LOG_OPS, log_call_params
-from ..reference.ops import ATTN_EXTRA_BITS, attn_frac_bits, attn_groups, attn_planes
+from ..reference.ops import ATTN_EXTRA_BITS, ATTN_PARITIES, attn_frac_bits, attn_groups, attn_planes
 from ..relax_util import activation_dequant, batched_matmul_shapes, calls_only, code_bits, emitted
 from ..relax_util import static_shape as _static_shape
 
@@ -54,7 +54,7 @@ def log_weights(bb: relax.BlockBuilder, x: relax.Expr, scale: float, bits: int, 
     gv = bb.add_func(func, name)  # deduplicated: the blocks' equal kernels are one function
     # float64 on purpose: relax.const would make it float32 (log2(s) rounded, codes moved)
     args = [x, relax.const(log2_scale_operand(scale), "float64")] if softmax else [x]
-    planes = attn_planes(2 if sqrt2 else 1, groups)
+    planes = attn_planes(ATTN_PARITIES, groups)
     return bb.emit(relax.call_tir(gv, args, relax.TensorType((bt, planes, rows, padded_tokens(n)), "int16")))
 
 
@@ -130,7 +130,7 @@ def _emit(bb, target, kernels, parts, logits):
     weights = log_weights(bb, x, s_attn, bits, sqrt2, f, attn_groups(bits, f, sqrt2), target,
                           softmax=logits is not None)
     scale = float(np.float32(np.float64(s_attn) * np.float64(s_v) / 2.0 ** (f + ATTN_EXTRA_BITS)))
-    return attn_v_call(bb, weights, v, z_v, scale, f, 2 if sqrt2 else 1, target, kernels, v_bits)
+    return attn_v_call(bb, weights, v, z_v, scale, f, ATTN_PARITIES, target, kernels, v_bits)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerLog2Attention")

@@ -10,17 +10,17 @@ The integer program (issue 3) computes exactly this:
 - post-Softmax log√2 codes: c = clamp(round(−2·log2(p / s)), 0, 2^b − 1), underflow (code > 2^b − 1
   or p = 0) marked as "no contribution".
 - attn @ V as an integer dot product: a right shift by s is a multiply by 2^−s. Each log√2 code c (shift
-  s = ⌈c/2⌉) becomes the exact int16 weight 2^(F − s) in the sum of its parity p = c mod 2 (`attn_weights`),
-  with F = attn_frac_bits(N, b_v) ≤ 14 (2^14 fits int16, and no sum over N tokens of b_v-bit V leaves int32).
-  S_p[m, d] = Σ_n w_p[m, n]·(v[n, d] − z_v) exactly in int32 (`attn_v_acc`: one int16 dot product,
-  vpdpwssd / vpmaddwd / smlal, or udot on the weights' two bytes), then one fixed-point √2 multiply per output, rounded to nearest with
-  G = ATTN_EXTRA_BITS more fractional bits: acc = (S_0 << G) + ((S_1 · SQRT2_FIXED + 2^(Q−G−1)) >> (Q−G)) in
-  int64 (< 2^62); out = float32(acc) · float32(s_attn·s_v / 2^(F+G)). The √2 product keeps 2^−(F+G) of
-  s_attn·s_v: float32's own rounding of the output is coarser, as in the float model.
-  Codes with shifts past F (only from codes of more than 4 bits) go to one more plane with weights
-  2^(2F + 1 − c/2), odd codes rounded once (these p̂ are below 2^−F·s_attn: an error of 2^−(2F+2)·s_attn at
-  most), whose sum enters acc shifted right by F + 1 (`attn_groups`, `attn_term`); shifts past 2F + 1
-  (p̂ < 2^−29·s_attn at F = 14) count as underflow.
+  s = ⌈c/2⌉; log2: s = c) becomes the integer W = 2^(2F + 1 − c/m) (m = 2 for log√2, 1 for log2) in units of
+  2^−(2F+1): exact for even codes, rounded once (half up, from the Q30 √2) for odd ones (`attn_weights`), with
+  F = attn_frac_bits(N, b_v) ≤ 14.  Its high part W >> (F + 1) (≤ 2^14, exact 2^(F − s) for even codes) goes to
+  plane 0, its low F + 1 bits to plane 1 (0 for even codes with s ≤ F; the whole W past s = F: only codes of more
+  than 4 bits).  S_p[m, d] = Σ_n w_p[m, n]·(v[n, d] − z_v) exactly in int32 per plane (`attn_v_acc`: one int16
+  dot product, vpdpwssd / vpmaddwd / smlal, or udot on the weights' two bytes), then acc = (S_0 << G) +
+  (S_1 << (G − F − 1)) in int64 (G = ATTN_EXTRA_BITS; < 2^62); out = float32(acc) · float32(s_attn·s_v / 2^(F+G)).
+  An odd code's weight is off by at most 2^−(2F+2) of s_attn (2^−30 at F = 14): float32's own rounding of the
+  output is coarser, as in the float model.  Shifts past 2F + 1 (p̂ < 2^−29·s_attn at F = 14) count as underflow.
+  (Until 2026-12 even and odd codes had a plane each, the odd sum times √2 once per output, and the low plane
+  only held shifts past F: three planes for 8-bit codes, two now, with the same agreement with the float model.)
 """
 
 from __future__ import annotations
@@ -94,62 +94,67 @@ ATTN_EXTRA_BITS = 16  # fractional bits kept below 2^−F by the √2 product (i
 
 
 def attn_frac_bits(tokens: int, v_bits: int = 8) -> int:
-    """F of the attention weights: the largest F ≤ 14 for which N·(2^b − 1)·round(√2·2^F) < 2^31, so that no
-    Σ_n w·(v − z_v) over N tokens of b-bit V codes (|v − z_v| ≤ 2^b − 1, w ≤ round(√2·2^F)) leaves int32.
-    14 for the 197 tokens of DeiT at 8 bits; 10 for 3136 tokens at 8 bits."""
+    """F of the attention weights: the largest F ≤ 14 for which N·(2^b − 1)·`attn_max_weight`(F) < 2^31, so that
+    no Σ_n w·(v − z_v) over N tokens of b-bit V codes (|v − z_v| ≤ 2^b − 1) leaves int32.  14 for the 197 tokens
+    of DeiT at 8 bits; 10 for 3136 tokens at 8 bits."""
     if not 1 <= v_bits <= 8:
         raise ValueError(f"V codes of {v_bits} bits")
     bound = max(int(tokens), 1) * ((1 << v_bits) - 1)
     for f in range(ATTN_MAX_F, 0, -1):
-        if bound * sqrt2_weight(f) < 1 << 31:
+        if bound * attn_max_weight(f) < 1 << 31:
             return f
     raise ValueError(f"{tokens} tokens of {v_bits}-bit V leave no fractional bit")
 
 
+def attn_max_weight(f: int) -> int:
+    """The largest weight in any plane: 2^(F + 1) − 1 (plane 1's F + 1 bits; plane 0 holds at most 2^F)."""
+    return (1 << (f + 1)) - 1
+
+
 def sqrt2_weight(f: int) -> int:
-    """round(√2·2^F) from the Q30 constant (23170 for F = 14)."""
+    """round(√2·2^F) from the Q30 constant (23170 for F = 14), rounded once, half up."""
     return (SQRT2_FIXED + (1 << (SQRT2_Q - f - 1))) >> (SQRT2_Q - f)
 
 
+ATTN_PARITIES = 1  # weight planes per shift group: even and odd log√2 codes share them (`attn_weights`); the
+# kernels also take 2, a layout with a plane per parity and one √2 product per output, which nothing emits now
+
+
 def attn_groups(bits: int, f: int, sqrt2: bool = True) -> int:
-    """Shift groups the weights need: 1 when every shift of a `bits`-bit code is ≤ F (4-bit log√2 codes:
-    shifts ≤ 8), else 2 (the second holds shifts F + 1 … 2F + 1)."""
-    top = 2 ** bits - 1
-    return 1 if ((top + 1) // 2 if sqrt2 else top) <= f else 2
+    """Weight planes: 1 when every weight is a whole 2^(F − s) (log2 codes with every shift ≤ F), else 2 (plane 1
+    holds odd log√2 codes' low bits and the weights of shifts F + 1 … 2F + 1)."""
+    return 1 if not sqrt2 and 2 ** bits - 1 <= f else 2
 
 
 def attn_planes(parities: int, groups: int) -> int:
-    """Weight planes: the parities of group 0, plus one plane for group 1 (both parities merged)."""
+    """Weight planes of a layout: the parities of group 0, plus one plane for group 1 (both parities merged)."""
     return parities + (groups - 1)
 
 
-def attn_weights(codes: np.ndarray, dead: np.ndarray, f: int, sqrt2: bool = True, groups: int = 1) -> np.ndarray:
-    """int16 weights [..., planes, M, N] of log codes [..., M, N] with shift s (log√2: s = ⌈c/2⌉, parity
-    c mod 2, P = 2; log2: s = c, P = 1); 0 in every plane but the code's, and everywhere when dead or s > 2F + 1.
-
-    - group 0, s ≤ F, plane = parity: 2^(F − s), exact;
-    - group 1, F < s ≤ 2F + 1 (p̂ < 2^−F·s_attn, codes of more than 4 bits), plane P: 2^(2F + 1 − c/m)
-      (m = 2 for log√2, 1 for log2), odd codes rounded once, half up: (round(√2·2^F) + 2^(r−1)) >> r with
-      r = s − F − 1. Its sum enters acc shifted right by F + 1 (`attn_term`).
-    """
+def attn_weights(codes: np.ndarray, dead: np.ndarray, f: int, sqrt2: bool = True, groups: int = 2) -> np.ndarray:
+    """int16 weights [..., groups, M, N] of log codes [..., M, N]: W = round(2^(2F + 1 − c/m)) (log√2: shift
+    s = ⌈c/2⌉, m = 2, odd codes `sqrt2_weight`(2F + 1 − s); log2: s = c, m = 1, exact) split as W >> (F + 1)
+    (plane 0) and W mod 2^(F + 1) (plane 1); 0 when dead or s > 2F + 1.  With one group (log2 codes, every shift
+    ≤ F) plane 1 would be 0 and is left out."""
     if not 1 <= f <= ATTN_MAX_F or groups not in (1, 2):
         raise ValueError(f"F = {f} outside [1, {ATTN_MAX_F}] or {groups} groups")
     c = np.asarray(codes).astype(np.int64)
     alive = ~np.asarray(dead)
     s = (c + 1) >> 1 if sqrt2 else c
     odd = ((c & 1) == 1) if sqrt2 else np.zeros(c.shape, bool)
-    w0 = np.where(alive & (s <= f), 1 << np.clip(f - s, 0, f), 0)
-    planes = [np.where(odd == bool(p), w0, 0) for p in range(2 if sqrt2 else 1)]
-    if groups == 2:
-        r = np.clip(s - f - 1, 0, f + 1)
-        w1 = np.where(odd, (sqrt2_weight(f) + ((1 << r) >> 1)) >> r, (1 << f) >> r)
-        planes.append(np.where(alive & (s > f) & (s <= 2 * f + 1), w1, 0))
-    return np.stack(planes, axis=-3).astype(np.int16)
+    e = 2 * f + 1 - np.clip(s, 0, 2 * f + 1)
+    w = np.where(odd, (SQRT2_FIXED + (np.int64(1) << np.maximum(SQRT2_Q - 1 - e, 0))) >> (SQRT2_Q - e),
+                 np.int64(1) << e)
+    w = np.where(alive & (s <= 2 * f + 1), w, 0)
+    planes = [w >> (f + 1), w & ((1 << (f + 1)) - 1)]
+    if groups == 1 and np.any(planes[1]):
+        raise ValueError(f"one weight plane holds no odd log√2 code nor a shift past F = {f}")
+    return np.stack(planes[:groups], axis=-3).astype(np.int16)
 
 
 def attn_term(s: np.ndarray, plane: int, parities: int, f: int) -> np.ndarray:
-    """One plane's int64 share of acc (unit 2^−(F+G)): group 0 even S·2^G, odd the √2 product rounded to
-    nearest; group 1 (plane P) S·2^(G − F − 1), its √2 already in the weights."""
+    """One plane's int64 share of acc (unit 2^−(F+G)): plane 0 S·2^G, plane 1 S·2^(G − F − 1); in the two-parity
+    layout, plane 1 is the odd codes' sum, times √2 rounded to nearest."""
     g, q = ATTN_EXTRA_BITS, SQRT2_Q - ATTN_EXTRA_BITS
     if plane >= parities:
         return s << (g - f - 1)
@@ -159,7 +164,7 @@ def attn_term(s: np.ndarray, plane: int, parities: int, f: int) -> np.ndarray:
 
 
 def attn_v_acc(weights: np.ndarray, v: np.ndarray, z_v: int, f: int, v_bits: int = 8,
-               parities: int = 2) -> np.ndarray:
+               parities: int = ATTN_PARITIES) -> np.ndarray:
     """acc[..., m, d] (int64) for weights [..., groups·P, M, N] (`attn_weights`) and `v_bits`-bit V codes
     [..., N, D]: S = Σ_n w[..., plane, m, n]·(v[..., n, d] − z_v) per plane in int32, acc = Σ_planes
     `attn_term`; the float value is acc · s_attn·s_v / 2^(F+G) (G = ATTN_EXTRA_BITS)."""
