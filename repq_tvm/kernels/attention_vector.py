@@ -3,7 +3,7 @@ weights → attn @ V, for CPUs without AMX.
 
 Why: the three kernels it replaces (`qbmm`, the fused softmax of `log_weights`, `attn_v`) pass their intermediates
 through memory: float32 logits [Bt, M, N] written and read back, int16 weight planes [Bt, planes, M, Np] written
-and read (1.4 MB per DeiT-Small call with three planes).  Here 4 rows of one head go through every step while
+and read (0.9 MB per DeiT-Small call with two planes).  Here 4 rows of one head go through every step while
 they sit in L1 (`attention_amx` does the same on AMX tiles).
 
 Each step is the unfused kernel's own arithmetic, so the result is theirs bit for bit (tested against them):
@@ -98,7 +98,7 @@ def logit_term_shape(tables: int, M: int, N: int) -> tuple[int, int, int]:
 
 def av_blocks(D: int, variant: str, planes: int) -> int:
     """d blocks of one attn @ V tile: the most that divide D's blocks with `AV_ROWS` x planes x blocks
-    accumulators in the registers (AVX2: 3 planes x 2 rows x 2 blocks; VNNI: 3 x 2 x 4)."""
+    accumulators in the registers (2 planes x 2 rows x 2 blocks on AVX2, x 4 blocks on VNNI)."""
     lanes, _, _, acc = VARIANTS[variant]
     blocks = D // lanes
     return max(b for b in range(1, blocks + 1) if blocks % b == 0 and AV_ROWS * planes * b <= acc)

@@ -1,19 +1,20 @@
-"""log√2 attention ``attn @ V`` as an int16 dot product: ``out = (S_0 + √2·S_1) · scale``.
+"""log√2 attention ``attn @ V`` as an int16 dot product: ``out = (S_0·2^(F+1) + S_1) · scale``.
 
 Computes exactly `repq_tvm.reference.ops.attn_v_acc` for a batch of heads:
 
-    inputs   W  int16 [Bt, planes, M, Np]  power-of-two weights 2^(F − s) of the tokens whose log code has
-                                      parity p (`reference.ops.attn_weights`; P = 2 for log√2, 1 for log2),
-                                      0 elsewhere, plus one plane for shifts past F (codes of more than
-                                      4 bits); Np = N rounded up to even, the padding 0
+    inputs   W  int16 [Bt, planes, M, Np]  the weight W = round(2^(2F + 1 − c/2)) of each token's log code
+                                      (`reference.ops.attn_weights`) as W >> (F + 1) in plane 0 (2^(F − s),
+                                      exact, for even codes) and its low F + 1 bits in plane 1 (odd codes'
+                                      rounded bits, shifts past F); Np = N rounded up to even, the padding 0
              V  uint8 [Bt, N, D]      V codes, zero point zp[0] (int32 [1]), layer-wise
     acc      S_p[m, d] = Σ_n W[p, m, n]·(v[n, d] − z)                     int32, exact, per plane
-             acc = S_0·2^G + ((S_1 · SQRT2_FIXED + 2^(Q−G−1)) >> (Q−G))     int64, once per output
-                   (+ S_2·2^(G−F−1), the plane of shifts past F: `reference.ops.attn_term`)
+             acc = S_0·2^G + S_1·2^(G−F−1)                                  int64, once per output
+                   (`reference.ops.attn_term`; the kernels also take the earlier layout of a plane per parity,
+                   ``parities`` = 2, whose S_1 is multiplied by √2 here: nothing emits it now)
     out      float32(acc) · scale[0],  scale = s_attn · s_v / 2^(F+G)        G = ATTN_EXTRA_BITS
 
-A right shift by s is a multiply by 2^−s: with F ≤ 14 fractional bits the weights are exact int16 powers
-of two, and attn @ V runs on the int16 dot product of the target, like a matmul:
+A right shift by s is a multiply by 2^−s: with F ≤ 14 fractional bits the weights are int16 integers, and
+attn @ V runs on the int16 dot product of the target, like a matmul:
 
 ==============  ==================================================  ======================================
 variant         inner step (per row)                                targets
@@ -28,16 +29,18 @@ variant         inner step (per row)                                targets
 ==============  ==================================================  ======================================
 
 It replaced a kernel of right shifts and adds (one vpsrlvd + vpaddd per 16 MACs, both parities computed
-for every token): 5.3 ms of DeiT-Small's 28 ms on a Zen 4, 7% of the int8 peak.  Both parities still
-cost a dot product each (the weight of the other parity is 0), but a dot product step does 32 MACs.
+for every token): 5.3 ms of DeiT-Small's 28 ms on a Zen 4, 7% of the int8 peak.  Each plane costs a dot
+product (most tokens have 0 in plane 1), but a dot product step does 32 MACs.  Until 2026-12 8-bit codes took
+three planes (one per parity, one for shifts past F); two since (DeiT-Small's heads on the Zen 4, 2 threads:
+0.229 → 0.151 ms per call).
 
-Schedule (the `qbmm` int16 one, plus the parity axis inside the register tile): per batch (parallel),
-centre V to int16 and pack it ``[D/L, Np/2, L, 2]``, then register tiles of rows x parities x lane blocks
-whose int32 accumulators stay in registers over the whole token loop; the epilogue combines the two
-parities of a tile and scales to float.
+Schedule (the `qbmm` int16 one, plus the plane axis inside the register tile): per batch (parallel),
+centre V to int16 and pack it ``[D/L, Np/2, L, 2]``, then register tiles of rows x planes x lane blocks
+whose int32 accumulators stay in registers over the whole token loop; the epilogue combines the planes of
+a tile and scales to float.
 
 ``neon_udot``: Arm's dot product is 8-bit only (``udot``: u8 x u8, 16 MACs, exact).  Any weight 0 ≤ W < 2^15
-is ``W = 2^7·hi + lo`` with the bytes ``hi = W >> 7`` (≤ 181 for round(√2·2^14), the largest weight) and
+is ``W = 2^7·hi + lo`` with the bytes ``hi = W >> 7`` (≤ 255 for 2^15 − 1, the largest weight) and
 ``lo = W & 127``, so with raw V codes (no centring)
 ``Σ_n W·(v − z) = 2^7·Σ_n hi·v + Σ_n lo·v − z·Σ_n W``.  Per batch V is packed ``[D/4, Np/4, 4 lanes of d,
 4 tokens]`` u8 (Np a multiple of 8, zeros in the padding); per row tile the kernel splits its weight rows into
@@ -45,7 +48,7 @@ the two bands and sums them (``Σ_{n<N} W``).  A register tile's accumulators ru
 shifted left by 7 and less ``z·Σ_n W`` (the lo loop's start value), then run the lo band's loop: the
 accumulators of one band, no more registers than one int16 dot product.  When every weight fits a byte
 (F ≤ 7, `weight_bands`) the weights are the one band ``lo = W``.  No int32 intermediate exceeds the bound
-`attn_v` already checks: 2^7·Σ hi·v ≤ Σ W·v < N·(2^b − 1)·round(√2·2^F) < 2^31, and likewise z·Σ W.  Tiles
+`attn_v` already checks: 2^7·Σ hi·v ≤ Σ W·v < N·(2^b − 1)·(2^(F+1) − 1) < 2^31, and likewise z·Σ W.  Tiles
 (llvm-mca, no ARM hardware: `default_tiles`): 20 q accumulators, 2 blocks of 4 lanes x 10 / 5 / 3 rows for
 1 / 2 / 3 planes; a step loads two V tiles per block and 8 weight bytes per row and plane, read lane by lane
 by the indexed ``udot v.4s, v.16b, v.4b[j]``.  The token loop runs at 15-16 useful (int16-equivalent) MACs
