@@ -84,12 +84,12 @@ def main() -> None:
             fused_fn, fused_name = None, None
         qk_fn = build(qbmm_primfunc(bt, m, n, d, host)[0], host)
         lw_fn = build(log_weights_primfunc((bt, m, n), args.bits, True, f, groups, host, softmax=True)[0], host)
-        av_fn = build(attn_v_primfunc(bt, m, n, d, host, parities=ops.ATTN_PARITIES, groups=groups, f=f, v_bits=args.bits)[0], host)
+        av_fn = build(attn_v_primfunc(bt, m, n, d, host, groups=groups, f=f, v_bits=args.bits)[0], host)
         qk_args, av_args = tensors(q, k, qk_zp, qk_scale), tensors(v, v_zp, v_scale)
         # the run-time constants: the weights kernel's log2(s), the fused kernel's consts
         log2s, consts = tensors(log2_scale_operand(s_attn), attention_consts(log2_scale(s_attn)))
         logits, w, out3, out = tensors(np.empty((bt, m, n), np.float32),
-                                       np.zeros((bt, ops.attn_planes(ops.ATTN_PARITIES, groups), m, padded_tokens(n)), np.int16),
+                                       np.zeros((bt, groups, m, padded_tokens(n)), np.int16),
                                        np.empty((bt, m, d), np.float32), np.empty((bt, m, d), np.float32))
 
         def three():

@@ -18,7 +18,7 @@ epilogue, 3 SIMD instructions per 4 outputs, run outside it); with 32 LLVM unrol
 whole register tile, epilogue included ("converts" > 0 in the row).
 
 attn @ V of the log√2 attention (`kernels.attn_v`, `testing.attn_v.AttnV` as the graph pass builds it, attention and
-V codes of 4 bits: 2 weight planes; 8 bits: 3 planes): the token loop.  Its "useful" MACs/cycle count the
+V codes of 4 and 8 bits: 2 weight planes): the token loop.  Its "useful" MACs/cycle count the
 int16-equivalent multiply-accumulates W·v: with the udot variant's two weight bands each is done twice, so they are
 the loop's udot MACs halved (peak 16); the smlal fallback does each once.  With ``--whole`` (needs the arm64 sysroot
 of `make aarch64-sysroot`) it also estimates the whole kernel, preparation and epilogue included: the kernel runs
@@ -207,7 +207,7 @@ def attn_v_rows(preset_name: str, shapes, cpus, llvm_mca: str, tmp: str, sysroot
         for bits in ATTN_BITS:
             f = ops.attn_frac_bits(N, bits)
             groups = ops.attn_groups(bits, f)
-            planes = ops.attn_planes(ops.ATTN_PARITIES, groups)
+            planes = groups
             kernel = AttnV(Bt, M, N, D, targets.tvm_target(preset), groups=groups, f=f, v_bits=bits)
             so = os.path.join(tmp, f"attn_v_{preset_name}_{Bt}x{M}x{N}x{D}_a{bits}.so")
             kernel.executable.export_library(so, fcompile=fcompile)

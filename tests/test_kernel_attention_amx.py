@@ -37,12 +37,11 @@ def _unfused(bt, m, n, d, s_attn, bits, sqrt2, f, groups, v_bits, q, k, v, qk_zp
     """The three kernels the fused one replaces, compiled for this host (exact integer kernels: the variant does
     not change their results), run one after the other."""
     logits, out = _tensors(np.empty((bt, m, n), np.float32), np.empty((bt, m, d), np.float32))
-    planes = ops.attn_planes(ops.ATTN_PARITIES, groups)
-    (w,) = _tensors(np.zeros((bt, planes, m, padded_tokens(n)), np.int16))
+    (w,) = _tensors(np.zeros((bt, groups, m, padded_tokens(n)), np.int16))
     _build(qbmm_primfunc(bt, m, n, d, HOST)[0], HOST)(*_tensors(q, k, qk_zp, qk_scale), logits)
     _build(log_weights_primfunc((bt, m, n), bits, sqrt2, f, groups, HOST, softmax=True)[0], HOST)(
         logits, *_tensors(log2_scale_operand(s_attn)), w)
-    av = attn_v_primfunc(bt, m, n, d, HOST, parities=ops.ATTN_PARITIES, groups=groups, f=f, v_bits=v_bits)[0]
+    av = attn_v_primfunc(bt, m, n, d, HOST, groups=groups, f=f, v_bits=v_bits)[0]
     _build(av, HOST)(w, *_tensors(v, v_zp, v_scale), out)
     return out.numpy()
 

@@ -232,11 +232,11 @@ def test_fused_attention_adds_the_logit_terms(variant, mode):
     _build(qbmm_primfunc(bt, t, t, d, HOST)[0], HOST)(*_tensors(q, k, qk_zp, qk_scale), logits)
     y = (logits.numpy().reshape(windows, heads, t, t) + bias).reshape(windows // masks, masks, heads, t, t)
     y = (y + mask[None, :, None]).reshape(bt, t, t)
-    (w,) = _tensors(np.zeros((bt, ops.attn_planes(ops.ATTN_PARITIES, groups), t, padded_tokens(t)), np.int16))
+    (w,) = _tensors(np.zeros((bt, groups, t, padded_tokens(t)), np.int16))
     _build(log_weights_primfunc((bt, t, t), 8, True, f, groups, HOST, softmax=True)[0], HOST)(
         *_tensors(y, log2_scale_operand(S_ATTN)), w)
     expected = tvm.runtime.tensor(np.empty((bt, t, d), np.float32))
-    _build(attn_v_primfunc(bt, t, t, d, HOST, parities=ops.ATTN_PARITIES, groups=groups, f=f)[0], HOST)(
+    _build(attn_v_primfunc(bt, t, t, d, HOST, groups=groups, f=f)[0], HOST)(
         w, *_tensors(v, v_zp, v_scale), expected)
 
     spec = {**_spec(bt, t, t, d, 8, True, 8, variant), "logit_terms": [[1, heads], [heads, masks]]}

@@ -16,7 +16,7 @@ AMX = targets.tvm_target("x86_64-amx", 1)
 HAS_AMX = {"amx_tile", "amx_int8"} <= targets.host_flags()
 HOST = targets.tvm_target("x86_64-avx2", 1)
 # (bits, sqrt2, v_bits, F or None for attn_frac_bits, (Bt, M, N, D)): ragged M and N (the last row block
-# overlaps, the last token vector re-splits), 3 planes x 2 bands; 4-bit codes (one group); log2 codes; N a whole
+# overlaps, the last token vector re-splits), 2 planes x 2 bands; 4-bit codes; log2 codes; N a whole
 # vector; F = 7 (weights fit a byte: one band); DeiT-Small's heads
 CASES = [(8, True, 8, None, (2, 33, 45, 32)), (4, True, 4, None, (1, 40, 70, 64)), (6, False, 6, None, (2, 32, 33, 32)),
          (8, True, 8, None, (1, 32, 32, 32)), (8, True, 8, 7, (2, 48, 50, 32)), (8, True, 8, None, (1, 197, 197, 64))]
@@ -39,11 +39,10 @@ def test_amx_attn_v_is_bit_exact(mode, bits, sqrt2, v_bits, f, shape):
     if mode == "native" and not HAS_AMX:
         pytest.skip("this CPU lacks amx_int8: the kernel is checked through its emulation and its asm")
     f, groups, w, v, z_v = _operands(bits + 7 * v_bits, bits, sqrt2, v_bits, f, shape)
-    parities = ops.ATTN_PARITIES
-    kernel = AttnV(*shape, AMX if mode == "native" else HOST, parities=parities, groups=groups, f=f, v_bits=v_bits,
-                   epilogue=False, variant="amx", ref=mode == "emulated")
+    kernel = AttnV(*shape, AMX if mode == "native" else HOST, groups=groups, f=f, v_bits=v_bits, epilogue=False,
+                   variant="amx", ref=mode == "emulated")
     assert kernel.variant == "amx"
-    assert np.array_equal(kernel(w, v, z_v), ops.attn_v_acc(w, v, z_v, f, v_bits, parities))
+    assert np.array_equal(kernel(w, v, z_v), ops.attn_v_acc(w, v, z_v, f, v_bits))
 
 
 @pytest.mark.parametrize("mode", ["emulated", "native"])

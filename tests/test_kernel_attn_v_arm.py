@@ -4,8 +4,9 @@
   bytes in u8 (one band, ``W`` itself, when F ≤ 7).
 - On any (x86) host the udot schedule runs through its portable stand-in ("ref": the same tensorized schedule,
   band split, V packing, start value and epilogue, with the plain-loop twin of udot), bit for bit against
-  `reference.ops.attn_v_acc` and the float epilogue: F ≤ 7 and F = 14, groups 1 and 2, parities 1 and 2, extreme
-  V codes and zero points, sums at the int32 bound, ragged M / N / D; the spec interface of the tuning search.
+  `reference.ops.attn_v_acc` and the float epilogue: F ≤ 7 and F = 14, one weight plane and two (groups 1 and 2),
+  extreme V codes and zero points, sums at the int32 bound, ragged M / N / D; the spec interface of the tuning
+  search.
 - The aarch64-neon-dotprod build: indexed udot in the hot loop, nothing widening, no spills.
 - Slow (`-m slow`, the arm64 sysroot of `make aarch64-sysroot`): the real udot under qemu-aarch64-static.
 """
@@ -31,7 +32,7 @@ HOST = Q.host_target(1)
 
 def _operands(seed, shape, bits, sqrt2, v_bits, f):
     """(groups, weights, V codes, zero points): random log codes (20% dead) with row 0 all code 0 (the largest
-    weight 2^F) and, with 2 groups, row 1 all code 2F + 1 (round(√2·2^F), the largest of group 1); V with token
+    weight 2^F) and, with 2 groups, row 1 all code 2F + 1 (round(√2·2^F), all in plane 1); V with token
     0 at the largest code and token 1 at 0; zero points at both ends and in between."""
     Bt, M, N, D = shape
     rng = np.random.default_rng(seed)
@@ -48,9 +49,8 @@ def _operands(seed, shape, bits, sqrt2, v_bits, f):
     return groups, w, v, (0, v_top, int(rng.integers(0, v_top + 1)))
 
 
-def _stand_in(shape, parities, groups, f, v_bits, **kw):
-    return AttnV(*shape, HOST, parities=parities, groups=groups, f=f, v_bits=v_bits, variant="neon_udot", ref=True,
-                 **kw)
+def _stand_in(shape, groups, f, v_bits, **kw):
+    return AttnV(*shape, HOST, groups=groups, f=f, v_bits=v_bits, variant="neon_udot", ref=True, **kw)
 
 
 # --- bands, variant choice, tiles ---------------------------------------------------------------
@@ -73,11 +73,11 @@ def test_variant_choice_and_tiles():
     with pytest.raises(ValueError, match="dotprod"):  # not for a target without the instruction ...
         av.schedule_attn_v(2, 5, 6, 8, Q.AARCH64_NEON_TARGET, variant="neon_udot")
     av.schedule_attn_v(2, 5, 6, 8, HOST, variant="neon_udot", ref=True)  # ... unless as its twin
-    # DeiT-Small and ViT fixture heads: 3 planes (8-bit attention) x 3 rows, 2 planes (4-bit) x 5, 1 plane x 10
-    assert [av.default_tiles(197, "neon_udot", p) for p in (3, 2, 1)] == [(3, 2), (5, 2), (10, 2)]
-    assert [av.default_tiles(65, "neon_udot", p) for p in (3, 2)] == [(3, 2), (5, 2)]
-    assert av.default_tiles(4, "neon_udot", 2) == (4, 2) and av.default_tiles(197, "fallback", 3) == (2, 4)
-    for planes in (1, 2, 3):
+    # DeiT-Small and ViT fixture heads: 2 planes (log√2 attention) x 5 rows, 1 plane (log2, shifts ≤ F) x 10
+    assert [av.default_tiles(197, "neon_udot", p) for p in (2, 1)] == [(5, 2), (10, 2)]
+    assert [av.default_tiles(65, "neon_udot", p) for p in (2, 1)] == [(5, 2), (6, 2)]  # 1 plane: 66 rows, not 70
+    assert av.default_tiles(4, "neon_udot", 2) == (4, 2) and av.default_tiles(197, "fallback", 2) == (2, 4)
+    for planes in (1, 2):
         rows, blocks = av.default_tiles(1000, "neon_udot", planes)
         assert planes * rows * blocks <= av.ACCUMULATORS["neon_udot"]
 
@@ -91,8 +91,8 @@ def test_udot_intrinsics_are_registered_with_their_twins():
 
 
 # --- bit exactness through the portable stand-in ------------------------------------------------
-# (bits, sqrt2, v_bits, (Bt, M, N, D), F): two bands (F = 14) and one (F ≤ 7); 3 planes (log√2 of 8 bits: 2 groups),
-# 2 (4-bit log√2; log2 of 8 bits), 1 (3-bit log2); ragged M, N (not a multiple of 8), D (of 8); the fixture's heads
+# (bits, sqrt2, v_bits, (Bt, M, N, D), F): two bands (F = 14) and one (F ≤ 7); 2 planes (log√2; log2 of 8 bits: shifts
+# past F), 1 (3-bit log2); ragged M, N (not a multiple of 8), D (of 8); the fixture's heads
 CASES = [
     (8, True, 8, (2, 9, 11, 5), 14),
     (4, True, 4, (4, 65, 65, 32), 14),
@@ -108,11 +108,10 @@ CASES = [
     f"b{c[0]}{'s' if c[1] else 'l'}v{c[2]}-{'x'.join(map(str, c[3]))}-f{c[4]}" for c in CASES])
 def test_udot_schedule_is_bit_exact_through_its_twin(bits, sqrt2, v_bits, shape, f):
     groups, w, v, zps = _operands(bits + f, shape, bits, sqrt2, v_bits, f)
-    parities = ops.ATTN_PARITIES
-    kernel = _stand_in(shape, parities, groups, f, v_bits, epilogue=False)
+    kernel = _stand_in(shape, groups, f, v_bits, epilogue=False)
     assert kernel.variant == "neon_udot"
     for z_v in zps:
-        np.testing.assert_array_equal(kernel(w, v, z_v), ops.attn_v_acc(w, v, z_v, f, v_bits, parities), str(z_v))
+        np.testing.assert_array_equal(kernel(w, v, z_v), ops.attn_v_acc(w, v, z_v, f, v_bits), str(z_v))
 
 
 @pytest.mark.parametrize("n,v_bits", [(197, 8), (65, 4), (3136, 8)])
@@ -129,7 +128,7 @@ def test_sums_at_the_int32_bound_and_the_float_epilogue(n, v_bits):
     codes[0, 2, :] = np.argmax(low)  # the code of the largest plane-1 weight
     w = ops.attn_weights(codes, dead, f, True, 2)
     assert w[:, 1].max() == low.max() <= ops.attn_max_weight(f) and w[:, 0].max() == 1 << f
-    kernel = _stand_in((1, 4, n, 8), ops.ATTN_PARITIES, 2, f, v_bits)
+    kernel = _stand_in((1, 4, n, 8), 2, f, v_bits)
     scale = 0.3855 * 0.02 / 2 ** (f + ops.ATTN_EXTRA_BITS)
     for value, z_v in ((top, 0), (0, top), (top, top)):
         v = np.full((1, n, 8), value, np.uint8)
@@ -168,7 +167,7 @@ def test_aarch64_hot_loop_is_udot(shape, groups):
     kernel refuses to run on this host."""
     kernel = AttnV(*shape, Q.AARCH64_TARGET, groups=groups)
     assert kernel.variant == "neon_udot"
-    planes = ops.attn_planes(ops.ATTN_PARITIES, groups)
+    planes = groups
     rows, blocks = av.default_tiles(shape[1], "neon_udot", planes)
     asm = kernel.asm()
     hot = max(_inner_loops(asm), key=lambda body: body.count("udot"))
@@ -186,17 +185,15 @@ def test_aarch64_hot_loop_is_udot(shape, groups):
 @pytest.mark.slow
 def test_udot_kernels_under_qemu_are_exact(tmp_path):
     """The aarch64 kernels (real udot, emulated by qemu-aarch64-static): DeiT-Small's and the fixture's heads, two
-    bands and one, 1 to 3 planes, ragged shapes; extreme codes and zero points, bit for bit."""
+    bands and one, 1 and 2 planes, ragged shapes; extreme codes and zero points, bit for bit."""
     cases = [(8, True, 8, (6, 197, 197, 64), 14), (4, True, 4, (4, 65, 65, 32), 14), *CASES[2:]]
     calls, expected = [], []
     for bits, sqrt2, v_bits, shape, f in cases:
         groups, w, v, zps = _operands(bits + f, shape, bits, sqrt2, v_bits, f)
-        parities = ops.ATTN_PARITIES
-        kernel = AttnV(*shape, Q.AARCH64_TARGET, parities=parities, groups=groups, f=f, v_bits=v_bits,
-                       epilogue=False)
+        kernel = AttnV(*shape, Q.AARCH64_TARGET, groups=groups, f=f, v_bits=v_bits, epilogue=False)
         assert kernel.variant == "neon_udot"
         for z_v in zps:
             calls.append((kernel.executable, [x.numpy() for x in kernel.args(w, v, z_v)]))
-            expected.append(((bits, sqrt2, v_bits, shape, f, z_v), ops.attn_v_acc(w, v, z_v, f, v_bits, parities)))
+            expected.append(((bits, sqrt2, v_bits, shape, f, z_v), ops.attn_v_acc(w, v, z_v, f, v_bits)))
     for got, (case, want) in zip(_run_under_qemu(tmp_path, calls), expected):
         np.testing.assert_array_equal(got, want, err_msg=str(case))

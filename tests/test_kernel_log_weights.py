@@ -33,7 +33,7 @@ assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(base + page), page, 0) == 0  #
 x = np.frombuffer(buf, np.float32, count=bt * m * n, offset=page - nbytes).reshape(bt, m, n)  # ends at the page
 rng = np.random.default_rng(0)
 x[...] = rng.standard_normal((bt, m, n)) * 3 if softmax else rng.dirichlet(np.ones(n), (bt, m))
-w = tvm.runtime.tensor(np.zeros((bt, ops.attn_planes(ops.ATTN_PARITIES, g), m, padded_tokens(n)), np.int16))
+w = tvm.runtime.tensor(np.zeros((bt, g, m, padded_tokens(n)), np.int16))
 fn(tvm.runtime.from_dlpack(x), *log2s, w)
 copy = tvm.runtime.tensor(np.zeros_like(w.numpy()))
 fn(tvm.runtime.tensor(np.ascontiguousarray(x)), *log2s, copy)

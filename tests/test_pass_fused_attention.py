@@ -21,7 +21,6 @@ AMX = targets.tvm_target("x86_64-amx")
 BT, M, N, D, BITS, S_ATTN = 6, 65, 65, 64, 8, 0.0073
 F = ops.attn_frac_bits(N, 8)
 GROUPS = ops.attn_groups(BITS, F, True)
-PLANES = ops.attn_planes(ops.ATTN_PARITIES, GROUPS)
 QK_PARAMS = [relax.const(np.array([3, 130], np.int32)), relax.const(np.array([9e-4], np.float32))]
 V_PARAMS = [relax.const(np.array([7], np.int32)), relax.const(np.array([3e-6], np.float32))]
 
@@ -44,7 +43,7 @@ def _three_kernels(bb, target):
     """q @ kᵀ, the fused softmax → weights and attn @ V kernels of the heads here, added to ``bb``."""
     return (bb.add_func(qbmm_primfunc(BT, M, N, D, target)[0], "qk"),
             bb.add_func(log_weights_primfunc((BT, M, N), BITS, True, F, GROUPS, target, softmax=True)[0], "lw"),
-            bb.add_func(attn_v_primfunc(BT, M, N, D, target, parities=ops.ATTN_PARITIES, groups=GROUPS, f=F)[0], "av"))
+            bb.add_func(attn_v_primfunc(BT, M, N, D, target, groups=GROUPS, f=F)[0], "av"))
 
 
 def _before(target, extra_reader: bool = False) -> tvm.IRModule:
@@ -57,7 +56,7 @@ def _before(target, extra_reader: bool = False) -> tvm.IRModule:
             y4 = bb.emit(relax.op.reshape(y, [1, BT, M, N]))
             x = bb.emit(relax.op.reshape(y4, [BT, M, N]))
             w = bb.emit(relax.call_tir(lw, relax.Tuple([x, _log2s(S_ATTN)]),
-                                       relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
+                                       relax.TensorType((BT, GROUPS, M, padded_tokens(N)), "int16")))
             o = bb.emit(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]), relax.TensorType((BT, M, D), "float32")))
             out = bb.emit_output(relax.Tuple([o, y]) if extra_reader else o)
         bb.emit_func_output(out)
@@ -105,7 +104,7 @@ def test_blocks_with_other_softmax_scales_share_one_kernel():
             for s in scales:
                 y = bb.emit(relax.call_tir(qk, relax.Tuple([q, k, *QK_PARAMS]), relax.TensorType((BT, M, N), "float32")))
                 w = bb.emit(relax.call_tir(lw, relax.Tuple([y, _log2s(s)]),
-                                           relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
+                                           relax.TensorType((BT, GROUPS, M, padded_tokens(N)), "int16")))
                 outs.append(bb.emit(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]),
                                                    relax.TensorType((BT, M, D), "float32"))))
             out = bb.emit_output(relax.Tuple(outs))
@@ -158,7 +157,7 @@ def _before_qkv(target, zps=(3, 130, 7), codes_read_elsewhere: bool = False) -> 
             y = bb.emit(relax.call_tir(qk, relax.Tuple([codes[0], codes[1], *QK_PARAMS]),
                                        relax.TensorType((BT, M, N), "float32")))
             w = bb.emit(relax.call_tir(lw, relax.Tuple([y, _log2s(S_ATTN)]),
-                                       relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
+                                       relax.TensorType((BT, GROUPS, M, padded_tokens(N)), "int16")))
             o = relax.call_tir(av, relax.Tuple([w, codes[2], *V_PARAMS]), relax.TensorType((BT, M, D), "float32"))
             o = bb.emit_output(relax.Tuple([o, quantized[0]]) if codes_read_elsewhere else o)
         bb.emit_func_output(o)
@@ -207,7 +206,7 @@ def test_amx_targets_keep_the_three_kernels_where_the_amx_kernel_does_not_fit():
 
     qk = {"Bt": 6, "M": 49, "N": 49, "D": 32, "b_layout": "nd"}
     lw = {"softmax": True, "shape": [6, 49, 49], "sqrt2": True, "groups": 2, "f": 14, "scale": 0.01, "bits": 8}
-    av = {"Bt": 6, "M": 49, "N": 49, "D": 32, "epilogue": True, "parities": 1, "groups": 2, "f": 14, "v_bits": 8}
+    av = {"Bt": 6, "M": 49, "N": 49, "D": 32, "epilogue": True, "groups": 2, "f": 14, "v_bits": 8}
     assert attention_spec_of(qk, lw, av, AMX) is None
     assert attention_spec_of(qk, lw, av, targets.tvm_target("x86_64-avx512-vnni"))["variant"] == "vnni"
     assert attention_spec_of({**qk, "D": 64}, lw, {**av, "D": 64}, AMX)["variant"] == "amx"
@@ -241,7 +240,7 @@ def _before_terms(target, bias_first: bool = True) -> tvm.IRModule:
             y = bb.emit(relax.op.add(y, relax.const(mask)))
             x = bb.emit(relax.op.reshape(y, [BT, M, N]))
             w = bb.emit(relax.call_tir(lw, relax.Tuple([x, _log2s(S_ATTN)]),
-                                       relax.TensorType((BT, PLANES, M, padded_tokens(N)), "int16")))
+                                       relax.TensorType((BT, GROUPS, M, padded_tokens(N)), "int16")))
             o = bb.emit_output(relax.call_tir(av, relax.Tuple([w, v, *V_PARAMS]), relax.TensorType((BT, M, D),
                                                                                                  "float32")))
         bb.emit_func_output(o)

@@ -53,9 +53,8 @@ SHAPES = [(4, True, 4, (3, 13, 37, 20)), (6, True, 6, (2, 9, 11, 5)), (8, True, 
 def _check(bits, sqrt2, v_bits, shape, target, **kw):
     bt, m, n, d = shape
     f, groups, w, v, z_v = _operands(bits + 10 * sqrt2 + 100 * v_bits, bt, m, n, d, bits, sqrt2, v_bits)
-    parities = ops.ATTN_PARITIES
-    kernel = AttnV(bt, m, n, d, target, parities=parities, groups=groups, f=f, v_bits=v_bits, epilogue=False, **kw)
-    acc = ops.attn_v_acc(w, v, z_v, f, v_bits, parities)
+    kernel = AttnV(bt, m, n, d, target, groups=groups, f=f, v_bits=v_bits, epilogue=False, **kw)
+    acc = ops.attn_v_acc(w, v, z_v, f, v_bits)
     assert np.array_equal(kernel(w, v, z_v), acc)
     return kernel
 
@@ -195,10 +194,11 @@ def _bound(case, logits, v):
     [(8, True, 6), (4, False, 8)],  # 8-bit codes shift past F (group 1); plain log2; 6- and 8-bit V
 ], ids=["log_sqrt2_4bit", "log_sqrt2_8bit+log2_4bit"])
 def test_lowered_matches_fake_quant_graph(specs):
-    """Bound: every group-0 entry is exact (a power of two times an integer), the √2 product rounds once to
-    the unit s_attn·s_v/2^(F+G); an entry with shift past F (group 1) rounds by at most 2^−(2F+1)·s_attn·|v̂|
-    (or is dropped past 2F + 1, less than that); the float graph and the kernel's final float32 conversion
-    and scale round at most (N + 4)·2^-24 relative to Σ|â||v̂|.  4-bit log√2 codes never shift past F."""
+    """Bound: acc is exact in its unit s_attn·s_v/2^(F+G) (one unit of slack); an even code's weight with shift
+    ≤ F is exact, an odd code's rounds once by at most 2^−(2F+2)·s_attn (within the float rounding below); an
+    entry with shift past F rounds by at most 2^−(2F+1)·s_attn·|v̂| (or is dropped past 2F + 1, less than that);
+    the float graph and the kernel's final float32 conversion and scale round at most (N + 4)·2^-24 relative to
+    Σ|â||v̂|.  4-bit log√2 codes never shift past F."""
     cases, inputs = zip(*(_case(bits, (2, 3), 17, 21, 12, bits, sqrt2, v_bits) for bits, sqrt2, v_bits in specs))
     mod = attention_module(cases)
     lower = LowerLog2Attention(TARGET)
@@ -210,7 +210,7 @@ def test_lowered_matches_fake_quant_graph(specs):
     for bits, sqrt2, v_bits in specs:  # the pass read b_v from the V clip (none at 8 bits) and picked F for it
         groups = ops.attn_groups(bits, ops.attn_frac_bits(21, v_bits), sqrt2)
         assert any(x.startswith("repq_attn_v_avx2_i16") and
-                   x.endswith(f"_p{ops.ATTN_PARITIES}g{groups}_v{v_bits}_f{ops.attn_frac_bits(21, v_bits)}")
+                   x.endswith(f"_g{groups}_v{v_bits}_f{ops.attn_frac_bits(21, v_bits)}")
                    for x in names), names
 
     flat = [x for pair in inputs for x in pair]
@@ -264,7 +264,7 @@ def _build(func):
 
 def _weights_of_codes(codes, dead, f, sqrt2, groups, n):
     bt, m = codes.shape[:2]
-    out = np.zeros((bt, ops.attn_planes(ops.ATTN_PARITIES, groups), m, n + 1), np.int16)
+    out = np.zeros((bt, groups, m, n + 1), np.int16)
     out[..., :n] = ops.attn_weights(codes, dead, f, sqrt2, groups)
     return out
 
@@ -396,7 +396,7 @@ def test_before_after_attention_times_v():
         with bb.dataflow():
             v_codes = bb.emit(canonical.uniform_qdq(v, s_v, z_v, v_bits).args[0])
             w = log_weights(bb, logits, s_attn, bits, True, f, ops.attn_groups(bits, f, True), TARGET, softmax=True)
-            o = bb.emit(attn_v_call(bb, w, v_codes, z_v, scale, f, ops.ATTN_PARITIES, TARGET, {}, v_bits))
+            o = bb.emit(attn_v_call(bb, w, v_codes, z_v, scale, f, TARGET, {}, v_bits))
             out = bb.emit_output(relax.Tuple([o]))
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(after, bb.get())

@@ -56,8 +56,8 @@ def test_integer_kernel_macs_from_shapes():
     bt, m, n, d = 6, 197, 197, 64
     assert profile.kernel_macs("repq_qbmm_avx2_i16_6x197x197x64_nd", [(bt, m, d), (bt, n, d), (2,), (1,),
                                                                       (bt, m, n)]) == bt * m * n * d
-    assert profile.kernel_macs("repq_attn_v_vnni_i16_6x197x197x64_p2g2_v8_f14",
-                               [(bt, 3, m, n + 1), (bt, n, d), (1,), (1,), (bt, m, d)]) == bt * m * n * d
+    assert profile.kernel_macs("repq_attn_v_vnni_i16_6x197x197x64_g2_v8_f14",
+                               [(bt, 2, m, n + 1), (bt, n, d), (1,), (1,), (bt, m, d)]) == bt * m * n * d
     fused = "repq_attention_avx2_i16_6x197x197x64_sqrt2_b8_g2_v8_f14"  # both products: q@kᵀ and attn@V
     assert profile.kernel_macs(fused, [(bt, m, d), (bt, n, d), (2,), (1,), (bt, n, d), (1,), (1,),
                                        (bt, m, d)]) == 2 * bt * m * n * d
@@ -72,8 +72,8 @@ def test_kernel_family():
     assert profile.kernel_family("repq_qdense_avx2_u8s8_65x384x128_a4w4", "avx2") == "avx2_u8s8"
     assert profile.kernel_family("repq_qbmm_avx2_i16_4x65x65x32_nd", "avx2") == "avx2_i16"
     assert profile.kernel_family("repq_qbmm_vnni_4x65x65x32_nd", "vnni") == "vnni"
-    assert profile.kernel_family("repq_attn_v_vnni_i16_4x65x65x32_p2g1_v4_f14", "vnni") == "vnni_i16"
-    assert profile.kernel_family("repq_attn_v_fallback_4x65x65x32_p2g1_v4_f14", "sdot") is None
+    assert profile.kernel_family("repq_attn_v_vnni_i16_4x65x65x32_g2_v4_f14", "vnni") == "vnni_i16"
+    assert profile.kernel_family("repq_attn_v_fallback_4x65x65x32_g2_v4_f14", "sdot") is None
     assert profile.kernel_family("repq_qdense_fallback_65x384x128_a4w4", "sdot") is None
     assert profile.kernel_family("fused_layer_norm", "vnni") is None
 

@@ -80,7 +80,7 @@ def test_attention_weights_split_the_rounded_powers_into_two_planes():
         assert list(w[:, c]) == [whole >> (f + 1), whole % 2 ** (f + 1)], (c, list(w[:, c]), whole)
         if c % 2 == 0 and s[c] <= f and c != 4:
             assert list(w[:, c]) == [2 ** (f - s[c]), 0]  # even codes: the exact power of two, in plane 0
-    # plain log2 (one parity): shift = code
+    # plain log2 (m = 1, no odd codes): shift = code
     w2 = ops.attn_weights(np.array([[0, 3, 5, 6, 11, 12]]), np.zeros((1, 6), bool), f, sqrt2=False, groups=2)
     assert w2.shape == (2, 1, 6) and list(w2[0, 0]) == [32, 4, 1, 0, 0, 0] and list(w2[1, 0]) == [0, 0, 0, 32, 1, 0]
     with pytest.raises(ValueError, match="one weight plane"):

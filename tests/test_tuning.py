@@ -103,32 +103,32 @@ def test_only_kernels_with_a_search_space_are_tuned():
 
 ATTN_V_TARGETS = {"vnni_i16": qd.X86_VNNI_TARGET, "avx2_i16": qd.X86_AVX2_TARGET, "neon_udot": qd.AARCH64_TARGET,
                   "fallback": qd.AARCH64_NEON_TARGET}
-ATTN_V_SHAPES = [  # (variant, Bt, M, N, D, parities, groups): DeiT-Small's heads and the ViT fixture's
-    ("vnni_i16", 6, 197, 197, 64, 2, 1),
-    ("vnni_i16", 4, 65, 65, 32, 1, 2),
-    ("avx2_i16", 6, 197, 197, 64, 1, 2),
-    ("avx2_i16", 4, 65, 65, 32, 2, 1),
-    ("vnni_i16", 4, 65, 65, 32, 2, 2),  # three planes
-    ("neon_udot", 4, 65, 65, 32, 2, 1),  # two u8 weight bands (F = 14)
+ATTN_V_SHAPES = [  # (variant, Bt, M, N, D, groups = weight planes): DeiT-Small's heads and the ViT fixture's
+    ("vnni_i16", 6, 197, 197, 64, 2),
+    ("vnni_i16", 4, 65, 65, 32, 1),
+    ("avx2_i16", 6, 197, 197, 64, 2),
+    ("avx2_i16", 4, 65, 65, 32, 1),
+    ("neon_udot", 4, 65, 65, 32, 2),  # two u8 weight bands (F = 14)
+    ("neon_udot", 4, 65, 65, 32, 1),
 ]
 
 
-def attn_v_spec(variant, Bt, M, N, D, parities, groups) -> dict:
-    sch, _ = av.schedule_attn_v(Bt, M, N, D, ATTN_V_TARGETS[variant], parities=parities, groups=groups,
-                                f=attn_frac_bits(N, 8), variant=variant, ref=True)
+def attn_v_spec(variant, Bt, M, N, D, groups) -> dict:
+    sch, _ = av.schedule_attn_v(Bt, M, N, D, ATTN_V_TARGETS[variant], groups=groups, f=attn_frac_bits(N, 8),
+                                variant=variant, ref=True)
     return spaces.spec_of(sch.mod["main"])
 
 
-@pytest.mark.parametrize("shape", ATTN_V_SHAPES, ids=lambda s: f"{s[0]}-{'x'.join(map(str, s[1:5]))}-p{s[5]}g{s[6]}")
+@pytest.mark.parametrize("shape", ATTN_V_SHAPES, ids=lambda s: f"{s[0]}-{'x'.join(map(str, s[1:5]))}-g{s[5]}")
 def test_sampled_attn_v_candidates_match_their_definition_bit_for_bit(shape):
     assert_sampled_candidates_match(attn_v_spec(*shape), ATTN_V_TARGETS[shape[0]], seeds=2, stride=2)
 
 
 @pytest.mark.parametrize("variant", list(ATTN_V_TARGETS))
 def test_attn_v_default_schedule_from_the_spec_is_the_emitted_kernel(variant):
-    for Bt, M, N, D, parities, groups in ((6, 197, 197, 64, 2, 1), (4, 65, 65, 32, 1, 2)):
+    for Bt, M, N, D, groups in ((6, 197, 197, 64, 2), (4, 65, 65, 32, 1)):
         f = attn_frac_bits(N, 8)
-        func, name = av.attn_v_primfunc(Bt, M, N, D, ATTN_V_TARGETS[variant], parities=parities, groups=groups, f=f)
+        func, name = av.attn_v_primfunc(Bt, M, N, D, ATTN_V_TARGETS[variant], groups=groups, f=f)
         spec = spaces.spec_of(func)
         assert spec["kind"] == "attn_v" and spec["variant"] == variant
         tvm.ir.assert_structural_equal(scheduled_kernel(spaces.default_schedule(spec), name), func)

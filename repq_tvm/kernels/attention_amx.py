@@ -38,7 +38,6 @@ import tvm
 from tvm.script import tirx as T
 
 from ..reference import ops
-from ..reference.ops import ATTN_PARITIES, attn_planes
 from . import (
     epilogue,
     macro_lookup,  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
@@ -167,14 +166,14 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     ``repq.kernel``."""
     Bt, M, N, D = spec["Bt"], spec["M"], spec["N"], spec["D"]
     sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
-    parities, m_log = ATTN_PARITIES, 2 if sqrt2 else 1
-    _check_args(N, parities, groups, f, v_bits)
+    m_log = 2 if sqrt2 else 1
+    _check_args(N, groups, f, v_bits)
     if not fits(M, N, D):
         raise ValueError(f"amx attention needs M >= {ROWS}, N >= {COLS} and D % {K_STEP} == 0, got M={M}, N={N}, "
                          f"D={D}")
     if D * 255 * 255 * 2 >= 2 ** 31:
         raise ValueError(f"depth {D} could overflow the int32 accumulator")
-    planes, bands = attn_planes(parities, groups), weight_bands(f, groups)
+    planes, bands = groups, weight_bands(f, groups)
     pb_count, kp, n_r, top = planes * bands, ceil_to(N, K_STEP), ceil_to(N, VECTOR), 2 ** spec["bits"] - 1
     n_blocks, d_blocks, qk_steps, av_steps = -(-N // COLS), D // COLS, D // K_STEP, kp // K_STEP
     check_table(f, sqrt2, groups)
@@ -281,8 +280,8 @@ def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
                     store_tiles(tc, C, pb)
                 for r in range(rows):
                     for j in T.vectorized(COLS):
-                        total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0, slot * planes), b, r, j, planes,
-                                                                      parities, f))
+                        total = T.meta_var(_acc_total(_PlaneSums(C, wsum, v_zp, bands, 0, slot * planes), b, r, j,
+                                                      planes, f))
                         store(out, consts, b, m0 + r, db * COLS + j, T.Cast("float32", total) * v_scale[0])
 
         return attn_v

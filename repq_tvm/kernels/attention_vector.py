@@ -53,7 +53,6 @@ import json
 import tvm
 from tvm.script import tirx as T
 
-from ..reference.ops import ATTN_PARITIES, attn_planes
 from ..targets import target_has
 from . import (
     epilogue,
@@ -132,8 +131,8 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     ``repq.kernel``."""
     Bt, M, N, D, variant = spec["Bt"], spec["M"], spec["N"], spec["D"], spec["variant"]
     sqrt2, f, groups, v_bits = spec["sqrt2"], spec["f"], spec["groups"], spec["v_bits"]
-    parities, m_log, vnni = ATTN_PARITIES, (2 if sqrt2 else 1), variant == "vnni"
-    _check_args(N, parities, groups, f, v_bits)
+    m_log, vnni = (2 if sqrt2 else 1), variant == "vnni"
+    _check_args(N, groups, f, v_bits)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     lanes, kpack, kt, _ = VARIANTS[variant]
@@ -141,7 +140,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         raise ValueError(f"the {variant} attention needs M >= {RB} and D % {lanes} == 0, got M={M}, D={D}")
     if D * 255 * 255 * 2 >= 2 ** 31:
         raise ValueError(f"depth {D} could overflow the int32 accumulator")
-    planes, top = attn_planes(parities, groups), 2 ** spec["bits"] - 1
+    planes, top = groups, 2 ** spec["bits"] - 1
     n_r, n_p = ceil_to(N, VECTOR), padded_tokens(N)  # logits / codes / weights rows; tokens in whole pairs
     n_w = ceil_to(n_p, HALF)  # codes and weights formed: the tokens attn @ V reads, in whole half vectors
     nb, steps, d_blocks = -(-N // lanes), D // kpack, D // lanes
@@ -288,7 +287,7 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
             for a in T.unroll(AV_ROWS):
                 for j in T.unroll(db):
                     for ln in T.vectorized(lanes):
-                        total = T.meta_var(acc_total_f64(_TileSums(acc), b, a, (j, ln), planes, parities, f))
+                        total = T.meta_var(acc_total_f64(_TileSums(acc), b, a, (j, ln), planes, f))
                         store(out, consts, b, m0 + r0 * AV_ROWS + a, (dt * db + j) * lanes + ln,
                               total.astype("float32") * v_scale[0])
 

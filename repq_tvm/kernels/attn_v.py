@@ -9,8 +9,7 @@ Computes exactly `repq_tvm.reference.ops.attn_v_acc` for a batch of heads:
              V  uint8 [Bt, N, D]      V codes, zero point zp[0] (int32 [1]), layer-wise
     acc      S_p[m, d] = Σ_n W[p, m, n]·(v[n, d] − z)                     int32, exact, per plane
              acc = S_0·2^G + S_1·2^(G−F−1)                                  int64, once per output
-                   (`reference.ops.attn_term`; the kernels also take the earlier layout of a plane per parity,
-                   ``parities`` = 2, whose S_1 is multiplied by √2 here: nothing emits it now)
+                   (`reference.ops.attn_term`)
     out      float32(acc) · scale[0],  scale = s_attn · s_v / 2^(F+G)        G = ATTN_EXTRA_BITS
 
 A right shift by s is a multiply by 2^−s: with F ≤ 14 fractional bits the weights are int16 integers, and
@@ -64,14 +63,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
-from ..reference.ops import (
-    ATTN_EXTRA_BITS,
-    ATTN_PARITIES,
-    SQRT2_FIXED,
-    SQRT2_Q,
-    attn_max_weight,
-    attn_planes,
-)
+from ..reference.ops import ATTN_EXTRA_BITS, attn_max_weight
 from ..relax_util import scheduled_kernel
 from ..targets import target_has
 from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
@@ -143,59 +135,38 @@ def default_tiles(M: int, variant: str, planes: int = 2) -> tuple[int, int]:
     return min(options, key=lambda t: ceil_to(M, t) - M), nbi
 
 
-def _check_args(N: int, parities: int, groups: int, f: int, v_bits: int) -> None:
+def _check_args(N: int, groups: int, f: int, v_bits: int) -> None:
     """Refuse what the kernel cannot compute exactly.  The bound N·(2^b − 1)·(2^(F+1) − 1) < 2^31 covers every
     int32 sum of both formulations: Σ W·(v − z) (int16), and udot's Σ W·v, z·Σ W, 2^7·Σ hi·v ≤ Σ W·v and the
     partial sums between them (all weights ≤ `attn_max_weight`, codes and z ≤ 2^b − 1)."""
-    if parities not in (1, 2) or groups not in (1, 2) or not 1 <= f <= 14 or not 1 <= v_bits <= 8:
-        raise ValueError(f"parities {parities}, groups {groups}, F {f}, V bits {v_bits}: need 1 or 2, 1 or 2, "
-                         "[1, 14], [1, 8]")
+    if groups not in (1, 2) or not 1 <= f <= 14 or not 1 <= v_bits <= 8:
+        raise ValueError(f"groups {groups}, F {f}, V bits {v_bits}: need 1 or 2, [1, 14], [1, 8]")
     if N * ((1 << v_bits) - 1) * attn_max_weight(f) >= 1 << 31:
         raise ValueError(f"{N} tokens of {v_bits}-bit V with F={f} could overflow int32 (see attn_frac_bits)")
 
 
-def _acc_total(acc, b, m, d, planes: int, parities: int, f: int):
+def _acc_total(acc, b, m, d, planes: int, f: int):
     """int64 acc of output (b, m, d) from the int32 plane sums ``acc[b, plane, m, d]`` (`reference.ops.attn_term`);
     ``acc`` a TE tensor or a TIR buffer."""
-    g, q = ATTN_EXTRA_BITS, SQRT2_Q - ATTN_EXTRA_BITS
-
-    def term(pl):
-        s = acc[b, pl, m, d].astype("int64")
-        if pl >= parities:
-            return s << (g - f - 1)
-        if pl == 0:
-            return s << g
-        return (s * tvm.tirx.const(SQRT2_FIXED, "int64") + tvm.tirx.const(1 << (q - 1), "int64")) >> q
-
-    out = term(0)
+    out = acc[b, 0, m, d].astype("int64") << ATTN_EXTRA_BITS
     for pl in range(1, planes):
-        out = out + term(pl)
+        out = out + (acc[b, pl, m, d].astype("int64") << (ATTN_EXTRA_BITS - f - 1))
     return out
 
 
-def acc_total_f64(acc, b, m, d, planes: int, parities: int, f: int):
-    """`_acc_total`'s acc as an exact float64, from int32 plane sums: the √2 product S·C (C = `SQRT2_FIXED`, up to
-    2^61) split as S·C_hi·2^q + S·C_lo with C_lo < 2^q, so (S·C + 2^(q−1)) >> q = S·C_hi + ⌊(S·C_lo + 2^(q−1))·2^−q⌋,
-    every step an integer below 2^53 (|S| < 2^31).  Cast to float32 it is `to_float32` of the int64 acc bit for bit.
-    Why: AVX2 has no 64-bit arithmetic shift, multiply or conversion to float, and the int64 combination emulated
-    them per output, which weighs most in small heads (Swin's 49 tokens: few products per output)."""
-    g, q = ATTN_EXTRA_BITS, SQRT2_Q - ATTN_EXTRA_BITS
-    c_hi, c_lo = SQRT2_FIXED >> q, SQRT2_FIXED & ((1 << q) - 1)
+def acc_total_f64(acc, b, m, d, planes: int, f: int):
+    """`_acc_total`'s acc as an exact float64, from int32 plane sums: S_0·2^G + S_1·2^(G−F−1) is a multiple of
+    2^(G−F−1) below 2^(31+F+1) + 2^31 ≤ 2^47 in that unit, so every product and the sum are exact.  Cast to float32
+    it is `to_float32` of the int64 acc bit for bit.  Why: AVX2 has no 64-bit arithmetic shift or conversion to
+    float, and the int64 combination emulated them per output, which weighs most in small heads (Swin's 49 tokens:
+    few products per output)."""
 
     def f64(v):
         return tvm.tirx.const(float(v), "float64")
 
-    def term(pl):
-        s = acc[b, pl, m, d].astype("float64")
-        if pl >= parities:
-            return s * f64(2.0 ** (g - f - 1))
-        if pl == 0:
-            return s * f64(2.0 ** g)
-        return s * f64(c_hi) + tvm.tirx.floor((s * f64(c_lo) + f64(1 << (q - 1))) * f64(2.0 ** -q))
-
-    out = term(0)
+    out = acc[b, 0, m, d].astype("float64") * f64(2.0 ** ATTN_EXTRA_BITS)
     for pl in range(1, planes):
-        out = out + term(pl)
+        out = out + acc[b, pl, m, d].astype("float64") * f64(2.0 ** (ATTN_EXTRA_BITS - f - 1))
     return out
 
 
@@ -210,14 +181,14 @@ def to_float32(acc, via_float64: bool):
     return (magic - tvm.tirx.const(6755399441055744.0, "float64")).astype("float32")
 
 
-def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14, v_bits: int = 8,
-           lanes: int = 16, tiles=(3, 4), epilogue: bool = True, via_float64: bool = False) -> list[te.Tensor]:
+def attn_v(Bt: int, M: int, N: int, D: int, *, groups: int = 1, f: int = 14, v_bits: int = 8, lanes: int = 16,
+           tiles=(3, 4), epilogue: bool = True, via_float64: bool = False) -> list[te.Tensor]:
     """TE compute ``[W, V, zp, scale, out]`` (``[W, V, zp, out]`` with the int64 acc when not ``epilogue``);
-    W has ``groups * parities`` planes (`reference.ops.attn_weights`); ``via_float64``: see `to_float32`."""
-    _check_args(N, parities, groups, f, v_bits)
+    W has ``groups`` planes (`reference.ops.attn_weights`); ``via_float64``: see `to_float32`."""
+    _check_args(N, groups, f, v_bits)
     mi, nbi = tiles
     n_p, m_p, d_p = padded_tokens(N), ceil_to(M, mi), ceil_to(D, lanes * nbi)
-    planes = attn_planes(parities, groups)
+    planes = groups
     W = te.placeholder((Bt, planes, M, n_p), "int16", name="W")
     V = te.placeholder((Bt, N, D), "uint8", name="V")
     zp = te.placeholder((1,), "int32", name="zp")
@@ -239,7 +210,7 @@ def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, gr
     )
 
     def total(b, m, d):
-        return _acc_total(acc, b, m, d, planes, parities, f)
+        return _acc_total(acc, b, m, d, planes, f)
 
     if not epilogue:
         return [W, V, zp, te.compute((Bt, M, D), total, name="out")]
@@ -248,8 +219,8 @@ def attn_v(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, gr
     return [W, V, zp, scale, out]
 
 
-def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
-                v_bits: int = 8, tiles=(3, 2), epilogue: bool = True) -> tvm.tirx.PrimFunc:
+def attn_v_udot(Bt: int, M: int, N: int, D: int, *, groups: int = 1, f: int = 14, v_bits: int = 8, tiles=(3, 2),
+                epilogue: bool = True) -> tvm.tirx.PrimFunc:
     """PrimFunc of the "neon_udot" variant (module docstring) with `attn_v`'s inputs and outputs:
     ``main(W, V, zp, scale, out)``, or ``main(W, V, zp, out)`` with the int64 acc when not ``epilogue``.
 
@@ -259,10 +230,10 @@ def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIE
     One band (``wlo = W``, no whi / hi) when every weight fits a byte (`weight_bands`).  The weights must be
     ≥ 0 (`reference.ops.attn_weights`).  TVMScript: `te.create_prim_func` drops a reduction's init value.
     """
-    _check_args(N, parities, groups, f, v_bits)
+    _check_args(N, groups, f, v_bits)
     L, P = VARIANTS["neon_udot"][0], UDOT_KPACK
     mi, nbi = tiles
-    planes, two = attn_planes(parities, groups), weight_bands(f, groups) == 2
+    planes, two = groups, weight_bands(f, groups) == 2
     n_w, n_p, m_p, d_p = padded_tokens(N), ceil_to(N, P * UDOT_DEPTH), ceil_to(M, mi), ceil_to(D, L * nbi)
     lo_mask = (1 << HI_SHIFT) - 1 if two else 255
     pad_v = n_p != N or d_p != D
@@ -333,7 +304,7 @@ def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIE
             for b, m, d in T.grid(Bt, M, D):
                 with T.sblock("out"):
                     vb_, vm, vd = T.axis.remap("SSS", [b, m, d])
-                    total = T.meta_var(_acc_total(acc, vb_, vm, vd, planes, parities, f))
+                    total = T.meta_var(_acc_total(acc, vb_, vm, vd, planes, f))
                     out[vb_, vm, vd] = T.Cast("float32", total) * scale[0]
     else:
         @T.prim_func(s_tir=True)
@@ -345,18 +316,17 @@ def attn_v_udot(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIE
             for b, m, d in T.grid(Bt, M, D):
                 with T.sblock("out"):
                     vb_, vm, vd = T.axis.remap("SSS", [b, m, d])
-                    out[vb_, vm, vd] = _acc_total(acc, vb_, vm, vd, planes, parities, f)
+                    out[vb_, vm, vd] = _acc_total(acc, vb_, vm, vd, planes, f)
     return main
 
 
-def attn_v_spec(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
-                v_bits: int = 8, variant: str = "vnni_i16", tiles: tuple[int, int] = (3, 4),
-                epilogue: bool = True) -> dict:
+def attn_v_spec(Bt: int, M: int, N: int, D: int, *, groups: int = 1, f: int = 14, v_bits: int = 8,
+                variant: str = "vnni_i16", tiles: tuple[int, int] = (3, 4), epilogue: bool = True) -> dict:
     """The kernel spec: everything that determines the TE compute, the (rows, lane blocks) tile it was padded
     for included (``m_tile`` rows, ``d_tile`` = lanes x blocks columns); `repq_tvm.tuning.spaces` keys on it."""
     lanes = VARIANTS[variant][0]
     mi, nbi = tiles
-    return {"kind": "attn_v", "Bt": Bt, "M": M, "N": N, "D": D, "parities": parities, "groups": groups, "f": f,
+    return {"kind": "attn_v", "Bt": Bt, "M": M, "N": N, "D": D, "groups": groups, "f": f,
             "v_bits": v_bits, "variant": variant, "epilogue": epilogue, "m_tile": mi, "d_tile": lanes * nbi}
 
 
@@ -364,7 +334,7 @@ def attn_v_func(spec: dict) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of a spec (`attn_v_spec`), carrying it as its ``repq.kernel`` attribute."""
     lanes = VARIANTS[spec["variant"]][0]
     shape = spec["Bt"], spec["M"], spec["N"], spec["D"]
-    kw = {"parities": spec["parities"], "groups": spec["groups"], "f": spec["f"], "v_bits": spec["v_bits"],
+    kw = {"groups": spec["groups"], "f": spec["f"], "v_bits": spec["v_bits"],
           "tiles": (spec["m_tile"], spec["d_tile"] // lanes), "epilogue": spec["epilogue"]}
     if spec["variant"] == "neon_udot":
         func = attn_v_udot(*shape, **kw)
@@ -382,7 +352,7 @@ def apply_schedule(sch: Schedule, variant: str, mi, nbi: int, ref: bool = False)
         return _apply_udot(sch, mi, nbi, ref)
     lanes, intrin, _ = VARIANTS[variant]
     acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-    # driven from out (its epilogue reads both parities of a tile): tiles of mi rows x nbi*lanes columns
+    # driven from out (its epilogue reads every plane of a tile): tiles of mi rows x nbi*lanes columns
     b, m, d = sch.get_loops(out)
     mo, mo_i = sch.split(m, [None, mi])
     do, do_i = sch.split(d, [None, nbi * lanes])
@@ -474,9 +444,8 @@ def _amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
     """The AMX kernel of a spec (hand-written: its definition is its schedule); ``emulate``: plain-loop tiles."""
     from .attn_v_amx import attn_v_amx_func
 
-    return attn_v_amx_func(spec["Bt"], spec["M"], spec["N"], spec["D"], parities=spec["parities"],
-                           groups=spec["groups"], f=spec["f"], v_bits=spec["v_bits"], epilogue=spec["epilogue"],
-                           emulate=emulate)
+    return attn_v_amx_func(spec["Bt"], spec["M"], spec["N"], spec["D"], groups=spec["groups"], f=spec["f"],
+                           v_bits=spec["v_bits"], epilogue=spec["epilogue"], emulate=emulate)
 
 
 def default_schedule(spec: dict, ref: bool = False) -> Schedule:
@@ -488,8 +457,8 @@ def default_schedule(spec: dict, ref: bool = False) -> Schedule:
     return apply_schedule(Schedule(attn_v_func(spec)), spec["variant"], spec["m_tile"], spec["d_tile"] // lanes, ref)
 
 
-def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
-                    v_bits: int = 8, variant: str | None = None, tiles: tuple[int, int] | None = None,
+def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, groups: int = 1, f: int = 14, v_bits: int = 8,
+                    variant: str | None = None, tiles: tuple[int, int] | None = None,
                     ref: bool = False, epilogue: bool = True) -> tuple[Schedule, str]:
     """The scheduled kernel and its variant; ``ref`` swaps in the intrinsic's plain-loop twin (any CPU)."""
     variant = variant or variant_for(target, M, N, D)
@@ -498,26 +467,26 @@ def schedule_attn_v(Bt: int, M: int, N: int, D: int, target, *, parities: int = 
     if variant == "amx":
         if not ref and not target_has(target, "amx-int8"):
             raise ValueError("the amx variant needs a target with amx-int8 (or ref=True)")
-        spec = attn_v_spec(Bt, M, N, D, parities=parities, groups=groups, f=f, v_bits=v_bits, variant=variant,
+        spec = attn_v_spec(Bt, M, N, D, groups=groups, f=f, v_bits=v_bits, variant=variant,
                            tiles=VARIANTS["amx"][2], epilogue=epilogue)
         return default_schedule(spec, ref), variant
     if variant == "vnni_i16" and not ref and not target_has(target, "avx512vnni"):
         raise ValueError("the vnni_i16 variant needs a target with avx512vnni (or ref=True)")
     if variant == "neon_udot" and not ref and not target_has(target, "dotprod"):
         raise ValueError("the neon_udot variant needs an aarch64 target with dotprod (or ref=True)")
-    mi, nbi = tiles or default_tiles(M, variant, attn_planes(parities, groups))
-    spec = attn_v_spec(Bt, M, N, D, parities=parities, groups=groups, f=f, v_bits=v_bits, variant=variant,
+    mi, nbi = tiles or default_tiles(M, variant, groups)
+    spec = attn_v_spec(Bt, M, N, D, groups=groups, f=f, v_bits=v_bits, variant=variant,
                        tiles=(min(mi, M), nbi), epilogue=epilogue)
     return default_schedule(spec, ref), variant
 
 
-def kernel_name(Bt, M, N, D, parities, groups, f, v_bits, variant) -> str:
-    return f"repq_attn_v_{variant}_{Bt}x{M}x{N}x{D}_p{parities}g{groups}_v{v_bits}_f{f}"
+def kernel_name(Bt, M, N, D, groups, f, v_bits, variant) -> str:
+    return f"repq_attn_v_{variant}_{Bt}x{M}x{N}x{D}_g{groups}_v{v_bits}_f{f}"
 
 
-def attn_v_primfunc(Bt: int, M: int, N: int, D: int, target, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
+def attn_v_primfunc(Bt: int, M: int, N: int, D: int, target, *, groups: int = 1, f: int = 14,
                     v_bits: int = 8) -> tuple[tvm.tirx.PrimFunc, str]:
     """The scheduled PrimFunc ``main(W, V, zp, scale, out)`` (marked scheduled) and a unique name for it."""
-    sch, variant = schedule_attn_v(Bt, M, N, D, target, parities=parities, groups=groups, f=f, v_bits=v_bits)
-    name = kernel_name(Bt, M, N, D, parities, groups, f, v_bits, variant)
+    sch, variant = schedule_attn_v(Bt, M, N, D, target, groups=groups, f=f, v_bits=v_bits)
+    name = kernel_name(Bt, M, N, D, groups, f, v_bits, variant)
     return scheduled_kernel(sch, name), name

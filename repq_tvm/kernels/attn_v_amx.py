@@ -29,7 +29,6 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from ..reference.ops import ATTN_PARITIES, attn_planes
 from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
 from .attn_v import HI_SHIFT, _acc_total, _check_args, padded_tokens, weight_bands
 from .packing import ceil_to
@@ -74,14 +73,14 @@ def band_byte(w, band, bands: int):
     return tvm.tirx.Select(band == 0, w >> T.int16(HI_SHIFT), w & T.int16((1 << HI_SHIFT) - 1))
 
 
-def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PARITIES, groups: int = 1, f: int = 14,
-                    v_bits: int = 8, epilogue: bool = True, emulate: bool = False):
+def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, groups: int = 1, f: int = 14, v_bits: int = 8,
+                    epilogue: bool = True, emulate: bool = False):
     """PrimFunc ``main(W, V, zp, scale, out)`` (``main(W, V, zp, out)`` with the int64 acc when not ``epilogue``),
     `attn_v.attn_v`'s signature: W int16 ``[Bt, planes, M, Np]``, V u8 ``[Bt, N, D]``."""
-    _check_args(N, parities, groups, f, v_bits)
+    _check_args(N, groups, f, v_bits)
     if not fits(M, D, N):
         raise ValueError(f"amx attn@V needs M >= {ROWS}, D % {COLS} == 0 and N >= {CHUNK}, got M={M}, N={N}, D={D}")
-    planes, bands = attn_planes(parities, groups), weight_bands(f, groups)
+    planes, bands = groups, weight_bands(f, groups)
     pb_count, n_w, kp = planes * bands, padded_tokens(N), ceil_to(N, K_STEP)
     k_steps, m_blocks, d_blocks = kp // K_STEP, -(-M // ROWS), D // COLS
     ta_shape, tb_shape, tc_shape = ((2, 16, 64), (2, 16, 64), (4, 16, 16)) if emulate else ((1,), (1,), (1,))
@@ -164,8 +163,7 @@ def attn_v_amx_func(Bt: int, M: int, N: int, D: int, *, parities: int = ATTN_PAR
                         band_products(wb, vp, ta, tb, tc, C, pb, m0, db * COLS)
                     for r in range(ROWS):
                         for j in T.vectorized(COLS):
-                            total = T.meta_var(_acc_total(_PlaneSums(C, wsum, zp, bands, m0), b, r, j, planes, parities,
-                                                          f))
+                            total = T.meta_var(_acc_total(_PlaneSums(C, wsum, zp, bands, m0), b, r, j, planes, f))
                             if epilogue:
                                 out[b, m0 + r, db * COLS + j] = T.Cast("float32", total) * scale[0]
                             else:

@@ -39,7 +39,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
-from ..reference.ops import ATTN_PARITIES, SQRT2_FIXED, SQRT2_Q, attn_planes
+from ..reference.ops import SQRT2_FIXED, SQRT2_Q
 from ..relax_util import scheduled_kernel
 from . import epilogue
 from .attention_consts import log2_scale
@@ -226,7 +226,7 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
     bt, rows, n = spec["shape"]
     sqrt2, f, groups, lanes = spec["sqrt2"], spec["f"], spec["groups"], spec["lanes"]
     m = 2 if sqrt2 else 1
-    top, planes, n_p = 2 ** spec["bits"] - 1, attn_planes(ATTN_PARITIES, groups), padded_tokens(n)
+    top, planes, n_p = 2 ** spec["bits"] - 1, groups, padded_tokens(n)
     x = te.placeholder((bt, rows, n), "float32", name="x")
     if spec["softmax"]:
         n_r = -(-n // lanes) * lanes

@@ -42,7 +42,6 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from ..kernels.attention_consts import SLOTS, attention_consts
-from ..reference.ops import ATTN_PARITIES
 from ..relax_util import (
     bound_values,
     calls_only,
@@ -89,7 +88,7 @@ def attention_spec_of(qk: dict, lw: dict, av: dict, target, terms: int = 0) -> d
     bt, m, n, d = qk["Bt"], qk["M"], qk["N"], qk["D"]
     if (qk["b_layout"] != "nd" or not lw["softmax"] or lw["shape"] != [bt, m, n]
             or [av["Bt"], av["M"], av["N"], av["D"]] != [bt, m, n, d] or not av["epilogue"]
-            or av["parities"] != ATTN_PARITIES or av["groups"] != lw["groups"] or av["f"] != lw["f"]):
+            or av["groups"] != lw["groups"] or av["f"] != lw["f"]):
         return None
     quantizer = {"bits": lw["bits"], "sqrt2": lw["sqrt2"], "f": lw["f"], "groups": lw["groups"],
                  "v_bits": av["v_bits"]}

@@ -9,17 +9,18 @@ Matches, in the canonical form (see `repq_tvm.frontends`):
 
 and emits
 
-    w = int16 weights [.., P, M, Np] (`reference.ops.attn_weights`): 2^(F − s) in the plane of the code's
-        parity, code = round(−m·log2(p / s)) (m = 2, P = 2 for log√2; m = 1, P = 1 for log2), shift
-        s = ⌈code/m⌉ (0 in the other planes, and where the quantizer underflows), computed from p's
-        exponent and mantissa bits with compile-time thresholds, or, where p is softmax(x), from the logits
-        x with log2(s) a run-time operand (one kernel for every block)
+    w = int16 weights [.., planes, M, Np] (`reference.ops.attn_weights`): W = round(2^(2F + 1 − code/m)) as
+        W >> (F + 1) in plane 0 and its low F + 1 bits in plane 1, code = round(−m·log2(p / s)) (m = 2 for
+        log√2, 1 for log2), shift s = ⌈code/m⌉ (plane 0 alone when every W is a whole 2^(F − s): log2 codes
+        with every shift ≤ F; 0 where the quantizer underflows), computed from p's exponent and mantissa bits
+        with compile-time thresholds, or, where p is softmax(x), from the logits x with log2(s) a run-time
+        operand (one kernel for every block)
     y = call_tir(repq_attn_v kernel, [w, v_codes, z_v, s·s_v/2^(F+G)])   leading dims folded into one batch,
         F = attn_frac_bits(N, b) ≤ 14: the fewer V bits or tokens, the more fractional bits fit int32
 
-The kernel (`repq_tvm.kernels.attn_v`) computes `reference.ops.attn_v_acc` exactly: per parity an int16 dot
+The kernel (`repq_tvm.kernels.attn_v`) computes `reference.ops.attn_v_acc` exactly: per plane an int16 dot
 product Σ_n w·(v − z_v) in int32 (vpdpwssd on AVX-512 VNNI, vpmaddwd on AVX2, udot on two byte bands of w with
-Arm's dot product, smlal on other NEON), one √2 fixed-point multiply and one float multiply per output.
+Arm's dot product, smlal on other NEON), the planes combined by shifts and one float multiply per output.
 Other uses of the log quantizer (if any) keep the original call.
 """
 
@@ -31,7 +32,7 @@ from tvm import relax
 from tvm.relax.dpl import ExternFuncPattern, is_const, is_op, rewrite_call, wildcard
 
 from ..frontends.canonical import LOG_OPS, log_call_params
-from ..reference.ops import ATTN_EXTRA_BITS, ATTN_PARITIES, attn_frac_bits, attn_groups, attn_planes
+from ..reference.ops import ATTN_EXTRA_BITS, attn_frac_bits, attn_groups
 from ..relax_util import activation_dequant, batched_matmul_shapes, calls_only, code_bits, emitted
 from ..relax_util import static_shape as _static_shape
 
@@ -54,8 +55,7 @@ def log_weights(bb: relax.BlockBuilder, x: relax.Expr, scale: float, bits: int, 
     gv = bb.add_func(func, name)  # deduplicated: the blocks' equal kernels are one function
     # float64 on purpose: relax.const would make it float32 (log2(s) rounded, codes moved)
     args = [x, relax.const(log2_scale_operand(scale), "float64")] if softmax else [x]
-    planes = attn_planes(ATTN_PARITIES, groups)
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType((bt, planes, rows, padded_tokens(n)), "int16")))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType((bt, groups, rows, padded_tokens(n)), "int16")))
 
 
 def v_code_bits(codes, z_v: int) -> int:
@@ -65,20 +65,19 @@ def v_code_bits(codes, z_v: int) -> int:
 
 
 def attn_v_call(bb: relax.BlockBuilder, weights: relax.Expr, v: relax.Expr, z_v: int, scale: float, f: int,
-                parities: int, target, kernels: dict, v_bits: int = 8) -> relax.Expr:
+                target, kernels: dict, v_bits: int = 8) -> relax.Expr:
     """Emit the kernel on int16 weights [Bt, planes, M, Np] (`log_weights`) and `v_bits`-bit uint8 V codes
     [.., N, D] (Bt = the product of the leading dims); returns float32 [.., M, D].
 
-    `kernels` caches one PrimFunc per (shape, parities, F, v_bits): zero point and scale are run-time operands.
+    `kernels` caches one PrimFunc per (shape, planes, F, v_bits): zero point and scale are run-time operands.
     """
     from ..kernels.attn_v import attn_v_primfunc
 
     (bt, planes, m, _), v_shape = _static_shape(weights), _static_shape(v)
     lead, (n, d) = v_shape[:-2], v_shape[-2:]
-    key = (bt, m, n, d, parities, planes, f, v_bits)
+    key = (bt, m, n, d, planes, f, v_bits)
     if key not in kernels:
-        func, name = attn_v_primfunc(bt, m, n, d, target, parities=parities, groups=planes - parities + 1, f=f,
-                                     v_bits=v_bits)
+        func, name = attn_v_primfunc(bt, m, n, d, target, groups=planes, f=f, v_bits=v_bits)
         kernels[key] = bb.add_func(func, name)
     if len(lead) != 1:
         v = bb.emit(relax.op.reshape(v, [bt, n, d]))
@@ -130,7 +129,7 @@ def _emit(bb, target, kernels, parts, logits):
     weights = log_weights(bb, x, s_attn, bits, sqrt2, f, attn_groups(bits, f, sqrt2), target,
                           softmax=logits is not None)
     scale = float(np.float32(np.float64(s_attn) * np.float64(s_v) / 2.0 ** (f + ATTN_EXTRA_BITS)))
-    return attn_v_call(bb, weights, v, z_v, scale, f, ATTN_PARITIES, target, kernels, v_bits)
+    return attn_v_call(bb, weights, v, z_v, scale, f, target, kernels, v_bits)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerLog2Attention")

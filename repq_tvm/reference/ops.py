@@ -90,7 +90,7 @@ def log_sqrt2_codes(p: np.ndarray, scale, bits: int) -> tuple[np.ndarray, np.nda
 
 
 ATTN_MAX_F = 14  # 2^14: the largest power of two an int16 weight holds
-ATTN_EXTRA_BITS = 16  # fractional bits kept below 2^−F by the √2 product (int64: 2^31·√2·2^30 < 2^63)
+ATTN_EXTRA_BITS = 16  # G: acc's fractional bits below 2^−F (plane 1 enters shifted left by G − F − 1 ≥ 1)
 
 
 def attn_frac_bits(tokens: int, v_bits: int = 8) -> int:
@@ -116,19 +116,10 @@ def sqrt2_weight(f: int) -> int:
     return (SQRT2_FIXED + (1 << (SQRT2_Q - f - 1))) >> (SQRT2_Q - f)
 
 
-ATTN_PARITIES = 1  # weight planes per shift group: even and odd log√2 codes share them (`attn_weights`); the
-# kernels also take 2, a layout with a plane per parity and one √2 product per output, which nothing emits now
-
-
 def attn_groups(bits: int, f: int, sqrt2: bool = True) -> int:
     """Weight planes: 1 when every weight is a whole 2^(F − s) (log2 codes with every shift ≤ F), else 2 (plane 1
     holds odd log√2 codes' low bits and the weights of shifts F + 1 … 2F + 1)."""
     return 1 if not sqrt2 and 2 ** bits - 1 <= f else 2
-
-
-def attn_planes(parities: int, groups: int) -> int:
-    """Weight planes of a layout: the parities of group 0, plus one plane for group 1 (both parities merged)."""
-    return parities + (groups - 1)
 
 
 def attn_weights(codes: np.ndarray, dead: np.ndarray, f: int, sqrt2: bool = True, groups: int = 2) -> np.ndarray:
@@ -152,20 +143,13 @@ def attn_weights(codes: np.ndarray, dead: np.ndarray, f: int, sqrt2: bool = True
     return np.stack(planes[:groups], axis=-3).astype(np.int16)
 
 
-def attn_term(s: np.ndarray, plane: int, parities: int, f: int) -> np.ndarray:
-    """One plane's int64 share of acc (unit 2^−(F+G)): plane 0 S·2^G, plane 1 S·2^(G − F − 1); in the two-parity
-    layout, plane 1 is the odd codes' sum, times √2 rounded to nearest."""
-    g, q = ATTN_EXTRA_BITS, SQRT2_Q - ATTN_EXTRA_BITS
-    if plane >= parities:
-        return s << (g - f - 1)
-    if plane == 0:
-        return s << g
-    return (s * SQRT2_FIXED + (1 << (q - 1))) >> q
+def attn_term(s: np.ndarray, plane: int, f: int) -> np.ndarray:
+    """One plane's int64 share of acc (unit 2^−(F+G)): plane 0 S·2^G, plane 1 S·2^(G − F − 1)."""
+    return s << (ATTN_EXTRA_BITS if plane == 0 else ATTN_EXTRA_BITS - f - 1)
 
 
-def attn_v_acc(weights: np.ndarray, v: np.ndarray, z_v: int, f: int, v_bits: int = 8,
-               parities: int = ATTN_PARITIES) -> np.ndarray:
-    """acc[..., m, d] (int64) for weights [..., groups·P, M, N] (`attn_weights`) and `v_bits`-bit V codes
+def attn_v_acc(weights: np.ndarray, v: np.ndarray, z_v: int, f: int, v_bits: int = 8) -> np.ndarray:
+    """acc[..., m, d] (int64) for weights [..., groups, M, N] (`attn_weights`) and `v_bits`-bit V codes
     [..., N, D]: S = Σ_n w[..., plane, m, n]·(v[..., n, d] − z_v) per plane in int32, acc = Σ_planes
     `attn_term`; the float value is acc · s_attn·s_v / 2^(F+G) (G = ATTN_EXTRA_BITS)."""
     top = (1 << v_bits) - 1
@@ -173,4 +157,4 @@ def attn_v_acc(weights: np.ndarray, v: np.ndarray, z_v: int, f: int, v_bits: int
     assert 0 <= z_v <= top and v.min(initial=0) >= 0 and v.max(initial=0) <= top, f"V codes exceed {v_bits} bits"
     s = np.asarray(weights).astype(np.int64) @ (v.astype(np.int64) - z_v)[..., None, :, :]
     assert np.abs(s).max(initial=0) < 2 ** 31, "int32 overflow"
-    return sum(attn_term(s[..., pl, :, :], pl, parities, f) for pl in range(s.shape[-3]))
+    return sum(attn_term(s[..., pl, :, :], pl, f) for pl in range(s.shape[-3]))

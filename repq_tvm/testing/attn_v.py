@@ -7,18 +7,17 @@ import numpy as np
 import tvm
 
 from ..kernels.attn_v import padded_tokens, schedule_attn_v
-from ..reference.ops import ATTN_PARITIES
 from ..targets import as_target, check_runnable
 
 
 class AttnV:
     """A compiled kernel: ``kernel(weights, v, z_v, scale)`` → float32 [Bt, M, D] (int64 acc without epilogue)."""
 
-    def __init__(self, Bt, M, N, D, target, *, parities=ATTN_PARITIES, groups=1, f=14, v_bits=8, variant=None, tiles=None,
-                 ref=False, epilogue=True):
+    def __init__(self, Bt, M, N, D, target, *, groups=1, f=14, v_bits=8, variant=None, tiles=None, ref=False,
+                 epilogue=True):
         self.shape, self.target, self.epilogue, self.v_bits = (Bt, M, N, D), target, epilogue, v_bits
-        sch, self.variant = schedule_attn_v(Bt, M, N, D, target, parities=parities, groups=groups, f=f,
-                                            v_bits=v_bits, variant=variant, tiles=tiles, ref=ref, epilogue=epilogue)
+        sch, self.variant = schedule_attn_v(Bt, M, N, D, target, groups=groups, f=f, v_bits=v_bits,
+                                            variant=variant, tiles=tiles, ref=ref, epilogue=epilogue)
         self.executable = tvm.compile(sch.mod, target=as_target(target))
         self._fn = None
 

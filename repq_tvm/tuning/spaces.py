@@ -162,7 +162,7 @@ class _AttnV:
     @staticmethod
     def spaces(sch: Schedule, spec: dict) -> list[Schedule]:
         lanes = av.VARIANTS[spec["variant"]][0]
-        planes = av.attn_planes(spec["parities"], spec["groups"])
+        planes = spec["groups"]
         m_p = ceil_to(spec["M"], spec["m_tile"])
         d_blocks = ceil_to(spec["D"], spec["d_tile"]) // lanes
         budget = av.ACCUMULATORS[spec["variant"]]
