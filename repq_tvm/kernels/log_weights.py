@@ -39,7 +39,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
-from ..reference.ops import SQRT2_FIXED, SQRT2_Q
+from ..reference.ops import sqrt2_weight
 from ..relax_util import scheduled_kernel
 from . import epilogue
 from .attention_consts import log2_scale
@@ -188,11 +188,8 @@ def plane_weight(c, plane, sqrt2: bool, f: int, groups: int):
     """int16 weight of log code ``c`` (−1: none) in weight plane ``plane``: `reference.ops.attn_weights` (W in int32:
     at most 2^(2F + 1) ≤ 2^29, and the odd codes' Q30 sum below 2^31)."""
     one, s = tvm.tirx.const(1, "int32"), (c + 1) >> 1 if sqrt2 else c
-    e = 2 * f + 1 - tvm.tirx.max(tvm.tirx.min(s, 2 * f + 1), 0)
-    w = one << e
-    if sqrt2:
-        w = tvm.tirx.Select((c & 1) == 1, (tvm.tirx.const(SQRT2_FIXED, "int32")
-                                           + (one << tvm.tirx.max(SQRT2_Q - 1 - e, 0))) >> (SQRT2_Q - e), w)
+    e = 2 * f + 1 - tvm.tirx.max(tvm.tirx.min(s, 2 * f + 1), 0)  # ≤ 29: sqrt2_weight's shifts stay ≥ 0
+    w = tvm.tirx.Select((c & 1) == 1, sqrt2_weight(e), one << e) if sqrt2 else one << e
     hi, lo = w >> (f + 1), w & ((1 << (f + 1)) - 1)
     part = (hi if plane == 0 else lo) if isinstance(plane, int) else tvm.tirx.Select(plane == 0, hi, lo)
     return tvm.tirx.Select(tvm.tirx.all(c >= 0, s <= 2 * f + 1), part, 0).astype("int16")

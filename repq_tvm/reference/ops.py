@@ -133,9 +133,8 @@ def attn_weights(codes: np.ndarray, dead: np.ndarray, f: int, sqrt2: bool = True
     alive = ~np.asarray(dead)
     s = (c + 1) >> 1 if sqrt2 else c
     odd = ((c & 1) == 1) if sqrt2 else np.zeros(c.shape, bool)
-    e = 2 * f + 1 - np.clip(s, 0, 2 * f + 1)
-    w = np.where(odd, (SQRT2_FIXED + (np.int64(1) << np.maximum(SQRT2_Q - 1 - e, 0))) >> (SQRT2_Q - e),
-                 np.int64(1) << e)
+    e = 2 * f + 1 - np.clip(s, 0, 2 * f + 1)  # ≤ 29: sqrt2_weight's shifts stay ≥ 0
+    w = np.where(odd, sqrt2_weight(e), np.int64(1) << e)
     w = np.where(alive & (s <= 2 * f + 1), w, 0)
     planes = [w >> (f + 1), w & ((1 << (f + 1)) - 1)]
     if groups == 1 and np.any(planes[1]):
