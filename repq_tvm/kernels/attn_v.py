@@ -30,8 +30,8 @@ variant         inner step (per row)                                targets
 It replaced a kernel of right shifts and adds (one vpsrlvd + vpaddd per 16 MACs, both parities computed
 for every token): 5.3 ms of DeiT-Small's 28 ms on a Zen 4, 7% of the int8 peak.  Each plane costs a dot
 product (even codes up to shift F have 0 in plane 1), but a dot product step does 32 MACs.  Until 2026-12 8-bit codes took
-three planes (one per parity, one for shifts past F); two since (DeiT-Small's heads on the Zen 4, 2 threads:
-0.229 → 0.151 ms per call).
+three planes (one per parity, one for shifts past F); two since (DeiT-Small's heads on a Zen 4, 2 threads,
+`benchmarks/kernel_attention.py` before and after: 0.218 → 0.148 ms per call; README "attn @ V").
 
 Schedule (the `qbmm` int16 one, plus the plane axis inside the register tile): per batch (parallel),
 centre V to int16 and pack it ``[D/L, Np/2, L, 2]``, then register tiles of rows x planes x lane blocks
