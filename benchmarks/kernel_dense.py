@@ -18,11 +18,18 @@ float32(acc): checked bit for bit first.
 ``--gelu`` adds each kernel again with fc1's fused GELU → codes tail (`kernels.epilogue.tail`, the codes as
 fc2 reads them, the quantizer a run-time operand as the compiler builds it), checked bit for bit against the same kernel with the intrinsic's plain-loop twin: the tail's cost
 is the difference to the first column.
+``--cold MB`` adds each kernel again with its weight operands (packed weights, compensation, epilogue vectors) read
+from one of several copies, a different one each call, the copies together ``MB`` megabytes: weights that come
+from L3 or memory, as in a model, where the other layers' weights pass through the caches between two calls of a
+kernel (DeiT-Small's weights take 22 MB); the activations stay the same, as a kernel finds its producer's output
+in the caches.  The cost of cold weights is the difference to the kernel's warm column.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 
 from interleaved import interleaved
@@ -47,6 +54,8 @@ def main() -> None:
     ap.add_argument("--gelu", action="store_true", help="also time each kernel with fc1's fused GELU → codes tail")
     ap.add_argument("--rows-outer", action="store_true", help="also time each kernel with row tiles outer where "
                     "it runs blocks of column tiles (`kernels.qdense.column_block`: int16, 1024+ rows)")
+    ap.add_argument("--cold", type=float, default=0, metavar="MB", help="also time each kernel with its weights "
+                    "rotating through copies that take this many MB together (e.g. 24: from L3 or memory, as in a model)")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 
@@ -84,10 +93,13 @@ def main() -> None:
     label = lambda r, gelu, blocks=True: (  # noqa: E731
         (f" r{r}" if r else "") + (" gelu" if gelu else "") + ("" if blocks else " rows-outer"))
     names = [f"{v}(a{ba}w{bw}{label(r, g, b)})" for v, _, ba, bw, r, g, b in kernels]
+    short = [f"{v}{label(r, g, b)}" for v, _, _, _, r, g, b in kernels]
+    if args.cold:  # every kernel's cold twin right after it
+        names = [n for name in names for n in (name, name + " cold")]
+        short = [n for name in short for n in (name, name + " cold")]
     print(f"threads={args.threads} (TVM and torch {torch.__version__}), target={targets.target_label(target)}, "
           f"median of {args.rounds} interleaved rounds, ms per call")
     head = f"{'M x N x K':>16s}" + "".join(f"{n:>20s}" for n in names) + f"{'torch fp32':>12s}"
-    short = [f"{v}{label(r, g, b)}" for v, _, _, _, r, g, b in kernels]
     head += "".join(f"{'torch/' + n:>18s}" for n in short)
     head += "".join(f"{n + ' GMAC/s':>18s}" for n in short)
     print(head)
@@ -95,7 +107,7 @@ def main() -> None:
         runs = []
         for variant, tgt, ba, bw, rows, gelu, blocks in kernels:
             if variant == "amx" and not Q.qdense_amx.fits(M, N, K):
-                runs.append(None)
+                runs.extend([None] * (2 if args.cold else 1))
                 continue
             v = Q.VARIANTS[variant]
             tiles = None if rows is None else (rows, Q.default_tiles(M, N, v, v.max_depth(ba, bw, K))[1])
@@ -124,6 +136,8 @@ def main() -> None:
                 exact = ((a.astype(np.int64) - a_zp) @ w.astype(np.int64).T).astype(np.float32)  # float32(acc)
                 assert np.array_equal(call[-1].numpy(), exact), f"{variant} {M}x{N}x{K} not exact"
             runs.append(lambda fn=fn, call=call: fn(*call))
+            if args.cold:
+                runs.append(cold_calls(fn, call, args.cold))
         x, wt = torch.randn(M, K), torch.randn(N, K)
         runs.append(lambda: x @ wt.T)
         number = max(1, int(3e6 / (M * N * K) * 10))  # ~0.3-3 ms per measurement
@@ -133,6 +147,19 @@ def main() -> None:
         row = f"{f'{M}x{N}x{K}':>16s}" + "".join(f"{t:20.3f}" for t in med[:-1]) + f"{med[-1]:12.3f}"
         row += "".join(f"{med[-1] / t:17.2f}x" for t in med[:-1])
         print(row + "".join(f"{M * N * K / t / 1e6:18.1f}" for t in med[:-1]), flush=True)
+
+
+def cold_calls(fn, call: list, megabytes: float):
+    """A callable running ``fn`` on ``call`` whose weight operands (all but the first, the activations, and the
+    last, the output) are one of several copies, the next one each call; the copies take ``megabytes`` together."""
+    import tvm
+
+    weights = call[1:-1]
+    size = sum(x.numpy().nbytes for x in weights)
+    copies = max(2, math.ceil(megabytes * 2**20 / size))
+    calls = [call] + [[call[0], *(tvm.runtime.tensor(x.numpy()) for x in weights), call[-1]] for _ in range(copies - 1)]
+    rotation = itertools.cycle(calls)
+    return lambda: fn(*next(rotation))
 
 
 if __name__ == "__main__":

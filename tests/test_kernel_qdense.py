@@ -295,6 +295,21 @@ def test_vnni_assembly_uses_vpdpbusd(bits_w, compensate, epilogue):
     assert "rsp" not in loop, "accumulators spilled to the stack"
 
 
+def test_vnni_prefetches_the_next_column_tiles_weights_within_them():
+    """One prefetcht1 per vpdpbusd in the k loop (`qdense.weight_prefetch`), ``nbi`` weight blocks ahead (the next
+    column tile), clamped to the last weight tile; the AVX2 kernels have none."""
+    kernel = build_qdense(197, 384, 384, Q.X86_VNNI_TARGET, epilogue=True)
+    loop = _inner_loop(kernel.asm(), "vpdpbusd")
+    assert loop.count("prefetcht1") == loop.count("vpdpbusd") > 0
+    sch, _, (_, nbi, _), _ = Q.schedule_qdense(197, 384, 384, Q.X86_VNNI_TARGET, epilogue=True)
+    block = 384 * 16  # one packed weight block: K x 16 lanes, int8
+    named = set(re.findall(r"repq_dot_16x4_vnni_pf(\d+)_(\d+)", str(sch.trace)))
+    assert named == {(str(nbi * block), str(24 * block - 64))}
+    for variant in ("avx2_u8s8", "avx2_i16"):
+        avx2 = build_qdense(197, 384, 384, Q.X86_AVX2_TARGET, variant=variant, bits_a=6, bits_w=6, epilogue=True)
+        assert "prefetch" not in avx2.asm()
+
+
 def test_vnni_activation_is_the_unsigned_operand():
     """AT&T ``vpdpbusd src3, src2, acc``: src2 (u8) must be the broadcast activation, src3 (s8) W.
 

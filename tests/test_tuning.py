@@ -7,12 +7,13 @@ checked through their plain-loop intrinsic twins, as `verify` does for a board.
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import tvm
-from tvm.s_tir import Schedule
+from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from repq_tvm import data, models
@@ -20,9 +21,11 @@ from repq_tvm.cli import main
 from repq_tvm.deploy.runtime import Runner
 from repq_tvm.evaluate import load_batch, make_transform
 from repq_tvm.kernels import attn_v as av
+from repq_tvm.kernels import intrinsics_x86 as x86
 from repq_tvm.kernels import log_weights as lw
 from repq_tvm.kernels import qbmm as qb
 from repq_tvm.kernels import qdense as qd
+from repq_tvm.kernels.intrinsics_x86 import ref_name
 from repq_tvm.reference.ops import attn_frac_bits, attn_groups
 from repq_tvm.relax_util import scheduled_kernel
 from repq_tvm.tuning import log as log_mod
@@ -231,9 +234,22 @@ def test_replay_swaps_intrinsics_both_ways():
     spec = spec_of(65, 128, 128, "vnni", 4, 4)
     native = spaces.default_schedule(spec)
     twin = spaces.replay(spaces.definition(spec), native.trace, ref=True)
-    assert "repq_dot_16x4_vnni_ref" in str(twin.trace) and "vnni_ref" not in str(native.trace)
+    # the VNNI kernel's intrinsic prefetches the next column tile's weights (`qdense.weight_prefetch`)
+    intrin = r"repq_dot_16x4_vnni_pf\d+_\d+"
+    assert re.search(intrin, str(native.trace)) and "_ref" not in str(native.trace)
+    assert re.search(intrin + "_ref", str(twin.trace))
     back = spaces.replay(spaces.definition(spec), twin.trace, ref=False)
     tvm.ir.assert_structural_equal(back.mod, native.mod)
+
+
+def test_replay_registers_the_prefetching_intrinsics_a_trace_names():
+    """Their registration is on first use: a trace from another process (a tuning log) names ones this process has
+    not made yet, and replay registers them from the name."""
+    name = ref_name(x86.vnni_intrin() + "_pf123456_7654320")
+    assert TensorIntrin.get(name, allow_missing=True) is None
+    x86.register_named(name)
+    assert TensorIntrin.get(name, allow_missing=True) is not None
+    x86.register_named("repq_dot_16x4_vnni_ref")  # a fixed intrinsic's name: nothing to make
 
 
 @T.prim_func(s_tir=True)

@@ -17,6 +17,8 @@ name                  a x w      lanes/kpack  instructions                      
                                               vpaddd                                       <= 32767
 ``i16_intrin()``      s16 x s16  8 / 2        vpmaddwd, vpaddd                             not both -2**15
 ``vnni_i16_intrin()`` s16 x s16  16 / 2       vpdpwssd zmm                                 not both -2**15
+``vnni_prefetch_``    u8 x s8    16 / 4       vpdpbusd zmm and a prefetch of the weights   always
+``intrin(a, l)``                              ``a`` bytes further (at most byte ``l``)
 ====================  =========  ===========  ===========================================  =======================
 
 ``depth > 1`` for u8 x s8 adds the saturating int16 pair sums of several tiles with vpaddw before the
@@ -27,6 +29,7 @@ Operands are written inline: a named vector value (``x = ...``) becomes a per-ca
 from __future__ import annotations
 
 import functools
+import re
 
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
@@ -48,6 +51,34 @@ def i16_intrin() -> str:
 
 def vnni_i16_intrin() -> str:
     return "repq_dot_16x2_vnni_i16"
+
+
+def vnni_prefetch_intrin(ahead: int, last: int) -> str:
+    """`vnni_intrin` that also asks for the weight tile ``ahead`` bytes further into L2 (``prefetcht1``), at most
+    at byte ``last`` of the weights (the last tile's own); registered on first use, with its twin.
+
+    Why: in a model a linear's weights come from L3 or memory (the other layers' weights passed through the caches
+    since its last call), and the hardware prefetchers left the first row tile's sweep over them waiting: 4-14%
+    per linear (`benchmarks/kernel_dense.py --cold`).  One prefetch per weight tile and k step, one column tile
+    ahead (the next tile's weights while this one runs) takes most of that back; L1 (``prefetcht0``) and two
+    tiles ahead did worse (the prefetched tile evicted the running one's lines, or came too late)."""
+    name = f"{vnni_intrin()}_pf{ahead}_{last}"
+    _register_prefetch(name, ahead, last)
+    return name
+
+
+def register_named(name: str) -> None:
+    """Register the intrinsic ``name`` (or its twin) where it is one of those made on first use
+    (`vnni_prefetch_intrin`): a replayed trace names them."""
+    found = re.fullmatch(re.escape(vnni_intrin()) + r"_pf(\d+)_(\d+)(" + re.escape(ref_name("")) + ")?", name)
+    if found:
+        vnni_prefetch_intrin(int(found[1]), int(found[2]))
+
+
+@functools.cache
+def _register_prefetch(name: str, ahead: int, last: int) -> None:
+    register_with_twins([(name, _dot_desc(16, 4, 1, "uint8", "int8"),
+                          _vnni_impl("llvm.x86.avx512.vpdpbusd.512", "uint8", "int8", 4, (ahead, last)))])
 
 
 def ref_name(intrin: str) -> str:
@@ -138,11 +169,37 @@ def _u8s8_impl(depth: int):
     return impl
 
 
-def _vnni_impl(instruction: str, a_dtype: str, w_dtype: str, kpack: int):
+def _vnni_impl(instruction: str, a_dtype: str, w_dtype: str, kpack: int, prefetch: tuple[int, int] | None = None):
     """16 int32 += dot of ``kpack`` broadcast activations with the weight tile, one AVX-512 VNNI instruction
     (LLVM 22 signatures: vpdpbusd (<16 x i32>, <64 x i8>, <64 x i8>), vpdpwssd (<16 x i32>, <32 x i16>,
-    <32 x i16>)); A's ``kpack`` elements are one dword, broadcast."""
+    <32 x i16>)); A's ``kpack`` elements are one dword, broadcast.  ``prefetch`` = (ahead, last): first a
+    prefetch into L2 of the weights ``ahead`` elements further, clamped to element ``last`` (`vnni_prefetch_intrin`)."""
     elems = 16 * kpack
+    if prefetch is not None:
+        ahead, last = prefetch
+
+        @T.prim_func(s_tir=True)
+        def impl_prefetch(
+            A: T.Buffer((kpack,), a_dtype, offset_factor=1),
+            B: T.Buffer((1, 16, kpack), w_dtype, offset_factor=1),
+            C: T.Buffer((16,), "int32", offset_factor=1),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:16], A[0:kpack], B[0:1, 0:16, 0:kpack])
+                T.writes(C[0:16])
+                # llvm.prefetch(address, read, locality 2 = prefetcht1, data cache)
+                T.evaluate(T.call_llvm_intrin(
+                    "void", "llvm.prefetch.p0",
+                    B.access_ptr("r", offset=T.min(B.elem_offset + ahead, last) - B.elem_offset), 0, 2, 1))
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(instruction),
+                    C.vload([0], dtype="int32x16"),
+                    _broadcast4(A, 0, f"{a_dtype}x{elems}", 16),
+                    B.vload([0, 0, 0], dtype=f"{w_dtype}x{elems}"),
+                    dtype="int32x16",
+                )
+
+        return impl_prefetch
 
     @T.prim_func(s_tir=True)
     def impl(

@@ -44,7 +44,7 @@ from . import packing, qdense_amx
 from .intrinsics_arm import SDOT_DEPTHS, sdot_intrin
 from .intrinsics_arm import register_intrinsics as register_arm_intrinsics
 from .intrinsics_x86 import (
-    U8S8_DEPTHS, i16_intrin, ref_name, register_intrinsics, u8s8_intrin, vnni_intrin,
+    U8S8_DEPTHS, i16_intrin, ref_name, register_intrinsics, u8s8_intrin, vnni_intrin, vnni_prefetch_intrin,
 )
 from .packing import ceil_to
 
@@ -396,7 +396,8 @@ def apply_tensorized(
     acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate, order, parallel, block)
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
-    intrin = v.intrin(depth)
+    ahead = weight_prefetch(sch, acc, v, nbi, depth, order)
+    intrin = v.intrin(depth) if ahead is None else vnni_prefetch_intrin(*ahead)
     sch.tensorize(kd, ref_name(intrin) if ref else intrin)
     sch.unroll(m_i)
     sch.unroll(nb_i)
@@ -406,6 +407,23 @@ def apply_tensorized(
     for loop in sch.get_loops(sch.get_sblock("out"))[-3:-1]:
         sch.unroll(loop)
     return sch
+
+
+def weight_prefetch(sch: Schedule, acc, v: Variant, nbi: int, depth: int, order: str) -> tuple[int, int] | None:
+    """(ahead, last) of `intrinsics_x86.vnni_prefetch_intrin` for a VNNI kernel with column tiles inner: the same
+    k step of the next column tile, ``nbi`` weight blocks on, clamped to the last block; None for other kernels.
+    ``acc`` is the accumulator's block (its reads give the packed weights' shape).
+
+    Every row of a tile asks for the same lines (tensorize has one intrinsic for the tile's rows): on the DeiT-S
+    linears, standalone with cold weights (`benchmarks/kernel_dense.py --cold`), that was within 1% of one prefetch
+    per weight block and k step, and cost 1-2% with the weights in L2 (not the case in a model).  Measured on Zen 4
+    only; AVX2 and the other variants have none."""
+    if v.name != "vnni" or depth != 1 or order != "rows" or not isinstance(nbi, int):
+        return None
+    weights = next(r.source for r in sch.get(acc).reads if r.source.name == "W")
+    blocks, k_steps, lanes, kpack = (int(d) for d in weights.shape)
+    block = k_steps * lanes * kpack
+    return nbi * block, blocks * block - lanes * kpack
 
 
 def schedule_tensorized(

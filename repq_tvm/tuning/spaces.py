@@ -279,7 +279,7 @@ def replay(func: tvm.tirx.PrimFunc, trace, ref: bool) -> Schedule:
     """Apply ``trace`` to ``func`` with every repq tensor intrinsic swapped for its plain-loop twin
     (``ref``) or back to the real one: a tuned kernel then runs bit for bit on any CPU (`verify`)."""
     from ..kernels.intrinsics_arm import register_intrinsics as register_arm
-    from ..kernels.intrinsics_x86 import ref_name, register_intrinsics
+    from ..kernels.intrinsics_x86 import ref_name, register_intrinsics, register_named
 
     register_intrinsics()
     register_arm()
@@ -289,6 +289,7 @@ def replay(func: tvm.tirx.PrimFunc, trace, ref: bool) -> Schedule:
         if isinstance(x, str):
             if not x.startswith("repq_"):
                 return x
+            register_named(x)
             base = x[: -len(suffix)] if x.endswith(suffix) else x
             return ref_name(base) if ref else base
         if isinstance(x, (list, tuple, tvm_ffi.Array)):
