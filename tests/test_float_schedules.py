@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 import torch
 import tvm
 from tvm import relax
@@ -10,6 +11,7 @@ from tvm import relax
 from repq_tvm.frontends import canonical
 from repq_tvm.kernels.qdense import host_target
 from repq_tvm.passes.pipeline import fuse_and_schedule, lower_pipeline
+from repq_tvm.passes import float_schedules
 from repq_tvm.passes.float_schedules import unscheduled
 
 TARGET = tvm.target.Target(host_target())
@@ -112,6 +114,33 @@ def test_layer_norm_sums_are_vector_partials_and_match_numpy():
         x64 = data.astype(np.float64)
         ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * gamma + beta
         assert np.abs(got - ref).max() < 1e-5 * (1 + np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape", [(1, 197, 384), (2, 50, 96), (1, 7, 64)])
+def test_layer_norm_rows_interleaved_give_the_same_codes(monkeypatch, shape):
+    """`float_schedules.row_stages` runs 4 rows per task with their sums interleaved: the same sums in the same
+    order per row as one row per task, so the same codes bit for bit (rows past a ragged end are not stored; a
+    task never spans two images; 7 rows are too few to split and keep one row per task)."""
+    rng = np.random.default_rng(len(shape))
+    gamma, beta = rng.standard_normal(shape[-1]).astype(np.float32), rng.standard_normal(shape[-1]).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            ln = bb.emit(relax.op.nn.layer_norm(x, relax.const(gamma), relax.const(beta), axes=[-1]))
+            out = bb.emit_output(bb.emit(canonical.uniform_qdq(ln, 0.02, 128, 8)))
+        bb.emit_func_output(out)
+    data = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    outs, sources = [], []
+    for rows in (1, float_schedules.ROWS):
+        monkeypatch.setattr(float_schedules, "ROWS", rows)
+        (got,), mod = run(bb.get(), data, scheduled=True)
+        outs.append(got)
+        sources.append("\n".join(f.script() for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    interleaved = f"T.unroll(T.int64({float_schedules.ROWS}))"
+    assert interleaved not in sources[0]
+    assert (interleaved in sources[1]) == (shape[-2] >= 2 * float_schedules.ROWS)
 
 
 def transpose_module(perm, shape=(80, 3, 32)):
