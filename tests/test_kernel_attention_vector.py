@@ -65,6 +65,13 @@ def test_fused_vector_attention_equals_the_three_kernels(variant, mode, bt, m, n
     assert np.array_equal(out.numpy(), expected)
 
 
+@pytest.mark.parametrize("blocks,most", [(13, 4), (25, 2), (4, 4), (5, 4), (1, 4), (9, 2), (3, 4)])
+def test_qk_tiles_take_every_key_block_once_in_as_few_tiles_as_allowed(blocks, most):
+    wide, width, narrow = A.qk_tiles(blocks, most)
+    assert wide * (width + 1) + narrow * width == blocks
+    assert width + (wide > 0) <= most and wide + narrow == -(-blocks // most) and width >= 1
+
+
 @pytest.mark.parametrize("variant,instructions", [("avx2_i16", ("vpmaddwd",)), ("vnni", ("vpdpbusd", "vpdpwssd"))])
 def test_fused_vector_attention_asm_on_any_cpu(variant, instructions):
     """Built for the variant's preset on any host: both products on the variant's dot products, the logits' and

@@ -9,7 +9,7 @@ they sit in L1 (`attention_amx` does the same on AMX tiles).
 Each step is the unfused kernel's own arithmetic, so the result is theirs bit for bit (tested against them):
 
 ==============  ====================================================  ===================================
-variant         q @ kᵀ (the logits of 4 rows x 2 or 4 key blocks)    attn @ V (2 rows x planes x d blocks)
+variant         q @ kᵀ (4 rows x at most 2 / 4 key blocks)            attn @ V (2 rows x planes x d blocks)
 ==============  ====================================================  ===================================
 ``avx2_i16``    vpmaddwd ymm on ``q − z_q`` and ``k − z_k`` int16     vpmaddwd on the int16 weights and
                 (`qbmm` avx2_i16: exact int32, one float multiply)    ``v − z_v`` (`attn_v` avx2_i16)
@@ -89,6 +89,16 @@ def fits(M: int, N: int, D: int, variant: str) -> bool:
     return M >= RB and D % lanes == 0 and D % kpack == 0
 
 
+def qk_tiles(blocks: int, most: int) -> tuple[int, int, int]:
+    """(wide, width, narrow): the q @ kᵀ tiles of ``blocks`` key blocks, at most ``most`` per tile and as few tiles as
+    that allows, ``wide`` tiles of width + 1 blocks then ``narrow`` of ``width``: every block once.  Why: tiles of
+    ``most`` with the last one moved back to end at the last block computed DeiT-Small's 13 blocks as 16 (the last
+    tile's first 3 again); 4 + 3 + 3 + 3 computes 13."""
+    tiles = -(-blocks // most)
+    width, wide = divmod(blocks, tiles)
+    return wide, width, tiles - wide
+
+
 def logit_term_shape(tables: int, M: int, N: int) -> tuple[int, int, int]:
     """Shape of a logit term's tables: keys padded with zeros to whole `VECTOR`s (the logits rows' length), so the
     kernel reads them as plain vectors."""
@@ -144,7 +154,8 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     n_r, n_p = ceil_to(N, VECTOR), padded_tokens(N)  # logits / codes / weights rows; tokens in whole pairs
     n_w = ceil_to(n_p, HALF)  # codes and weights formed: the tokens attn @ V reads, in whole half vectors
     nb, steps, d_blocks = -(-N // lanes), D // kpack, D // lanes
-    kt = min(kt, nb)  # key blocks per q @ kᵀ tile
+    kt = min(kt, nb)  # key blocks per q @ kᵀ tile, at most
+    wide_tiles, width, narrow_tiles = qk_tiles(nb, kt)
     db = av_blocks(D, variant, planes)
     output = Output(spec)
     store = output.store_macro(D)
@@ -240,9 +251,29 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
         return x
 
     @T.macro
+    def qk_tile(qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc, b, m0, t0, t1, n0, width):
+        """L[i, n] for the RB rows x ``width`` key blocks from block n0: the dot products, then `qbmm`'s epilogue."""
+        for i, j, ln in T.grid(RB, width, lanes):
+            acc[i, j, ln] = 0
+        for s in range(steps):
+            for i in T.unroll(RB):
+                for j in T.unroll(width):
+                    qk_step(acc, i, j, qa, qc, kp, s, n0)
+        for i in T.unroll(RB):
+            for j in T.unroll(width):
+                for ln in T.vectorized(lanes):
+                    col = T.meta_var((n0 + j) * lanes + ln)
+                    if vnni:
+                        L[i, col] = with_terms(T.Cast("float32", acc[i, j, ln] + (128 - qk_zp[1]) * qsum[i]
+                                                      - kterm[col]) * qk_scale[0], t0, t1, b, m0 + i, col)
+                    else:
+                        L[i, col] = with_terms(T.Cast("float32", acc[i, j, ln]) * qk_scale[0], t0, t1, b, m0 + i,
+                                               col)
+
+    @T.macro
     def logits(q, qk_zp, qk_scale, consts, qc, qa, kp, qsum, kterm, L, acc, b, m0, t0, t1):
-        """L[i, n] = the logits of rows m0 + i (`qbmm`'s arithmetic, then the spec's logit terms), tiles of RB rows
-        x kt key blocks (the last tile at nb − kt)."""
+        """L[i, n] = the logits of rows m0 + i (`qbmm`'s arithmetic, then the spec's logit terms), in tiles of RB
+        rows x the key blocks of `qk_tiles` (each block once)."""
         for i in range(RB):
             for d in T.vectorized(D):
                 qc[i, d] = q_at(q, consts, b, m0 + i, d)
@@ -255,23 +286,12 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
             for i in range(RB):
                 for d in T.vectorized(D):
                     qa[i, d] = T.Cast("int16", T.Cast("int32", qc[i, d]) - qk_zp[0])
-        for t in range(-(-nb // kt)):
-            for i, j, ln in T.grid(RB, kt, lanes):
-                acc[i, j, ln] = 0
-            for s in range(steps):
-                for i in T.unroll(RB):
-                    for j in T.unroll(kt):
-                        qk_step(acc, i, j, qa, qc, kp, s, T.min(t * kt, nb - kt))
-            for i in T.unroll(RB):
-                for j in T.unroll(kt):
-                    for ln in T.vectorized(lanes):
-                        col = T.meta_var((T.min(t * kt, nb - kt) + j) * lanes + ln)
-                        if vnni:
-                            L[i, col] = with_terms(T.Cast("float32", acc[i, j, ln] + (128 - qk_zp[1]) * qsum[i]
-                                                          - kterm[col]) * qk_scale[0], t0, t1, b, m0 + i, col)
-                        else:
-                            L[i, col] = with_terms(T.Cast("float32", acc[i, j, ln]) * qk_scale[0], t0, t1, b, m0 + i,
-                                                   col)
+        if wide_tiles > 0:
+            for t in range(wide_tiles):
+                qk_tile(qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc, b, m0, t0, t1, t * (width + 1), width + 1)
+        for t in range(narrow_tiles):
+            qk_tile(qk_zp, qk_scale, qc, qa, kp, qsum, kterm, L, acc, b, m0, t0, t1,
+                    wide_tiles * (width + 1) + t * width, width)
 
     @T.macro
     def attn_v(wb, vp, v_zp, v_scale, consts, out, acc, b, m0):
