@@ -8,6 +8,8 @@ checked through their plain-loop intrinsic twins, as `verify` does for a board.
 import json
 import os
 import re
+import subprocess
+import sys
 import shutil
 
 import numpy as np
@@ -240,6 +242,20 @@ def test_replay_swaps_intrinsics_both_ways():
     assert re.search(intrin + "_ref", str(twin.trace))
     back = spaces.replay(spaces.definition(spec), twin.trace, ref=False)
     tvm.ir.assert_structural_equal(back.mod, native.mod)
+
+
+def test_committed_vnni_log_opens_in_a_fresh_process():
+    """A fresh process has made none of the intrinsics registered on first use, yet the DeiT-S VNNI log's accepted
+    linear names one (`qdense.weight_prefetch`): opening the log registers it from the records first."""
+    log_dir = os.path.join(os.path.dirname(__file__), "..", "tuning_logs",
+                           "deit_small_patch16_224-w8a8-b1-x86_64-avx512-vnni")
+    with open(os.path.join(log_dir, "database_tuning_record.json")) as f:
+        assert "repq_dot_16x4_vnni_pf" in f.read()
+    code = ("import sys; from repq_tvm.tuning import log; "
+            "print(len(log.open_accepted(sys.argv[1]).get_all_tuning_records()))")
+    out = subprocess.run([sys.executable, "-c", code, log_dir], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= 1
 
 
 def test_replay_registers_the_prefetching_intrinsics_a_trace_names():

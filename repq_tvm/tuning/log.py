@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import tvm
 from tvm.s_tir.meta_schedule.database import JSONDatabase
@@ -39,15 +40,24 @@ def accepted_hashes(log_dir: str) -> dict[str, str]:
 
 
 def open_accepted(log_dir: str) -> JSONDatabase:
-    """The accepted-kernel database (created empty if missing); its traces name our tensor intrinsics, which
-    must be registered before MetaSchedule parses them."""
+    """The accepted-kernel database (created empty if missing)."""
+    return open_database(os.path.join(log_dir, ACCEPTED[0]), os.path.join(log_dir, ACCEPTED[1]))
+
+
+def open_database(workloads: str, records: str) -> JSONDatabase:
+    """A MetaSchedule JSON database (created empty if missing).  Its traces name our tensor intrinsics, which must
+    be registered before MetaSchedule parses them: the fixed ones, and those made on first use whose names the
+    records hold (`intrinsics_x86.register_named`: the VNNI dot product with its weight prefetch)."""
     from ..kernels.intrinsics_arm import register_intrinsics as register_arm
-    from ..kernels.intrinsics_x86 import register_intrinsics
+    from ..kernels.intrinsics_x86 import register_intrinsics, register_named
 
     register_intrinsics()
     register_arm()
-    return JSONDatabase(path_workload=os.path.join(log_dir, ACCEPTED[0]),
-                        path_tuning_record=os.path.join(log_dir, ACCEPTED[1]), allow_missing=True)
+    if os.path.exists(records):
+        with open(records) as f:
+            for name in set(re.findall(r'"(repq_[A-Za-z0-9_]+)"', f.read())):
+                register_named(name)
+    return JSONDatabase(path_workload=workloads, path_tuning_record=records, allow_missing=True)
 
 
 def workload_key(model: str, w_bits: int, a_bits: int, batch: int, preset: dict) -> dict:

@@ -212,9 +212,8 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
         if task.name in previous:
             plan[i] = previous[task.name]["planned"]
 
-    search_db = JSONDatabase(path_workload=os.path.join(output, log_mod.SEARCH, "database_workload.json"),
-                             path_tuning_record=os.path.join(output, log_mod.SEARCH, "database_tuning_record.json"),
-                             allow_missing=True)
+    search_db = log_mod.open_database(os.path.join(output, log_mod.SEARCH, "database_workload.json"),
+                                      os.path.join(output, log_mod.SEARCH, "database_tuning_record.json"))
     for name in log_mod.ACCEPTED:  # decided afresh on every run
         path = os.path.join(output, name)
         if os.path.exists(path):
