@@ -297,7 +297,8 @@ def test_vnni_assembly_uses_vpdpbusd(bits_w, compensate, epilogue):
 
 def test_vnni_prefetches_the_next_column_tiles_weights_within_them():
     """One prefetcht1 per vpdpbusd in the k loop (`qdense.weight_prefetch`), ``nbi`` weight blocks ahead (the next
-    column tile), clamped to the last weight tile; the AVX2 kernels have none."""
+    column tile), clamped to the last weight tile; kernels of more rows than `PREFETCH_MAX_ROWS` and the AVX2 kernels
+    have none."""
     kernel = build_qdense(197, 384, 384, Q.X86_VNNI_TARGET, epilogue=True)
     loop = _inner_loop(kernel.asm(), "vpdpbusd")
     assert loop.count("prefetcht1") == loop.count("vpdpbusd") > 0
@@ -308,6 +309,8 @@ def test_vnni_prefetches_the_next_column_tiles_weights_within_them():
     for variant in ("avx2_u8s8", "avx2_i16"):
         avx2 = build_qdense(197, 384, 384, Q.X86_AVX2_TARGET, variant=variant, bits_a=6, bits_w=6, epilogue=True)
         assert "prefetch" not in avx2.asm()
+    tall = build_qdense(Q.PREFETCH_MAX_ROWS + 1, 384, 384, Q.X86_VNNI_TARGET, epilogue=True)
+    assert "prefetch" not in tall.asm() and "vpdpbusd" in tall.asm()
 
 
 def test_vnni_activation_is_the_unsigned_operand():

@@ -409,18 +409,27 @@ def apply_tensorized(
     return sch
 
 
-def weight_prefetch(sch: Schedule, acc, v: Variant, nbi: int, depth: int, order: str) -> tuple[int, int] | None:
-    """(ahead, last) of `intrinsics_x86.vnni_prefetch_intrin` for a VNNI kernel with column tiles inner: the same
-    k step of the next column tile, ``nbi`` weight blocks on, clamped to the last block; None for other kernels.
-    ``acc`` is the accumulator's block (its reads give the packed weights' shape).
+PREFETCH_MAX_ROWS = 512  # `weight_prefetch` only for kernels of at most this many rows
 
-    Every row of a tile asks for the same lines (tensorize has one intrinsic for the tile's rows): on the DeiT-S
-    linears, standalone with cold weights (`benchmarks/kernel_dense.py --cold`), that was within 1% of one prefetch
-    per weight block and k step, and cost 1-2% with the weights in L2 (not the case in a model).  Measured on Zen 4
-    only; AVX2 and the other variants have none."""
+
+def weight_prefetch(sch: Schedule, acc, v: Variant, nbi: int, depth: int, order: str) -> tuple[int, int] | None:
+    """(ahead, last) of `intrinsics_x86.vnni_prefetch_intrin` for a VNNI kernel with column tiles inner and at most
+    `PREFETCH_MAX_ROWS` rows: the same k step of the next column tile, ``nbi`` weight blocks on, clamped to the last
+    block; None for other kernels.  ``acc`` is the accumulator's block (its reads give the packed weights' shape).
+
+    Only the first row tile of each core reads the weights from L3 or memory; the others find them in L2, where the
+    prefetches are extra load-port work.  At 197 rows (DeiT-S, batch 1) the linears with cold weights took 4-7% less
+    time with it, with warm weights up to 2% more (`benchmarks/kernel_dense.py --cold`); at 788 and 1576 rows (batch 4
+    and 8) cold was level and warm 1-4% slower, and DeiT-S at batch 8 2% slower in all (`compare_artifacts.py`), so
+    those keep the plain intrinsic.  Every row of a tile asks for the same lines (tensorize has one intrinsic for the
+    tile's rows): within 1% of one prefetch per weight block and k step at 197 rows.  Measured on Zen 4 only; AVX2
+    and the other variants have none."""
     if v.name != "vnni" or depth != 1 or order != "rows" or not isinstance(nbi, int):
         return None
     weights = next(r.source for r in sch.get(acc).reads if r.source.name == "W")
+    rows = int(sch.get(sch.get_sblock("out")).writes[0].source.shape[0])
+    if rows > PREFETCH_MAX_ROWS:
+        return None
     blocks, k_steps, lanes, kpack = (int(d) for d in weights.shape)
     block = k_steps * lanes * kpack
     return nbi * block, blocks * block - lanes * kpack
