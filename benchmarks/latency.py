@@ -24,8 +24,11 @@ Engines (`--engines`, comma-separated names; `all` by default):
 Every engine runs with the same thread count (torch.set_num_threads, ORT intra_op_num_threads, OpenVINO
 INFERENCE_NUM_THREADS, TVM_NUM_THREADS, and the artifact's num-cores is this machine's), on the same input,
 one process. For each model and batch size every engine is warmed up, then each round runs every engine once,
-in a shuffled order, with a short pause between calls so one engine's spinning worker threads have gone idle
-before the next starts. Reported: median / p90 ms per call, images/s, and the ratio engine time / repq-tvm
+in a shuffled order, with a pause between calls (`--pause-ms`, 200 ms) so one engine's spinning worker threads
+have gone idle before the next starts: with 20 ms (the default until 2026-12-04) ONNX Runtime's threads still
+spun when the next engine started (repq-tvm 15 → 30 ms right after it, DeiT-S b1 on a 2-vCPU Zen 4) and TVM's
+(before `repq_tvm.deploy.threads.limit_spinning`) slowed PyTorch 2.5x; those runs' p90s and ONNX Runtime INT8
+medians (91 against 38 ms) were the engines' interference, not their speed. 50 ms was enough there. Reported: median / p90 ms per call, images/s, and the ratio engine time / repq-tvm
 W8/A8 time of the same round set. The share of the CPUs other processes used while timing is recorded; on a
 shared machine `--wait-quiet SECONDS` waits for a quiet moment before timing and runs again every round during
 which others used more than `--quiet-threshold` (15%) of the CPUs (fork-join thread pools, PyTorch's OpenMP
@@ -634,7 +637,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--engines", type=csv_list(str), default=["all"], help=f"all, or some of {', '.join(ENGINES)}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--pause-ms", type=float, default=20.0, help="idle time before each timed call")
+    p.add_argument("--pause-ms", type=float, default=200.0, help="idle time before each timed call (other engines' "
+                   "worker threads spin for tens of ms after a call)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="on a shared machine: before timing wait until other processes use less than "
                         "--quiet-threshold of the CPUs, and run again every round during which they used more; "

@@ -39,6 +39,24 @@ def test_users_environment_wins():
     assert _pool_size({"OMP_NUM_THREADS": "1"}) == "1"
 
 
+def test_workers_spin_briefly_unless_the_user_says():
+    """`threads.limit_spinning`: importing repq_tvm (and device_run on a board) caps how long TVM's idle workers spin,
+    unless the user set TVM_THREAD_POOL_SPIN_COUNT; the pool still runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    code = ("import os, repq_tvm\nfrom repq_tvm.deploy import threads\nthreads.pool_threads()\n"
+            "print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])")
+    for user, expected in ((None, str(threads.SPIN_COUNT)), ("0", "0"), ("300000", "300000")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**env, **({"TVM_THREAD_POOL_SPIN_COUNT": user} if user else {})})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[-1] == expected
+    device = os.path.join(os.path.dirname(threads.__file__), "device_run.py")
+    code = f"import os, runpy\nrunpy.run_path({device!r})['use_all_cpus']()\nprint(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == str(threads.SPIN_COUNT)
+
+
 def test_explicit_counts_shrink_regrow_and_refuse_growth_past_the_pool():
     n = len(CPUS)
     code = f"""

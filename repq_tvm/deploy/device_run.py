@@ -61,13 +61,17 @@ def read_manifest(art_dir, verify=True):
 
 
 def use_all_cpus():
-    """TVM's pool takes half the logical CPUs on x86 unless told (mirrors repq_tvm/deploy/threads.py)."""
+    """TVM's pool takes half the logical CPUs on x86 unless told, and spins long after each run (mirrors
+    repq_tvm/deploy/threads.py)."""
     if not any(os.environ.get(v, "").strip() for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
         try:
             n = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             n = os.cpu_count() or 1
         os.environ["TVM_NUM_THREADS"] = str(n)
+    # and its workers would spin ~150 ms after every run (mirrors repq_tvm/deploy/threads.py: limit_spinning)
+    if not os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", "").strip():
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "30000"
 
 
 def run(art_dir, x, verify=True):

@@ -5,6 +5,13 @@ TVM sizes its pool once per process, on first use, from ``TVM_NUM_THREADS`` (els
 one thread, and an artifact ran at half speed (DeiT-Small W8/A8: 57 ms instead of 28 ms on a Zen 4). So
 importing `repq_tvm` sets ``TVM_NUM_THREADS`` to the CPUs of this process's affinity mask when the user set
 neither variable (`use_all_cpus`), and `configure` picks an explicit count for a `Runner`.
+
+Its workers also spin after every parallel kernel, 300,000 ``sched_yield`` calls by default, before they sleep:
+after each run of an artifact one core stayed busy for ~150 ms (DeiT-Small W8/A8 on a 2-vCPU Zen 4: 150 ms of CPU
+in the 200 ms after a 15 ms inference), taking it from whatever the application does between inferences (PyTorch
+run 20 ms after it took 2.5x its time).  Importing `repq_tvm` sets ``TVM_THREAD_POOL_SPIN_COUNT`` to `SPIN_COUNT`
+unless the user set it (`limit_spinning`): 15 ms of CPU after a run, the same latency (the gaps between one
+run's kernels are microseconds); 10,000 and less made runs 7-15% slower.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ ENV_VARS = ("TVM_NUM_THREADS", "OMP_NUM_THREADS")
 MAX_THREADS = 1024
 _BIG_CORES = 1  # TVM's AffinityMode kBig, the mode its pool starts in
 _written: str | None = None  # the TVM_NUM_THREADS value this module set, to tell it from the user's
+SPIN_COUNT = 30000  # TVM_THREAD_POOL_SPIN_COUNT unless the user set it (see above)
 
 
 def available_cpus() -> int:
@@ -40,6 +48,13 @@ def use_all_cpus() -> None:
         _written = None
     if not any(os.environ.get(v, "").strip() for v in ENV_VARS):
         _set(available_cpus())
+
+
+def limit_spinning() -> None:
+    """Workers that stop spinning ~15 ms after a run instead of ~150 ms, unless the user set
+    ``TVM_THREAD_POOL_SPIN_COUNT`` (read when the pool starts: call before the first run)."""
+    if not os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", "").strip():
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = str(SPIN_COUNT)
 
 
 def pool_threads() -> int:
