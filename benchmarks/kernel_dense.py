@@ -18,6 +18,8 @@ float32(acc): checked bit for bit first.
 ``--gelu`` adds each kernel again with fc1's fused GELU → codes tail (`kernels.epilogue.tail`, the codes as
 fc2 reads them, the quantizer a run-time operand as the compiler builds it), checked bit for bit against the same kernel with the intrinsic's plain-loop twin: the tail's cost
 is the difference to the first column.
+``--no-prefetch`` adds each VNNI kernel that prefetches its weights (`kernels.qdense.weight_prefetch`: 512 rows or
+fewer) again without the prefetch, to compare the two (with ``--cold`` too).
 ``--cold MB`` adds each kernel again with its weight operands (packed weights, compensation, epilogue vectors) read
 from one of several copies, a different one each call, the copies together ``MB`` megabytes: weights that come
 from L3 or memory, as in a model, where the other layers' weights pass through the caches between two calls of a
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--gelu", action="store_true", help="also time each kernel with fc1's fused GELU → codes tail")
     ap.add_argument("--rows-outer", action="store_true", help="also time each kernel with row tiles outer where "
                     "it runs blocks of column tiles (`kernels.qdense.column_block`: int16, 1024+ rows)")
+    ap.add_argument("--no-prefetch", action="store_true", help="also time each VNNI kernel without its weight prefetch")
     ap.add_argument("--cold", type=float, default=0, metavar="MB", help="also time each kernel with its weights "
                     "rotating through copies that take this many MB together (e.g. 24: from L3 or memory, as in a model)")
     args = ap.parse_args()
@@ -81,19 +84,24 @@ def main() -> None:
         kernels = [("avx2_i16", target, 8, 8)]
     if targets.runnable_reason(amx) is None:
         kernels.insert(0, ("amx", amx, 8, 8))
-    # (variant, target, bits_a, bits_w, rows per tile or None, GELU tail, column blocks where the rule takes them)
+    # (variant, target, bits_a, bits_w, rows per tile or None, GELU tail, column blocks where the rule takes them,
+    # weight prefetch where the rule takes it)
     kernels = [(v, tgt, ba, bw, None, False, True) for v, tgt, ba, bw in kernels]
     kernels += [(v, tgt, ba, bw, int(r), False, True) for v, tgt, ba, bw, *_ in list(kernels) if v != "amx"
                 for r in filter(None, args.rows.split(","))]  # the AMX kernel has one fixed blocking
     kernels += [(v, tgt, ba, bw, None, True, True) for v, tgt, ba, bw, r, *_ in list(kernels) if args.gelu and r is None]
     kernels += [(v, tgt, ba, bw, r, g, False) for v, tgt, ba, bw, r, g, _ in list(kernels)
                 if args.rows_outer and v == "avx2_i16" and r is None]
+    kernels = [(*k, True) for k in kernels]
+    kernels += [(v, tgt, ba, bw, r, g, b, False) for v, tgt, ba, bw, r, g, b, _ in list(kernels)
+                if args.no_prefetch and v == "vnni" and r is None]
     rng = np.random.default_rng(0)
 
-    label = lambda r, gelu, blocks=True: (  # noqa: E731
-        (f" r{r}" if r else "") + (" gelu" if gelu else "") + ("" if blocks else " rows-outer"))
-    names = [f"{v}(a{ba}w{bw}{label(r, g, b)})" for v, _, ba, bw, r, g, b in kernels]
-    short = [f"{v}{label(r, g, b)}" for v, _, _, _, r, g, b in kernels]
+    label = lambda r, gelu, blocks=True, prefetch=True: (  # noqa: E731
+        (f" r{r}" if r else "") + (" gelu" if gelu else "") + ("" if blocks else " rows-outer")
+        + ("" if prefetch else " no-pf"))
+    names = [f"{v}(a{ba}w{bw}{label(r, g, b, pf)})" for v, _, ba, bw, r, g, b, pf in kernels]
+    short = [f"{v}{label(r, g, b, pf)}" for v, _, _, _, r, g, b, pf in kernels]
     if args.cold:  # every kernel's cold twin right after it
         names = [n for name in names for n in (name, name + " cold")]
         short = [n for name in short for n in (name, name + " cold")]
@@ -105,7 +113,7 @@ def main() -> None:
     print(head)
     for M, N, K in shapes:
         runs = []
-        for variant, tgt, ba, bw, rows, gelu, blocks in kernels:
+        for variant, tgt, ba, bw, rows, gelu, blocks, prefetch in kernels:
             if variant == "amx" and not Q.qdense_amx.fits(M, N, K):
                 runs.extend([None] * (2 if args.cold else 1))
                 continue
@@ -117,7 +125,7 @@ def main() -> None:
                                         **({"codes_operand": ("int16", ZERO_POINT)} if variant == "avx2_i16" else {})}
             build = lambda ref=False: build_qdense(  # noqa: E731
                 M, N, K, tgt, variant=variant, bits_a=ba, bits_w=bw, epilogue=True, tiles=tiles, ref=ref,
-                column_blocks=blocks, **tail)
+                column_blocks=blocks, prefetch=prefetch, **tail)
             kern = build()
             a = rng.integers(0, a_max + 1, (M, K), dtype=np.uint8)
             w = rng.integers(-w_max, w_max + 1, (N, K))

@@ -385,18 +385,19 @@ def _gather_block(sch: Schedule):
 
 def apply_tensorized(
     sch: Schedule, v: Variant, mi, nbi, depth: int = 1, ref: bool = False, compensate: bool = False,
-    order: str = "rows", parallel: str | None = None, block: int | None = None,
+    order: str = "rows", parallel: str | None = None, block: int | None = None, prefetch: bool = True,
 ) -> Schedule:
     """Register-tiled schedule on ``sch`` whose inner step is ``v.intrin(depth)`` (or its plain-loop twin).
 
-    ``parallel``: `_tile`'s default when None; ``block``: column tiles per block of the "blocks" order.
+    ``parallel``: `_tile`'s default when None; ``block``: column tiles per block of the "blocks" order;
+    ``prefetch`` False: no weight prefetch where `weight_prefetch` would put one (to compare the two).
     """
     register_intrinsics()
     register_arm_intrinsics()
     acc, (kb, m_i, nb_i, kd, _, _) = _tile(sch, v, mi, nbi, depth, compensate, order, parallel, block)
     init = sch.decompose_reduction(acc, kb)
     sch.vectorize(sch.get_loops(init)[-1])
-    ahead = weight_prefetch(sch, acc, v, nbi, depth, order)
+    ahead = weight_prefetch(sch, acc, v, nbi, depth, order) if prefetch else None
     intrin = v.intrin(depth) if ahead is None else vnni_prefetch_intrin(*ahead)
     sch.tensorize(kd, ref_name(intrin) if ref else intrin)
     sch.unroll(m_i)
@@ -437,12 +438,12 @@ def weight_prefetch(sch: Schedule, acc, v: Variant, nbi: int, depth: int, order:
 
 def schedule_tensorized(
     func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, depth: int = 1, ref: bool = False,
-    compensate: bool = False, block: int | None = None,
+    compensate: bool = False, block: int | None = None, prefetch: bool = True,
 ) -> Schedule:
     """`apply_tensorized` on a new schedule of ``func``, the hand defaults: rows outer, or with ``block``
     (`column_block`) the blocks order."""
     order = "rows" if block is None else "blocks"
-    return apply_tensorized(Schedule(func), v, mi, nbi, depth, ref, compensate, order, block=block)
+    return apply_tensorized(Schedule(func), v, mi, nbi, depth, ref, compensate, order, block=block, prefetch=prefetch)
 
 
 def schedule_fallback(func: tvm.tirx.PrimFunc, v: Variant, mi: int, nbi: int, compensate: bool = False) -> Schedule:
@@ -479,6 +480,7 @@ def schedule_qdense(
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: int | None = None, residual: bool = False, qkv_codes: dict | None = None,
     codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None, column_blocks: bool = True,
+    prefetch: bool = True,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -497,7 +499,8 @@ def schedule_qdense(
     ({"tokens", "heads", "tops"}, AMX only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention
     kernels' layout, under the quantizers of its run-time ``quant`` operand.  ``a_rows``
     reads the activation rows through a row table (`qdense`; not the amx kernel).  ``column_blocks`` False keeps
-    row tiles outer where `column_block` would block the column tiles (to compare the two orders).
+    row tiles outer where `column_block` would block the column tiles (to compare the two orders); ``prefetch`` False
+    leaves out the VNNI weight prefetch (`weight_prefetch`, likewise).
     """
     if (gelu_codes is not None or residual or qkv_codes is not None) and not epilogue:
         raise ValueError("gelu_codes, residual and qkv_codes need the float epilogue (epilogue=True)")
@@ -556,7 +559,7 @@ def schedule_qdense(
     func = qdense_func(spec)
     if v.tensorized:
         block = column_block(M, N, K, v, nbi, compensate, bool(a_rows)) if column_blocks else None
-        sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate, block)
+        sch = schedule_tensorized(func, v, mi, nbi, depth, ref, compensate, block, prefetch)
     else:
         sch = schedule_fallback(func, v, mi, nbi, compensate)
     return sch, v, (mi, nbi, depth), compensate

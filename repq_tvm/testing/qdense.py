@@ -134,6 +134,7 @@ def build_qdense(
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
     codes_operand: tuple[str, int] | None = None, a_rows: int | None = None, column_blocks: bool = True,
+    prefetch: bool = True,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments, but ``gelu_codes`` =
     (scale, zero point, top code) and ``qkv_codes`` = {"tokens", "heads", "codes": three (scale, zero point, top)}:
@@ -143,7 +144,7 @@ def build_qdense(
         tiles=tiles, depth=depth, compensate=compensate, gelu_codes=None if gelu_codes is None else int(gelu_codes[2]),
         residual=residual, qkv_codes=None if qkv_codes is None else {
             "tokens": qkv_codes["tokens"], "heads": qkv_codes["heads"], "tops": [c[2] for c in qkv_codes["codes"]]},
-        codes_operand=codes_operand, a_rows=a_rows, column_blocks=column_blocks)
+        codes_operand=codes_operand, a_rows=a_rows, column_blocks=column_blocks, prefetch=prefetch)
     exe = tvm.compile(sch.mod, target=as_target(target))
     return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual,
                   qkv_codes, codes_operand, a_rows)
