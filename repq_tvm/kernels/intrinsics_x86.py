@@ -58,10 +58,11 @@ def vnni_prefetch_intrin(ahead: int, last: int) -> str:
     at byte ``last`` of the weights (the last tile's own); registered on first use, with its twin.
 
     Why: in a model a linear's weights come from L3 or memory (the other layers' weights passed through the caches
-    since its last call), and the hardware prefetchers left the first row tile's sweep over them waiting: 4-14%
-    per linear (`benchmarks/kernel_dense.py --cold`).  One prefetch per weight tile and k step, one column tile
-    ahead (the next tile's weights while this one runs) takes most of that back; L1 (``prefetcht0``) and two
-    tiles ahead did worse (the prefetched tile evicted the running one's lines, or came too late)."""
+    since its last call), and the hardware prefetchers left the first row tile's sweep over them waiting: the DeiT-S
+    linears took 4-14% longer with cold weights than warm (`benchmarks/kernel_dense.py --cold`).  One prefetch per
+    weight tile and k step, one column tile ahead (the next tile's weights while this one runs) takes most of that
+    back (`qdense.weight_prefetch`); into L1 (``prefetcht0``) or two tiles ahead were tried in scratch builds and
+    did no better."""
     name = f"{vnni_intrin()}_pf{ahead}_{last}"
     _register_prefetch(name, ahead, last)
     return name

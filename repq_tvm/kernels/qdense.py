@@ -419,12 +419,14 @@ def weight_prefetch(sch: Schedule, acc, v: Variant, nbi: int, depth: int, order:
     block; None for other kernels.  ``acc`` is the accumulator's block (its reads give the packed weights' shape).
 
     Only the first row tile of each core reads the weights from L3 or memory; the others find them in L2, where the
-    prefetches are extra load-port work.  At 197 rows (DeiT-S, batch 1) the linears with cold weights took 4-7% less
-    time with it, with warm weights up to 2% more (`benchmarks/kernel_dense.py --cold`); at 788 and 1576 rows (batch 4
-    and 8) cold was level and warm 1-4% slower, and DeiT-S at batch 8 2% slower in all (`compare_artifacts.py`), so
-    those keep the plain intrinsic.  Every row of a tile asks for the same lines (tensorize has one intrinsic for the
-    tile's rows): within 1% of one prefetch per weight block and k step at 197 rows.  Measured on Zen 4 only; AVX2
-    and the other variants have none."""
+    prefetches are extra load-port work.  `benchmarks/kernel_dense.py --threads 2 --gelu --cold 24 --no-prefetch` on
+    the DeiT-S linears (197 rows, Zen 4, one interleaved run): with cold weights 2-5% faster with it (fc1 → GELU →
+    codes 0.372 → 0.354 ms, qkv 0.219 → 0.212), with warm ones level to 4% slower (fc2 0.259 → 0.270); in a model the
+    weights are cold (the whole DeiT-S 0.97x, `compare_artifacts.py`).  At 788 and 1576 rows (batch 4 and 8) cold
+    was level and warm 1-4% slower, and DeiT-S at batch 8 2% slower in all, so those keep the plain intrinsic.
+    Every row of a tile asks for the same lines (tensorize has one intrinsic for the tile's rows).  Measured on
+    Zen 4 only; AVX2 and the other variants have none.
+    """
     if v.name != "vnni" or depth != 1 or order != "rows" or not isinstance(nbi, int):
         return None
     weights = next(r.source for r in sch.get(acc).reads if r.source.name == "W")
