@@ -176,31 +176,7 @@ def _vnni_impl(instruction: str, a_dtype: str, w_dtype: str, kpack: int, prefetc
     <32 x i16>)); A's ``kpack`` elements are one dword, broadcast.  ``prefetch`` = (ahead, last): first a
     prefetch into L2 of the weights ``ahead`` elements further, clamped to element ``last`` (`vnni_prefetch_intrin`)."""
     elems = 16 * kpack
-    if prefetch is not None:
-        ahead, last = prefetch
-
-        @T.prim_func(s_tir=True)
-        def impl_prefetch(
-            A: T.Buffer((kpack,), a_dtype, offset_factor=1),
-            B: T.Buffer((1, 16, kpack), w_dtype, offset_factor=1),
-            C: T.Buffer((16,), "int32", offset_factor=1),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:16], A[0:kpack], B[0:1, 0:16, 0:kpack])
-                T.writes(C[0:16])
-                # llvm.prefetch(address, read, locality 2 = prefetcht1, data cache)
-                T.evaluate(T.call_llvm_intrin(
-                    "void", "llvm.prefetch.p0",
-                    B.access_ptr("r", offset=T.min(B.elem_offset + ahead, last) - B.elem_offset), 0, 2, 1))
-                C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(instruction),
-                    C.vload([0], dtype="int32x16"),
-                    _broadcast4(A, 0, f"{a_dtype}x{elems}", 16),
-                    B.vload([0, 0, 0], dtype=f"{w_dtype}x{elems}"),
-                    dtype="int32x16",
-                )
-
-        return impl_prefetch
+    ahead, last = prefetch if prefetch is not None else (0, 0)
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -211,6 +187,10 @@ def _vnni_impl(instruction: str, a_dtype: str, w_dtype: str, kpack: int, prefetc
         with T.sblock("root"):
             T.reads(C[0:16], A[0:kpack], B[0:1, 0:16, 0:kpack])
             T.writes(C[0:16])
+            if prefetch is not None:  # llvm.prefetch(address, read, locality 2 = prefetcht1, data cache)
+                T.evaluate(T.call_llvm_intrin(
+                    "void", "llvm.prefetch.p0",
+                    B.access_ptr("r", offset=T.min(B.elem_offset + ahead, last) - B.elem_offset), 0, 2, 1))
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(instruction),
                 C.vload([0], dtype="int32x16"),
