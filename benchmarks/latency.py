@@ -25,10 +25,10 @@ Every engine runs with the same thread count (torch.set_num_threads, ORT intra_o
 INFERENCE_NUM_THREADS, TVM_NUM_THREADS, and the artifact's num-cores is this machine's), on the same input,
 one process. For each model and batch size every engine is warmed up, then each round runs every engine once,
 in a shuffled order, with a pause between calls (`--pause-ms`, 200 ms) so one engine's spinning worker threads
-have gone idle before the next starts: with 20 ms (the default until 2026-12-04) ONNX Runtime's threads still
-spun when the next engine started (repq-tvm 15 → 30 ms right after it, DeiT-S b1 on a 2-vCPU Zen 4) and TVM's
-(before `repq_tvm.deploy.threads.limit_spinning`) slowed PyTorch 2.5x; those runs' p90s and ONNX Runtime INT8
-medians (91 against 38 ms) were the engines' interference, not their speed. 50 ms was enough there. Reported: median / p90 ms per call, images/s, and the ratio engine time / repq-tvm
+have gone idle before the next starts: with 20 ms (the default until 2026-12-04) ONNX Runtime's threads, and TVM's
+before `repq_tvm.deploy.threads.limit_spinning`, still spun when the next engine started. DeiT-S b1 on a 2-vCPU
+Zen 4, the same hour: ONNX Runtime INT8 91.4 ms with 20 ms, 37.8 with 200; repq-tvm's p90 30.8 against 17.8 ms at
+the same median. Reported: median / p90 ms per call, images/s, and the ratio engine time / repq-tvm
 W8/A8 time of the same round set. The share of the CPUs other processes used while timing is recorded; on a
 shared machine `--wait-quiet SECONDS` waits for a quiet moment before timing and runs again every round during
 which others used more than `--quiet-threshold` (15%) of the CPUs (fork-join thread pools, PyTorch's OpenMP

@@ -7,11 +7,11 @@ importing `repq_tvm` sets ``TVM_NUM_THREADS`` to the CPUs of this process's affi
 neither variable (`use_all_cpus`), and `configure` picks an explicit count for a `Runner`.
 
 Its workers also spin after every parallel kernel, 300,000 ``sched_yield`` calls by default, before they sleep:
-after each run of an artifact one core stayed busy for ~150 ms (DeiT-Small W8/A8 on a 2-vCPU Zen 4: 150 ms of CPU
-in the 200 ms after a 15 ms inference), taking it from whatever the application does between inferences (PyTorch
-run 20 ms after it took 2.5x its time).  Importing `repq_tvm` sets ``TVM_THREAD_POOL_SPIN_COUNT`` to `SPIN_COUNT`
-unless the user set it (`limit_spinning`): 15 ms of CPU after a run, the same latency (the gaps between one
-run's kernels are microseconds); 10,000 and less made runs 7-15% slower.
+after each run of an artifact one core stayed busy for ~150 ms, taken from whatever the application does between
+inferences (`benchmarks/spin.py`, DeiT-Small W8/A8 on a 2-vCPU Zen 4: 150 ms of CPU in the 200 ms after a 15 ms
+inference).  Importing `repq_tvm` sets ``TVM_THREAD_POOL_SPIN_COUNT`` to `SPIN_COUNT` unless the user set it
+(`limit_spinning`): 15 ms of CPU after a run and the same latency (the gaps between one run's kernels are
+microseconds); without spinning (0) runs were 7-17% slower.
 """
 
 from __future__ import annotations
