@@ -164,8 +164,8 @@ def row_stages(func: tirx.PrimFunc, lanes: int, rows: int | None = None) -> s_ti
     quantize on a Zen 3 (AVX2, 2 threads); MetaSchedule found the same split (0.063 → 0.031 ms, Zen 4).
     One row per task, a row's sums were chains of dependent adds (24 vector adds, then 16 scalar ones, twice)
     that left the core waiting; 4 rows side by side are 4 independent chains, each row's sums in the same order
-    as before (the same values, bit for bit): 15.6 → 11.2 us per 197x384 LayerNorm → quantize (Zen 4, 2 threads;
-    8 rows 10.7).  Only the innermost row loop is split (a task never spans two images of a batch), and only where
+    as before (the same values, bit for bit): DeiT-S's 24 LayerNorm → quantize calls 0.37 → 0.24-0.26 ms standalone,
+    0.45 → 0.28-0.36 in the model (`repq-tvm profile`, Zen 4, 2 threads).  Only the innermost row loop is split (a task never spans two images of a batch), and only where
     it has at least 2 x ``rows`` rows.
     ``rows`` defaults to `ROWS`.
     Raises ValueError where the shape does not fit: a reduction of one loop whose extent is a multiple of
