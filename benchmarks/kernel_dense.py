@@ -58,7 +58,8 @@ def main() -> None:
                     "it runs blocks of column tiles (`kernels.qdense.column_block`: int16, 1024+ rows)")
     ap.add_argument("--no-prefetch", action="store_true", help="also time each VNNI kernel without its weight prefetch")
     ap.add_argument("--cold", type=float, default=0, metavar="MB", help="also time each kernel with its weights "
-                    "rotating through copies that take this many MB together (e.g. 24: from L3 or memory, as in a model)")
+                    "rotating through copies that take this many MB together (e.g. 24: from L3 or memory, as in a "
+                    "model)")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 

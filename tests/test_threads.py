@@ -51,7 +51,8 @@ def test_workers_spin_briefly_unless_the_user_says():
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split()[-1] == expected
     device = os.path.join(os.path.dirname(threads.__file__), "device_run.py")
-    code = f"import os, runpy\nrunpy.run_path({device!r})['use_all_cpus']()\nprint(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])"
+    code = (f"import os, runpy\nrunpy.run_path({device!r})['use_all_cpus']()\n"
+            "print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == str(threads.SPIN_COUNT)

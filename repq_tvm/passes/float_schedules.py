@@ -165,9 +165,9 @@ def row_stages(func: tirx.PrimFunc, lanes: int, rows: int | None = None) -> s_ti
     One row per task, a row's sums were chains of dependent adds (24 vector adds, then 16 scalar ones, twice)
     that left the core waiting; 4 rows side by side are 4 independent chains, each row's sums in the same order
     as before (the same values, bit for bit): DeiT-S's 24 LayerNorm → quantize calls 0.37 → 0.24-0.26 ms standalone,
-    0.45 → 0.28-0.36 in the model (`repq-tvm profile`, Zen 4, 2 threads).  Only the innermost row loop is split (a task never spans two images of a batch), and only where
-    it has at least 2 x ``rows`` rows.
-    ``rows`` defaults to `ROWS`.
+    0.45 → 0.28-0.36 in the model (`repq-tvm profile`, Zen 4, 2 threads).  Only the innermost row loop is split (a
+    task never spans two images of a batch), and only where it has at least 2 x ``rows`` rows.  ``rows`` defaults to
+    `ROWS`.
     Raises ValueError where the shape does not fit: a reduction of one loop whose extent is a multiple of
     ``lanes``, spatial stages that inline, an output whose leading loops are the rows.
     """
