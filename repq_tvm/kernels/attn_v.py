@@ -63,7 +63,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 from tvm.script import tirx as T
 
-from ..reference.ops import ATTN_EXTRA_BITS, attn_max_weight
+from ..reference.ops import attn_max_weight, attn_shift, attn_term
 from ..relax_util import scheduled_kernel
 from ..targets import target_has
 from . import macro_lookup  # noqa: F401  (T.macro expansion without inspect's slow frame lookup)
@@ -148,9 +148,9 @@ def _check_args(N: int, groups: int, f: int, v_bits: int) -> None:
 def _acc_total(acc, b, m, d, planes: int, f: int):
     """int64 acc of output (b, m, d) from the int32 plane sums ``acc[b, plane, m, d]`` (`reference.ops.attn_term`);
     ``acc`` a TE tensor or a TIR buffer."""
-    out = acc[b, 0, m, d].astype("int64") << ATTN_EXTRA_BITS
+    out = attn_term(acc[b, 0, m, d].astype("int64"), 0, f)
     for pl in range(1, planes):
-        out = out + (acc[b, pl, m, d].astype("int64") << (ATTN_EXTRA_BITS - f - 1))
+        out = out + attn_term(acc[b, pl, m, d].astype("int64"), pl, f)
     return out
 
 
@@ -164,9 +164,9 @@ def acc_total_f64(acc, b, m, d, planes: int, f: int):
     def f64(v):
         return tvm.tirx.const(float(v), "float64")
 
-    out = acc[b, 0, m, d].astype("float64") * f64(2.0 ** ATTN_EXTRA_BITS)
+    out = acc[b, 0, m, d].astype("float64") * f64(2.0 ** attn_shift(0, f))
     for pl in range(1, planes):
-        out = out + acc[b, pl, m, d].astype("float64") * f64(2.0 ** (ATTN_EXTRA_BITS - f - 1))
+        out = out + acc[b, pl, m, d].astype("float64") * f64(2.0 ** attn_shift(pl, f))
     return out
 
 

@@ -142,9 +142,15 @@ def attn_weights(codes: np.ndarray, dead: np.ndarray, f: int, sqrt2: bool = True
     return np.stack(planes[:groups], axis=-3).astype(np.int16)
 
 
-def attn_term(s: np.ndarray, plane: int, f: int) -> np.ndarray:
-    """One plane's int64 share of acc (unit 2^−(F+G)): plane 0 S·2^G, plane 1 S·2^(G − F − 1)."""
-    return s << (ATTN_EXTRA_BITS if plane == 0 else ATTN_EXTRA_BITS - f - 1)
+def attn_shift(plane: int, f: int) -> int:
+    """The power of two a plane's sum takes in acc (unit 2^−(F+G)): G for plane 0, G − F − 1 for plane 1."""
+    return ATTN_EXTRA_BITS if plane == 0 else ATTN_EXTRA_BITS - f - 1
+
+
+def attn_term(s, plane: int, f: int):
+    """One plane's int64 share of acc (unit 2^−(F+G)): S·2^`attn_shift`; ``s`` int64 NumPy values or TIR
+    expressions alike (the kernels' epilogues call it)."""
+    return s << attn_shift(plane, f)
 
 
 def attn_v_acc(weights: np.ndarray, v: np.ndarray, z_v: int, f: int, v_bits: int = 8) -> np.ndarray:
