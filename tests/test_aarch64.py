@@ -152,6 +152,21 @@ def test_device_runner_checks_hash_and_architecture(vit_aarch64_build, tmp_path)
     assert not out.exists()
 
 
+def test_device_runner_on_this_host_matches_runner(vit_host_build, tmp_path):
+    """device_run.py on an artifact for this machine: every image of the batch through its one input tensor gives
+    `Runner`'s logits bit for bit."""
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    inp, out = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(inp, x)
+    proc = subprocess.run([sys.executable, qemu.DEVICE_RUNNER, vit_host_build[1], str(inp), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == 3
+    logits = np.load(out)
+    assert np.array_equal(logits, Runner(vit_host_build[1]).predict(x))
+    assert not np.array_equal(logits[0], logits[1])
+
+
 # Agreement between the aarch64 build (run under QEMU) and the x86 build of the same calibrated model.
 # Integer kernels are exact on both, but the float ops between them (LayerNorm, softmax, GELU, requantization
 # scales) are vectorised and FMA-contracted differently by LLVM for NEON and AVX2, so values differ in the last

@@ -248,6 +248,23 @@ def test_wrong_input_shape(built):
         runner.predict(np.zeros((2, 3, 64, 64), np.float32))
 
 
+def test_runner_inputs_go_through_one_held_tensor(built):
+    """A Runner copies every call's images into one tensor it holds: each call still answers its own images,
+    whatever their dtype and memory layout, and the caller's array is left as it was."""
+    runner = Runner(built[1])
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal(runner.input_shape).astype(np.float32) for _ in range(2))
+    a_copy = a.copy()
+    first_a, first_b = runner(a), runner(b)
+    assert not np.array_equal(first_a, first_b)
+    assert np.array_equal(runner(a), first_a) and np.array_equal(a, a_copy)
+    assert np.array_equal(runner(a.astype(np.float64)), first_a)
+    strided = np.asfortranarray(a)  # same values, another layout
+    assert not strided.flags["C_CONTIGUOUS"] and np.array_equal(runner(strided), first_a)
+    with pytest.raises(ReqError, match=r"input shape \(3, 32, 32\) does not match"):
+        runner(a[0])
+
+
 def test_not_an_artifact(tmp_path, capsys):
     assert main(["run", str(tmp_path), "x.png"]) == 2
     assert "is not a repq-tvm artifact" in capsys.readouterr().err
