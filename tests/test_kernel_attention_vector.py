@@ -103,12 +103,15 @@ def _qkv_head_codes(y, heads, t, d, quantizers, bits):
     return [ops.quantize(thirds[i], s, z, bits).astype(np.uint8) for i, (s, z) in enumerate(quantizers)]
 
 
-@pytest.mark.parametrize("variant,mode", [("avx2_i16", "native"), ("vnni", "emulated")])
+@pytest.mark.parametrize("variant,mode", [("avx2_i16", "native"), ("vnni", "emulated"), ("vnni", "native")])
 @pytest.mark.parametrize("batch,heads,t,d,bits", [(2, 3, 45, 64, 8), (1, 4, 65, 32, 4)])
 def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batch, heads, t, d, bits):
     """With ``qkv`` the kernel reads the qkv projection's float output [batch·T, 3·H·D] and quantizes each head's
     q, k and v itself: the same output as the kernel on the codes of `reference.ops.quantize` (the unfused
-    quantizers, round half to even), taken in head layout."""
+    quantizers, round half to even), taken in head layout; with ``"codes"`` in ``qkv`` it reads the qkv output's
+    codes instead, with the same output."""
+    if mode == "native" and not HAS[variant]:
+        pytest.skip(f"this CPU cannot run {PRESET[variant]}: the kernel is checked through its emulation and its asm")
     if not A.fits(t, t, d, variant):
         pytest.skip(f"{variant} takes no D={d}")
     rng = np.random.default_rng(t)
@@ -129,6 +132,17 @@ def test_fused_attention_quantizes_q_k_v_from_the_qkv_output(variant, mode, batc
     fused(*_tensors(y, qk_zp, qk_scale, v_zp, v_scale, consts), out)
     assert np.array_equal(out.numpy(), expected.numpy())
     assert np.abs(expected.numpy()).max() > 0
+    # with "codes": the qkv output's codes, each third under its quantizer (as the qkv kernel's column_codes store
+    # them), read as they are: the same output, the consts' q, k and v slots unread
+    third = np.arange(3 * heads * d) // (heads * d)
+    y_codes = np.stack([ops.quantize(y[:, c], *quantizers[third[c]][:2], bits) for c in range(y.shape[1])], axis=1)
+    spec_codes = {**spec, "qkv": {"heads": heads, "tops": [t for *_, t in quantizers], "codes": True}}
+    assert AM.kernel_name(spec_codes).endswith("_qkv_codes")
+    stored = _build(A.attention_vector_func(spec_codes, emulate=mode == "emulated"), target)
+    out_codes = tvm.runtime.tensor(np.empty((batch * heads, t, d), np.float32))
+    stored(*_tensors(y_codes.astype(np.uint8), qk_zp, qk_scale, v_zp, v_scale, attention_consts(log2_scale(S_ATTN))),
+           out_codes)
+    assert np.array_equal(out_codes.numpy(), expected.numpy())
 
 
 def _token_codes(heads_out, heads, scale, zp, bits, operand):

@@ -234,6 +234,38 @@ def test_column_blocks_are_exact_with_every_tail():
         assert len(np.unique(outs[0])) > 100
 
 
+@pytest.mark.parametrize("variant,bits_a,bits_w,ref", [KERNELS[i] for i in (3, 6, 7)], ids=[IDS[i] for i in (3, 6, 7)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_column_codes_are_each_columns_quantizer_of_the_float_result(variant, bits_a, bits_w, ref, bits):
+    """``column_codes``: a qkv projection (N = 3 thirds of 2 heads x 64) stores the uint8 codes of its float result
+    under a quantizer per column, those of its q, k and v thirds: `reference.ops.quantize` (round half to even, then
+    the b-bit clip) of the same kernel's float output, column by column."""
+    from repq_tvm.kernels.epilogue import quantizer_args
+    from repq_tvm.reference import ops
+
+    M, N, K = 45, 3 * 128, 160
+    a, w = _operands(M, N, K, variant, bits_a, bits_w, seed=7)
+    rng = np.random.default_rng(8)
+    w_scale = np.full(N, 3.0 / (255 * 255 * K ** 0.5 / 3), np.float32)  # results a few units wide
+    bias = rng.normal(0, 1, N).astype(np.float32)
+    thirds = [(0.031, 131), (0.027, 120), (0.05, 2 ** (bits - 1))]
+    scales = np.repeat([s for s, _ in thirds], N // 3).astype(np.float32)
+    zps = np.repeat([z for _, z in thirds], N // 3)
+    rows = np.repeat(np.stack([quantizer_args(s, z) for s, z in thirds]).T, N // 3, axis=1)  # [3, N]
+    floats = _build(M, N, K, variant, bits_a, bits_w, ref, epilogue=True)
+    coded = _build(M, N, K, variant, bits_a, bits_w, ref, epilogue=True, column_codes=(rows, 2 ** bits - 1))
+    params = floats.epilogue_params(w, w_scale, 1.0, 0, bias)
+    y = floats(floats.prepare_activation(a), *floats.weight_args(w), *params)
+    codes = coded(coded.prepare_activation(a), *coded.weight_args(w), *params)
+    want = np.stack([ops.quantize(y[:, n], scales[n], zps[n], bits) for n in range(N)], axis=1)
+    assert codes.dtype == np.uint8 and codes.shape == (M, N)
+    np.testing.assert_array_equal(codes, want)
+    assert len(np.unique(codes)) == 2 ** bits and len(np.unique(codes[:, : N // 3])) > 2 ** bits // 2
+    with pytest.raises(ValueError, match="one tail per kernel"):
+        Q.schedule_qdense(M, N, K, Q.host_target(1), variant=variant, bits_a=bits_a, bits_w=bits_w, epilogue=True,
+                          ref=True, residual=True, column_codes=255)
+
+
 EPILOGUE = [0, 2, 3, 4, 6, 7]
 
 

@@ -318,7 +318,8 @@ def test_swin_fixture_same_logits_as_the_three_kernels(swin_w8_calibrated, tmp_p
         stats = json.load(f)["compile"]
     assert stats["fused_attention"] == stats["fused_attention_out_codes"] == 6  # one per block
     assert stats["folded_row_moves"] > 0  # `row_moves`: the window moves into qkv and proj (no kernel of their own)
-    without = [p for p in pipeline.INTEGER_PASSES if p[0] not in ("fused-attention", "attention-out-codes", "row-moves")]
+    without = [p for p in pipeline.INTEGER_PASSES
+               if p[0] not in ("fused-attention", "attention-out-codes", "qkv-column-codes", "row-moves")]
     monkeypatch.setattr(pipeline, "INTEGER_PASSES", without)
     api.compile_artifact(cal, str(tmp_path / "plain"), target="x86_64-avx2", progress=False)
 
@@ -333,7 +334,9 @@ def test_swin_fixture_same_logits_as_the_three_kernels(swin_w8_calibrated, tmp_p
     assert len([k for k in kernels("fused") if re.search(moved, k)]) < len([k for k in kernels("plain")
                                                                             if re.search(moved, k)])
     attention = [k for k in kernels("fused") if k.startswith("repq_attention_")]
-    assert [k for k in attention if re.search(r"_t1_qkv_out_codes", k)]
+    # q, k and v as the qkv kernels' codes (`qkv_column_codes`), the window moves those kernels' row tables
+    assert [k for k in attention if re.search(r"_t1_qkv_codes_out_codes", k)]
+    assert stats["fused_qkv_column_codes"] == stats["fused_attention"]
     # one kernel per shape and tail (the blocks' scales and quantizers are its run-time constants): no name with a
     # number TVM appends to tell copies apart, fewer kernels than blocks
     assert all(re.search(r"_out_codes$", k) for k in attention) and len(attention) < stats["fused_attention"]

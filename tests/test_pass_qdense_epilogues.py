@@ -334,10 +334,15 @@ def test_residual_pass_before_after(swapped):
 
 
 def test_one_tail_per_kernel():
-    with pytest.raises(ValueError, match="one tail per kernel: gelu_codes, residual or qkv_codes"):
+    with pytest.raises(ValueError, match="one tail per kernel: gelu_codes, residual, qkv_codes or column_codes"):
         Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, residual=True, gelu_codes=255)
-    with pytest.raises(ValueError, match="gelu_codes, residual and qkv_codes need the float epilogue"):
+    with pytest.raises(ValueError, match="gelu_codes, residual, qkv_codes and column_codes need the float epilogue"):
         Q.schedule_qdense(65, 96, 128, HOST, residual=True)
+    with pytest.raises(ValueError, match="gelu_codes, residual, qkv_codes and column_codes need the float epilogue"):
+        Q.schedule_qdense(65, 96, 128, HOST, column_codes=255)
+    with pytest.raises(ValueError, match=r"stores a qkv projection's codes in head layout \(qkv_codes\), no column_codes"):
+        Q.schedule_qdense(64, 192, 128, targets.tvm_target("x86_64-amx"), epilogue=True, variant="amx",
+                          column_codes=255)
     with pytest.raises(TypeError, match=r"qkv_codes is \{'tokens', 'heads', 'tops'\} \(the quantizers are the kernel's "
                                         r"quant operand\), got keys \['codes', 'heads', 'tokens'\]"):
         Q.schedule_qdense(64, 192, 128, targets.tvm_target("x86_64-amx"), epilogue=True, variant="amx",

@@ -151,14 +151,18 @@ def attention_spec(Bt: int, M: int, N: int, D: int, *, bits: int, sqrt2: bool, f
 def kernel_name(spec: dict) -> str:
     """``repq_attention_{variant}_…``: this kernel's and `attention_vector`'s (the variant is in the spec), ending in
     what the kernel reads (after ``_t<n>`` where it adds n logit terms, `attention_vector`): ``_codes`` (q, k, v
-    codes) or ``_qkv`` (the qkv output, quantized in the kernel), then
+    codes), ``_qkv`` (the qkv output, quantized in the kernel) or ``_qkv_codes`` (the qkv output's codes), then
     ``_out_codes`` where it stores the next layer's codes (`Output`).  A
     word last: the numbers TVM appends to tell the per-block copies apart stay separable (`profile.kernel_group`)."""
     kind = "sqrt2" if spec["sqrt2"] else "log2"
     terms = f"_t{len(spec['logit_terms'])}" if spec.get("logit_terms") else ""
     return (f"repq_attention_{spec['variant']}_{spec['Bt']}x{spec['M']}x{spec['N']}x{spec['D']}_{kind}_b{spec['bits']}"
-            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}{terms}" + ("_qkv" if spec.get("qkv") else "_codes")
+            f"_g{spec['groups']}_v{spec['v_bits']}_f{spec['f']}{terms}" + _source_suffix(spec.get("qkv"))
             + ("_out_codes" if spec.get("out_codes") else ""))
+
+
+def _source_suffix(qkv: dict | None) -> str:
+    return "_codes" if qkv is None else "_qkv_codes" if qkv.get("codes") else "_qkv"
 
 
 def attention_amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:

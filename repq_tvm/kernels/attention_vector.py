@@ -34,7 +34,9 @@ float output instead, ``main(y, qk_zp, qk_scale, v_zp, v_scale, [terms,] consts,
 [batch·T, 3·H·D] (Bt = batch·H, M = N = T), and quantizes head b's q, k and v itself under the consts' q, k and v
 quantizers (`epilogue.quantize_codes`: the unfused quantizer's operations): k and v once per head, straight into
 the packed operands, q per row block.  Why: otherwise three kernels per block slice, move and quantize them
-(`passes.qkv_head_split`), writing and reading the codes again.
+(`passes.qkv_head_split`), writing and reading the codes again.  With ``"codes": true`` in ``qkv`` it reads those
+codes instead, y uint8 [batch·T, 3·H·D] as the qkv kernel stored them (`qdense`'s ``column_codes`` tail,
+`passes.qkv_column_codes`), and quantizes nothing: the float output was 4 bytes per value to write and read again.
 
 With ``logit_terms`` in the spec ([[div, mod], …], at most two) the kernel takes one float32 table ``[mod, M, Np]``
 per term after ``v_scale`` (`logit_term_shape`: keys padded with zeros to whole `VECTOR`s) and adds row
@@ -165,16 +167,18 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
     term_shapes = [logit_term_shape(mod, M, N) for _, mod in terms] + [(1, 1, 1)] * (2 - len(terms))
     qkv = spec.get("qkv")
     if qkv is not None:
-        heads, tops = qkv["heads"], [int(t) for t in qkv["tops"]]
+        heads, tops, stored = qkv["heads"], [int(t) for t in qkv["tops"]], bool(qkv.get("codes"))
         batch = Bt // heads
         if batch * heads != Bt or M != N:
             raise ValueError(f"q, k and v from one qkv output need Bt = batch x {heads} heads and M = N, got Bt={Bt}, "
                              f"M={M}, N={N}")
 
         def qkv_code(y, consts, third, b, n, d):
-            """The code of token n, column d of head b's q (third 0), k (1) or v (2): the unfused quantizer of y."""
-            return epilogue.quantize_codes(y[(b // heads) * N + n, (third * heads + b % heads) * D + d],
-                                           loaded_quantizer(consts, SLOTS[third]), tops[third])
+            """The code of token n, column d of head b's q (third 0), k (1) or v (2): the unfused quantizer of y, or
+            y's own where it holds the codes."""
+            value = y[(b // heads) * N + n, (third * heads + b % heads) * D + d]
+            return value if stored else epilogue.quantize_codes(value, loaded_quantizer(consts, SLOTS[third]),
+                                                                tops[third])
 
         def q_at(y, consts, b, m, d):
             return qkv_code(y, consts, 0, b, m, d)
@@ -392,8 +396,10 @@ def attention_vector_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFun
             for b in T.parallel(Bt):
                 head(q, k, v, qk_zp, qk_scale, v_zp, v_scale, consts, out, b, t0, t1)
     else:
+        y_dtype = "uint8" if stored else "float32"
+
         @T.prim_func
-        def main(y: T.Buffer((batch * N, 3 * heads * D), "float32"), qk_zp: T.Buffer((2,), "int32"),
+        def main(y: T.Buffer((batch * N, 3 * heads * D), y_dtype), qk_zp: T.Buffer((2,), "int32"),
                  qk_scale: T.Buffer((1,), "float32"), v_zp: T.Buffer((1,), "int32"), v_scale: T.Buffer((1,), "float32"),
                  t0: T.Buffer(term_shapes[0], "float32"), t1: T.Buffer(term_shapes[1], "float32"),
                  consts: T.Buffer((CONSTS,), "float64"), out: T.Buffer(output.shape, output.dtype)):

@@ -130,6 +130,11 @@ class Quantizer(NamedTuple):
         """From a float32 [`QUANT`] buffer (a TE placeholder or a TIR buffer), or row ``row`` of one of several."""
         return cls(*(quant[(*row, i)] for i in range(QUANT)))
 
+    @classmethod
+    def column(cls, quant, n) -> Quantizer:
+        """Column ``n``'s of a float32 [`QUANT`, N] buffer (row i: element i of every column's quantizer)."""
+        return cls(*(quant[i, n] for i in range(QUANT)))
+
 
 QUANT = 3  # elements of a kernel's run-time quantizer operand: (s, r, z)
 

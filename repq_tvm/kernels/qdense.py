@@ -149,7 +149,7 @@ def choose_variant(target, bits_a: int = 8, bits_w: int = 8, shape: tuple[int, i
 def qdense(
     M: int, N: int, K: int, variant: Variant | str = "vnni", *, epilogue: bool = False, m_tile: int = 1,
     compensate: bool = False, gelu_codes: int | None = None, residual: bool = False,
-    codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None,
+    codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None, column_codes: int | None = None,
 ) -> list[te.Tensor]:
     """TE compute ``[A, W, (comp,) (zp_wsum, scale, bias,) (quant,) (res,) (rows,) out]`` in ``variant``'s layouts.
 
@@ -161,7 +161,10 @@ def qdense(
     quantizer of one more input, ``quant`` (float32 [3], `epilogue.quantizer_args`: read at run time, so the
     fc1 kernels of all blocks are one), or with ``codes_operand`` = (dtype, minus) those codes as the next
     kernel's activation operand (`epilogue.as_operand`: int16 centred, sdot's int8); ``residual`` takes one more
-    input ``res`` [M, N] float32 and stores ``res + y``.  ``a_rows``: A has that many rows and output row m is computed from A's row
+    input ``res`` [M, N] float32 and stores ``res + y``.  ``column_codes`` (the top code 2^b − 1; with the epilogue)
+    stores the uint8 codes of the float result under a quantizer per column, ``quant`` float32 [3, N] (row i: element
+    i of each column's `epilogue.quantizer_args`): a qkv projection's output as the codes of its q, k and v thirds,
+    which the fused attention reads (`passes.qkv_column_codes`).  ``a_rows``: A has that many rows and output row m is computed from A's row
     ``rows[m]`` (one more input, int32 [M]): a row permutation or gather of the activations (Swin's window
     partition, cyclic shift and their reverses) read in place instead of copied by a kernel of its own.
     """
@@ -199,11 +202,19 @@ def qdense(
     scale = te.placeholder((N,), "float32", name="scale")
     bias = te.placeholder((N,), "float32", name="bias")
     res = te.placeholder((M, N), "float32", name="res") if residual else None
-    quant = te.placeholder((epilogue_ops.QUANT,), "float32", name="quant") if gelu_codes is not None else None
-    codes = None if quant is None else (epilogue_ops.Quantizer.loaded(quant), gelu_codes)
+    if gelu_codes is not None and column_codes is not None:
+        raise ValueError("one codes tail per kernel: gelu_codes or column_codes")
+    quant = None
+    if gelu_codes is not None:
+        quant = te.placeholder((epilogue_ops.QUANT,), "float32", name="quant")
+    elif column_codes is not None:
+        quant = te.placeholder((epilogue_ops.QUANT, N), "float32", name="quant")
+    codes = None if gelu_codes is None else (epilogue_ops.Quantizer.loaded(quant), gelu_codes)
 
     def value(m, n):
         y = (total(m, n) - zp_wsum[n]).astype("float32") * scale[n] + bias[n]
+        if column_codes is not None:
+            return epilogue_ops.quantize_codes(y, epilogue_ops.Quantizer.column(quant, n), column_codes)
         return epilogue_ops.tail(y, codes, res[m, n] if residual else None, codes_operand)
 
     out = te.compute((M, N), value, name="out")
@@ -220,7 +231,7 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     tensors = qdense(spec["M"], spec["N"], spec["K"], v, epilogue=spec["epilogue"], m_tile=spec["m_tile"],
                      compensate=spec["compensate"], gelu_codes=gelu_top(spec),
                      residual=bool(spec.get("residual")), codes_operand=_operand(spec.get("codes_operand")),
-                     a_rows=spec.get("rows"))
+                     a_rows=spec.get("rows"), column_codes=column_top(spec))
     return _with_spec(te.create_prim_func(tensors), spec)
 
 
@@ -235,6 +246,11 @@ def _amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
 def gelu_top(spec: dict) -> int | None:
     """The top code of a spec's GELU → codes tail, or None without one."""
     return int(spec["gelu_codes"]["top"]) if spec.get("gelu_codes") else None
+
+
+def column_top(spec: dict) -> int | None:
+    """The top code of a spec's per-column codes tail, or None without one."""
+    return int(spec["column_codes"]["top"]) if spec.get("column_codes") else None
 
 
 def _with_spec(func: tvm.tirx.PrimFunc, spec: dict) -> tvm.tirx.PrimFunc:
@@ -482,7 +498,7 @@ def schedule_qdense(
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: int | None = None, residual: bool = False, qkv_codes: dict | None = None,
     codes_operand: tuple[str, int | str] | None = None, a_rows: int | None = None, column_blocks: bool = True,
-    prefetch: bool = True,
+    prefetch: bool = True, column_codes: int | None = None,
 ) -> tuple[Schedule, Variant, tuple[int, int, int], bool]:
     """The scheduled qdense for ``target`` (not yet compiled), its variant and (rows, blocks, depth).
 
@@ -499,15 +515,18 @@ def schedule_qdense(
     minus `epilogue.ZERO_POINT`: the quantizer's zero point, as the operand holds it);
     ``residual`` adds a float32 input ``res`` [M, N] to the result (a residual connection); ``qkv_codes``
     ({"tokens", "heads", "tops"}, AMX only: `qdense_amx.qdense_amx_func`) stores q, k and v codes in the attention
-    kernels' layout, under the quantizers of its run-time ``quant`` operand.  ``a_rows``
+    kernels' layout, under the quantizers of its run-time ``quant`` operand; ``column_codes`` (the top code, not
+    AMX) stores the uint8 codes of the result under a quantizer per column (`qdense`: the vector kernels' form of a
+    qkv projection's codes).  ``a_rows``
     reads the activation rows through a row table (`qdense`; not the amx kernel).  ``column_blocks`` False keeps
     row tiles outer where `column_block` would block the column tiles (to compare the two orders); ``prefetch`` False
     leaves out the VNNI weight prefetch (`weight_prefetch`, likewise).
     """
-    if (gelu_codes is not None or residual or qkv_codes is not None) and not epilogue:
-        raise ValueError("gelu_codes, residual and qkv_codes need the float epilogue (epilogue=True)")
-    if (gelu_codes is not None) + residual + (qkv_codes is not None) > 1:
-        raise ValueError("one tail per kernel: gelu_codes, residual or qkv_codes")
+    tails = (gelu_codes is not None) + residual + (qkv_codes is not None) + (column_codes is not None)
+    if tails and not epilogue:
+        raise ValueError("gelu_codes, residual, qkv_codes and column_codes need the float epilogue (epilogue=True)")
+    if tails > 1:
+        raise ValueError("one tail per kernel: gelu_codes, residual, qkv_codes or column_codes")
     if codes_operand is not None and gelu_codes is None:
         raise ValueError("codes_operand is the form of the gelu_codes: it needs gelu_codes")
     if gelu_codes is not None and (isinstance(gelu_codes, bool) or not isinstance(gelu_codes, int | np.integer)):
@@ -527,6 +546,9 @@ def schedule_qdense(
             raise ValueError("the amx qdense reads its activation rows in order: no a_rows")
         if codes_operand is not None:
             raise ValueError("the amx qdense stores uint8 codes only (its consumers read them so): no codes_operand")
+        if column_codes is not None:
+            raise ValueError("the amx qdense stores a qkv projection's codes in head layout (qkv_codes), "
+                             "no column_codes")
         return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual,
                              qkv_codes)
     if qkv_codes is not None:
@@ -557,7 +579,8 @@ def schedule_qdense(
         raise ValueError(f"{nbi} lane blocks per tile must divide the {n_tiles} blocks of N")
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": v.name, "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": epilogue, "compensate": compensate, "m_tile": mi if v.tensorized else 1,
-            **_tail_spec(gelu_codes, residual, None, codes_operand), **({"rows": int(a_rows)} if a_rows else {})}
+            **_tail_spec(gelu_codes, residual, None, codes_operand, column_codes),
+            **({"rows": int(a_rows)} if a_rows else {})}
     func = qdense_func(spec)
     if v.tensorized:
         block = column_block(M, N, K, v, nbi, compensate, bool(a_rows)) if column_blocks else None
@@ -576,7 +599,7 @@ def _minus(minus) -> int | str:
     return minus if minus == epilogue_ops.ZERO_POINT else int(minus)
 
 
-def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None) -> dict:
+def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None, column_codes=None) -> dict:
     """The spec entries of a fused tail (none without one: plain kernels keep their specs and tuning keys); of a
     codes tail its top codes only, the quantizers being the kernel's operands."""
     if gelu_codes is not None:
@@ -587,6 +610,8 @@ def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None) -> dic
     if qkv_codes is not None:
         return {"qkv_codes": {"tokens": int(qkv_codes["tokens"]), "heads": int(qkv_codes["heads"]),
                               "tops": [int(t) for t in qkv_codes["tops"]]}}
+    if column_codes is not None:
+        return {"column_codes": {"top": int(column_codes)}}
     return {}
 
 

@@ -11,6 +11,7 @@
                          qkv_codes_epilogue qkv → split → quantize ×3 → AMX qdense storing the q/k/v codes
                          fused_attention   q@kᵀ → log√2 weights → attn @ V kernels → one attention kernel (AMX, VNNI, AVX2)
                          attention_out_codes attention → heads to tokens → quantize → the attention kernel storing proj's codes
+                         qkv_column_codes  qkv (float) → vector attention → qkv storing the q/k/v codes → the attention
                          qkv_head_split    qkv → heads → q, k, v       → q, k, v → heads (one fused kernel each)
                          row_moves         window partition / shift, and reverse + add → the linear's row table
     3. log quant       any post-Softmax log√2 quantizer left → plain Relax ops (no Python at run time);
@@ -43,6 +44,7 @@ from .log2_attention import LowerLog2Attention
 from .patch_embed import LowerPatchEmbed
 from .quantized_linear import LowerQuantizedLinear
 from .qkv_codes_epilogue import FuseQKVCodesEpilogue
+from .qkv_column_codes import FuseQKVColumnCodes
 from .qkv_head_split import SplitQKVHeads
 from .quantized_qk import LowerQuantizedQK
 from .residual_epilogue import FuseResidualEpilogue
@@ -59,6 +61,7 @@ INTEGER_PASSES = (
     ("qkv-codes-epilogue", FuseQKVCodesEpilogue, "fused_qkv_codes"),  # after q@kᵀ took k without its transpose
     ("fused-attention", FuseAttention, "fused_attention"),  # the three attention kernels of the passes above
     ("attention-out-codes", FuseAttentionOutputCodes, "fused_attention_out_codes"),
+    ("qkv-column-codes", FuseQKVColumnCodes, "fused_qkv_column_codes"),  # vector attentions reading qkv's float output
     ("qkv-head-split", SplitQKVHeads, "split_qkv_thirds"),  # where qkv-codes-epilogue did not apply
     ("row-moves", FoldRowMoves, "folded_row_moves"),  # last: no pass after it rebuilds a kernel from its spec
 )

@@ -72,16 +72,17 @@ class CodesTail:
         return {"codes": (float(s), int(z), top), "operand": operand}
 
 
-def plain_qdense_spec(mod: tvm.IRModule, call: relax.Call) -> dict | None:
+def plain_qdense_spec(mod: tvm.IRModule, call: relax.Call, column_codes: bool = False) -> dict | None:
     """The spec of the qdense kernel ``call`` (a ``call_tir``) runs, if it has the float epilogue and no tail
-    fused yet (`kernels.qdense`: ``gelu_codes``, ``residual``, ``qkv_codes``); else None."""
+    fused yet (`kernels.qdense`: ``gelu_codes``, ``residual``, ``qkv_codes``, ``column_codes``); else None.  With
+    ``column_codes``: the spec of one whose only tail is ``column_codes``, else None."""
     func = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
     attrs = getattr(func, "attrs", None)
     if attrs is None or "repq.kernel" not in attrs:
         return None
     spec = json.loads(str(attrs["repq.kernel"]))
     plain = spec.get("kind") == "qdense" and spec.get("epilogue") and not spec.get("gelu_codes") \
-        and not spec.get("residual") and not spec.get("qkv_codes")
+        and not spec.get("residual") and not spec.get("qkv_codes") and bool(spec.get("column_codes")) == column_codes
     return spec if plain else None
 
 

@@ -24,6 +24,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from ..kernels.qdense import column_top
 from ..relax_util import bound_values, calls_only, emitted, int_list, scalar_const, static_shape, var_uses
 from ..relax_util import is_op as is_call
 from .qdense_tail import FusedKernels, plain_qdense_spec
@@ -170,10 +171,14 @@ class FoldRowMoves:
             bound = bound_values(func)
             kernels_of = {g for g, _ in mod.functions_items()}
 
-            def gatherable(call):
+            def gatherable(call, codes: bool = False):
+                """The spec of a qdense kernel call that takes no row table yet: a plain one, or with ``codes``
+                also one storing column codes (a qkv projection, `qkv_column_codes`: its rows are gathered alike)."""
                 if call.args[0] not in kernels_of:  # a kernel this pass made: it reads through a table already
                     return None
                 spec = plain_qdense_spec(mod, call)
+                if spec is None and codes:
+                    spec = plain_qdense_spec(mod, call, column_codes=True)
                 return spec if spec is not None and spec["variant"] != "amx" and "rows" not in spec else None
 
             def output_side(add, _m):
@@ -208,7 +213,7 @@ class FoldRowMoves:
                 return emitted(bb, emit)
 
             def input_side(call, _m):
-                spec = gatherable(call)
+                spec = gatherable(call, codes=True)
                 if spec is None or not call.args[1].fields:
                     return call
                 a = call.args[1].fields[0]
@@ -232,7 +237,10 @@ class FoldRowMoves:
                 if len(rows) != spec["M"] or (identity and not _copies(a, source, bound)):
                     return call  # reshapes only: nothing to fold
                 # moves that keep the order (transposes of unit axes): the same kernel, its operand from the source
-                fused = call.args[0] if identity else kernels.get(call, spec, a_rows=r)
+                top = column_top(spec)
+                fused = call.args[0] if identity else kernels.get(
+                    call, spec, a_rows=r, **({} if top is None else {"column_codes": top}))
+                dtype = "float32" if top is None else "uint8"
                 self.rewritten += 1
 
                 def emit():
@@ -241,7 +249,7 @@ class FoldRowMoves:
                         x = bb.emit(_rebuild(value, x))
                     x = bb.emit(relax.op.reshape(x, [r, src_shape[-1]]))
                     args = [x, *call.args[1].fields[1:], *([] if identity else [relax.const(rows)])]
-                    return relax.call_tir(fused, relax.Tuple(args), relax.TensorType((spec["M"], spec["N"]), "float32"))
+                    return relax.call_tir(fused, relax.Tuple(args), relax.TensorType((spec["M"], spec["N"]), dtype))
 
                 return emitted(bb, emit)
 

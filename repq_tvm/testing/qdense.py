@@ -21,9 +21,11 @@ class QDense:
 
     def __init__(self, M, N, K, target, variant: Variant, bits, epilogue, ref, tiles, executable,
                  compensate: bool = False, gelu_codes: tuple | None = None, residual: bool = False,
-                 qkv_codes: dict | None = None, codes_operand: tuple | None = None, a_rows: int | None = None):
+                 qkv_codes: dict | None = None, codes_operand: tuple | None = None, a_rows: int | None = None,
+                 column_codes: tuple | None = None):
         self.M, self.N, self.K, self.epilogue, self.compensate = M, N, K, epilogue, compensate
         self.gelu_codes, self.residual, self.qkv_codes = gelu_codes, residual, qkv_codes
+        self.column_codes = column_codes
         self.codes_operand, self.a_rows = codes_operand, a_rows
         self.variant, self.bits_a, self.bits_w, self.ref, self.tiles = variant, *bits, ref, tiles
         self.Kp = ceil_to(K, variant.kpack)
@@ -88,16 +90,19 @@ class QDense:
 
     def _args(self, a, *rest):
         """``rest`` = `weight_args` then, with an epilogue, (zp_wsum, scale, bias) [and res], then [rows]; with
-        ``gelu_codes`` or ``qkv_codes`` the kernel's quantizer operand goes in after bias (`epilogue.quantizer_args`:
-        one, or q's, k's and v's)."""
+        ``gelu_codes``, ``qkv_codes`` or ``column_codes`` the kernel's quantizer operand goes in after bias
+        (`epilogue.quantizer_args`: one, q's, k's and v's, or one per column as rows [3, N])."""
         if len(rest) != 1 + self.compensate + 3 * self.epilogue + self.residual + bool(self.a_rows):
             raise TypeError("call with (a, *weight_args(w), [zp_wsum, scale, bias, [res]], [rows])")
         quant = quantizer_args(*self.gelu_codes[:2]) if self.gelu_codes else np.stack(
             [quantizer_args(*c[:2]) for c in self.qkv_codes["codes"]]) if self.qkv_codes else None
+        if self.column_codes:
+            quant = np.ascontiguousarray(self.column_codes[0], np.float32)
         if quant is not None:
             at = 1 + self.compensate + 3
             rest = (*rest[:at], quant, *rest[at:])
-        dtype = np.uint8 if self.gelu_codes or self.qkv_codes else np.float32 if self.epilogue else np.int32
+        codes = self.gelu_codes or self.qkv_codes or self.column_codes
+        dtype = np.uint8 if codes else np.float32 if self.epilogue else np.int32
         if self.codes_operand:
             dtype = np.dtype(self.codes_operand[0])
         outs = [np.empty((self.M, self.N), dtype)]
@@ -134,17 +139,19 @@ def build_qdense(
     tiles: tuple[int, int] | None = None, depth: int | None = None, compensate: bool | None = None,
     gelu_codes: tuple[float, int, int] | None = None, residual: bool = False, qkv_codes: dict | None = None,
     codes_operand: tuple[str, int] | None = None, a_rows: int | None = None, column_blocks: bool = True,
-    prefetch: bool = True,
+    prefetch: bool = True, column_codes: tuple[np.ndarray, int] | None = None,
 ) -> QDense:
     """Compile `schedule_qdense` for ``target`` into a callable `QDense` (same arguments, but ``gelu_codes`` =
-    (scale, zero point, top code) and ``qkv_codes`` = {"tokens", "heads", "codes": three (scale, zero point, top)}:
-    the kernel gets the top codes, its calls the quantizer operand)."""
+    (scale, zero point, top code), ``qkv_codes`` = {"tokens", "heads", "codes": three (scale, zero point, top)}
+    and ``column_codes`` = (the quantizer rows float32 [3, N], top code): the kernel gets the top codes, its calls
+    the quantizer operand)."""
     sch, v, tiles, compensate = schedule_qdense(
         M, N, K, target, bits_a=bits_a, bits_w=bits_w, variant=variant, epilogue=epilogue, ref=ref,
         tiles=tiles, depth=depth, compensate=compensate, gelu_codes=None if gelu_codes is None else int(gelu_codes[2]),
         residual=residual, qkv_codes=None if qkv_codes is None else {
             "tokens": qkv_codes["tokens"], "heads": qkv_codes["heads"], "tops": [c[2] for c in qkv_codes["codes"]]},
-        codes_operand=codes_operand, a_rows=a_rows, column_blocks=column_blocks, prefetch=prefetch)
+        codes_operand=codes_operand, a_rows=a_rows, column_blocks=column_blocks, prefetch=prefetch,
+        column_codes=None if column_codes is None else int(column_codes[1]))
     exe = tvm.compile(sch.mod, target=as_target(target))
     return QDense(M, N, K, target, v, (bits_a, bits_w), epilogue, ref, tiles, exe, compensate, gelu_codes, residual,
-                  qkv_codes, codes_operand, a_rows)
+                  qkv_codes, codes_operand, a_rows, column_codes)
