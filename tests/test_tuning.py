@@ -74,6 +74,16 @@ def test_sampled_qdense_candidates_match_their_definition_bit_for_bit(shape):
                                     key=lambda sch, rows: (str(sch.trace).count("reorder"), rows))
 
 
+def test_column_codes_candidates_match_their_definition():
+    """A qkv linear storing its thirds' codes (``column_codes``: quantizers [3, N] as its ``quant`` operand) is searched
+    and verified like any linear: the verifier gives it a valid quantizer per column."""
+    sch, *_ = qd.schedule_qdense(65, 384, 128, qd.X86_VNNI_TARGET, bits_a=8, bits_w=8, epilogue=True, ref=True,
+                                 column_codes=255)
+    spec = spaces.spec_of(sch.mod["main"])
+    assert spec["column_codes"] == {"top": 255}
+    assert_sampled_candidates_match(spec, TARGETS["vnni"], seeds=2, stride=4, per_seed=2)
+
+
 def test_default_schedule_from_the_spec_is_the_hand_schedule():
     sch, *_ = qd.schedule_qdense(197, 384, 384, qd.X86_VNNI_TARGET, bits_a=8, bits_w=8, epilogue=True, ref=True)
     tvm.ir.assert_structural_equal(spaces.default_schedule(spaces.spec_of(sch.mod["main"]), ref=True).mod, sch.mod)

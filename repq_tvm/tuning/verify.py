@@ -63,7 +63,10 @@ def random_args(func: tvm.tirx.PrimFunc, spec: dict | None, seed: int = 0) -> li
     args = []
     for i, (name, shape, dtype) in enumerate(params):
         if spec is not None and name == "quant":  # run-time quantizers (GELU → codes, q/k/v): valid ones, codes spread
-            args.append(np.ascontiguousarray(np.broadcast_to(quantizer_args(64.0, 128), shape)))
+            one = quantizer_args(64.0, 128)
+            if spec.get("column_codes"):  # one per column, [3, N] (`qdense` column_codes)
+                one = one[:, None]
+            args.append(np.ascontiguousarray(np.broadcast_to(one, shape)))
         elif i == len(params) - 1 or (spec is not None and name in ("scale", "bias")):
             fill = {"scale": 1, "bias": 0}.get(name, 0) if i < len(params) - 1 else 0
             args.append(np.full(shape, fill, dtype))
