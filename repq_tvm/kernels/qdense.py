@@ -164,9 +164,10 @@ def qdense(
     input ``res`` [M, N] float32 and stores ``res + y``.  ``column_codes`` (the top code 2^b − 1; with the epilogue)
     stores the uint8 codes of the float result under a quantizer per column, ``quant`` float32 [3, N] (row i: element
     i of each column's `epilogue.quantizer_args`): a qkv projection's output as the codes of its q, k and v thirds,
-    which the fused attention reads (`passes.qkv_column_codes`).  ``a_rows``: A has that many rows and output row m is computed from A's row
-    ``rows[m]`` (one more input, int32 [M]): a row permutation or gather of the activations (Swin's window
-    partition, cyclic shift and their reverses) read in place instead of copied by a kernel of its own.
+    which the fused attention reads (`passes.qkv_column_codes`).  ``a_rows``: A has that many rows and output row m
+    is computed from A's row ``rows[m]`` (one more input, int32 [M]): a row permutation or gather of the activations
+    (Swin's window partition, cyclic shift and their reverses) read in place instead of copied by a kernel of its
+    own.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     L, P = v.lanes, v.kpack
