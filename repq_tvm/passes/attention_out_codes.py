@@ -24,9 +24,8 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from ..kernels.attention_consts import CONSTS, with_quantizer
 from ..relax_util import calls_only, const_array, emitted, static_shape, var_uses
-from ..tuning.spaces import spec_of
 from .fused_attention import AttentionKernels, consts_arg
-from .qdense_tail import CodesTail
+from .qdense_tail import CodesTail, kernel_spec
 
 _ATTENTION = is_op("relax.call_tir")(wildcard(), wildcard())
 _HEADS = is_op("relax.reshape")(_ATTENTION, wildcard())
@@ -67,12 +66,11 @@ class FuseAttentionOutputCodes:
 
             def fuse(root, m):
                 call = m[_ATTENTION]
-                kernel = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
-                spec = spec_of(kernel) if isinstance(kernel, tvm.tirx.PrimFunc) else None
+                spec = kernel_spec(mod, call, "attention")
                 tail = _TAIL.tail(root, m, uses)
                 tokens = _tokens(m)
                 shape = static_shape(root)
-                if spec is None or spec.get("kind") != "attention" or spec.get("out_codes") or tail is None \
+                if spec is None or spec.get("out_codes") or tail is None \
                         or tokens is None or shape is None \
                         or not all(uses.get(m[p].args[0]) == 1 for p in (_HEADS, _TOKENS, _ROWS)):
                     return root

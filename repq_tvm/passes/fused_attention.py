@@ -54,8 +54,7 @@ from ..relax_util import (
 )
 from ..relax_util import is_op as is_call
 from ..targets import target_has
-from ..tuning.spaces import spec_of
-from .qdense_tail import without_replaced
+from .qdense_tail import kernel_spec, without_replaced
 
 
 def _reshaped(pattern):
@@ -71,12 +70,6 @@ _LOGITS = _reshaped(_MASKED) | _reshaped(_BIASED) | _reshaped(_QK)
 _LOG2S = is_const()
 _WEIGHTS = is_op("relax.call_tir")(wildcard(), is_tuple([_LOGITS, _LOG2S]))
 _ATTN_V = is_op("relax.call_tir")(wildcard(), is_tuple([_WEIGHTS, wildcard(), is_const(), is_const()]))
-
-
-def _spec(mod: tvm.IRModule, call: relax.Call, kind: str) -> dict | None:
-    func = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
-    spec = spec_of(func) if isinstance(func, tvm.tirx.PrimFunc) else None
-    return spec if spec is not None and spec.get("kind") == kind else None
 
 
 def attention_spec_of(qk: dict, lw: dict, av: dict, target, terms: int = 0) -> dict | None:
@@ -295,8 +288,8 @@ class FuseAttention:
 
             def fuse(av_call, m):
                 qk_call, lw_call = m[_QK], m[_WEIGHTS]
-                specs = (_spec(mod, qk_call, "qbmm"), _spec(mod, lw_call, "log_weights"),
-                         _spec(mod, av_call, "attn_v"))
+                specs = (kernel_spec(mod, qk_call, "qbmm"), kernel_spec(mod, lw_call, "log_weights"),
+                         kernel_spec(mod, av_call, "attn_v"))
                 if None in specs or _chain(av_call.args[1].fields[0], lw_call, bound, uses) != []:
                     return av_call
                 qk = specs[0]

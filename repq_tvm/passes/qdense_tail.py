@@ -1,6 +1,7 @@
-"""What the epilogue-fusion passes (`gelu_codes_epilogue`, `residual_epilogue`, `attention_out_codes`) share:
-finding the qdense kernel a call runs, scheduling its fused twin, matching the quantizer (and the operand casts)
-whose codes a fused epilogue stores, and dropping the kernels no call uses afterwards."""
+"""What the kernel-fusion passes (`gelu_codes_epilogue`, `residual_epilogue`, `attention_out_codes`,
+`fused_attention`, `qkv_column_codes`, `row_moves`) share: the spec of the kernel a call runs, scheduling a qdense
+kernel's fused twin, matching the quantizer (and the operand casts) whose codes a fused epilogue stores, and dropping
+the kernels no call uses afterwards."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ..kernels.epilogue import ZERO_POINT
 from ..relax_util import code_bits, scalar_const, scheduled_kernel
+from ..tuning.spaces import spec_of
 
 
 class CodesTail:
@@ -72,16 +74,21 @@ class CodesTail:
         return {"codes": (float(s), int(z), top), "operand": operand}
 
 
+def kernel_spec(mod: tvm.IRModule, call: relax.Call, kind: str) -> dict | None:
+    """The spec of the ``kind`` kernel (`tuning.spaces.spec_of`: "qdense", "attention", …) a ``call_tir`` of ``mod``
+    runs; None for another kind, a kernel without a spec, or one not in ``mod`` (a pass's own, just added)."""
+    gv = call.args[0]
+    func = mod[gv] if isinstance(gv, tvm.ir.GlobalVar) and gv.name_hint in mod else None
+    spec = spec_of(func) if isinstance(func, tvm.tirx.PrimFunc) else None
+    return spec if spec is not None and spec.get("kind") == kind else None
+
+
 def plain_qdense_spec(mod: tvm.IRModule, call: relax.Call, column_codes: bool = False) -> dict | None:
     """The spec of the qdense kernel ``call`` (a ``call_tir``) runs, if it has the float epilogue and no tail
     fused yet (`kernels.qdense`: ``gelu_codes``, ``residual``, ``qkv_codes``, ``column_codes``); else None.  With
     ``column_codes``: the spec of one whose only tail is ``column_codes``, else None."""
-    func = mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
-    attrs = getattr(func, "attrs", None)
-    if attrs is None or "repq.kernel" not in attrs:
-        return None
-    spec = json.loads(str(attrs["repq.kernel"]))
-    plain = spec.get("kind") == "qdense" and spec.get("epilogue") and not spec.get("gelu_codes") \
+    spec = kernel_spec(mod, call, "qdense")
+    plain = spec is not None and spec.get("epilogue") and not spec.get("gelu_codes") \
         and not spec.get("residual") and not spec.get("qkv_codes") and bool(spec.get("column_codes")) == column_codes
     return spec if plain else None
 

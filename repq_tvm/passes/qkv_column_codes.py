@@ -24,8 +24,6 @@ the caches the two kernels share.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import tvm
 from tvm import relax
@@ -35,17 +33,9 @@ from ..kernels.attention_consts import SLOTS
 from ..kernels.epilogue import QUANT
 from ..relax_util import bound_values, calls_only, const_array, emitted, is_op as is_call, static_shape, var_uses
 from .fused_attention import AttentionKernels
-from .qdense_tail import FusedKernels, plain_qdense_spec, without_replaced
+from .qdense_tail import FusedKernels, kernel_spec, plain_qdense_spec, without_replaced
 
 _CALL = is_op("relax.call_tir")(wildcard(), wildcard())
-
-
-def _kernel_spec(mod: tvm.IRModule, call: relax.Call) -> dict | None:
-    """The spec of the kernel a ``call_tir`` of ``mod`` runs (None for one a pass has just added)."""
-    gv = call.args[0]
-    func = mod[gv] if isinstance(gv, tvm.ir.GlobalVar) and gv.name_hint in mod else None
-    attrs = getattr(func, "attrs", None)
-    return json.loads(str(attrs["repq.kernel"])) if attrs is not None and "repq.kernel" in attrs else None
 
 
 def column_quantizers(consts: np.ndarray, hd: int) -> np.ndarray:
@@ -73,9 +63,9 @@ class FuseQKVColumnCodes:
             uses, bound = var_uses(func), bound_values(func)
 
             def fuse(call, _m, uses=uses, bound=bound):
-                spec = _kernel_spec(mod, call)
+                spec = kernel_spec(mod, call, "attention")
                 qkv = (spec or {}).get("qkv")
-                if spec is None or spec.get("kind") != "attention" or spec["variant"] == "amx" or qkv is None \
+                if spec is None or spec["variant"] == "amx" or qkv is None \
                         or qkv.get("codes") or len(set(qkv["tops"])) != 1:
                     return call
                 y, *rest = call.args[1].fields

@@ -212,8 +212,7 @@ def tune(calibrated_model, target: str = "host", trials: int = 200, output: str 
         if task.name in previous:
             plan[i] = previous[task.name]["planned"]
 
-    search_db = log_mod.open_database(os.path.join(output, log_mod.SEARCH, "database_workload.json"),
-                                      os.path.join(output, log_mod.SEARCH, "database_tuning_record.json"))
+    search_db = log_mod.open_database(*(os.path.join(output, log_mod.SEARCH, name) for name in log_mod.ACCEPTED))
     for name in log_mod.ACCEPTED:  # decided afresh on every run
         path = os.path.join(output, name)
         if os.path.exists(path):
