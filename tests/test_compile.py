@@ -205,6 +205,18 @@ def test_profile_reports_latency_and_kernels(built, tmp_path, capsys):
                                                                          / target_peak)
     assert 0 < summary["linears"]["lowest_standalone_pct"] <= summary["linears"]["standalone_efficiency"]
     assert not any("gmacs" in k for k in res["kernels"] if not k["kernel"].startswith("repq_"))
+    # the floor: a linear's MACs at its family's peak; the run's = the integer kernels' floors + the other kernels
+    for k in qdense:
+        peak = res["peak"]["families"][k["peak_family"]]["gmacs_all"]
+        assert k["bound_ms_per_run"] == pytest.approx(k["macs_per_run"] / peak / 1e6)
+    bounds = [k["bound_ms_per_run"] for k in res["kernels"] if "macs_per_run" in k]
+    if None in bounds:  # an AMX attention (its weight bands are not counted): no floor rather than a low one
+        assert "floor" not in summary and any(k["kernel"].startswith("repq_attention_amx") for k in res["kernels"])
+    else:
+        other = sum(k["ms_per_run"] for k in res["kernels"] if "macs_per_run" not in k)
+        assert summary["floor"] == pytest.approx({"integer_ms": sum(bounds), "other_ms": other,
+                                                  "ms": sum(bounds) + other, "integer_model_ms": sum(
+                                                      k["ms_per_run"] for k in res["kernels"] if "macs_per_run" in k)})
 
 
 def _copy(art, tmp_path):

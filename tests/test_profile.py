@@ -66,6 +66,35 @@ def test_integer_kernel_macs_from_shapes():
     assert profile.kernel_macs("fused_softmax_log_codes", [(6, 197, 197), (6, 197, 197)]) is None
 
 
+def test_kernel_work_counts_what_the_instructions_execute():
+    m, n, k = 197, 1536, 384
+    qdense = [(m, k), (n // 16, k // 4, 16, 4), (n,), (n,), (n,), (n,), (m, n)]
+    assert profile.kernel_work("repq_qdense_vnni_197x1536x384_a8w8c", qdense, "vnni") == {"vnni": m * n * k}
+    bt, m, n, d = 6, 197, 197, 64
+    useful = bt * m * n * d
+    attn_v = [(bt, 2, m, n + 1), (bt, n, d), (1,), (1,), (bt, m, d)]
+    # attn @ V: one int16 dot product per weight plane
+    assert profile.kernel_work("repq_attn_v_vnni_i16_6x197x197x64_g2_v8_f14", attn_v, "vnni") == {"vnni_i16": 2 * useful}
+    fused = [(bt, m, d), (bt, n, d), (2,), (1,), (bt, n, d), (1,), (1,), (bt, m, d)]
+    # the fused attention: q @ kᵀ on vpdpbusd, the planes on vpdpwssd; on AVX2 both on vpmaddwd
+    assert profile.kernel_work("repq_attention_vnni_6x197x197x64_sqrt2_b8_g2_v8_f14_codes", fused, "vnni") == {
+        "vnni": useful, "vnni_i16": 2 * useful}
+    assert profile.kernel_work("repq_attention_avx2_i16_6x197x197x64_log2_b4_g1_v4_f14_codes", fused, "avx2") == {
+        "avx2_i16": 2 * useful}
+    # no simple count: the AMX attention's u8 weight bands, kernels without a family, float kernels
+    assert profile.kernel_work("repq_attention_amx_6x197x197x64_sqrt2_b8_g2_v8_f14_codes", fused, "amx") is None
+    assert profile.kernel_work("repq_attn_v_fallback_6x197x197x64_g2_v8_f14", attn_v, "sdot") is None
+    assert profile.kernel_work("fused_layer_norm_quantize", [(197, 384), (197, 384)], "vnni") is None
+
+
+def test_floor_is_the_work_at_the_measured_peaks():
+    measured = {"vnni": {"gmacs_all": 400.0}, "vnni_i16": {"gmacs_all": 200.0},
+                "amx": {"skipped": "this CPU lacks AMX-INT8 (amx_int8)"}}
+    assert profile.floor_ms({"vnni": 4e9, "vnni_i16": 1e9}, measured) == pytest.approx(10.0 + 5.0)
+    assert profile.floor_ms({"amx": 4e9}, measured) is None  # the family was not measured on this CPU
+    assert profile.floor_ms(None, measured) is None
+
+
 def test_kernel_family():
     assert profile.kernel_family("repq_qdense_vnni_65x384x128_a4w4", "vnni") == "vnni"
     assert profile.kernel_family("repq_qdense_avx2_i16_65x384x128_a8w8", "avx2") == "avx2_i16"
@@ -122,6 +151,24 @@ def test_roofline_summary_puts_the_run_against_the_peaks():
         in text
     assert "linears at 62% of their family's peak in the model, 91% standalone; lowest 50% (repq_qdense_vnni_qkv)" \
         in text
+    assert "floor" not in s  # the rows carry no floor
+    # with floors: the integer kernels' summed, and the other kernels' time as measured
+    floors = {"repq_qdense_vnni_fc1": 3.0, "repq_qdense_vnni_qkv": 2.0, "repq_attn_v_vnni_i16_x": 1.0,
+              "repq_qdense_vnni_1x1000x384": 0.001}
+    groups = [{**r, "bound_ms_per_run": floors[r["group"]]} if "macs_per_run" in r else r for r in result["groups"]]
+    s = profile.roofline_summary({**result, "groups": groups})
+    assert s["floor"] == pytest.approx({"integer_ms": 6.001, "integer_model_ms": 10.01, "other_ms": 1.0, "ms": 7.001})
+    text = "\n".join(profile.format_report({**result, "summary": s, "threads": 2, "runs": 3, "batch": 1,
+                                            "p90_ms": 13.0, "min_ms": 11.0, "kernel_calls": 5,
+                                            "kernels_sum_ms": 11.0, "standalone_sum_ms": 8.5,
+                                            "kernels_over_e2e": 11 / 12, "standalone_over_e2e": 8.5 / 12,
+                                            "groups": [{**r, "calls_per_run": 1, "share": 0.25} for r in groups
+                                                       if "macs_per_run" in r]}))
+    assert ("floor: the integer kernels' dot products at the measured peaks 6.00 ms (in the model they took 10.01: "
+            "60%) + the other kernels 1.00 = 7.00 ms, against 12.00 end to end") in text
+    # one integer kernel without a floor (an AMX attention): no floor, rather than a low one
+    groups[2] = {**groups[2], "bound_ms_per_run": None}
+    assert "floor" not in profile.roofline_summary({**result, "groups": groups})
     # nothing measured (--no peaks, or no integer kernel): no summary
     assert profile.roofline_summary({**result, "peak": {"families": {}}}) == {}
 

@@ -22,6 +22,13 @@ measured in the same process on the same TVM thread pool (`peak`), in every roun
 vpmaddubsw + vpmaddwd, ``avx2_i16`` -> vpmaddwd, ``vnni_i16`` -> vpdpwssd), and the int8 family of the artifact's target (manifest
 ``int8_dot``: vnni or avx2).  vpdpbusd's peak is measured too wherever the CPU has it: `roofline_summary` puts the
 whole run's integer throughput against it (and every measured family), and the linears against their own.
+
+The floor (`kernel_work`, ``bound_ms_per_run``): the time each integer kernel's dot-product instructions would take
+at their families' measured peaks, counting what they execute rather than the useful MACs: the log√2 attention's
+attn @ V runs one int16 dot product per weight plane (``_g<planes>`` in its name) on vpdpwssd / vpmaddwd, at half
+the MACs per instruction of vpdpbusd.  `roofline_summary` adds the floors up next to the other kernels' time: what
+no schedule of the same integer program on this CPU can go below (the float tails fused into the integer
+kernels, GELU's and the softmax's, come on top of it).
 """
 
 from __future__ import annotations
@@ -163,6 +170,34 @@ def kernel_macs(symbol: str, shapes: list[tuple[int, ...]]) -> int | None:
     return None
 
 
+# attention kernel name prefix -> the family of its attn @ V weight planes' int16 dot products
+_PLANE_FAMILY = (("repq_attn_v_vnni_i16_", "vnni_i16"), ("repq_attn_v_avx2_i16_", "avx2_i16"),
+                 ("repq_attention_vnni_", "vnni_i16"), ("repq_attention_avx2_i16_", "avx2_i16"))
+
+
+def kernel_work(symbol: str, shapes: list[tuple[int, ...]], int8_dot: str | None) -> dict[str, int] | None:
+    """MACs one call's dot-product instructions execute, per instruction family (`kernel_family`): the kernel's
+    floor is their sum of MACs / peak.  A linear or q @ kᵀ: its `kernel_macs`; attn @ V: those times its weight
+    planes (``_g<planes>``), on its plane family (vpdpwssd / vpmaddwd); the fused vector attention: both.  None
+    for a non-integer kernel and where the count is not this simple (the AMX attention's u8 weight bands, ARM)."""
+    macs = kernel_macs(symbol, shapes)
+    family = kernel_family(symbol, int8_dot)
+    if macs is None or family is None:
+        return None
+    if not symbol.startswith(("repq_attn_v", "repq_attention")):
+        return {family: macs}
+    planes = re.search(r"_g(\d+)_", symbol)
+    plane_family = next((f for prefix, f in _PLANE_FAMILY if symbol.startswith(prefix)), None)
+    if planes is None or plane_family is None:
+        return None
+    if symbol.startswith("repq_attn_v"):
+        return {plane_family: macs * int(planes.group(1))}
+    work = defaultdict(int)  # the fused attention: q @ kᵀ on its variant's family, then attn @ V's planes
+    work[family] += macs // 2
+    work[plane_family] += macs // 2 * int(planes.group(1))
+    return dict(work)
+
+
 def kernel_family(symbol: str, int8_dot: str | None) -> str | None:
     """Instruction family whose peak an integer kernel is measured against: its variant's, else the
     target's int8 family (None for a non-integer kernel or a target without a measured family)."""
@@ -212,8 +247,18 @@ def in_model_times(runner: Runner, x: np.ndarray, symbols: list[str]) -> list[fl
     return times
 
 
+def floor_ms(work: dict[str, int] | None, measured: dict) -> float | None:
+    """ms of a call's `kernel_work` at the measured all-cores peaks (None: no work count, or a family not measured)."""
+    if work is None:
+        return None
+    peaks = {f: measured.get(f, {}).get("gmacs_all") for f in work}
+    if not all(peaks.values()):
+        return None
+    return sum(n / (peaks[f] * 1e6) for f, n in work.items())
+
+
 def _rows(ms: dict, alone: dict, count: dict, macs: dict, label: str, family_of, measured: dict,
-          target_family) -> list[dict]:
+          target_family, bound: dict | None = None) -> list[dict]:
     """One row per key of `ms`, slowest first (see `kernel_breakdown`)."""
     total = sum(ms.values())
     rows = []
@@ -230,6 +275,7 @@ def _rows(ms: dict, alone: dict, count: dict, macs: dict, label: str, family_of,
             row["pct_of_peak"] = 100 * row["gmacs"] / own if own else None
             row["standalone_pct_of_peak"] = 100 * row["standalone_gmacs"] / own if own else None
             row["pct_of_target_peak"] = 100 * row["gmacs"] / target if target else None
+            row["bound_ms_per_run"] = (bound or {}).get(key)
         rows.append(row)
     return rows
 
@@ -256,8 +302,9 @@ def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, pe
     "ms_per_run", "standalone_ms_per_run", "calls_per_run", "ms_per_call", "share"}`` (in-model ms; share of
     the in-model sum) plus, for integer kernels, ``macs_per_run``, ``gmacs`` / ``standalone_gmacs``,
     ``peak_family``, ``peak_gmacs``, ``pct_of_peak`` / ``standalone_pct_of_peak`` (against ``peak_family``) and
-    ``pct_of_target_peak`` (in the model, against the artifact's int8 family); None where no peak was measured
-    (``peaks=False``, or a CPU without the family).  "groups" has the same rows keyed by ``group``
+    ``pct_of_target_peak`` (in the model, against the artifact's int8 family) and ``bound_ms_per_run`` (its calls'
+    `floor_ms`); None where no peak was measured (``peaks=False``, or a CPU without the family) or, for the
+    floor, where a kernel has no `kernel_work`.  "groups" has the same rows keyed by ``group``
     (`kernel_group`: the fused copies of one kind summed).
     """
     calls = capture_calls(runner)
@@ -271,6 +318,7 @@ def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, pe
     threads = peak_mod.num_threads()
     # vnni always (skipped on a CPU without it): the whole-model bar of `roofline_summary` is stated against it
     families = {kernel_family(s, int8_dot) for s in symbols} | {target_family, "vnni"}
+    families |= {f for s in symbols for prefix, f in _PLANE_FAMILY if s.startswith(prefix)}
     wanted = sorted(f for f in families if f) if peaks else []
     measured: dict[str, dict] = {}
     for _ in range(repeat):  # rounds: a burst of other work on the machine hits one round, not a kernel
@@ -284,22 +332,27 @@ def kernel_breakdown(runner: Runner, repeat: int = 5, min_repeat_ms: int = 1, pe
         for f in wanted:  # the peaks too, every round: the best round is the closest to the hardware's ceiling
             measured[f] = best_peak(measured.get(f), peak_mod.measure_family(f, threads=threads))
     ms, ms_alone, count, macs = defaultdict(float), defaultdict(float), defaultdict(int), defaultdict(int)
+    floors = defaultdict(list)  # per call of an integer kernel: `floor_ms` (None where it has none)
     for (symbol, args), t_in, t_alone in zip(calls, inside, alone):
         ms[symbol] += float(np.median(t_in)) * 1e3
         ms_alone[symbol] += float(np.median(t_alone)) * 1e3
         count[symbol] += 1
-        n = kernel_macs(symbol, [_shape(a) for a in args if hasattr(a, "shape")])
+        shapes = [_shape(a) for a in args if hasattr(a, "shape")]
+        n = kernel_macs(symbol, shapes)
         if n is not None:
             macs[symbol] += n
-    groups = (defaultdict(float), defaultdict(float), defaultdict(int), defaultdict(int))
+            floors[symbol].append(floor_ms(kernel_work(symbol, shapes, int8_dot), measured))
+    groups = (defaultdict(float), defaultdict(float), defaultdict(int), defaultdict(int), defaultdict(list))
     for symbol in ms:
         g = kernel_group(symbol)
-        for total, per_kernel in zip(groups, (ms, ms_alone, count, macs)):
+        for total, per_kernel in zip(groups, (ms, ms_alone, count, macs, floors)):
             if symbol in per_kernel:
                 total[g] += per_kernel[symbol]
+    bound = lambda per_key: {k: None if None in f else sum(f) for k, f in per_key.items()}  # noqa: E731
     family_of = functools.partial(kernel_family, int8_dot=int8_dot)
-    return {"kernels": _rows(ms, ms_alone, count, macs, "kernel", family_of, measured, target_family),
-            "groups": _rows(*groups, "group", family_of, measured, target_family),
+    return {"kernels": _rows(ms, ms_alone, count, macs, "kernel", family_of, measured, target_family,
+                             bound(floors)),
+            "groups": _rows(*groups[:4], "group", family_of, measured, target_family, bound(groups[4])),
             "kernels_sum_ms": sum(ms.values()), "standalone_sum_ms": sum(ms_alone.values()),
             "kernel_calls": len(calls), "threads": threads,
             "method": f"in the model: clock read before/after each kernel call by the VM's instrument hook, median "
@@ -341,11 +394,13 @@ def roofline_summary(result: dict) -> dict:
     (qdense kernels): their ``efficiency`` / ``standalone_efficiency`` = the time their MACs take at their own
     family's peak over the time they took (in the model / alone), and the least efficient one of those doing at
     least 1% of the linears' MACs (``lowest``, ``lowest_standalone``: group names; a classifier head's matrix-vector
-    product is no GEMM to hold to the peak).  Empty where no peak was measured.
+    product is no GEMM to hold to the peak).  ``floor`` (where every integer kernel has one): ``integer_ms``, their
+    ``bound_ms_per_run`` summed, against ``integer_model_ms``, the time they took in the model, and ``other_ms``,
+    the other kernels' time in the model; ``ms`` = integer_ms + other_ms.  Empty where no peak was measured.
     """
     fams = {n: f["gmacs_all"] for n, f in result.get("peak", {}).get("families", {}).items() if "gmacs_all" in f}
-    label, rows = _labelled_rows(result)
-    rows = [r for r in rows if "macs_per_run" in r]
+    label, every_row = _labelled_rows(result)
+    rows = [r for r in every_row if "macs_per_run" in r]
     if not fams or not rows:
         return {}
     macs = sum(r["macs_per_run"] for r in rows)
@@ -364,6 +419,11 @@ def roofline_summary(result: dict) -> dict:
             "lowest_pct": min(r["pct_of_peak"] for r in gemms),
             "lowest_standalone": min(gemms, key=lambda r: r["standalone_pct_of_peak"])[label],
             "lowest_standalone_pct": min(r["standalone_pct_of_peak"] for r in gemms)}
+    bounds = [r.get("bound_ms_per_run") for r in rows]
+    if None not in bounds:
+        other = sum(r["ms_per_run"] for r in every_row if "macs_per_run" not in r)
+        summary["floor"] = {"integer_ms": sum(bounds), "integer_model_ms": sum(r["ms_per_run"] for r in rows),
+                            "other_ms": other, "ms": sum(bounds) + other}
     return summary
 
 
@@ -408,6 +468,13 @@ def format_report(result: dict, top: int = 15) -> list[str]:
             lines.append(f"linears at {lin['efficiency']:.0f}% of their family's peak in the model, "
                          f"{lin['standalone_efficiency']:.0f}% standalone; lowest {lin['lowest_pct']:.0f}% "
                          f"({lin['lowest']}) / {lin['lowest_standalone_pct']:.0f}% ({lin['lowest_standalone']})")
+        floor = summary.get("floor")
+        if floor:
+            lines.append(f"floor: the integer kernels' dot products at the measured peaks {floor['integer_ms']:.2f} ms "
+                         f"(in the model they took {floor['integer_model_ms']:.2f}: "
+                         f"{100 * floor['integer_ms'] / floor['integer_model_ms']:.0f}%) + the other kernels "
+                         f"{floor['other_ms']:.2f} = {floor['ms']:.2f} ms, against {result['median_ms']:.2f} end to end "
+                         f"(attn @ V counted per weight plane; fused float tails not in the floor)")
     return lines
 
 
