@@ -440,16 +440,17 @@ def format_report(result: dict, top: int = 15) -> list[str]:
         lines.append(f"measured peak on {threads} thread{plural}, GMAC/s: {peaks}")
     label, rows = _labelled_rows(result)
     lines.append(f"{'in model':>9} {'alone':>7} {'calls':>5} {'share':>6}  {'GMAC/s model/alone':>18}  "
-                 f"{'% of peak':>9} {'(family)':<12} kernel (fused copies of one kind summed)")
-    lines.append(f"{'ms/run':>9} {'ms/run':>7}")
+                 f"{'% of peak':>9} {'(family)':<12} {'floor':>6}  kernel (fused copies of one kind summed)")
+    lines.append(f"{'ms/run':>9} {'ms/run':>7}{'ms/run':>68}")
     for row in rows[:top]:
         g = f"{row['gmacs']:8.1f} / {row['standalone_gmacs']:6.1f}" if "gmacs" in row else " " * 17
         if row.get("pct_of_peak") is not None:
             p = f"{row['pct_of_peak']:3.0f} / {row['standalone_pct_of_peak']:3.0f} {row['peak_family']:<12}"
         else:
             p = " " * 22
+        floor = f"{row['bound_ms_per_run']:6.3f}" if row.get("bound_ms_per_run") is not None else " " * 6
         lines.append(f"{row['ms_per_run']:9.3f} {row['standalone_ms_per_run']:7.3f} {row['calls_per_run']:5d} "
-                     f"{100 * row['share']:5.1f}%  {g:>18}  {p} {row[label]}")
+                     f"{100 * row['share']:5.1f}%  {g:>18}  {p} {floor}  {row[label]}")
     rest = rows[top:]
     if rest:
         lines.append(f"{sum(r['ms_per_run'] for r in rest):9.3f} {sum(r['standalone_ms_per_run'] for r in rest):7.3f} "
