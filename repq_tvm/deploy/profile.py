@@ -490,8 +490,9 @@ def short_name(name: str, width: int = 64) -> str:
 
 
 def plot_breakdown(result: dict, path: str, title: str, top: int = 20) -> None:
-    """Bar chart of the `top` slowest kernel groups: ms per run in the model (bars) and standalone (ticks);
-    integer kernels labelled with GMAC/s and % of their family's measured peak."""
+    """Bar chart of the `top` slowest kernel groups: ms per run in the model (bars), standalone (thin bars) and,
+    for integer kernels, their floor (red ticks, `floor_ms`); integer kernels labelled with GMAC/s and % of their
+    family's measured peak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,6 +506,10 @@ def plot_breakdown(result: dict, path: str, title: str, top: int = 20) -> None:
     bars = ax.barh(names, [r["ms_per_run"] for r in rows], color=colors, label="in the model")
     ax.barh(names, [r["standalone_ms_per_run"] for r in rows], height=0.3, color="black", alpha=0.6,
             label="standalone (warm caches)")
+    floors = [(n, r["bound_ms_per_run"]) for n, r in zip(names, rows) if r.get("bound_ms_per_run") is not None]
+    if floors:
+        ax.scatter([f for _, f in floors], [n for n, _ in floors], marker="|", s=250, color="tab:red", zorder=3,
+                   label="floor: its dot products at the measured peak")
     for bar, r in zip(bars, rows):
         if "gmacs" in r:
             pct = ""
