@@ -74,7 +74,8 @@ def test_kernel_work_counts_what_the_instructions_execute():
     useful = bt * m * n * d
     attn_v = [(bt, 2, m, n + 1), (bt, n, d), (1,), (1,), (bt, m, d)]
     # attn @ V: one int16 dot product per weight plane
-    assert profile.kernel_work("repq_attn_v_vnni_i16_6x197x197x64_g2_v8_f14", attn_v, "vnni") == {"vnni_i16": 2 * useful}
+    assert profile.kernel_work("repq_attn_v_vnni_i16_6x197x197x64_g2_v8_f14", attn_v, "vnni") == {
+        "vnni_i16": 2 * useful}
     fused = [(bt, m, d), (bt, n, d), (2,), (1,), (bt, n, d), (1,), (1,), (bt, m, d)]
     # the fused attention: q @ kᵀ on vpdpbusd, the planes on vpdpwssd; on AVX2 both on vpmaddwd
     assert profile.kernel_work("repq_attention_vnni_6x197x197x64_sqrt2_b8_g2_v8_f14_codes", fused, "vnni") == {

@@ -474,7 +474,8 @@ def format_report(result: dict, top: int = 15) -> list[str]:
             lines.append(f"floor: the integer kernels' dot products at the measured peaks {floor['integer_ms']:.2f} ms "
                          f"(in the model they took {floor['integer_model_ms']:.2f}: "
                          f"{100 * floor['integer_ms'] / floor['integer_model_ms']:.0f}%) + the other kernels "
-                         f"{floor['other_ms']:.2f} = {floor['ms']:.2f} ms, against {result['median_ms']:.2f} end to end "
+                         f"{floor['other_ms']:.2f} = {floor['ms']:.2f} ms, against {result['median_ms']:.2f} end to "
+                         f"end "
                          f"(attn @ V counted per weight plane; fused float tails not in the floor)")
     return lines
 
