@@ -475,8 +475,7 @@ def format_report(result: dict, top: int = 15) -> list[str]:
                          f"(in the model they took {floor['integer_model_ms']:.2f}: "
                          f"{100 * floor['integer_ms'] / floor['integer_model_ms']:.0f}%) + the other kernels "
                          f"{floor['other_ms']:.2f} = {floor['ms']:.2f} ms, against {result['median_ms']:.2f} end to "
-                         f"end "
-                         f"(attn @ V counted per weight plane; fused float tails not in the floor)")
+                         f"end (attn @ V counted per weight plane; fused float tails not in the floor)")
     return lines
 
 
