@@ -390,7 +390,9 @@ def roofline_summary(result: dict) -> dict:
     throughput as a share of the vpdpbusd peak, the GEMMs' share of theirs), in one place.
 
     ``integer_gmac_per_run``: every integer kernel's useful MACs (`kernel_macs`); ``gmacs``: those over the
-    end-to-end median; ``pct_of_peak``: that rate over each measured family's all-cores peak.  ``linears``
+    end-to-end median; ``pct_of_peak``: that rate over the all-cores peak of vpdpbusd, of the target's int8 family
+    and of the linears' families (not of the int16 families measured for attn @ V's floor alone: a whole run
+    against the rate of the attention's planes says nothing).  ``linears``
     (qdense kernels): their ``efficiency`` / ``standalone_efficiency`` = the time their MACs take at their own
     family's peak over the time they took (in the model / alone), and the least efficient one of those doing at
     least 1% of the linears' MACs (``lowest``, ``lowest_standalone``: group names; a classifier head's matrix-vector
@@ -405,8 +407,10 @@ def roofline_summary(result: dict) -> dict:
         return {}
     macs = sum(r["macs_per_run"] for r in rows)
     gmacs = macs / (result["median_ms"] * 1e6)
+    shown = {"vnni", result.get("target_family")} | {r.get("peak_family") for r in rows
+                                                     if r[label].startswith("repq_qdense")}
     summary = {"integer_gmac_per_run": macs / 1e9, "gmacs": gmacs,
-               "pct_of_peak": {n: 100 * gmacs / peak for n, peak in fams.items()}}
+               "pct_of_peak": {n: 100 * gmacs / peak for n, peak in fams.items() if n in shown}}
     linears = [r for r in rows if r[label].startswith("repq_qdense") and r.get("peak_gmacs")]
     if linears:
         at_peak = sum(r["macs_per_run"] / (r["peak_gmacs"] * 1e6) for r in linears)  # ms at their peaks
