@@ -112,10 +112,15 @@ def test_fused_kernel_stores_the_codes_as_the_next_kernels_operand(variant, ref,
 
 
 def test_codes_operand_needs_the_codes_and_a_kernel_operand_type():
+    # explicit variants: the host's "auto" is amx on a Sapphire Rapids, which takes no codes_operand at all
     with pytest.raises(ValueError, match="codes_operand is the form of the gelu_codes: it needs gelu_codes"):
-        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, codes_operand=("int16", 3))
+        Q.schedule_qdense(65, 96, 128, HOST, variant="vnni", epilogue=True, codes_operand=("int16", 3))
     with pytest.raises(ValueError, match="codes_operand stores int16 or int8 codes, not float32"):
-        Q.schedule_qdense(65, 96, 128, HOST, epilogue=True, gelu_codes=255, codes_operand=("float32", 3))
+        Q.schedule_qdense(65, 96, 128, HOST, variant="vnni", epilogue=True, gelu_codes=255,
+                          codes_operand=("float32", 3))
+    with pytest.raises(ValueError, match="the amx qdense stores uint8 codes only .*: no codes_operand"):
+        Q.schedule_qdense(64, 96, 128, targets.tvm_target("x86_64-amx", 1), variant="amx", epilogue=True,
+                          gelu_codes=255, codes_operand=("int16", 3))
 
 
 def test_gelu_codes_of_a_kernel_is_its_top_code():
