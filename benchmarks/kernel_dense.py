@@ -19,7 +19,8 @@ float32(acc): checked bit for bit first.
 fc2 reads them, the quantizer a run-time operand as the compiler builds it), checked bit for bit against the same kernel with the intrinsic's plain-loop twin: the tail's cost
 is the difference to the first column.
 ``--no-prefetch`` adds each VNNI kernel that prefetches its weights (`kernels.qdense.weight_prefetch`: 512 rows or
-fewer) again without the prefetch, to compare the two (with ``--cold`` too).
+fewer) and each AMX kernel (whose column tasks ask for the next block's weights, `kernels.qdense_amx`) again without
+the prefetch, to compare the two (with ``--cold`` too).
 ``--cold MB`` adds each kernel again with its weight operands (packed weights, compensation, epilogue vectors) read
 from one of several copies, a different one each call, the copies together ``MB`` megabytes: weights that come
 from L3 or memory, as in a model, where the other layers' weights pass through the caches between two calls of a
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--gelu", action="store_true", help="also time each kernel with fc1's fused GELU → codes tail")
     ap.add_argument("--rows-outer", action="store_true", help="also time each kernel with row tiles outer where "
                     "it runs blocks of column tiles (`kernels.qdense.column_block`: int16, 1024+ rows)")
-    ap.add_argument("--no-prefetch", action="store_true", help="also time each VNNI kernel without its weight prefetch")
+    ap.add_argument("--no-prefetch", action="store_true", help="also time each VNNI and AMX kernel without its weight prefetch")
     ap.add_argument("--cold", type=float, default=0, metavar="MB", help="also time each kernel with its weights "
                     "rotating through copies that take this many MB together (e.g. 24: from L3 or memory, as in a "
                     "model)")
@@ -95,7 +96,7 @@ def main() -> None:
                 if args.rows_outer and v == "avx2_i16" and r is None]
     kernels = [(*k, True) for k in kernels]
     kernels += [(v, tgt, ba, bw, r, g, b, False) for v, tgt, ba, bw, r, g, b, _ in list(kernels)
-                if args.no_prefetch and v == "vnni" and r is None]
+                if args.no_prefetch and v in ("vnni", "amx") and r is None]
     rng = np.random.default_rng(0)
 
     label = lambda r, gelu, blocks=True, prefetch=True: (  # noqa: E731

@@ -82,6 +82,10 @@ def test_assembly_has_the_tile_instructions_in_order():
     for instr in ("ldtilecfg", "tileloadd", "tilestored", "tilezero", "tilerelease"):
         assert instr in asm, instr
     assert re.search(r"call\w*\s+.*syscall", asm), "the kernel must ask Linux for the AMX state"
+    # the column tasks ask for the next block's weights into L2 while theirs run; prefetch=False leaves that out
+    assert "prefetcht1" in asm
+    plain, _, _, _ = Q.schedule_qdense(197, 384, 384, AMX_TARGET, variant="amx", epilogue=True, prefetch=False)
+    assert "prefetch" not in tvm.compile(plain.mod, target=AMX_TARGET).mod.inspect_source("asm")
 
 
 def test_variant_choice_and_shapes():

@@ -236,11 +236,11 @@ def qdense_func(spec: dict) -> tvm.tirx.PrimFunc:
     return _with_spec(te.create_prim_func(tensors), spec)
 
 
-def _amx_func(spec: dict, emulate: bool = False) -> tvm.tirx.PrimFunc:
+def _amx_func(spec: dict, emulate: bool = False, prefetch: bool = True) -> tvm.tirx.PrimFunc:
     """The AMX kernel of a spec (one hand-written kernel: its definition and its schedule)."""
     func = qdense_amx.qdense_amx_func(spec["M"], spec["N"], spec["K"], emulate=emulate,
                                       gelu_codes=gelu_top(spec), residual=bool(spec.get("residual")),
-                                      qkv_codes=spec.get("qkv_codes"))
+                                      qkv_codes=spec.get("qkv_codes"), prefetch=prefetch)
     return _with_spec(func, spec)
 
 
@@ -551,7 +551,7 @@ def schedule_qdense(
             raise ValueError("the amx qdense stores a qkv projection's codes in head layout (qkv_codes), "
                              "no column_codes")
         return _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual,
-                             qkv_codes)
+                             qkv_codes, prefetch)
     if qkv_codes is not None:
         raise ValueError(f"qkv_codes needs the amx variant, not {v.name}")
     if codes_operand is not None and codes_operand[0] not in ("int16", "int8"):
@@ -616,7 +616,8 @@ def _tail_spec(gelu_codes, residual: bool, qkv_codes, codes_operand=None, column
     return {}
 
 
-def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual, qkv_codes=None):
+def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, gelu_codes, residual, qkv_codes=None,
+                  prefetch=True):
     """`schedule_qdense` for the AMX kernel: always compensated, always with the epilogue (`qdense_amx`)."""
     v = VARIANTS["amx"]
     packing.code_bounds(bits_a, bits_w)  # validates
@@ -630,4 +631,4 @@ def _schedule_amx(M, N, K, target, bits_a, bits_w, epilogue, ref, compensate, ge
     spec = {"kind": "qdense", "M": M, "N": N, "K": K, "variant": "amx", "bits_a": bits_a, "bits_w": bits_w,
             "epilogue": True, "compensate": True, "m_tile": qdense_amx.ROWS,
             **_tail_spec(gelu_codes, residual, qkv_codes)}
-    return default_schedule(spec, ref), v, (qdense_amx.ROWS, qdense_amx.COLS // v.lanes, 1), True
+    return Schedule(_amx_func(spec, ref, prefetch)), v, (qdense_amx.ROWS, qdense_amx.COLS // v.lanes, 1), True

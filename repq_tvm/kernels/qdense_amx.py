@@ -15,7 +15,9 @@ codes of a qkv projection (``qkv_codes``).
 
 Blocking: 2 x 2 accumulator tiles (32 rows x 32 columns, tmm0-3), two A tiles (tmm4-5) and two B tiles
 (tmm6-7) per 64-deep k step: all 8 tile registers.  Tasks run in parallel over 32-column blocks; each loads
-the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, stays in L1).  From
+the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, stays in L1), asking for the next
+block's panel a few lines per k step (`prefetch`: the whole DeiT-S W8/A8 6.87 → 6.55 ms, `compare_artifacts.py`,
+Sapphire Rapids, 2 threads).  From
 `ROWS_PARALLEL_M` rows (batch 8 of DeiT-Small: M = 1576) tasks run over row blocks instead and walk the column
 blocks: A (up to 2.4 MB) no longer fits L2 and every column task read it again from L3, while W (<= 0.6 MB) stays in
 L2 (DeiT-S batch 8: 56.7 -> 49.5 ms, `benchmarks/compare_artifacts.py`, Sapphire Rapids).  Either way software-
@@ -155,7 +157,7 @@ def tile_macros(emulate: bool, rows: int = ROWS):
 
 
 def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: int | None = None,
-                    residual: bool = False, qkv_codes: dict | None = None):
+                    residual: bool = False, qkv_codes: dict | None = None, prefetch: bool = True):
     """The PrimFunc ``main(A, W, comp, zp_wsum, scale, bias, [quant | res,] out)`` (signature of `qdense.qdense`
     with compensation and epilogue).  ``emulate``: plain-loop tiles instead of AMX instructions (any CPU).
     The tails of `epilogue.tail`: ``gelu_codes`` (the top code): ``out`` holds the uint8 codes of GELU of the
@@ -164,7 +166,8 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
     a fused q/k/v projection ``[B·tokens, 3·heads·D]``; ``out`` is three outputs ``q, k, v`` ``[B, heads, tokens,
     D]`` uint8 (in place of ``out``), each the codes under its own quantizer, row i of the run-time operand
     ``quant`` float32 [3, 3] (after ``bias``; `epilogue.quantizer_args` of q's, k's, v's), in the layout the
-    attention kernels read (`passes.qkv_codes_epilogue`).  Why operands: the blocks' qkv kernels are then one."""
+    attention kernels read (`passes.qkv_codes_epilogue`).  Why operands: the blocks' qkv kernels are then one.
+    ``prefetch`` False: the column tasks do not ask for the next block's weights ahead (`prefetch`; to compare)."""
     if not fits(M, N, K):
         raise ValueError(f"amx qdense needs M >= {ROWS}, N % {COLS} == 0 and K padded to 4 a multiple of {K_STEP}, "
                          f"got {M}x{N}x{K}")
@@ -252,20 +255,40 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
         ``ep`` = (comp, asum, zp_wsum, scale, bias, the tail's input (`tail`), out)."""
         finish_rows(C, slot, ep[0], ep[1], ep[2], ep[3], ep[4], ep[5], ep[6], m0, nb, r_lo, r_hi)
 
+    per_block = -(-32 // full)  # of a k step's 32 weight lines (2 tiles x 16 rows of 64 bytes), per full row block
+
+    @T.macro
+    def prefetch(W, nb, kt, first):
+        """Ask for `per_block` of the 32 weight lines column block nb's k step kt reads, from line ``first`` (those
+        below 32), into L2 (``prefetcht1``); none for nb past the last block, for ``first`` None, or emulated.
+        Why: in a model a linear's weights come from L3 or memory (the other layers' weights passed through the caches
+        since its last call) and each column task's first row block waited for them: the DeiT-S linears took 20-30%
+        longer with cold weights than warm (`benchmarks/kernel_dense.py --cold 24`, Sapphire Rapids, 2 threads)."""
+        if prefetch and not emulate and first is not None:
+            if nb < n_blocks:
+                for ln in T.unroll(per_block):
+                    if first + ln < 32:
+                        T.evaluate(T.call_llvm_intrin(
+                            "void", "llvm.prefetch.p0",
+                            T.address_of(W[nb * 2 + (first + ln) // 16, kt * 16 + (first + ln) % 16, 0, 0]), 0, 2, 1))
+
     def products_of(rows: int):
-        """The macro ``products(A, W, ta, tb, tc, C, m0, nb, slot, ep, prev)``: the accumulators of the block of
-        ``rows`` rows from m0, column block nb, into C[slot].  ``prev`` = (slot, m0, nb, rows) of the block before
+        """The macro ``products(A, W, ta, tb, tc, C, m0, nb, slot, ep, prev, ahead)``: the accumulators of the block
+        of ``rows`` rows from m0, column block nb, into C[slot].  ``prev`` = (slot, m0, nb, rows) of the block before
         (or None): its epilogue (`finish`, operands ``ep``), after the products, or with `SPREAD_K_STEPS` k steps
         or more a share of its rows after each k step's tile products: issued after many products, the epilogue
-        waited behind them (the reorder buffer holds a few hundred instructions, a 32 x 32 epilogue thousands)."""
+        waited behind them (the reorder buffer holds a few hundred instructions, a 32 x 32 epilogue thousands).
+        ``ahead`` = (column block, first line or None): with each k step, `prefetch` of that block's lines of the
+        same k step from the first (the next column block's weights, spread over this one's row blocks)."""
         zero, dot, store = tile_macros(emulate, rows)
 
         @T.macro
-        def products(A, W, ta, tb, tc, C, m0, nb, slot, ep, prev):
+        def products(A, W, ta, tb, tc, C, m0, nb, slot, ep, prev, ahead):
             zero(tc)
             for kt in range(k_steps):
                 load(A, W, ta, tb, m0, nb, kt, rows // 16)
                 dot(ta, tb, tc, "tdpbusd")
+                prefetch(W, ahead[0], kt, ahead[1])
                 if spread and prev is not None:
                     finish(C, prev[0], ep, prev[1], prev[2], kt * prev[3] // k_steps, (kt + 1) * prev[3] // k_steps)
             store(tc, C, slot)
@@ -282,9 +305,9 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
     def row_task(A, W, ep, C, ta, tb, tc, m0, rows):
         """A row-block task of ``rows`` rows from m0 walking the column blocks, each block's epilogue spread over
         the next one's products."""
-        blocks[rows](A, W, ta, tb, tc, C, m0, 0, 0, ep, None)
+        blocks[rows](A, W, ta, tb, tc, C, m0, 0, 0, ep, None, (0, None))
         for nb in range(1, n_blocks):
-            blocks[rows](A, W, ta, tb, tc, C, m0, nb, nb % 2, ep, ((nb - 1) % 2, m0, nb - 1, rows))
+            blocks[rows](A, W, ta, tb, tc, C, m0, nb, nb % 2, ep, ((nb - 1) % 2, m0, nb - 1, rows), (0, None))
         finish(C, (n_blocks - 1) % 2, ep, m0, n_blocks - 1, 0, rows)
 
     @T.macro
@@ -323,13 +346,15 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
                 configure(cfg)
                 # software-pipelined: block mb's epilogue runs during block mb + 1's tile products (`products_of`),
                 # from the other half of C
-                products(A, W, ta, tb, tc, C, 0, nb, 0, ep, None)
+                # and the next column block's weights asked for while this one's run (`prefetch`)
+                products(A, W, ta, tb, tc, C, 0, nb, 0, ep, None, (nb + 1, 0))
                 for mb in range(1, full):
                     products(A, W, ta, tb, tc, C, T.min(mb * ROWS, M - ROWS), nb, mb % 2, ep,
-                             ((mb - 1) % 2, T.min((mb - 1) * ROWS, M - ROWS), nb, ROWS))
+                             ((mb - 1) % 2, T.min((mb - 1) * ROWS, M - ROWS), nb, ROWS),
+                             (nb + 1, mb * per_block))
                 if half:
                     products_half(A, W, ta, tb, tc, C, M - HALF, nb, full % 2, ep,
-                                  ((full - 1) % 2, (full - 1) * ROWS, nb, ROWS))
+                                  ((full - 1) % 2, (full - 1) * ROWS, nb, ROWS), (nb + 1, None))
                     finish(C, full % 2, ep, M - HALF, nb, 0, HALF)
                 else:
                     finish(C, (full - 1) % 2, ep, M - ROWS, nb, 0, ROWS)
