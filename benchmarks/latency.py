@@ -29,7 +29,9 @@ have gone idle before the next starts: with 20 ms (the default until 2026-12-04)
 before `repq_tvm.deploy.threads.limit_spinning`, still spun when the next engine started. DeiT-S b1 on a 2-vCPU
 Zen 4, the same hour: ONNX Runtime INT8 91.4 ms with 20 ms, 37.8 with 200; repq-tvm's p90 30.8 against 17.8 ms at
 the same median. Reported: median / p90 ms per call, images/s, and the ratio engine time / repq-tvm
-W8/A8 time of the same round set. The share of the CPUs other processes used while timing is recorded; on a
+W8/A8 time of the same round set. Each timed call is an engine's first after the pause (a request after idling,
+caches cold): with `--warm-calls K` it comes after K untimed calls of the same engine instead (steady state, as
+OpenVINO's benchmark_app and most serving numbers report it). The share of the CPUs other processes used while timing is recorded; on a
 shared machine `--wait-quiet SECONDS` waits for a quiet moment before timing and runs again every round during
 which others used more than `--quiet-threshold` (15%) of the CPUs (fork-join thread pools, PyTorch's OpenMP
 above all, slow down far more than the load itself when a core is taken away).
@@ -461,8 +463,10 @@ def agreement(engines: dict, reference: str = "pytorch-fp32") -> dict:
 
 
 def measure(engines: dict, rounds: int, warmup: int, pause_s: float, seed: int, log,
-            quiet_threshold: float | None = None, redo_budget_s: float = 0.0) -> dict:
+            quiet_threshold: float | None = None, redo_budget_s: float = 0.0, warm_calls: int = 0) -> dict:
     """Warm each engine up, then `rounds` rounds that each run every engine once, in a shuffled order.
+    ``warm_calls``: in every round each engine's timed call comes right after that many untimed calls of its own
+    (after the pause): its steady-state latency, caches and predictors warm, instead of its first call after idling.
 
     With `quiet_threshold`, a round during which other processes used more than that share of the CPUs is
     discarded and run again (after `wait_quiet`), for at most `redo_budget_s` seconds in all; what was
@@ -486,6 +490,8 @@ def measure(engines: dict, rounds: int, warmup: int, pause_s: float, seed: int, 
         this = {}
         for name in order:
             time.sleep(pause_s)
+            for _ in range(warm_calls):
+                engines[name]()
             t0 = time.perf_counter()
             engines[name]()
             this[name] = (time.perf_counter() - t0) * 1e3
@@ -510,6 +516,12 @@ def measure(engines: dict, rounds: int, warmup: int, pause_s: float, seed: int, 
             "engines": {name: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
                                "min_ms": float(np.min(t)), "times_ms": [round(v, 3) for v in t]}
                         for name, t in times.items()}}
+
+
+def timing_mode(record: dict) -> str:
+    """How each timed call was made (`measure`), for titles: cold (first after the pause) or warm."""
+    k = record.get("warm_calls", 0)
+    return f"each call after {k} warm calls" if k else f"first call after a {record.get('pause_ms', 200):.0f} ms pause"
 
 
 def add_ratios(results: dict, batch: int, base_engine: str | None) -> None:
@@ -616,7 +628,8 @@ def plot(record: dict, path: str) -> None:
             ax.margins(y=0.12)
     cpu = record["cpu"]
     fig.suptitle(f"{cpu.get('model_name')} ({cpu.get('microarchitecture', '?')}), {record['threads']} threads, "
-                 f"{record['rounds']} interleaved rounds\nlabels: engine time / repq-tvm W8/A8 time (same run)"
+                 f"{record['rounds']} interleaved rounds, {timing_mode(record)}\n"
+                 f"labels: engine time / repq-tvm W8/A8 time (same run)"
                  + (f"; openvino-default = {ov_default}" if ov_default else ""), fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -639,6 +652,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pause-ms", type=float, default=200.0, help="idle time before each timed call (other engines' "
                    "worker threads spin for tens of ms after a call)")
+    p.add_argument("--warm-calls", type=int, default=0, metavar="K",
+                   help="time each engine's call right after K untimed calls of its own (steady-state latency); "
+                        "default 0: its first call after the pause (a request after idling)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="on a shared machine: before timing wait until other processes use less than "
                         "--quiet-threshold of the CPUs, and run again every round during which they used more; "
@@ -676,7 +692,7 @@ def main() -> None:
     cpu = cpu_info()
     record = {
         "cpu": cpu, "versions": versions(), "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
-        "pause_ms": args.pause_ms, "wait_quiet_s": args.wait_quiet, "quiet_threshold": args.quiet_threshold,
+        "pause_ms": args.pause_ms, "warm_calls": args.warm_calls, "wait_quiet_s": args.wait_quiet, "quiet_threshold": args.quiet_threshold,
         "models": args.models, "batches": args.batches, "bits": args.bits,
         "engines_requested": sorted(wanted), "weights": "timm random init (speed does not depend on weight values)",
         "calibration": f"{CALIB_SIZE} images of the bundled CIFAR-10 calibration pack, each model's preprocessing",
@@ -720,7 +736,7 @@ def main() -> None:
                     log("    logits cosine vs pytorch-fp32: " + ", ".join(f"{k} {v}" for k, v in cosine.items()))
                 timed = measure(engines, args.rounds, args.warmup, args.pause_ms / 1e3, seed=batch, log=log,
                                 quiet_threshold=args.quiet_threshold if shared else None,
-                                redo_budget_s=args.wait_quiet)
+                                redo_budget_s=args.wait_quiet, warm_calls=args.warm_calls)
                 results = timed.pop("engines")
                 add_ratios(results, batch, base)
                 for name, c in cosine.items():
@@ -765,7 +781,7 @@ def main() -> None:
     save()
     print()
     print(f"CPU: {cpu.get('model_name')} ({cpu.get('microarchitecture', '?')}), {args.threads} threads, "
-          f"{args.rounds} rounds; batch 1: median ms per image, batch > 1: images/s; "
+          f"{args.rounds} rounds, {timing_mode(record)}; batch 1: median ms per image, batch > 1: images/s; "
           "(x) = engine time / repq-tvm W8/A8 time, same run")
     print(record["markdown"])
     print()
