@@ -59,6 +59,21 @@ def test_scalar_fast_exp_is_topi_fast_exp_bit_for_bit():
     assert np.array_equal(_apply(scalar, v).view(np.int32), _apply(tensor, v).view(np.int32))
 
 
+def test_fast_exp_of_nonpositive_x_is_fast_exp_bit_for_bit():
+    """`epilogue.fast_exp_nonpositive` (the fused softmaxes' exp of x − max) is `epilogue.fast_exp` on every x ≤ 0:
+    one float32 in 2^10 of all the negative ones, both zeros, −inf and the ends of the clamp."""
+    patterns = np.arange(0x80000000, 0xFF800001, 1 << 10, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0, -0.0, -np.inf, -88.3762626647949, -88.37626, -88.37627, -87.0, -1e-45, -1e-38], np.float32)
+    v = np.concatenate([patterns.view(np.float32), edges])
+    assert np.all(v <= 0) and v.size > 2_000_000
+    n = v.size
+    short = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.fast_exp_nonpositive(x[i])), n, "float32")
+    full = _compile_te(lambda x: te.compute((n,), lambda i: epilogue.fast_exp(x[i])), n, "float32")
+    got, expected = _apply(short, v), _apply(full, v)
+    assert np.array_equal(got.view(np.int32), expected.view(np.int32))
+    assert got.min() == 0 and got.max() == 1  # the whole range: underflow to 0 up to exp(0)
+
+
 def _kernels():
     out = [("vnni", True), ("amx", True)]  # portable stand-ins: any CPU
     if "avx2" in FLAGS:

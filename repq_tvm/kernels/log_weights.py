@@ -13,7 +13,8 @@ From the logits (``softmax=True``) no probability is formed: −m·log2(p/s) of 
 
     code = round(m·log2(e)·(max − x) + m·(log2 Σ + log2 s)),    Σ = Σ_n exp(x_n − max)
 
-so each row takes its max, the sum of TVM's `fast_exp` (as `passes.fast_math` legalizes softmax; max and sum
+so each row takes its max, the sum of TVM's `fast_exp` (as `passes.fast_math` legalizes softmax; its x ≤ 0 form
+`epilogue.fast_exp_nonpositive`, the same values; max and sum
 as vectors of partial results, rfactor), one float64 log2 of the sum plus log2s (`_code_bias`), then one
 multiply-add and a rounding per entry.  These are the exact softmax's codes up to float32 rounding in the log
 domain: they differ from the float64 oracle's only where its value lies within ~1e-5 of a rounding midpoint (where
@@ -141,7 +142,8 @@ def softmax_codes_macro(n: int, m: int, top: int, rows: int, n_codes: int | None
         for i in T.unroll(rows):
             for ln in T.vectorized(lanes):
                 part[i, ln] = part[i, ln] + T.Select(
-                    c * VECTOR + ln < n, epilogue.fast_exp(L[r0 + i, c * VECTOR + ln] - row[i, 0]), T.float32(0))
+                    c * VECTOR + ln < n, epilogue.fast_exp_nonpositive(L[r0 + i, c * VECTOR + ln] - row[i, 0]),
+                    T.float32(0))
 
     @T.macro
     def row_codes(L, codes, row, r0, i, n0, lanes):
@@ -235,7 +237,8 @@ def log_weights_func(spec: dict) -> tvm.tirx.PrimFunc:
                         name="xrow")
         mx = te.compute((bt, rows), lambda b, r: te.max(xr[b, r, k1], axis=k1), name="max")
         total = te.compute((bt, rows), lambda b, r: te.sum(tvm.tirx.Select(
-            k2 < n, epilogue.fast_exp(xr[b, r, k2] - mx[b, r]), tvm.tirx.const(0, "float32")), axis=k2), name="sum")
+            k2 < n, epilogue.fast_exp_nonpositive(xr[b, r, k2] - mx[b, r]), tvm.tirx.const(0, "float32")), axis=k2),
+            name="sum")
         log2s = te.placeholder((1,), "float64", name="log2s")
         bias = te.compute((bt, rows), lambda b, r: _code_bias(total[b, r], m, log2s[0]), name="bias")
         slope = softmax_slope(m)
