@@ -51,9 +51,15 @@ def fast_exp(x):
 
 def fast_exp_nonpositive(x):
     """`fast_exp` of an ``x`` ≤ 0 (a softmax's x − max), bit for bit, two operations fewer: its upper clamp
-    min(x, 88.38) is x, and its last max(2^n·P, x) is 2^n·P (2^n ≥ 0 and P(f) ≈ e^f > 0.7 ≥ 0 ≥ x).  Why: the last
-    max waited on the multiply before it at the end of every exp of the softmax's sum; DeiT-Small's fused AMX
-    attention 0.183-0.192 → 0.166-0.169 ms per call (`benchmarks/kernel_attention.py`, Sapphire Rapids, 2 threads)."""
+    min(x, 88.38) is x, and its last max(2^n·P, x) is 2^n·P (2^n ≥ 0 and P(f) ≈ e^f > 0.7 ≥ 0 ≥ x).
+
+    Summed (the fused softmaxes of `log_weights`, and its unfused kernel alike), the product 2^n·P is no longer kept
+    apart from the sum's add by the max: LLVM contracts the two into one FMA, one rounding where there were two (on
+    every target here: all have FMA), so a row's sum can differ in its last bit from builds before this form and,
+    rarely, a code with it; fused and unfused kernels still agree bit for bit (the same expression, contracted alike,
+    `tests/test_pass_fused_attention.py`).  Why: DeiT-Small's fused AMX attention 0.183-0.192 → 0.166-0.174 ms per
+    call (`benchmarks/kernel_attention.py`, Sapphire Rapids, 2 threads), the whole W8/A8 model 2-3% faster
+    (`compare_artifacts.py`); with the product fenced (`as_stored`: the old sums exactly) 1%."""
     xc = tvm.tirx.max(x, _f32(-88.3762626647949))
     n = tvm.tirx.floor(xc * _f32(1.44269504088896341) + _f32(0.5))
     f = xc - n * _f32(0.6931471805599453)
