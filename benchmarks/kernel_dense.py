@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--gelu", action="store_true", help="also time each kernel with fc1's fused GELU → codes tail")
     ap.add_argument("--rows-outer", action="store_true", help="also time each kernel with row tiles outer where "
                     "it runs blocks of column tiles (`kernels.qdense.column_block`: int16, 1024+ rows)")
-    ap.add_argument("--no-prefetch", action="store_true", help="also time each VNNI and AMX kernel without its weight prefetch")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="also time each VNNI and AMX kernel without its weight prefetch")
     ap.add_argument("--cold", type=float, default=0, metavar="MB", help="also time each kernel with its weights "
                     "rotating through copies that take this many MB together (e.g. 24: from L3 or memory, as in a "
                     "model)")

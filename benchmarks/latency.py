@@ -31,10 +31,10 @@ Zen 4, the same hour: ONNX Runtime INT8 91.4 ms with 20 ms, 37.8 with 200; repq-
 the same median. Reported: median / p90 ms per call, images/s, and the ratio engine time / repq-tvm
 W8/A8 time of the same round set. Each timed call is an engine's first after the pause (a request after idling,
 caches cold): with `--warm-calls K` it comes after K untimed calls of the same engine instead (steady state, as
-OpenVINO's benchmark_app and most serving numbers report it). The share of the CPUs other processes used while timing is recorded; on a
-shared machine `--wait-quiet SECONDS` waits for a quiet moment before timing and runs again every round during
-which others used more than `--quiet-threshold` (15%) of the CPUs (fork-join thread pools, PyTorch's OpenMP
-above all, slow down far more than the load itself when a core is taken away).
+OpenVINO's benchmark_app and most serving numbers report it). The share of the CPUs other processes used while
+timing is recorded; on a shared machine `--wait-quiet SECONDS` waits for a quiet moment before timing and runs
+again every round during which others used more than `--quiet-threshold` (15%) of the CPUs (fork-join thread
+pools, PyTorch's OpenMP above all, slow down far more than the load itself when a core is taken away).
 
 Weights are timm's random init, seed 0 (nothing can be downloaded here; the speed of these engines does not
 depend on weight values), saved as a checkpoint so the RepQ-ViT calibration quantizes the very weights the other
@@ -692,7 +692,8 @@ def main() -> None:
     cpu = cpu_info()
     record = {
         "cpu": cpu, "versions": versions(), "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
-        "pause_ms": args.pause_ms, "warm_calls": args.warm_calls, "wait_quiet_s": args.wait_quiet, "quiet_threshold": args.quiet_threshold,
+        "pause_ms": args.pause_ms, "warm_calls": args.warm_calls, "wait_quiet_s": args.wait_quiet,
+        "quiet_threshold": args.quiet_threshold,
         "models": args.models, "batches": args.batches, "bits": args.bits,
         "engines_requested": sorted(wanted), "weights": "timm random init (speed does not depend on weight values)",
         "calibration": f"{CALIB_SIZE} images of the bundled CIFAR-10 calibration pack, each model's preprocessing",
@@ -700,7 +701,9 @@ def main() -> None:
             f"--{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in (
                 ("models", args.models), ("batches", args.batches), ("bits", args.bits), ("rounds", args.rounds),
                 ("engines", sorted(wanted) if "all" not in args.engines else "all"), ("threads", args.threads),
-                ("wait-quiet", args.wait_quiet))) + (f" --tuning-logs {args.tuning_logs}" if args.tuning_logs else ""),
+                ("wait-quiet", args.wait_quiet))) + (f" --tuning-logs {args.tuning_logs}" if args.tuning_logs else "")
+        + (f" --pause-ms {args.pause_ms}" if args.pause_ms != 200.0 else "")
+        + (f" --warm-calls {args.warm_calls}" if args.warm_calls else ""),
         "results": {}, "sizes_bytes": {}, "errors": {}, "build_seconds": {},
     }
     log(f"CPU {cpu.get('model_name')} ({cpu.get('microarchitecture', 'family ' + str(cpu.get('family')))}), "

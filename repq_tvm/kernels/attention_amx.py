@@ -13,8 +13,8 @@ Each step is the unfused kernel's own arithmetic, so the result is theirs bit fo
 1. logits of 32 rows x 32 keys on AMX (`tdpbusd`: q's u8 codes x ``k − 128`` as s8), then `qbmm`'s vnni
    epilogue ``float32(acc + (128 − z_k)·Σ_d q − z_q·(Σ_d k − z_k·D))·scale`` (the int32 value is exact, so
    equal whatever the order; ragged N: the last key block starts at N − 32);
-2. per row, `log_weights`' fused softmax: the max and the sum of `epilogue.fast_exp` (as `fast_exp_nonpositive`) as 16 partial lanes added
-   in the same order as its rfactor, `log_weights._code_bias`, `log_weights.softmax_code`;
+2. per row, `log_weights`' fused softmax: the max and the sum of `epilogue.fast_exp` (as `fast_exp_nonpositive`)
+   as 16 partial lanes added in the same order as its rfactor, `log_weights._code_bias`, `log_weights.softmax_code`;
 3. each token's byte in each of `attn_v_amx`'s u8 bands of each plane by one ``vpermb`` lookup per 64 tokens in a
    table of `log_weights.plane_weight` of codes −1 .. 62 (every later code has no weight), the bands' row sums
    Σ W (``vpsadbw``), then the band products with V (`tdpbuud`) and their combination as in `attn_v_amx`.
