@@ -702,7 +702,7 @@ def main() -> None:
                 ("models", args.models), ("batches", args.batches), ("bits", args.bits), ("rounds", args.rounds),
                 ("engines", sorted(wanted) if "all" not in args.engines else "all"), ("threads", args.threads),
                 ("wait-quiet", args.wait_quiet))) + (f" --tuning-logs {args.tuning_logs}" if args.tuning_logs else "")
-        + (f" --pause-ms {args.pause_ms}" if args.pause_ms != 200.0 else "")
+        + (f" --pause-ms {args.pause_ms}" if args.pause_ms != p.get_default("pause_ms") else "")
         + (f" --warm-calls {args.warm_calls}" if args.warm_calls else ""),
         "results": {}, "sizes_bytes": {}, "errors": {}, "build_seconds": {},
     }

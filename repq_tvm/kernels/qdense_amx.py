@@ -16,7 +16,7 @@ codes of a qkv projection (``qkv_codes``).
 Blocking: 2 x 2 accumulator tiles (32 rows x 32 columns, tmm0-3), two A tiles (tmm4-5) and two B tiles
 (tmm6-7) per 64-deep k step: all 8 tile registers.  Tasks run in parallel over 32-column blocks; each loads
 the tile configuration, then walks all row blocks (its B panel, Kp x 32 bytes, stays in L1), asking for the next
-block's panel a few lines per k step (`prefetch`: the whole DeiT-S W8/A8 6.87 → 6.55 ms, `compare_artifacts.py`,
+block's panel a few lines per k step (`prefetch_ahead`: the whole DeiT-S W8/A8 6.87 → 6.55 ms, `compare_artifacts.py`,
 Sapphire Rapids, 2 threads).  From
 `ROWS_PARALLEL_M` rows (batch 8 of DeiT-Small: M = 1576) tasks run over row blocks instead and walk the column
 blocks: A (up to 2.4 MB) no longer fits L2 and every column task read it again from L3, while W (<= 0.6 MB) stays in
@@ -167,7 +167,8 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
     D]`` uint8 (in place of ``out``), each the codes under its own quantizer, row i of the run-time operand
     ``quant`` float32 [3, 3] (after ``bias``; `epilogue.quantizer_args` of q's, k's, v's), in the layout the
     attention kernels read (`passes.qkv_codes_epilogue`).  Why operands: the blocks' qkv kernels are then one.
-    ``prefetch`` False: the column tasks do not ask for the next block's weights ahead (`prefetch`; to compare)."""
+    ``prefetch`` False: the column tasks do not ask for the next block's weights ahead (`prefetch_ahead`; to
+    compare)."""
     if not fits(M, N, K):
         raise ValueError(f"amx qdense needs M >= {ROWS}, N % {COLS} == 0 and K padded to 4 a multiple of {K_STEP}, "
                          f"got {M}x{N}x{K}")
@@ -258,7 +259,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
     per_block = -(-32 // full)  # of a k step's 32 weight lines (2 tiles x 16 rows of 64 bytes), per full row block
 
     @T.macro
-    def prefetch(W, nb, kt, first):
+    def prefetch_ahead(W, nb, kt, first):
         """Ask for `per_block` of the 32 weight lines column block nb's k step kt reads, from line ``first`` (those
         below 32), into L2 (``prefetcht1``); none for nb past the last block, for ``first`` None, or emulated.
         Why: in a model a linear's weights come from L3 or memory (the other layers' weights passed through the caches
@@ -278,7 +279,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
         (or None): its epilogue (`finish`, operands ``ep``), after the products, or with `SPREAD_K_STEPS` k steps
         or more a share of its rows after each k step's tile products: issued after many products, the epilogue
         waited behind them (the reorder buffer holds a few hundred instructions, a 32 x 32 epilogue thousands).
-        ``ahead`` = (column block, first line or None): with each k step, `prefetch` of that block's lines of the
+        ``ahead`` = (column block, first line or None): with each k step, `prefetch_ahead` of that block's lines of the
         same k step from the first (the next column block's weights, spread over this one's row blocks)."""
         zero, dot, store = tile_macros(emulate, rows)
 
@@ -288,7 +289,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
             for kt in range(k_steps):
                 load(A, W, ta, tb, m0, nb, kt, rows // 16)
                 dot(ta, tb, tc, "tdpbusd")
-                prefetch(W, ahead[0], kt, ahead[1])
+                prefetch_ahead(W, ahead[0], kt, ahead[1])
                 if spread and prev is not None:
                     finish(C, prev[0], ep, prev[1], prev[2], kt * prev[3] // k_steps, (kt + 1) * prev[3] // k_steps)
             store(tc, C, slot)
@@ -346,7 +347,7 @@ def qdense_amx_func(M: int, N: int, K: int, emulate: bool = False, gelu_codes: i
                 configure(cfg)
                 # software-pipelined: block mb's epilogue runs during block mb + 1's tile products (`products_of`),
                 # from the other half of C
-                # and the next column block's weights asked for while this one's run (`prefetch`)
+                # and the next column block's weights asked for while this one's run (`prefetch_ahead`)
                 products(A, W, ta, tb, tc, C, 0, nb, 0, ep, None, (nb + 1, 0))
                 for mb in range(1, full):
                     products(A, W, ta, tb, tc, C, T.min(mb * ROWS, M - ROWS), nb, mb % 2, ep,
